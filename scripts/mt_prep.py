@@ -65,7 +65,8 @@ def parse_sgml(text):
 
 def remove_non_printing(line):
     """Replace control and format characters by spaces, as Moses'
-    ``remove-non-printing-char.perl`` does, then collapse whitespace.
+    ``remove-non-printing-char.perl`` does, then collapse all whitespace
+    (no-break spaces included).
 
     Args:
         line: one line of text.
@@ -399,13 +400,21 @@ def check_archive(path, sha256=None):
             raise CorruptArchiveError(f"{path}: sha256 {actual} does not match expected {sha256}")
     names = []
     try:
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                names.append(member.name)
-                if member.isfile():
-                    f = tar.extractfile(member)
-                    while f.read(1 << 20):
-                        pass
+        with open(path, "rb") as raw:
+            is_gzip = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            stream = gzip.GzipFile(fileobj=raw) if is_gzip else raw
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member in tar:
+                    names.append(member.name)
+                    if member.isfile():
+                        f = tar.extractfile(member)
+                        while f.read(1 << 20):
+                            pass
+            # tarfile stops at its end-of-archive blocks; only reading the
+            # gzip stream to its end checks the CRC and length in the trailer.
+            while stream.read(1 << 20):
+                pass
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise CorruptArchiveError(f"{path}: {type(e).__name__}: {e}") from e
     if not names:
