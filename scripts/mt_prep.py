@@ -675,7 +675,7 @@ def build_from_raw(pipe, raw_dir, work, cfg):
         for (split, lang), path in raw.items():
             normalize_file(path, norm[split, lang], lang, cfg.tokenize, cfg.workers)
 
-    pipe.run("normalize", {"tokenize": cfg.tokenize, "sizes": _sizes(raw.values())},
+    pipe.run("normalize", {"tokenize": cfg.tokenize, "sizes": file_sizes(raw.values())},
              list(norm.values()), do_normalize)
 
     def do_clean():
@@ -714,8 +714,12 @@ def build_from_raw(pipe, raw_dir, work, cfg):
     return databin
 
 
-def _sizes(paths):
-    # Cheap change detection for inputs produced outside the pipeline.
+def file_sizes(paths):
+    """``{base name: size}`` of files: cheap change detection for a step's inputs.
+
+    Args:
+        paths: file paths.
+    """
     return {os.path.basename(p): os.path.getsize(p) for p in paths}
 
 

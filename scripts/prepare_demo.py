@@ -99,7 +99,7 @@ def main(argv=None):
     pipe = mt_prep.Pipeline(out, stop_after=args.stop_after)
     raw_outputs = [os.path.join(raw_dir, f"{s}.{l}") for s in SPLITS for l in (args.src, args.tgt)]
     try:
-        pipe.run("raw", {"max_lines": args.max_lines, "corpus": mt_prep._sizes(
+        pipe.run("raw", {"max_lines": args.max_lines, "corpus": mt_prep.file_sizes(
                      os.path.join(args.corpus_dir, f"{s}.{l}.gz") for s in SPLITS for l in ("en", "de"))},
                  raw_outputs, lambda: write_raw(raw_dir, args.src, args.tgt, args.max_lines, args.corpus_dir))
         mt_prep.build_from_raw(pipe, raw_dir, out, args)
