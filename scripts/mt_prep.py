@@ -259,7 +259,7 @@ class Pipeline:
         sig = signature(self._chain, name, params)
         self._chain = sig
         marker = os.path.join(self.marker_dir, name)
-        done = os.path.exists(marker) and open(marker).read().strip() == sig
+        done = os.path.exists(marker) and read_lines(marker) == [sig]
         if done and all(os.path.exists(p) for p in outputs):
             logger.info("step %s: already done, skipping", name)
         else:
