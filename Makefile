@@ -1,0 +1,31 @@
+# Everything runs from .venv, created and filled here from nothing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+export DS_BUILD_OPS := 0
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+# torch first (the CPU wheel), then the rest without build isolation so the
+# fairseq build compiles against that torch instead of downloading a CUDA one.
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install torch==2.13.0
+	$(PIP) install numpy cython
+	$(PIP) install --no-build-isolation -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q -rs
+
+demo: $(STAMP)
+	bash scripts/demo.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,42 @@
+# Copyright (c) the fairseq-moe plugin authors.
+#
+# This source code is licensed under the MIT license found in the
+# LICENSE file in the root directory of this source tree.
+"""Install the fairseq DeepSpeed-MoE plugin (package ``user``) and its entry points.
+
+Versions are pinned to the set this repository is tested with (see README):
+install torch 2.13.0 first, then ``pip install --no-build-isolation .`` so the
+fairseq build uses that torch instead of pulling a CUDA build.
+"""
+
+from setuptools import setup
+
+setup(
+    name="fairseq-deepspeed-moe",
+    version="0.1.0",
+    description="DeepSpeed Mixture-of-Experts Transformers for fairseq translation",
+    license="MIT",
+    python_requires=">=3.8",
+    packages=["user", "user.models", "user.modules", "user.tasks", "user.criterions"],
+    install_requires=[
+        "torch==2.13.0",
+        # fairseq 0.12.2 does not import on Python >= 3.11 (dataclass mutable defaults);
+        # fairseq-fixed is upstream main with that fix, and needs hydra-core 1.3.
+        "fairseq==0.12.2; python_version < '3.11'",
+        "fairseq-fixed==0.12.3.1; python_version >= '3.11'",
+        "hydra-core==1.3.2; python_version >= '3.11'",
+        "omegaconf==2.3.0; python_version >= '3.11'",
+        "deepspeed==0.19.8",
+        "sacremoses==0.2.0",
+        "sacrebleu>=2.0,<3",
+        "sentencepiece==0.2.3",
+        "tensorboard==2.21.0",
+    ],
+    extras_require={"test": ["pytest==9.2.0", "pytest-timeout==2.4.0"]},
+    entry_points={
+        "console_scripts": [
+            "fairseq-moe-train = user.train:main",
+            "fairseq-moe-generate = user.generate:main",
+        ]
+    },
+)

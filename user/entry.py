@@ -1,0 +1,101 @@
+# Copyright (c) the fairseq-moe plugin authors.
+#
+# This source code is licensed under the MIT license found in the
+# LICENSE file in the root directory of this source tree.
+"""What ``user/train.py`` and ``user/generate.py`` share: add ``--user-dir``,
+check the plugin's flags before any work, then hand over to fairseq's CLI."""
+
+import copy
+import os
+import sys
+from typing import List, Optional
+
+USER_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def with_user_dir(argv: List[str]) -> List[str]:
+    """``argv`` plus ``--user-dir <this plugin>`` unless one is given."""
+    if any(a == "--user-dir" or a.startswith("--user-dir=") for a in argv):
+        return list(argv)
+    return [*argv, "--user-dir", USER_DIR]
+
+
+def check_args(args) -> None:
+    """Check the MoE and ``model_and_base`` flags on parsed ``args``.
+
+    Raises:
+        MoEArgumentError: naming the flag and the fix.
+    """
+    from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
+
+    from .criterions.model_and_base import resolve_base_criterion
+    from .losses import check_loss_names, parse_loss_weights
+    from .models.transformer_ds_moe import GATE_LOSS, TransformerDSMoEModel
+    from .moe_options import options_from_args
+
+    produced = []
+    arch = getattr(args, "arch", None)
+    if arch in ARCH_MODEL_REGISTRY and ARCH_MODEL_REGISTRY[arch] is TransformerDSMoEModel:
+        filled = copy.copy(args)
+        ARCH_CONFIG_REGISTRY[arch](filled)
+        if options_from_args(filled).sides:
+            produced.append(GATE_LOSS)
+    if getattr(args, "criterion", None) == "model_and_base":
+        weights = parse_loss_weights(args.loss_weights)
+        resolve_base_criterion(args.base_criterion, args.base_criterion_config)
+        check_loss_names(weights, produced)
+
+
+def run(cli: str, argv: Optional[List[str]] = None) -> None:
+    """Run fairseq's ``train``/``generate``/``interactive`` CLI with the plugin.
+
+    Args:
+        cli (str): ``"train"``, ``"generate"`` or ``"interactive"``.
+        argv: arguments (default ``sys.argv[1:]``).
+    """
+    from fairseq import distributed_utils, options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    from .moe_options import MoEArgumentError
+
+    argv = with_user_dir(sys.argv[1:] if argv is None else argv)
+    if cli == "train":
+        import fairseq_cli.train as fairseq_cli_module
+
+        parser = options.get_training_parser()
+    elif cli == "generate":
+        import fairseq_cli.generate as fairseq_cli_module
+
+        parser = options.get_generation_parser()
+    else:
+        import fairseq_cli.interactive as fairseq_cli_module
+
+        parser = options.get_interactive_generation_parser()
+    args = options.parse_args_and_arch(parser, input_args=argv)
+    try:
+        check_args(args)
+    except MoEArgumentError as e:
+        parser.error(str(e))
+    cfg = convert_namespace_to_omegaconf(args)
+    distributed_utils.call_main(cfg, fairseq_cli_module.main)
+
+
+def install_error_hook() -> None:
+    """Print our flag errors as one line (``fairseq-train: error: ...``), no traceback.
+
+    For ``fairseq-train --user-dir user``, where the checks above run inside
+    fairseq (still before training starts). Other exceptions are untouched.
+    """
+    from .moe_options import MoEArgumentError
+
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, MoEArgumentError):
+            print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
+            return
+        previous(exc_type, exc, tb)
+
+    if not getattr(sys.excepthook, "_moe_plugin", False):
+        hook._moe_plugin = True
+        sys.excepthook = hook

@@ -1,0 +1,111 @@
+# Copyright (c) the fairseq-moe plugin authors.
+#
+# This source code is licensed under the MIT license found in the
+# LICENSE file in the root directory of this source tree.
+"""Pure functions for the ``model_and_base`` criterion's loss arithmetic.
+
+The total loss is::
+
+    loss = w_base * base_loss + sum_i  w_i * sample_size * model_loss_i
+
+``base_loss`` is the base criterion's loss, summed over the batch (as every
+fairseq criterion returns it); ``model_loss_i`` are the model's losses, each a
+per-token mean (DeepSpeed's gate loss is one); ``sample_size`` is the base
+criterion's denominator (target tokens, or sentences with ``--sentence-avg``).
+Scaling by ``sample_size`` makes a weight mean the same for every term: after
+fairseq divides by ``sample_size``, ``w_i`` multiplies ``model_loss_i`` exactly
+as ``w_base`` multiplies the per-token base loss (fairseq's ``MoECriterion``
+does the same). A weight of ``None`` (JSON ``null``) drops the term; a term
+without a weight weighs 1.0.
+"""
+
+import json
+import math
+from typing import Dict, Iterable, Optional, Tuple
+
+from torch import Tensor
+
+from .moe_options import MoEArgumentError
+
+BASE = "base_crit"
+
+
+def parse_loss_weights(text: Optional[str]) -> Dict[str, Optional[float]]:
+    """Parse ``--loss-weights``: a JSON object of name -> number or null.
+
+    Raises:
+        MoEArgumentError: naming the flag, for malformed JSON or a non-number weight.
+    """
+    if text is None or text.strip() == "":
+        return {}
+    try:
+        weights = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MoEArgumentError(
+            f"--loss-weights is not valid JSON ({e.msg} at character {e.pos}): {text!r}; "
+            f'expected e.g. \'{{"base_crit": 1, "experts_gate_loss": 0.01}}\''
+        ) from None
+    if not isinstance(weights, dict):
+        raise MoEArgumentError(f"--loss-weights must be a JSON object of name -> weight, got {text!r}")
+    for name, w in weights.items():
+        if w is not None and (
+            isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)
+        ):
+            raise MoEArgumentError(
+                f"--loss-weights: the weight of {name!r} must be a finite number or null, "
+                f"got {w!r}"
+            )
+    return {k: (None if w is None else float(w)) for k, w in weights.items()}
+
+
+def check_loss_names(weights: Dict[str, Optional[float]], produced: Iterable[str]) -> None:
+    """Fail if ``--loss-weights`` names a loss nobody produces.
+
+    Args:
+        weights: parsed ``--loss-weights``.
+        produced: names of the model's losses (``base_crit`` is always produced).
+    """
+    known = {BASE, *produced}
+    unknown = sorted(set(weights) - known)
+    if unknown:
+        raise MoEArgumentError(
+            f"--loss-weights names {', '.join(map(repr, unknown))}, which no component "
+            f"produces; known losses: {', '.join(sorted(known))}"
+            + (
+                " (experts_gate_loss exists only with --deepspeed_moe)"
+                if "experts_gate_loss" in unknown
+                else ""
+            )
+        )
+
+
+def combine_losses(
+    base_loss: Tensor,
+    model_losses: Dict[str, Tensor],
+    weights: Dict[str, Optional[float]],
+    sample_size: float,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Weighted sum of the base loss and the model losses.
+
+    Args:
+        base_loss (Tensor): summed base criterion loss (scalar).
+        model_losses: name -> per-token mean loss (scalar tensors).
+        weights: name -> weight or None (dropped); missing names weigh 1.0.
+        sample_size (float): the base criterion's sample size.
+
+    Returns:
+        ``(total, terms)`` where ``terms`` maps each kept name (``base_crit``
+        included) to its weighted, summed contribution; ``total = sum(terms)``.
+    """
+    terms: Dict[str, Tensor] = {}
+    w = weights.get(BASE, 1.0)
+    if w is not None:
+        terms[BASE] = w * base_loss.float()
+    for name, value in model_losses.items():
+        w = weights.get(name, 1.0)
+        if w is not None and value is not None:
+            terms[name] = w * sample_size * value.float()
+    if not terms:
+        raise MoEArgumentError("--loss-weights drops every loss (all null): nothing to train on")
+    total = sum(terms.values())
+    return total, terms

@@ -1,0 +1,207 @@
+# Copyright (c) the fairseq-moe plugin authors.
+#
+# This source code is licensed under the MIT license found in the
+# LICENSE file in the root directory of this source tree.
+"""The ``transformer_ds_moe`` model and its architectures.
+
+fairseq's Transformer whose FFN blocks are DeepSpeed MoE layers in the
+encoder, the decoder or both (``--deepspeed_moe enc|dec|enc,dec``), every
+``--moe-freq``-th layer. Without ``--deepspeed_moe`` it is exactly the plain
+Transformer (same parameters, same names). Every fairseq ``transformer_<name>``
+architecture has a twin ``transformer_ds_moe_<name>``.
+
+The model returns the sum of its MoE layers' gate losses as
+``experts_gate_loss`` (see :meth:`TransformerDSMoEModel.get_losses`), which
+the ``model_and_base`` criterion weighs with ``--loss-weights``.
+"""
+
+from typing import Dict, List, Optional
+
+import torch
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer import (
+    TransformerDecoder,
+    TransformerEncoder,
+    TransformerModel,
+)
+from fairseq.models.transformer import transformer_legacy as tl
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+from torch import Tensor
+
+from ..modules.moe_ffn import MoEFeedForward
+from ..modules.moe_transformer_layer import (
+    MoETransformerDecoderLayer,
+    MoETransformerEncoderLayer,
+)
+from ..moe_options import MoEOptions, add_moe_args, moe_defaults, options_from_args
+
+GATE_LOSS = "experts_gate_loss"
+
+
+def _wrap(layer, cfg):
+    if cfg.checkpoint_activations:
+        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+    return layer
+
+
+class MoETransformerEncoder(TransformerEncoder):
+    """fairseq's encoder with MoE layers where :class:`MoEOptions` says so."""
+
+    def __init__(self, args, dictionary, embed_tokens, opts: MoEOptions):
+        # state for the build_encoder_layer hook, set before the base builds the layers
+        self.moe_opts = opts
+        self._layers_built = 0
+        super().__init__(args, dictionary, embed_tokens)
+
+    def build_encoder_layer(self, cfg):
+        index, self._layers_built = self._layers_built, self._layers_built + 1
+        if not self.moe_opts.is_moe_layer("enc", index):
+            return super().build_encoder_layer(cfg)
+        cfg = tl.TransformerConfig.from_namespace(cfg)
+        seed = getattr(self.args, "seed", 1)
+        return _wrap(MoETransformerEncoderLayer(cfg, self.moe_opts, f"encoder.{index}", seed), cfg)
+
+
+class MoETransformerDecoder(TransformerDecoder):
+    """fairseq's decoder with MoE layers where :class:`MoEOptions` says so."""
+
+    def __init__(self, args, dictionary, embed_tokens, opts: MoEOptions, no_encoder_attn=False):
+        # state for the build_decoder_layer hook, set before the base builds the layers
+        self.moe_opts = opts
+        self._layers_built = 0
+        super().__init__(args, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
+
+    def build_decoder_layer(self, cfg, no_encoder_attn=False):
+        index, self._layers_built = self._layers_built, self._layers_built + 1
+        if not self.moe_opts.is_moe_layer("dec", index):
+            return super().build_decoder_layer(cfg, no_encoder_attn)
+        cfg = tl.TransformerConfig.from_namespace(cfg)
+        seed = getattr(self.args, "seed", 1)
+        layer = MoETransformerDecoderLayer(
+            cfg, self.moe_opts, f"decoder.{index}", seed, no_encoder_attn=no_encoder_attn
+        )
+        return _wrap(layer, cfg)
+
+
+@register_model("transformer_ds_moe")
+class TransformerDSMoEModel(TransformerModel):
+    """Transformer with DeepSpeed MoE FFN blocks.
+
+    Args:
+        args (argparse.Namespace): model flags (fairseq's Transformer flags plus
+            the MoE flags of :func:`user.moe_options.add_moe_args`).
+        encoder (TransformerEncoder): the encoder.
+        decoder (TransformerDecoder): the decoder.
+    """
+
+    def __init__(self, args, encoder, decoder):
+        super().__init__(args, encoder, decoder)
+        self.moe_opts = options_from_args(args)
+
+    @staticmethod
+    def add_args(parser):
+        TransformerModel.add_args(parser)
+        add_moe_args(parser)
+
+    @classmethod
+    def build_model(cls, args, task):
+        moe_defaults(args)
+        options_from_args(args)  # fail on bad flags before building anything
+        return super().build_model(args, task)
+
+    @classmethod
+    def build_encoder(cls, args, src_dict, embed_tokens):
+        return MoETransformerEncoder(args, src_dict, embed_tokens, options_from_args(args))
+
+    @classmethod
+    def build_decoder(cls, args, tgt_dict, embed_tokens):
+        return MoETransformerDecoder(
+            args,
+            tgt_dict,
+            embed_tokens,
+            options_from_args(args),
+            no_encoder_attn=getattr(args, "no_cross_attention", False),
+        )
+
+    def moe_ffn_layers(self) -> Dict[str, MoEFeedForward]:
+        """The MoE blocks by module name, e.g. ``encoder.layers.1.moe_ffn``."""
+        return {n: m for n, m in self.named_modules() if isinstance(m, MoEFeedForward)}
+
+    def loss_names(self) -> List[str]:
+        """Names of the losses :meth:`get_losses` returns."""
+        return [GATE_LOSS] if self.moe_opts.sides else []
+
+    def forward(
+        self,
+        src_tokens,
+        src_lengths,
+        prev_output_tokens,
+        return_all_hiddens: bool = True,
+        features_only: bool = False,
+        alignment_layer: Optional[int] = None,
+        alignment_heads: Optional[int] = None,
+    ):
+        moe = self.moe_ffn_layers().values()
+        for m in moe:
+            m.l_aux = None  # a layer skipped by LayerDrop must not report a stale loss
+        x, extra = super().forward(
+            src_tokens,
+            src_lengths,
+            prev_output_tokens,
+            return_all_hiddens=return_all_hiddens,
+            features_only=features_only,
+            alignment_layer=alignment_layer,
+            alignment_heads=alignment_heads,
+        )
+        if moe:
+            losses = [m.l_aux for m in moe if m.l_aux is not None]
+            extra[GATE_LOSS] = torch.stack(losses).sum() if losses else x.new_zeros(())
+        return x, extra
+
+    def get_losses(self, net_output, sample) -> Dict[str, Tensor]:
+        """Model losses, each a per-token mean (the criterion scales by sample size).
+
+        Returns:
+            ``{"experts_gate_loss": sum over MoE layers of DeepSpeed's l_aux}``
+            for an MoE model, ``{}`` for a dense one.
+        """
+        if GATE_LOSS in net_output[1]:
+            return {GATE_LOSS: net_output[1][GATE_LOSS]}
+        return {}
+
+    def expert_counts(self) -> Dict[str, Tensor]:
+        """Tokens routed to each expert (``E``) in the last forward, per MoE layer."""
+        return {
+            n: m.exp_counts for n, m in self.moe_ffn_layers().items() if m.exp_counts is not None
+        }
+
+
+# Architectures: one twin per fairseq ``transformer_<name>`` architecture.
+# Each calls its dense parent, then sets the MoE defaults.
+def _arch(name, parent):
+    @register_model_architecture("transformer_ds_moe", name)
+    def arch(args):
+        parent(args)
+        moe_defaults(args)
+
+    arch.__name__ = name
+    arch.__doc__ = f"``{parent.__name__}`` with DeepSpeed MoE options."
+    return arch
+
+
+transformer_ds_moe = _arch("transformer_ds_moe", tl.base_architecture)
+transformer_ds_moe_tiny = _arch("transformer_ds_moe_tiny", tl.tiny_architecture)
+transformer_ds_moe_iwslt_de_en = _arch("transformer_ds_moe_iwslt_de_en", tl.transformer_iwslt_de_en)
+transformer_ds_moe_wmt_en_de = _arch("transformer_ds_moe_wmt_en_de", tl.transformer_wmt_en_de)
+transformer_ds_moe_vaswani_wmt_en_de_big = _arch(
+    "transformer_ds_moe_vaswani_wmt_en_de_big", tl.transformer_vaswani_wmt_en_de_big
+)
+transformer_ds_moe_vaswani_wmt_en_fr_big = _arch(
+    "transformer_ds_moe_vaswani_wmt_en_fr_big", tl.transformer_vaswani_wmt_en_fr_big
+)
+transformer_ds_moe_wmt_en_de_big = _arch(
+    "transformer_ds_moe_wmt_en_de_big", tl.transformer_wmt_en_de_big
+)
+transformer_ds_moe_wmt_en_de_big_t2t = _arch(
+    "transformer_ds_moe_wmt_en_de_big_t2t", tl.transformer_wmt_en_de_big_t2t
+)

@@ -1,0 +1,110 @@
+# Copyright (c) the fairseq-moe plugin authors.
+#
+# This source code is licensed under the MIT license found in the
+# LICENSE file in the root directory of this source tree.
+"""The MoE feed-forward block: DeepSpeed's ``MoE`` over fairseq-style experts."""
+
+from typing import Optional
+
+import torch
+from fairseq import utils
+from fairseq.modules import FairseqDropout
+from fairseq.modules.quant_noise import quant_noise
+from torch import Tensor, nn
+
+from .. import ds_moe
+from ..moe_options import MoEOptions
+
+
+class ExpertFFN(nn.Module):
+    """One expert: the Transformer FFN ``fc2(dropout(act(fc1(x))))``.
+
+    Args:
+        embed_dim (int): model dimension.
+        ffn_dim (int): hidden dimension (the encoder's or decoder's FFN size).
+        activation_fn (str): fairseq activation name (``--activation-fn``).
+        activation_dropout (float): dropout after the activation.
+        q_noise (float): quant-noise amount, as fairseq's ``build_fc1``.
+        qn_block_size (int): quant-noise block size.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        ffn_dim: int,
+        activation_fn: str = "relu",
+        activation_dropout: float = 0.0,
+        q_noise: float = 0.0,
+        qn_block_size: int = 8,
+    ):
+        super().__init__()
+        self.fc1 = quant_noise(nn.Linear(embed_dim, ffn_dim), q_noise, qn_block_size)
+        self.fc2 = quant_noise(nn.Linear(ffn_dim, embed_dim), q_noise, qn_block_size)
+        self.activation_fn = utils.get_activation_fn(activation=activation_fn)
+        self.activation_dropout_module = FairseqDropout(
+            float(activation_dropout), module_name=self.__class__.__name__
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        # ... x C -> ... x C
+        x = self.activation_fn(self.fc1(x))
+        x = self.activation_dropout_module(x)
+        return self.fc2(x)
+
+
+class MoEFeedForward(nn.Module):
+    """A DeepSpeed MoE layer in place of a Transformer FFN block.
+
+    After each forward, ``l_aux`` holds the layer's gate (load-balancing) loss
+    and ``exp_counts`` the number of tokens routed to each expert (``E``).
+
+    Args:
+        embed_dim (int): model dimension.
+        expert (ExpertFFN): the expert to replicate.
+        opts (MoEOptions): MoE options.
+        layer_key (str): unique layer name (seeds the experts).
+        seed (int): the run's seed.
+    """
+
+    def __init__(self, embed_dim: int, expert: nn.Module, opts: MoEOptions, layer_key: str, seed: int):
+        super().__init__()
+        self.opts = opts
+        self.moe = ds_moe.build_moe(embed_dim, expert, opts, layer_key, seed)
+        self.l_aux: Optional[Tensor] = None
+        self.exp_counts: Optional[Tensor] = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Inference drops no token unless asked: a dropped token silently
+        # degrades a translation.
+        gate = ds_moe.moe_gate(self.moe)
+        gate.drop_tokens = self.opts.drop_tokens if mode else self.opts.eval_drop_tokens
+        # DeepSpeed samples top-2's second expert in eval too: keep inference deterministic.
+        gate.top2_2nd_expert_sampling = self.opts.top2_2nd_expert_sampling and mode
+        return self
+
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        """
+        Args:
+            x (Tensor): ``T x B x C``.
+            padding_mask (Tensor, optional): ``B x T``, True at padding; padding
+                tokens then take no expert capacity (top-1 with token dropping).
+
+        Returns:
+            Tensor of shape ``T x B x C``.
+        """
+        T, B, C = x.shape
+        tokens = x.reshape(T * B, C)
+        used = None
+        gate = ds_moe.moe_gate(self.moe)
+        if padding_mask is not None and self.opts.top_k == 1 and gate.drop_tokens:
+            # B x T -> T*B, in the same order as ``tokens``
+            used = (~padding_mask).t().reshape(-1).to(tokens.dtype)
+        short = self.opts.min_capacity - tokens.size(0)
+        if short > 0:
+            # DeepSpeed asserts tokens >= min_capacity (e.g. one greedy decoding step).
+            tokens = torch.cat([tokens, tokens.new_zeros(short, C)])
+            if used is not None:
+                used = torch.cat([used, used.new_zeros(short)])
+        out, self.l_aux, self.exp_counts = self.moe(tokens, used)
+        return out[: T * B].view(T, B, C)

@@ -1,0 +1,100 @@
+# Copyright (c) the fairseq-moe plugin authors.
+#
+# This source code is licensed under the MIT license found in the
+# LICENSE file in the root directory of this source tree.
+"""The ``translation_deepspeed`` task: fairseq's ``translation`` plus what MoE needs.
+
+* after the model is built (fairseq has set up ``torch.distributed`` by then),
+  DeepSpeed's communication and expert groups are created once;
+* the ``model_and_base`` criterion's ``--loss-weights`` are checked against the
+  losses the model returns before training starts;
+* expert load is logged: ``moe_imbalance`` = (tokens of the busiest expert) /
+  (tokens per expert if perfectly balanced), averaged over MoE layers:
+  1.0 is balanced, ``--num-experts`` means every token went to one expert.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+from fairseq import metrics
+from fairseq.tasks import register_task
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+from .. import ds_moe
+
+
+@dataclass
+class TranslationDeepSpeedConfig(TranslationConfig):
+    """Same options as ``translation``; MoE options belong to the model."""
+
+
+def unwrap_model(model):
+    """The fairseq model inside DDP/FSDP wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def expert_load_stats(model) -> dict:
+    """Summable expert-load statistics of the last forward.
+
+    Returns:
+        ``{"_moe_load_max": sum over layers of the busiest expert's tokens x E,
+        "_moe_load_tot": sum over layers of routed tokens}``, or ``{}``.
+    """
+    counts = getattr(unwrap_model(model), "expert_counts", lambda: {})()
+    if not counts:
+        return {}
+    load_max = sum(float(c.max()) * c.numel() for c in counts.values())
+    load_tot = sum(float(c.sum()) for c in counts.values())
+    return {"_moe_load_max": load_max, "_moe_load_tot": load_tot}
+
+
+@register_task("translation_deepspeed", dataclass=TranslationDeepSpeedConfig)
+class TranslationDeepSpeedTask(TranslationTask):
+    """Translation with DeepSpeed MoE models (any ``transformer_ds_moe_*`` arch).
+
+    Args:
+        cfg (TranslationDeepSpeedConfig): task options.
+        src_dict (~fairseq.data.Dictionary): source dictionary.
+        tgt_dict (~fairseq.data.Dictionary): target dictionary.
+    """
+
+    cfg: TranslationDeepSpeedConfig
+
+    def __init__(self, cfg, src_dict, tgt_dict):
+        super().__init__(cfg, src_dict, tgt_dict)
+        self.model_loss_names: Optional[list] = None
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        moe_layers = [m.moe for m in getattr(model, "moe_ffn_layers", dict)().values()]
+        if moe_layers:
+            ds_moe.setup_expert_parallel(moe_layers, model.moe_opts.ep_size)
+        self.model_loss_names = list(getattr(model, "loss_names", list)())
+        return model
+
+    def build_criterion(self, cfg, from_checkpoint=False):
+        criterion = super().build_criterion(cfg, from_checkpoint)
+        if self.model_loss_names is not None and hasattr(criterion, "check_loss_names"):
+            criterion.check_loss_names(self.model_loss_names)
+        return criterion
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        loss, sample_size, logging_output = super().train_step(
+            sample, model, criterion, optimizer, update_num, ignore_grad
+        )
+        logging_output.update(expert_load_stats(model))
+        return loss, sample_size, logging_output
+
+    def valid_step(self, sample, model, criterion):
+        loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+        logging_output.update(expert_load_stats(model))
+        return loss, sample_size, logging_output
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        load_tot = sum(log.get("_moe_load_tot", 0) for log in logging_outputs)
+        if load_tot > 0:
+            load_max = sum(log.get("_moe_load_max", 0) for log in logging_outputs)
+            metrics.log_scalar("moe_imbalance", load_max / load_tot, load_tot, round=3)
