@@ -17,6 +17,7 @@ def main():
     # run as a script, Python puts user/ first on sys.path: import the package instead
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     sys.path.insert(0, os.path.dirname(here))
+    import fairseq_cli.generate  # noqa: F401  first, so logging is set up as fairseq-generate does
     from user.entry import run
 
     run("generate")

@@ -8,6 +8,8 @@
   DeepSpeed's communication and expert groups are created once;
 * the ``model_and_base`` criterion's ``--loss-weights`` are checked against the
   losses the model returns before training starts;
+* a resumed run sees the same batches as an uninterrupted one (see
+  :meth:`TranslationDeepSpeedTask.can_reuse_epoch_itr`);
 * expert load is logged: ``moe_imbalance`` = (tokens of the busiest expert) /
   (tokens per expert if perfectly balanced), averaged over MoE layers:
   1.0 is balanced, ``--num-experts`` means every token went to one expert.
@@ -79,6 +81,17 @@ class TranslationDeepSpeedTask(TranslationTask):
         if self.model_loss_names is not None and hasattr(criterion, "check_loss_names"):
             criterion.check_loss_names(self.model_loss_names)
         return criterion
+
+    def can_reuse_epoch_itr(self, dataset):
+        """Never reuse an epoch's batches for the next epoch.
+
+        fairseq makes batches under ``numpy_seed(seed + epoch)`` of the epoch the
+        iterator was *created* in and reuses them for later epochs, so a run
+        resumed in epoch 2 gets other batches than the uninterrupted run (which
+        still uses epoch 1's) and training diverges after a resume. Rebuilding
+        every epoch makes the batches a function of the epoch alone.
+        """
+        return False
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         loss, sample_size, logging_output = super().train_step(

@@ -1,0 +1,28 @@
+# Copyright (c) the fairseq-moe plugin authors.
+#
+# This source code is licensed under the MIT license found in the
+# LICENSE file in the root directory of this source tree.
+"""Helpers shared by tests: build a tiny model through fairseq's parser and task."""
+
+import torch
+from fairseq import options, tasks
+
+TINY = ["--encoder-embed-dim", "16", "--decoder-embed-dim", "16", "--encoder-ffn-embed-dim", "32",
+        "--decoder-ffn-embed-dim", "24", "--encoder-attention-heads", "2",
+        "--decoder-attention-heads", "2", "--encoder-layers", "2", "--decoder-layers", "2"]
+
+
+def build(tiny_data, arch, *extra, seed=1):
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [
+        str(tiny_data["databin"]), "--task", "translation_deepspeed", "--arch", arch,
+        "--seed", str(seed), *TINY, *extra])
+    task = tasks.setup_task(args)
+    torch.manual_seed(seed)
+    return task, task.build_model(args)
+
+
+def sample_batch(task, n=4):
+    task.load_dataset("valid")
+    ds = task.dataset("valid")
+    return ds.collater([ds[i] for i in range(n)])

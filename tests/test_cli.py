@@ -1,0 +1,121 @@
+# Copyright (c) the fairseq-moe plugin authors.
+#
+# This source code is licensed under the MIT license found in the
+# LICENSE file in the root directory of this source tree.
+"""End to end through the real CLIs: fairseq-train / user/train.py trains an
+MoE model on CPU, resumes exactly, fairseq-generate translates, sacrebleu scores;
+bad flags fail before any work with one clear line."""
+
+import json
+import re
+
+import pytest
+import sacrebleu
+
+from conftest import USER_DIR, run_cli
+
+MODEL = [
+    "--task", "translation_deepspeed", "--arch", "transformer_ds_moe_tiny",
+    "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+    "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "48",
+    "--deepspeed_moe", "enc,dec", "--num-experts", "4", "--top-k", "1",
+    "--criterion", "model_and_base", "--loss-weights", '{"base_crit": 1, "experts_gate_loss": 0.01}',
+    "--base-criterion", "label_smoothed_cross_entropy", "--base-criterion-config", '{"label_smoothing": 0.1}',
+    "--optimizer", "adam", "--lr", "0.003", "--max-tokens", "800", "--seed", "3",
+    "--log-format", "json", "--log-interval", "1", "--no-progress-bar", "--num-workers", "0",
+    "--save-interval-updates", "10", "--keep-interval-updates", "1", "--no-epoch-checkpoints",
+]
+
+
+def train(databin, save_dir, max_update, cli="fairseq-train"):
+    head = [cli, databin, "--user-dir", USER_DIR] if cli == "fairseq-train" else [
+        "python", USER_DIR / "train.py", databin]
+    proc = run_cli([*head, *MODEL, "--save-dir", save_dir, "--max-update", max_update])
+    return proc
+
+
+def losses_by_update(output):
+    """{num_updates: loss} from fairseq's json train_inner log lines."""
+    found = {}
+    for line in output.splitlines():
+        m = re.search(r"\| train_inner \| (\{.*\})$", line)
+        if m:
+            rec = json.loads(m.group(1))
+            found[int(rec["num_updates"])] = float(rec["loss"])
+    return found
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    save = tmp_path_factory.mktemp("trained")
+    proc = train(tiny_data["databin"], save, 20)
+    return {"save": save, "losses": losses_by_update(proc.stdout), "log": proc.stdout}
+
+
+@pytest.mark.timeout(300)
+def test_train_loss_falls_and_checkpoint_is_written(trained):
+    losses = trained["losses"]
+    assert sorted(losses) == list(range(1, 21)), "one log line per update"
+    first, last = sum(losses[u] for u in (1, 2, 3)) / 3, sum(losses[u] for u in (18, 19, 20)) / 3
+    assert last < first - 0.5, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    assert (trained["save"] / "checkpoint_last.pt").exists()
+    assert "loss_experts_gate_loss" in trained["log"] and "moe_imbalance" in trained["log"]
+
+
+@pytest.mark.timeout(300)
+def test_resume_reaches_the_same_losses(tiny_data, trained, tmp_path):
+    first = train(tiny_data["databin"], tmp_path, 10, cli="python")
+    assert sorted(losses_by_update(first.stdout)) == list(range(1, 11))
+    resumed = train(tiny_data["databin"], tmp_path, 20, cli="python")
+    assert "Loaded checkpoint" in resumed.stdout
+    after = losses_by_update(resumed.stdout)
+    assert sorted(after) == list(range(11, 21)), "resume must continue at update 11"
+    for u in range(11, 21):
+        assert after[u] == trained["losses"][u], f"update {u}: {after[u]} != {trained['losses'][u]}"
+
+
+def hypotheses(output):
+    hyps = {}
+    for line in output.splitlines():
+        if line.startswith("D-"):
+            idx, _, text = line[2:].split("\t", 2)
+            hyps[int(idx)] = text
+    return [hyps[i] for i in sorted(hyps)]
+
+
+@pytest.mark.timeout(300)
+def test_generate_translates_and_sacrebleu_scores(tiny_data, trained):
+    args = [tiny_data["databin"], "--path", trained["save"] / "checkpoint_last.pt",
+            "--gen-subset", "test", "--beam", "3", "--batch-size", "8", "--max-len-b", "20"]
+    out = run_cli(["fairseq-generate", *args, "--user-dir", USER_DIR, "--task", "translation_deepspeed"])
+    hyps = hypotheses(out.stdout)
+    refs = (tiny_data["raw"] / "test.de").read_text(encoding="utf-8").splitlines()
+    assert len(hyps) == len(refs) == 24
+    assert any(h.strip() for h in hyps)
+    bleu = sacrebleu.corpus_bleu(hyps, [refs])
+    assert 0.0 <= bleu.score <= 100.0 and bleu.sys_len > 0
+    again = run_cli(["python", USER_DIR / "generate.py", *args])
+    assert hypotheses(again.stdout) == hyps, "generation must be deterministic across entry points"
+
+
+@pytest.mark.timeout(120)
+def test_bad_flag_fails_before_any_work(tiny_data, tmp_path):
+    save = tmp_path / "ckpt"
+    proc = run_cli(["python", USER_DIR / "train.py", tiny_data["databin"], *MODEL, "--num-experts", "6",
+                    "--ep-world-size", "4", "--save-dir", save], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "error: --num-experts 6 is not divisible by --ep-world-size 4: each expert-parallel rank "
+        "holds num_experts / ep_world_size experts; use a multiple of 4 experts or a divisor of 6 "
+        "as --ep-world-size")
+    assert not save.exists(), "nothing may be written on bad input"
+
+
+@pytest.mark.timeout(120)
+def test_bad_flag_under_fairseq_train_is_one_clear_line(tiny_data, tmp_path):
+    proc = run_cli(["fairseq-train", tiny_data["databin"], "--user-dir", USER_DIR, *MODEL,
+                    "--deepspeed_moe", "enc,dex", "--save-dir", tmp_path / "ckpt"], check=False)
+    assert proc.returncode != 0
+    assert "fairseq-train: error: --deepspeed_moe 'enc,dex': unknown part 'dex'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list((tmp_path / "ckpt").glob("*.pt"))

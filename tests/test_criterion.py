@@ -1,0 +1,112 @@
+# Copyright (c) the fairseq-moe plugin authors.
+#
+# This source code is licensed under the MIT license found in the
+# LICENSE file in the root directory of this source tree.
+"""The model_and_base criterion against hand-computed values on a real model."""
+
+import math
+
+import pytest
+import torch
+from fairseq import options, tasks
+from fairseq.criterions.label_smoothed_cross_entropy import (
+    LabelSmoothedCrossEntropyCriterion,
+)
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+from user.criterions.model_and_base import ModelAndBaseCriterion
+from user.moe_options import MoEArgumentError
+
+from moe_helpers import TINY, sample_batch
+
+
+def setup(tiny_data, *extra, moe=True):
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [
+        str(tiny_data["databin"]), "--task", "translation_deepspeed", "--arch",
+        "transformer_ds_moe_tiny", *TINY, "--criterion", "model_and_base",
+        *(["--deepspeed_moe", "enc,dec", "--num-experts", "4"] if moe else []), *extra])
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(1)
+    model = task.build_model(cfg.model).eval()  # eval: no dropout, deterministic routing
+    return task, model, task.build_criterion(cfg.criterion)
+
+
+def reference(model, batch, smoothing):
+    base = LabelSmoothedCrossEntropyCriterion(None, sentence_avg=False, label_smoothing=smoothing)
+    base.padding_idx = 1
+    net_output = model(**batch["net_input"])
+    loss, nll = base.compute_loss(model, net_output, batch)
+    return loss, nll, net_output[1]["experts_gate_loss"]
+
+
+def test_total_is_weighted_base_plus_scaled_gate_loss(tiny_data):
+    task, model, crit = setup(
+        tiny_data, "--base-criterion", "label_smoothed_cross_entropy",
+        "--base-criterion-config", '{"label_smoothing": 0.1}',
+        "--loss-weights", '{"base_crit": 2, "experts_gate_loss": 0.5}')
+    assert isinstance(crit, ModelAndBaseCriterion)
+    batch = sample_batch(task)
+    loss, sample_size, log = crit(model, batch)
+    base, nll, gate = reference(model, batch, 0.1)
+    assert sample_size == batch["ntokens"]
+    torch.testing.assert_close(loss, 2 * base + 0.5 * sample_size * gate)
+    torch.testing.assert_close(log["loss_base_crit"], 2 * base)
+    torch.testing.assert_close(log["loss_experts_gate_loss"], 0.5 * sample_size * gate)
+    torch.testing.assert_close(log["nll_loss"], nll)
+
+
+def test_null_and_unnamed_weights(tiny_data):
+    task, model, crit = setup(tiny_data, "--loss-weights", '{"experts_gate_loss": null}')
+    batch = sample_batch(task)
+    loss, _, log = crit(model, batch)
+    base, _, gate = reference(model, batch, 0.0)  # default base: label_smoothed_cross_entropy, 0.0
+    torch.testing.assert_close(loss, base)
+    assert "loss_experts_gate_loss" not in log
+    task, model, crit = setup(tiny_data)
+    loss, sample_size, _ = crit(model, batch)
+    torch.testing.assert_close(loss, base + sample_size * gate)
+
+
+def test_sentence_avg_reaches_the_base_criterion(tiny_data):
+    task, model, crit = setup(tiny_data, "--sentence-avg")
+    batch = sample_batch(task)
+    _, sample_size, _ = crit(model, batch)
+    assert crit.base.sentence_avg and sample_size == batch["target"].size(0)
+
+
+def test_any_registered_base_criterion(tiny_data):
+    task, model, crit = setup(tiny_data, "--base-criterion", "cross_entropy", moe=False)
+    batch = sample_batch(task)
+    loss, sample_size, log = crit(model, batch)
+    lprobs = model.get_normalized_probs(model(**batch["net_input"]), log_probs=True)
+    expected = torch.nn.functional.nll_loss(
+        lprobs.view(-1, lprobs.size(-1)), batch["target"].view(-1), ignore_index=1, reduction="sum")
+    torch.testing.assert_close(loss, expected)
+
+
+def test_reduced_metrics_add_up(tiny_data):
+    from fairseq.logging import metrics
+
+    task, model, crit = setup(tiny_data, "--loss-weights", '{"experts_gate_loss": 0.1}')
+    batch = sample_batch(task)
+    _, _, log = task.valid_step(batch, model, crit)
+    with metrics.aggregate() as agg:
+        task.reduce_metrics([log], crit)
+    values = agg.get_smoothed_values()
+    assert values["loss"] == pytest.approx(values["loss_base_crit"] + values["loss_experts_gate_loss"], abs=2e-3)
+    assert values["loss"] == pytest.approx(float(log["loss"]) / log["sample_size"] / math.log(2), abs=1e-3)
+    assert "nll_loss" in values and "ppl" in values and values["moe_imbalance"] >= 1.0
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--base-criterion", "no_such_crit"], "--base-criterion 'no_such_crit' is not a registered"),
+    (["--base-criterion-config", "{label_smoothing: 0.1}"], "--base-criterion-config is not valid JSON"),
+    (["--base-criterion-config", '{"smoothing": 0.1}'], "has no option 'smoothing'"),
+    (["--loss-weights", '{"base_crit": 1'], "--loss-weights is not valid JSON"),
+    (["--loss-weights", '{"gate": 1}'], "--loss-weights names 'gate', which no component produces"),
+])
+def test_bad_criterion_flags(tiny_data, extra, match):
+    with pytest.raises(MoEArgumentError, match=match):
+        setup(tiny_data, *extra)

@@ -1,0 +1,102 @@
+# Copyright (c) the fairseq-moe plugin authors.
+#
+# This source code is licensed under the MIT license found in the
+# LICENSE file in the root directory of this source tree.
+"""The model through fairseq's own parser, task and registries (tiny dims)."""
+
+import pytest
+import torch
+from fairseq import utils
+from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY
+
+from user import ds_moe
+from user.models.transformer_ds_moe import TransformerDSMoEModel
+from user.modules.moe_ffn import MoEFeedForward
+from user.modules.moe_transformer_layer import MoETransformerDecoderLayer, MoETransformerEncoderLayer
+from user.moe_options import MoEArgumentError
+
+from moe_helpers import build, sample_batch
+
+def transformer_archs():
+    dense = MODEL_REGISTRY["transformer"]
+    return sorted(a for a, m in ARCH_MODEL_REGISTRY.items() if m is dense)
+
+
+def twin(arch):
+    return "transformer_ds_moe" + arch[len("transformer"):]
+
+
+def test_every_fairseq_transformer_arch_has_a_twin():
+    missing = [a for a in transformer_archs() if twin(a) not in ARCH_MODEL_REGISTRY]
+    assert not missing, f"no transformer_ds_moe twin for {missing}"
+    assert all(ARCH_MODEL_REGISTRY[twin(a)] is TransformerDSMoEModel for a in transformer_archs())
+
+
+@pytest.mark.parametrize("arch", transformer_archs())
+def test_each_twin_builds_with_moe_and_runs(tiny_data, arch):
+    task, model = build(tiny_data, twin(arch), "--deepspeed_moe", "enc,dec", "--num-experts", "2")
+    assert isinstance(model, TransformerDSMoEModel)
+    assert sorted(model.moe_ffn_layers()) == ["decoder.layers.1.moe_ffn", "encoder.layers.1.moe_ffn"]
+    batch = sample_batch(task, 2)
+    out, extra = model(**batch["net_input"])
+    assert out.shape[:2] == batch["target"].shape and torch.isfinite(out).all()
+    assert extra["experts_gate_loss"].ndim == 0 and extra["experts_gate_loss"] > 0
+
+
+@pytest.mark.parametrize("arch", ["transformer_tiny", "transformer_wmt_en_de"])
+def test_without_deepspeed_moe_the_model_is_the_plain_transformer(tiny_data, arch):
+    _, dense = build(tiny_data, arch)
+    _, ours = build(tiny_data, twin(arch))
+    a, b = dense.state_dict(), ours.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a), "same seed must give the same weights"
+    assert not ours.moe_ffn_layers() and ours.loss_names() == []
+
+
+def test_moe_layer_placement_and_expert_shapes(tiny_data):
+    _, model = build(tiny_data, "transformer_ds_moe_tiny", "--deepspeed_moe", "dec", "--moe-freq", "1",
+                     "--num-experts", "4", "--activation-fn", "gelu", "--activation-dropout", "0.2")
+    assert not any(isinstance(layer, MoETransformerEncoderLayer) for layer in model.encoder.layers)
+    assert all(isinstance(layer, MoETransformerDecoderLayer) for layer in model.decoder.layers)
+    for layer in model.decoder.layers:
+        assert layer.fc1 is None and layer.fc2 is None, "MoE layers keep no dense FFN"
+        experts = list(ds_moe.local_experts(layer.moe_ffn.moe))
+        assert len(experts) == 4
+        assert experts[0].fc1.out_features == 24, "decoder experts use the decoder FFN size"
+        assert experts[0].activation_fn is utils.get_activation_fn("gelu")
+        assert experts[0].activation_dropout_module.p == 0.2
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(".fc1." in n and "experts" not in n for n in names if n.startswith("decoder"))
+
+
+def test_gate_options_reach_deepspeed(tiny_data):
+    _, model = build(tiny_data, "transformer_ds_moe_tiny", "--deepspeed_moe", "enc", "--num-experts", "4",
+                     "--top-k", "2", "--moe-capacity-factor", "1.5", "--moe-eval-capacity-factor", "3",
+                     "--moe-min-capacity", "2", "--no-moe-drop-tokens", "--no-moe-use-rts",
+                     "--moe-use-residual")
+    moe = model.encoder.layers[1].moe_ffn.moe
+    gate = ds_moe.moe_gate(moe)
+    assert (gate.k, gate.capacity_factor, gate.eval_capacity_factor, gate.min_capacity) == (2, 1.5, 3.0, 2)
+    assert gate.drop_tokens is False and gate.use_rts is False and moe.use_residual
+
+
+def test_gate_loss_is_the_sum_over_moe_layers(tiny_data):
+    task, model = build(tiny_data, "transformer_ds_moe_tiny", "--deepspeed_moe", "enc,dec")
+    batch = sample_batch(task)
+    _, extra = model(**batch["net_input"])
+    expected = sum(m.l_aux for m in model.moe_ffn_layers().values())
+    torch.testing.assert_close(extra["experts_gate_loss"], expected)
+    assert model.get_losses((None, extra), batch) == {"experts_gate_loss": extra["experts_gate_loss"]}
+    assert set(model.expert_counts()) == set(model.moe_ffn_layers())
+
+
+def test_bad_flags_fail_before_building(tiny_data):
+    with pytest.raises(MoEArgumentError, match="--top-k 9 is out of range"):
+        build(tiny_data, "transformer_ds_moe_tiny", "--deepspeed_moe", "enc", "--num-experts", "4",
+              "--top-k", "9")
+
+
+def test_ep_world_size_larger_than_the_world_is_refused(tiny_data):
+    with pytest.raises(MoEArgumentError, match="--ep-world-size 2 must divide the number of processes"):
+        build(tiny_data, "transformer_ds_moe_tiny", "--deepspeed_moe", "enc", "--num-experts", "4",
+              "--ep-world-size", "2")
