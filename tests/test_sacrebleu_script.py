@@ -1,0 +1,116 @@
+# MIT License
+# Copyright (c) the fairseq-moe plugin authors
+"""Tests of ``scripts/sacrebleu.sh`` and its helper ``scripts/gen_to_text.py``:
+parsing a hand-written ``fairseq-generate`` output, and the script end to end
+on a plain reference file against ``sacrebleu.corpus_bleu`` computed directly."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sacrebleu
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import gen_to_text  # noqa: E402
+
+# ids shuffled (as generate prints them, by batch), S-/T-/H-/P- lines and logs
+# mixed in, hypotheses still in sentencepiece pieces, one empty hypothesis
+GEN_OUTPUT = """\
+2026-01-01 00:00:00 | INFO | fairseq_cli.generate | loading model(s)
+S-2\t\u2581The \u2581cell \u2581is \u2581empty .
+T-2\t\u2581Die \u2581Zelle \u2581ist \u2581leer .
+H-2\t-0.31\t\u2581Die \u2581Zelle \u2581ist \u2581leer .
+D-2\t-0.31\t\u2581Die \u2581Zelle \u2581ist \u2581leer .
+P-2\t-0.1 -0.2 -0.3 -0.4 -0.5 -0.6
+S-0\t\u2581Click \u2581OK .
+H-0\t-0.52\t\u2581Klicken \u2581Sie \u2581auf \u2581OK .
+D-0\t-0.52\t\u2581Klicken \u2581Sie \u2581auf \u2581OK .
+H-3\t-1.20\t
+D-3\t-1.20\t
+H-1\t-0.44\t\u2581Format vor lage \u2581( Standard )
+D-1\t-0.44\t\u2581Format vor lage \u2581( Standard )
+2026-01-01 00:00:01 | INFO | fairseq_cli.generate | Translated 4 sentences (20 tokens)
+Generate test with beam=4: BLEU4 = 42.00, 70.0/50.0/40.0/30.0 (BP=1.000, ratio=1.000, syslen=20, reflen=20)
+"""
+EXPECTED = ["Klicken Sie auf OK.", "Formatvorlage (Standard)", "Die Zelle ist leer.", ""]
+REFS = ["Klicken Sie auf OK.", "Formatvorlage (Standard)", "Die Zelle ist nicht leer.", "Speichern"]
+
+
+def run_script(*args, **kwargs):
+    """Run ``bash scripts/sacrebleu.sh ARGS`` with this interpreter; return the CompletedProcess."""
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONWARNINGS="ignore")
+    return subprocess.run(["bash", str(REPO / "scripts" / "sacrebleu.sh"), *map(str, args)],
+                          capture_output=True, text=True, timeout=60, env=env, **kwargs)
+
+
+@pytest.mark.timeout(10)
+def test_parse_sorts_by_id_prefers_d_lines_and_joins_pieces():
+    hyps = gen_to_text.parse_generate_output(GEN_OUTPUT.splitlines(keepends=True))
+    assert len(hyps) == 4 and hyps[3] == ""
+    assert hyps[0].startswith("\u2581Klicken")
+    assert gen_to_text.detokenize(hyps) == EXPECTED
+
+
+@pytest.mark.timeout(10)
+def test_parse_falls_back_to_h_lines_and_keeps_first_nbest():
+    text = "H-1\t-0.2\tzwei\nH-0\t-0.1\teins\nH-0\t-0.9\tnicht das beste\n"
+    assert gen_to_text.parse_generate_output(text.splitlines()) == ["eins", "zwei"]
+
+
+@pytest.mark.timeout(10)
+def test_already_decoded_text_is_left_as_is():
+    # generate --bpe sentencepiece: D- lines are plain text, spaces must stay
+    text = "D-0\t-0.1\tKlicken Sie auf OK.\nH-0\t-0.1\t\u2581Klicken \u2581Sie \u2581auf \u2581OK .\n"
+    hyps = gen_to_text.parse_generate_output(text.splitlines())
+    assert gen_to_text.detokenize(hyps) == ["Klicken Sie auf OK."]
+    assert gen_to_text.join_pieces("\u2581Hal lo \u2581Welt .") == "Hallo Welt."
+
+
+@pytest.mark.timeout(10)
+def test_parse_rejects_missing_ids_and_non_generate_files():
+    with pytest.raises(gen_to_text.ScoringError, match="first missing id: 1"):
+        gen_to_text.parse_generate_output(["D-0\t-0.1\ta", "D-2\t-0.1\tc"])
+    with pytest.raises(gen_to_text.ScoringError, match="no D-<id> or H-<id>"):
+        gen_to_text.parse_generate_output(["just text", "S-0\tsource"])
+
+
+@pytest.mark.timeout(60)
+def test_script_matches_sacrebleu_on_a_plain_reference(tmp_path):
+    gen, ref, hyp_out = tmp_path / "gen.txt", tmp_path / "ref.de", tmp_path / "hyp.de"
+    gen.write_text(GEN_OUTPUT, encoding="utf-8")
+    ref.write_text("".join(r + "\n" for r in REFS), encoding="utf-8")
+    proc = run_script(gen, ref, "--write-hyp", hyp_out)
+    assert proc.returncode == 0, proc.stderr
+    expected = sacrebleu.corpus_bleu(EXPECTED, [REFS])
+    line = proc.stdout.strip()
+    assert line.startswith("BLEU|nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:"), line
+    assert line.split(" = ")[1].split()[0] == f"{expected.score:.2f}"
+    assert f"hyp_len = {expected.sys_len} ref_len = {expected.ref_len}" in line
+    assert 0 < expected.score < 100
+    assert hyp_out.read_text(encoding="utf-8").splitlines() == EXPECTED
+
+
+@pytest.mark.timeout(60)
+def test_script_fails_clearly_on_a_count_mismatch(tmp_path):
+    gen, ref = tmp_path / "gen.txt", tmp_path / "ref.de"
+    gen.write_text(GEN_OUTPUT, encoding="utf-8")
+    ref.write_text("".join(r + "\n" for r in REFS + ["one line too many"]), encoding="utf-8")
+    proc = run_script(gen, ref)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "4 hypotheses but 5 reference lines" in proc.stderr
+
+
+@pytest.mark.timeout(30)
+def test_script_usage_and_test_set_needs_languages(tmp_path):
+    proc = run_script()
+    assert proc.returncode == 2 and "Usage: bash scripts/sacrebleu.sh" in proc.stderr
+    gen = tmp_path / "gen.txt"
+    gen.write_text(GEN_OUTPUT, encoding="utf-8")
+    proc = run_script(gen, "wmt14/full")
+    assert proc.returncode == 2 and "needs SRC_LANG TGT_LANG" in proc.stderr
+    proc = run_script(gen, tmp_path / "no-such-file")
+    assert proc.returncode == 2 and "neither a file nor a sacrebleu test set" in proc.stderr
