@@ -20,7 +20,7 @@ imported (CPU when torch sees no CUDA device, so users need no
 import logging
 import os
 import zlib
-from typing import Iterable
+from typing import Iterable, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -121,9 +121,75 @@ def local_experts(moe: MoE) -> Iterable[nn.Module]:
     return moe.deepspeed_moe.experts.deepspeed_experts
 
 
+def expert_params(moe: MoE) -> List[nn.Parameter]:
+    """Parameters of this process's experts (not the router)."""
+    return list(moe.deepspeed_moe.experts.parameters())
+
+
 def is_expert_param(param: torch.nn.Parameter) -> bool:
     """True for parameters DeepSpeed keeps rank-local (experts, not the router)."""
     return getattr(param, "allreduce", True) is False
+
+
+def dispatch_capacity(num_tokens: int, opts: MoEOptions, training: bool) -> int:
+    """The expert capacity DeepSpeed's gate computes for ``num_tokens`` tokens.
+
+    Same expression and float32 arithmetic as ``deepspeed.moe.sharded_moe._capacity``
+    (top-k multiplies the factor by k), so the value matches DeepSpeed's bit for bit.
+    """
+    factor = opts.capacity_factor if training else opts.eval_capacity_factor
+    cap = torch.ceil((num_tokens / opts.num_experts) * torch.tensor(factor * opts.top_k))
+    return max(int(cap.to(torch.int64)), opts.min_capacity)
+
+
+def capacity_factor_for(capacity: int, num_tokens: int, opts: MoEOptions) -> float:
+    """A capacity factor that makes DeepSpeed's gate compute exactly ``capacity``
+    (or its min_capacity, if larger) for ``num_tokens`` tokens.
+
+    DeepSpeed computes ``ceil(num_tokens / E * factor * k)`` in float32; aiming
+    at ``capacity - 0.5`` leaves half a slot of room for rounding either way.
+    """
+    return (capacity - 0.5) * opts.num_experts / (num_tokens * opts.top_k)
+
+
+def agree_on_token_counts(counts: Sequence[int], ep_size: int) -> List[int]:
+    """Largest of each count over the expert-parallel group, in one all-reduce.
+
+    Every rank of an expert-parallel group must size its all-to-all buffers
+    alike; they are sized from the token count, which differs between ranks.
+    """
+    t = torch.tensor(list(counts), dtype=torch.int64)
+    if ep_size > 1 and dist.is_available() and dist.is_initialized():
+        group = groups._get_expert_parallel_group(f"ep_size_{ep_size}")
+        if dist.get_backend(group) == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [int(v) for v in t.tolist()]
+
+
+def reduce_expert_grads(params: Iterable[torch.nn.Parameter], ep_size: int) -> None:
+    """Sum expert gradients over their expert-data-parallel group, divided by the world size.
+
+    fairseq's DDP averages the other gradients over all W ranks (sum / W) before
+    the trainer scales everything by ``W / sample_size``; an expert's gradient
+    already holds its whole expert-parallel group's tokens (the all-to-all brought
+    them), so its replicas in the W/E-rank expert-data-parallel group are summed
+    and divided by W: both kinds then end as sum-over-all-tokens / sample_size.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    group = groups._get_expert_data_parallel_group(f"ep_size_{ep_size}")
+    flat = torch.cat([g.reshape(-1) for g in grads]).div_(world)
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def setup_expert_parallel(moe_layers: Iterable[MoE], ep_size: int) -> None:
@@ -147,8 +213,9 @@ def setup_expert_parallel(moe_layers: Iterable[MoE], ep_size: int) -> None:
             f"({world}); use --ep-world-size {world} (expert parallel across all "
             f"processes) or a divisor of it"
         )
-    if not distributed:
-        # One process, EP=1: DeepSpeed's MoE runs without any process group.
+    if ep_size == 1:
+        # Experts replicated on every rank: fairseq's DDP reduces them like any
+        # parameter and DeepSpeed's MoE needs no process group.
         return
     if not deepspeed.comm.is_initialized():
         # Wraps the process group fairseq created; no second rendezvous.
@@ -158,6 +225,10 @@ def setup_expert_parallel(moe_layers: Iterable[MoE], ep_size: int) -> None:
             raise ValueError(f"MoE layer built with ep_size {moe.ep_size}, expected {ep_size}")
         if moe.deepspeed_moe.ep_group is None:
             moe.set_deepspeed_parallelism()
+        for p in moe.deepspeed_moe.experts.parameters():
+            # fairseq's legacy_ddp and clip_grad_norm_ skip parameters marked
+            # "expert"; reduce_expert_grads reduces them in their own group.
+            p.expert = True
 
 
 def expert_data_parallel_group(ep_size: int):

@@ -20,6 +20,47 @@ def with_user_dir(argv: List[str]) -> List[str]:
     return [*argv, "--user-dir", USER_DIR]
 
 
+def _given(argv: List[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def launcher_args(argv: List[str], env, cuda: bool) -> List[str]:
+    """fairseq flags for a process started by torchrun (or any launcher that sets
+    ``WORLD_SIZE``/``RANK``/``MASTER_ADDR``/``MASTER_PORT``), unless given.
+
+    fairseq needs them spelled out on CPU: its own inference divides by the
+    GPU count. Without those variables nothing is added (single process, or
+    fairseq's own spawn / SLURM inference).
+
+    Args:
+        argv: the command line so far.
+        env: the environment (``os.environ``).
+        cuda (bool): whether GPUs are used (else gloo).
+    """
+    if not all(k in env for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")):
+        return []
+    if int(env["WORLD_SIZE"]) < 2 or _given(argv, "--distributed-init-method"):
+        return []
+    wanted = [
+        ("--distributed-init-method", "env://"),
+        ("--distributed-no-spawn", None),
+        ("--distributed-world-size", env["WORLD_SIZE"]),
+        ("--distributed-rank", env["RANK"]),
+    ]
+    if cuda:
+        wanted.append(("--device-id", env.get("LOCAL_RANK", "0")))
+    else:
+        wanted.append(("--distributed-backend", "gloo"))
+    if any(a.startswith("--ep-world-size") for a in argv):
+        # expert parameters are rank-local: only legacy_ddp leaves them alone
+        wanted.append(("--ddp-backend", "legacy_ddp"))
+    extra = []
+    for flag, value in wanted:
+        if not _given(argv, flag):
+            extra += [flag] if value is None else [flag, value]
+    return extra
+
+
 def check_args(args) -> None:
     """Check the MoE and ``model_and_base`` flags on parsed ``args``.
 
@@ -58,7 +99,10 @@ def run(cli: str, argv: Optional[List[str]] = None) -> None:
 
     from .moe_options import MoEArgumentError
 
+    import torch
+
     argv = with_user_dir(sys.argv[1:] if argv is None else argv)
+    argv += launcher_args(argv, os.environ, torch.cuda.is_available())
     if cli == "train":
         import fairseq_cli.train as fairseq_cli_module
 

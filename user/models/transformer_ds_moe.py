@@ -28,6 +28,7 @@ from fairseq.models.transformer import transformer_legacy as tl
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from torch import Tensor
 
+from .. import ds_moe
 from ..modules.moe_ffn import MoEFeedForward
 from ..modules.moe_transformer_layer import (
     MoETransformerDecoderLayer,
@@ -144,6 +145,13 @@ class TransformerDSMoEModel(TransformerModel):
         moe = self.moe_ffn_layers().values()
         for m in moe:
             m.l_aux = None  # a layer skipped by LayerDrop must not report a stale loss
+        if moe and self.moe_opts.ep_size > 1:
+            # one collective per forward: the group's largest encoder/decoder token counts
+            enc, dec = ds_moe.agree_on_token_counts(
+                [src_tokens.numel(), prev_output_tokens.numel()], self.moe_opts.ep_size
+            )
+            for name, m in self.moe_ffn_layers().items():
+                m.agreed_tokens = enc if name.startswith("encoder.") else dec
         x, extra = super().forward(
             src_tokens,
             src_lengths,
@@ -153,6 +161,8 @@ class TransformerDSMoEModel(TransformerModel):
             alignment_layer=alignment_layer,
             alignment_heads=alignment_heads,
         )
+        for m in moe:
+            m.agreed_tokens = None
         if moe:
             losses = [m.l_aux for m in moe if m.l_aux is not None]
             extra[GATE_LOSS] = torch.stack(losses).sum() if losses else x.new_zeros(())

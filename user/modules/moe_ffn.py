@@ -57,6 +57,9 @@ class MoEFeedForward(nn.Module):
 
     After each forward, ``l_aux`` holds the layer's gate (load-balancing) loss
     and ``exp_counts`` the number of tokens routed to each expert (``E``).
+    Across expert-parallel ranks, set ``agreed_tokens`` to the largest token
+    count of the group (the model does, once per forward): every rank then
+    sizes its dispatch buffers for that count, so the all-to-all shapes match.
 
     Args:
         embed_dim (int): model dimension.
@@ -72,6 +75,7 @@ class MoEFeedForward(nn.Module):
         self.moe = ds_moe.build_moe(embed_dim, expert, opts, layer_key, seed)
         self.l_aux: Optional[Tensor] = None
         self.exp_counts: Optional[Tensor] = None
+        self.agreed_tokens: Optional[int] = None
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -100,11 +104,32 @@ class MoEFeedForward(nn.Module):
         if padding_mask is not None and self.opts.top_k == 1 and gate.drop_tokens:
             # B x T -> T*B, in the same order as ``tokens``
             used = (~padding_mask).t().reshape(-1).to(tokens.dtype)
-        short = self.opts.min_capacity - tokens.size(0)
+        target = tokens.size(0)
+        if self.agreed_tokens is not None and not gate.drop_tokens:
+            # DeepSpeed's no-drop capacity is min(group's largest expert load, own
+            # token count): equal on every rank only if every rank has as many tokens.
+            target = max(target, self.agreed_tokens)
+        elif self.opts.top_k == 1:
+            # DeepSpeed's top-1 gate asserts tokens >= min_capacity (e.g. one greedy step)
+            target = max(target, self.opts.min_capacity)
+        short = target - tokens.size(0)
         if short > 0:
-            # DeepSpeed asserts tokens >= min_capacity (e.g. one greedy decoding step).
             tokens = torch.cat([tokens, tokens.new_zeros(short, C)])
             if used is not None:
                 used = torch.cat([used, used.new_zeros(short)])
-        out, self.l_aux, self.exp_counts = self.moe(tokens, used)
+        factor = None
+        if self.agreed_tokens is not None and gate.drop_tokens:
+            # Size the buffers for the group's largest token count without padding
+            # (padding would shift the gate loss): see ds_moe.capacity_factor_for.
+            factor = self.opts.capacity_factor if self.training else self.opts.eval_capacity_factor
+            want = ds_moe.dispatch_capacity(self.agreed_tokens, self.opts, self.training)
+            gate.capacity_factor = gate.eval_capacity_factor = ds_moe.capacity_factor_for(
+                want, tokens.size(0), self.opts
+            )
+        try:
+            out, self.l_aux, self.exp_counts = self.moe(tokens, used)
+        finally:
+            if factor is not None:
+                gate.capacity_factor = self.opts.capacity_factor
+                gate.eval_capacity_factor = self.opts.eval_capacity_factor
         return out[: T * B].view(T, B, C)

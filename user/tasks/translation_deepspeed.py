@@ -6,6 +6,9 @@
 
 * after the model is built (fairseq has set up ``torch.distributed`` by then),
   DeepSpeed's communication and expert groups are created once;
+* with ``--ep-world-size`` > 1, expert gradients are reduced in their
+  expert-data-parallel group after the last micro-batch of each update
+  (fairseq's ``legacy_ddp`` reduces everything else, router included);
 * the ``model_and_base`` criterion's ``--loss-weights`` are checked against the
   losses the model returns before training starts;
 * a resumed run sees the same batches as an uninterrupted one (see
@@ -23,6 +26,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from .. import ds_moe
+from ..moe_options import MoEArgumentError
 
 
 @dataclass
@@ -67,12 +71,25 @@ class TranslationDeepSpeedTask(TranslationTask):
     def __init__(self, cfg, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
         self.model_loss_names: Optional[list] = None
+        self.expert_params: list = []
+        self.ep_size = 1
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
         moe_layers = [m.moe for m in getattr(model, "moe_ffn_layers", dict)().values()]
         if moe_layers:
-            ds_moe.setup_expert_parallel(moe_layers, model.moe_opts.ep_size)
+            ep_size = model.moe_opts.ep_size
+            ddp_backend = getattr(cfg, "ddp_backend", "legacy_ddp")
+            world = getattr(cfg, "distributed_world_size", 1)
+            if ep_size > 1 and world > 1 and ddp_backend != "legacy_ddp":
+                raise MoEArgumentError(
+                    f"--ep-world-size {ep_size} needs --ddp-backend legacy_ddp (got "
+                    f"{ddp_backend}): other backends would average the rank-local experts "
+                    f"over all processes"
+                )
+            ds_moe.setup_expert_parallel(moe_layers, ep_size)
+            self.expert_params = [p for m in moe_layers for p in ds_moe.expert_params(m)]
+            self.ep_size = ep_size
         self.model_loss_names = list(getattr(model, "loss_names", list)())
         return model
 
@@ -97,6 +114,9 @@ class TranslationDeepSpeedTask(TranslationTask):
         loss, sample_size, logging_output = super().train_step(
             sample, model, criterion, optimizer, update_num, ignore_grad
         )
+        # fairseq's legacy_ddp reduces on the micro-batch that is not under no_sync()
+        if self.ep_size > 1 and not getattr(model, "accumulate_grads", False):
+            ds_moe.reduce_expert_grads(self.expert_params, self.ep_size)
         logging_output.update(expert_load_stats(model))
         return loss, sample_size, logging_output
 
