@@ -6,15 +6,19 @@
 
 torch 2.6 made ``torch.load`` weights-only by default; fairseq checkpoints
 hold an ``argparse.Namespace`` and omegaconf objects, so every load fails.
-fairseq's checkpoint module (and only it) gets a ``torch`` whose ``load``
-defaults to ``weights_only=False``: those files are the user's own training
-checkpoints. Other ``torch.load`` calls in the process keep torch's default.
+fairseq's checkpoint module gets a ``torch`` whose ``load`` defaults to
+``weights_only=False``: those files are the user's own training checkpoints.
+So does ``fairseq.distributed.utils``, which sends a loaded checkpoint from
+rank 0 to the other ranks through ``torch.save``/``torch.load`` (a
+multi-process resume fails there otherwise). Other ``torch.load`` calls in the
+process keep torch's default.
 """
 
 import types
 
 import torch
 from fairseq import checkpoint_utils
+from fairseq.distributed import utils as distributed_utils
 
 
 class _TorchForFairseqCheckpoints(types.ModuleType):
@@ -33,6 +37,7 @@ class _TorchForFairseqCheckpoints(types.ModuleType):
 
 
 def install() -> None:
-    """Patch ``fairseq.checkpoint_utils`` once (idempotent)."""
-    if not isinstance(checkpoint_utils.torch, _TorchForFairseqCheckpoints):
-        checkpoint_utils.torch = _TorchForFairseqCheckpoints()
+    """Patch ``fairseq.checkpoint_utils`` and ``fairseq.distributed.utils`` once (idempotent)."""
+    for module in (checkpoint_utils, distributed_utils):
+        if not isinstance(module.torch, _TorchForFairseqCheckpoints):
+            module.torch = _TorchForFairseqCheckpoints()
