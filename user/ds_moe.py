@@ -183,13 +183,34 @@ def reduce_expert_grads(params: Iterable[torch.nn.Parameter], ep_size: int) -> N
     if not grads:
         return
     group = groups._get_expert_data_parallel_group(f"ep_size_{ep_size}")
-    flat = torch.cat([g.reshape(-1) for g in grads]).div_(world)
+    flat = torch.cat([g.reshape(-1) for g in grads])
     if dist.get_world_size(group) > 1:
         dist.all_reduce(flat, group=group)
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def _init_deepspeed_comm() -> None:
+    """``deepspeed.init_distributed`` over the existing process group.
+
+    On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op
+    at this point (25 s to minutes, and it needs a C++ compiler) that serves
+    only its inference all-reduce; MoE uses all-to-all, so the build is skipped.
+    """
+    import importlib
+
+    # (``import deepspeed.comm.torch as m`` would give the ``torch`` that
+    # deepspeed.comm imported, not its submodule)
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    build = ds_torch_comm.build_shm_op
+    if not torch.cuda.is_available():
+        ds_torch_comm.build_shm_op = lambda: None
+    try:
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+    finally:
+        ds_torch_comm.build_shm_op = build
 
 
 def setup_expert_parallel(moe_layers: Iterable[MoE], ep_size: int) -> None:
@@ -219,7 +240,7 @@ def setup_expert_parallel(moe_layers: Iterable[MoE], ep_size: int) -> None:
         return
     if not deepspeed.comm.is_initialized():
         # Wraps the process group fairseq created; no second rendezvous.
-        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        _init_deepspeed_comm()
     for moe in moe_layers:
         if moe.ep_size != ep_size:
             raise ValueError(f"MoE layer built with ep_size {moe.ep_size}, expected {ep_size}")
