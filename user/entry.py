@@ -130,12 +130,15 @@ def install_error_hook() -> None:
     For ``fairseq-train --user-dir user``, where the checks above run inside
     fairseq (still before training starts). Other exceptions are untouched.
     """
+    from .expert_checkpoint import ExpertCheckpointError
     from .moe_options import MoEArgumentError
+    from .upcycle import UpcycleError
 
+    ours = (MoEArgumentError, ExpertCheckpointError, UpcycleError)
     previous = sys.excepthook
 
     def hook(exc_type, exc, tb):
-        if issubclass(exc_type, MoEArgumentError):
+        if issubclass(exc_type, ours):
             print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
             return
         previous(exc_type, exc, tb)

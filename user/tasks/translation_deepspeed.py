@@ -13,25 +13,39 @@
   losses the model returns before training starts;
 * a resumed run sees the same batches as an uninterrupted one (see
   :meth:`TranslationDeepSpeedTask.can_reuse_epoch_itr`);
+* ``--upcycle-from DENSE.pt`` starts an MoE model from a trained dense one
+  (see :mod:`user.upcycle`); expert-parallel checkpoints are saved as shards
+  (see :mod:`user.expert_checkpoint`);
 * expert load is logged: ``moe_imbalance`` = (tokens of the busiest expert) /
   (tokens per expert if perfectly balanced), averaged over MoE layers:
   1.0 is balanced, ``--num-experts`` means every token went to one expert.
 """
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Optional
 
 from fairseq import metrics
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from .. import ds_moe
+from .. import ds_moe, expert_checkpoint
 from ..moe_options import MoEArgumentError
 
 
 @dataclass
 class TranslationDeepSpeedConfig(TranslationConfig):
-    """Same options as ``translation``; MoE options belong to the model."""
+    """``translation``'s options plus upcycling; MoE options belong to the model."""
+
+    upcycle_from: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "start the MoE model from this dense checkpoint (same architecture "
+            "without --deepspeed_moe): every expert copies the FFN it replaces, routers "
+            "start fresh (sparse upcycling). Ignored when the run resumes from its own "
+            "checkpoint_last.pt"
+        },
+    )
 
 
 def unwrap_model(model):
@@ -70,9 +84,16 @@ class TranslationDeepSpeedTask(TranslationTask):
 
     def __init__(self, cfg, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
+        if cfg.upcycle_from is not None and not os.path.isfile(cfg.upcycle_from):
+            raise MoEArgumentError(
+                f"--upcycle-from {cfg.upcycle_from}: no such file; give a dense checkpoint "
+                "(e.g. checkpoint_best.pt of a run without --deepspeed_moe)"
+            )
         self.model_loss_names: Optional[list] = None
         self.expert_params: list = []
         self.ep_size = 1
+        self.num_experts = 0
+        self.pending_expert_shards: Optional[dict] = None  # set while saving (expert_checkpoint)
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
@@ -87,9 +108,21 @@ class TranslationDeepSpeedTask(TranslationTask):
                     f"{ddp_backend}): other backends would average the rank-local experts "
                     f"over all processes"
                 )
+            fp16 = getattr(cfg, "fp16", False) or getattr(cfg, "bf16", False)
+            mem_eff = getattr(cfg, "memory_efficient_fp16", False) or getattr(
+                cfg, "memory_efficient_bf16", False)
+            if ep_size > 1 and fp16 and not mem_eff:
+                raise MoEArgumentError(
+                    f"--ep-world-size {ep_size} with --fp16/--bf16 needs "
+                    "--memory-efficient-fp16 / --memory-efficient-bf16: fairseq's "
+                    "FP16Optimizer keeps one flat fp32 copy of all parameters, so "
+                    "each rank's experts could not be saved and restored on their own"
+                )
             ds_moe.setup_expert_parallel(moe_layers, ep_size)
             self.expert_params = [p for m in moe_layers for p in ds_moe.expert_params(m)]
             self.ep_size = ep_size
+            self.num_experts = model.moe_opts.num_experts
+            expert_checkpoint.set_current_layout(model)
         self.model_loss_names = list(getattr(model, "loss_names", list)())
         return model
 
@@ -98,6 +131,16 @@ class TranslationDeepSpeedTask(TranslationTask):
         if self.model_loss_names is not None and hasattr(criterion, "check_loss_names"):
             criterion.check_loss_names(self.model_loss_names)
         return criterion
+
+    def get_checkpoint_dict(self) -> dict:
+        """Merged into the checkpoint's ``extra_state`` by fairseq's save_checkpoint:
+        the expert shards of this save (``--ep-world-size`` > 1, see
+        :mod:`user.expert_checkpoint`) or the parameter order (so a consolidated
+        checkpoint can be resharded without building the model)."""
+        if self.pending_expert_shards is not None:
+            return {expert_checkpoint.SHARD_KEY: dict(self.pending_expert_shards)}
+        names = expert_checkpoint._current.get("param_names")
+        return {"param_names": list(names)} if self.num_experts and names else {}
 
     def can_reuse_epoch_itr(self, dataset):
         """Never reuse an epoch's batches for the next epoch.

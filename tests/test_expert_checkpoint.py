@@ -1,0 +1,267 @@
+# Copyright (c) the fairseq-moe plugin authors.
+#
+# This source code is licensed under the MIT license found in the
+# LICENSE file in the root directory of this source tree.
+"""Expert-parallel checkpoints: the pure layout conversions first, then real
+2-process training under torchrun (gloo, CPU): sharded save, exact resume,
+pruning, resharding EP=2 -> 1 -> 2, and single-process loading."""
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, USER_DIR, run_cli
+from test_cli import losses_by_update
+from user import expert_checkpoint as ec
+
+E = "m.layers.0.moe_ffn.moe.deepspeed_moe.experts.deepspeed_experts"
+
+
+# --------------------------------------------------------------------------
+# names and layouts
+
+
+def test_expert_names_shift_between_local_and_global():
+    assert ec.expert_index(f"{E}.3.fc1.weight") == 3
+    assert ec.expert_index("m.layers.0.fc1.weight") is None
+    assert ec.shift_expert(f"{E}.1.fc2.bias", 4) == f"{E}.5.fc2.bias"
+
+
+def test_relayout_names_rebuilds_each_expert_block_in_place():
+    names = ["emb", f"{E}.0.fc1.weight", f"{E}.0.fc2.weight", f"{E}.1.fc1.weight",
+             f"{E}.1.fc2.weight", "gate", "out"]
+    assert ec.relayout_names(names, 1) == ["emb", f"{E}.0.fc1.weight", f"{E}.0.fc2.weight", "gate", "out"]
+    four = ec.relayout_names(names, 4)
+    assert four[0] == "emb" and four[-2:] == ["gate", "out"]
+    assert four[1:9] == [f"{E}.{i}.fc{j}.weight" for i in range(4) for j in (1, 2)]
+
+
+def _full_state(n_experts=4):
+    """A consolidated checkpoint: 1 dense param, n experts x 2 params, Adam-like state."""
+    names = ["dense.w"] + [f"{E}.{i}.fc{j}.weight" for i in range(n_experts) for j in (1, 2)]
+    model = {n: torch.full((2,), float(k)) for k, n in enumerate(names)}
+    opt = {"state": {k: {"step": torch.tensor(7.0), "exp_avg": torch.full((2,), 10.0 + k)}
+                     for k in range(len(names))},
+           "param_groups": [{"lr": 0.1, "params": list(range(len(names)))}]}
+    state = {"cfg": {"model": {"ep_world_size": 1}}, "model": model,
+             "last_optimizer_state": opt, "extra_state": {"param_names": names},
+             "optimizer_history": [{"num_updates": 7}]}
+    return state, names
+
+
+def test_scatter_then_gather_gives_back_the_consolidated_checkpoint():
+    full, names = _full_state()
+    shared, shards = ec.scatter(full, 2, "tok", names)
+    info = shared["extra_state"][ec.SHARD_KEY]
+    assert info["ep_size"] == 2 and info["num_experts"] == 4 and shared["cfg"]["model"]["ep_world_size"] == 2
+    # rank 0's file holds its 2 experts under local names; rank 1's shard holds experts 2, 3
+    assert sorted(k for k in shared["model"] if ec.expert_index(k) is not None) == sorted(
+        f"{E}.{i}.fc{j}.weight" for i in (0, 1) for j in (1, 2))
+    assert sorted(ec.expert_index(k) for k in shards[1]["model"]) == [2, 2, 3, 3]
+    assert len(shared["last_optimizer_state"]["state"]) == 5
+    back = ec.gather(shared, list(reversed(shards)))
+    assert back["cfg"]["model"]["ep_world_size"] == 1
+    assert back["model"].keys() == full["model"].keys()
+    assert all(torch.equal(back["model"][k], full["model"][k]) for k in full["model"])
+    # optimizer state follows its parameter through both re-indexings
+    assert back["last_optimizer_state"]["param_groups"][0]["params"] == list(range(len(names)))
+    for k in range(len(names)):
+        assert torch.equal(back["last_optimizer_state"]["state"][k]["exp_avg"],
+                           full["last_optimizer_state"]["state"][k]["exp_avg"])
+
+
+def test_gather_refuses_missing_or_foreign_shards():
+    full, names = _full_state()
+    shared, shards = ec.scatter(full, 2, "tok", names)
+    with pytest.raises(ec.ExpertCheckpointError, match=r"ranks \[1\]"):
+        ec.gather(shared, shards[:1])
+    foreign = dict(shards[1], token="other")
+    with pytest.raises(ec.ExpertCheckpointError, match="does not belong"):
+        ec.gather(shared, [shards[0], foreign])
+    with pytest.raises(ec.ExpertCheckpointError, match="cannot be split"):
+        ec.scatter(full, 3, "tok", names)
+
+
+def test_prune_keeps_exactly_the_shards_a_checkpoint_names(tmp_path):
+    for name, token in (("checkpoint_last.pt", "u9-b"), ("checkpoint_1_6.pt", "u6-a")):
+        torch.save({"extra_state": {ec.SHARD_KEY: {"token": token}}}, tmp_path / name)
+    for token in ("u3-z", "u6-a", "u9-b", "u12-new"):
+        for r in range(2):
+            torch.save({}, ec.shard_file(str(tmp_path), token, r, 2))
+    removed = ec.prune_shards(str(tmp_path), keep=["u12-new"])
+    assert sorted(os.path.basename(p) for p in removed) == ["experts.u3-z.0-of-2.pt", "experts.u3-z.1-of-2.pt"]
+    left = sorted(p.name for p in tmp_path.glob("experts.*"))
+    assert left == sorted(f"experts.{t}.{r}-of-2.pt" for t in ("u6-a", "u9-b", "u12-new") for r in range(2))
+
+
+def test_atomic_save_leaves_no_temp_file(tmp_path):
+    ec.atomic_save({"a": torch.ones(2)}, str(tmp_path / "x.pt"))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+    assert torch.equal(torch.load(tmp_path / "x.pt")["a"], torch.ones(2))
+
+
+# --------------------------------------------------------------------------
+# real 2-process runs
+
+MODEL = [
+    "--task", "translation_deepspeed", "--arch", "transformer_ds_moe_tiny",
+    "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
+    "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "24",
+    "--encoder-layers", "1", "--decoder-layers", "1",
+    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+    "--deepspeed_moe", "enc,dec", "--num-experts", "4", "--moe-freq", "1",
+    "--moe-capacity-factor", "2",
+    "--criterion", "model_and_base", "--loss-weights", '{"base_crit": 1, "experts_gate_loss": 0.1}',
+    "--optimizer", "adam", "--lr", "0.003", "--max-tokens", "400", "--seed", "5", "--dropout", "0.1",
+    "--log-format", "json", "--log-interval", "1", "--no-progress-bar", "--num-workers", "0",
+    "--save-interval-updates", "3", "--keep-interval-updates", "1", "--no-epoch-checkpoints",
+]
+
+
+def torchrun(*args, nproc=2, timeout=300):
+    port = str(20000 + os.getpid() % 20000)
+    return run_cli(["torchrun", "--nproc_per_node", nproc, "--master_port", port, *args],
+                   timeout=timeout)
+
+
+def train2(databin, save_dir, max_update, *extra):
+    """``user/train.py`` on 2 CPU processes, expert parallel over both."""
+    proc = torchrun(USER_DIR / "train.py", databin, *MODEL, "--ep-world-size", "2",
+                    "--save-dir", save_dir, "--max-update", max_update, *extra)
+    return losses_by_update(proc.stdout + proc.stderr)
+
+
+def consolidated(path, out):
+    """``python -m user.reshard path out --ep-size 1``, in this process (the CLI is
+    run in the tests below)."""
+    from user.reshard import reshard
+
+    reshard(str(path), str(out), 1)
+    return torch.load(out, map_location="cpu", weights_only=False)
+
+
+def assert_same_training_state(a, b):
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["last_optimizer_state"]["state"], b["last_optimizer_state"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for key in sa[i]:
+            assert torch.equal(torch.as_tensor(sa[i][key]), torch.as_tensor(sb[i][key])), (i, key)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data, tmp_path_factory):
+    """Uninterrupted (0 -> 9) and interrupted (0 -> 6, resume -> 9) 2-process runs."""
+    db = tiny_data["databin"]
+    root = tmp_path_factory.mktemp("ep_ckpt")
+    straight, cut = root / "straight", root / "cut"
+    return {
+        "db": db, "root": root, "straight": straight, "cut": cut,
+        "straight_losses": train2(db, straight, 9),
+        "first_losses": train2(db, cut, 6),
+        "resumed_losses": train2(db, cut, 9),
+    }
+
+
+@pytest.mark.timeout(600)
+def test_each_rank_writes_its_shard_and_pruning_follows_the_checkpoints(runs):
+    cut = runs["cut"]
+    tokens = {}
+    for main in cut.glob("checkpoint*.pt"):
+        state = torch.load(main, map_location="cpu", weights_only=False)
+        tokens[main.name] = state["extra_state"][ec.SHARD_KEY]["token"]
+    info = torch.load(cut / "checkpoint_last.pt", map_location="cpu",
+                      weights_only=False)["extra_state"][ec.SHARD_KEY]
+    assert info["ep_size"] == 2 and info["num_experts"] == 4 and info["num_updates"] == 9
+    # exactly the shards some checkpoint names are left (those of updates 3 and 6 were pruned)
+    shards = sorted(p.name for p in cut.glob("experts.*.pt"))
+    assert shards == sorted(f"experts.{t}.{r}-of-2.pt" for t in set(tokens.values()) for r in range(2))
+    assert not any(name.startswith("experts.u3-") for name in shards)
+    s0, s1 = (ec.read_shard(str(cut), info, r) for r in range(2))
+    assert sorted({ec.expert_index(k) for k in s0["model"]}) == [0, 1]
+    assert sorted({ec.expert_index(k) for k in s1["model"]}) == [2, 3]
+    assert s1["optimizer"], "rank 1's experts carry their Adam state"
+    # rank 1's experts are not rank 0's: the shared file alone could not restore them
+    k0 = next(k for k in s0["model"] if ".0.fc1.weight" in k)
+    assert not torch.equal(s0["model"][k0], s1["model"][k0.replace(".0.fc1", ".2.fc1")])
+
+
+@pytest.mark.timeout(600)
+def test_resumed_two_process_run_matches_the_uninterrupted_one(runs):
+    straight, resumed = runs["straight_losses"], runs["resumed_losses"]
+    assert sorted(resumed) == [7, 8, 9], resumed
+    assert {u: straight[u] for u in (7, 8, 9)} == resumed
+    a = consolidated(runs["straight"] / "checkpoint_last.pt", runs["root"] / "a.pt")
+    b = consolidated(runs["cut"] / "checkpoint_last.pt", runs["root"] / "b.pt")
+    assert_same_training_state(a, b)
+
+
+@pytest.mark.timeout(600)
+def test_reshard_to_one_process_gives_the_expert_parallel_outputs(runs):
+    cut, root = runs["cut"], runs["root"]
+    cons = consolidated(cut / "checkpoint_last.pt", root / "cons.pt")
+    assert ec.SHARD_KEY not in cons["extra_state"]
+    assert sum(ec.expert_index(k) is not None for k in cons["model"]) == 2 * 4 * 4  # 2 layers x 4 experts x 4 tensors
+    out_dir = root / "outputs"
+    out_dir.mkdir()
+    torchrun(REPO / "tests" / "ep_forward_worker.py", cut / "checkpoint_last.pt", out_dir, 6)
+
+    from fairseq import checkpoint_utils
+
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(root / "cons.pt")])
+    model = models[0].eval()
+    assert model.moe_opts.ep_size == 1
+    task.load_dataset("valid")
+    ds = task.dataset("valid")
+    sample = ds.collater([ds[i] for i in range(6)])
+    with torch.no_grad():
+        ref = model(**sample["net_input"])[0]
+    for r in range(2):
+        got = torch.load(out_dir / f"rank{r}.pt")
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.timeout(600)
+def test_a_resharded_checkpoint_resumes_training_like_the_original(runs):
+    db, root = runs["db"], runs["root"]
+    # EP=2 -> consolidated -> EP=2 again, in a new save dir
+    consolidated(runs["cut"] / "checkpoint_last.pt", root / "c9.pt")
+    re2 = root / "re2"
+    run_cli(["python", "-m", "user.reshard", root / "c9.pt", re2 / "checkpoint_last.pt", "--ep-size", "2"])
+    assert len(list(re2.glob("experts.*.pt"))) == 2
+    original = train2(db, runs["cut"], 11)
+    resharded = train2(db, re2, 11)
+    assert sorted(resharded) == [10, 11] and resharded == original
+    assert_same_training_state(consolidated(runs["cut"] / "checkpoint_last.pt", root / "o11.pt"),
+                               consolidated(re2 / "checkpoint_last.pt", root / "r11.pt"))
+
+
+@pytest.mark.timeout(300)
+def test_generate_from_an_expert_parallel_checkpoint_in_one_process(runs):
+    proc = run_cli(["python", USER_DIR / "generate.py", runs["db"], "--task", "translation_deepspeed",
+                    "--path", runs["straight"] / "checkpoint_last.pt", "--gen-subset", "valid",
+                    "--beam", "2", "--max-len-b", "10", "--num-workers", "0", "--cpu"])
+    hyps = [ln for ln in proc.stdout.splitlines() if ln.startswith("H-")]
+    assert len(hyps) == 40
+
+
+@pytest.mark.timeout(300)
+def test_reshard_errors_are_one_clear_line(runs, tmp_path):
+    proc = run_cli(["python", "-m", "user.reshard", runs["cut"] / "checkpoint_last.pt",
+                    tmp_path / "x.pt", "--ep-size", "3"], check=False)
+    assert proc.returncode == 2 and "4 experts cannot be split over 3 ranks" in proc.stderr
+    assert not (tmp_path / "x.pt").exists()
+    # a shared file whose shards are gone
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    (lonely / "checkpoint_last.pt").write_bytes((runs["cut"] / "checkpoint_last.pt").read_bytes())
+    proc = run_cli(["python", "-m", "user.reshard", lonely / "checkpoint_last.pt",
+                    tmp_path / "y.pt", "--ep-size", "1"], check=False)
+    assert proc.returncode == 2 and "is missing" in proc.stderr and "experts." in proc.stderr
+    assert not (tmp_path / "y.pt").exists()
