@@ -81,6 +81,14 @@ def check_args(args) -> None:
         ARCH_CONFIG_REGISTRY[arch](filled)
         if options_from_args(filled).sides:
             produced.append(GATE_LOSS)
+    upcycle = getattr(args, "upcycle_from", None)
+    if upcycle is not None and not os.path.isfile(upcycle):
+        from .moe_options import MoEArgumentError
+
+        raise MoEArgumentError(
+            f"--upcycle-from {upcycle}: no such file; give a dense checkpoint "
+            "(e.g. checkpoint_best.pt of a run without --deepspeed_moe)"
+        )
     if getattr(args, "criterion", None) == "model_and_base":
         weights = parse_loss_weights(args.loss_weights)
         resolve_base_criterion(args.base_criterion, args.base_criterion_config)
