@@ -183,7 +183,7 @@ def reduce_expert_grads(params: Iterable[torch.nn.Parameter], ep_size: int) -> N
     if not grads:
         return
     group = groups._get_expert_data_parallel_group(f"ep_size_{ep_size}")
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([g.reshape(-1) for g in grads]).div_(world)
     if dist.get_world_size(group) > 1:
         dist.all_reduce(flat, group=group)
     offset = 0

@@ -104,32 +104,31 @@ class MoEFeedForward(nn.Module):
         if padding_mask is not None and self.opts.top_k == 1 and gate.drop_tokens:
             # B x T -> T*B, in the same order as ``tokens``
             used = (~padding_mask).t().reshape(-1).to(tokens.dtype)
-        target = tokens.size(0)
-        if self.agreed_tokens is not None and not gate.drop_tokens:
-            # DeepSpeed's no-drop capacity is min(group's largest expert load, own
-            # token count): equal on every rank only if every rank has as many tokens.
-            target = max(target, self.agreed_tokens)
-        elif self.opts.top_k == 1:
-            # DeepSpeed's top-1 gate asserts tokens >= min_capacity (e.g. one greedy step)
-            target = max(target, self.opts.min_capacity)
-        short = target - tokens.size(0)
+        drop = gate.drop_tokens
+        short = self.opts.min_capacity - tokens.size(0) if self.opts.top_k == 1 else 0
         if short > 0:
+            # DeepSpeed's top-1 gate asserts tokens >= min_capacity (e.g. one greedy step)
             tokens = torch.cat([tokens, tokens.new_zeros(short, C)])
             if used is not None:
                 used = torch.cat([used, used.new_zeros(short)])
-        factor = None
-        if self.agreed_tokens is not None and gate.drop_tokens:
-            # Size the buffers for the group's largest token count without padding
-            # (padding would shift the gate loss): see ds_moe.capacity_factor_for.
-            factor = self.opts.capacity_factor if self.training else self.opts.eval_capacity_factor
-            want = ds_moe.dispatch_capacity(self.agreed_tokens, self.opts, self.training)
+        if self.agreed_tokens is not None:
+            # Size the buffers for the group's largest token count, the same on every
+            # rank, without padding (padding would shift the gate loss): see
+            # ds_moe.capacity_factor_for. Without dropping, every expert gets room for
+            # all of the largest rank's tokens, so nothing is dropped and DeepSpeed's
+            # no-drop path (one all-reduce per layer for the capacity) is not taken.
+            if drop:
+                want = ds_moe.dispatch_capacity(self.agreed_tokens, self.opts, self.training)
+            else:
+                want = self.agreed_tokens
             gate.capacity_factor = gate.eval_capacity_factor = ds_moe.capacity_factor_for(
                 want, tokens.size(0), self.opts
             )
+            gate.drop_tokens = True
         try:
             out, self.l_aux, self.exp_counts = self.moe(tokens, used)
         finally:
-            if factor is not None:
-                gate.capacity_factor = self.opts.capacity_factor
-                gate.eval_capacity_factor = self.opts.eval_capacity_factor
+            gate.drop_tokens = drop
+            gate.capacity_factor = self.opts.capacity_factor
+            gate.eval_capacity_factor = self.opts.eval_capacity_factor
         return out[: T * B].view(T, B, C)

@@ -1,0 +1,457 @@
+# Copyright (c) the fairseq-moe plugin authors.
+#
+# This source code is licensed under the MIT license found in the
+# LICENSE file in the root directory of this source tree.
+"""Expert parallelism on real processes: two ranks, gloo on CPU.
+
+Each test starts its ranks as fresh processes; each rank joins a
+``torch.distributed`` gloo group on 127.0.0.1, imports the plugin as
+``--user-dir`` does and builds the tiny model through fairseq's parser and the
+``translation_deepspeed`` task (which, with ``--ep-world-size 2``, sets up
+DeepSpeed's expert groups on that process group). The reference is the same
+model in one process holding every expert (EP=1), run here in the test process.
+
+* Training through fairseq's own ``Trainer`` (``legacy_ddp``, Adam): the global
+  batch split over two ranks (EP=2 with one or two experts per rank, and EP=1
+  data parallel) gives the loss, the normalised gradients of every parameter
+  (router and experts included, experts matched by global index) and the weights
+  after three updates of one process fed the same batch as two micro-batches.
+* Uneven batches: ranks hold different numbers of sentences and tokens every
+  step; each rank's output and gate loss equal the one-process ones on its
+  sentences, in training and evaluation, with capacity-limited (drop) and no-drop
+  routing, and one forward pass makes at most one collective besides the
+  experts' all-to-alls (the shape agreement; no per-layer all-reduce or barrier).
+
+Every run is bounded: the test process waits a fixed time for its ranks, kills
+them and fails if they have not finished (a hang fails instead of blocking).
+"""
+
+import json
+import multiprocessing
+import os
+import re
+import socket
+import tempfile
+import time
+import traceback
+from argparse import Namespace
+from datetime import timedelta
+from multiprocessing.connection import wait
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_helpers import build
+
+REPO = Path(__file__).resolve().parents[1]
+USER_DIR = REPO / "user"
+RANKS_TIMEOUT = 240  # seconds the test process waits for its ranks
+EXPERT = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
+KEY_BIAS = re.compile(r"\.k_proj\.bias$")
+GATE_WEIGHT = 0.1
+
+MOE = ["--deepspeed_moe", "enc,dec", "--moe-freq", "1", "--dropout", "0",
+       "--attention-dropout", "0", "--activation-dropout", "0"]
+TRAIN = ["--criterion", "model_and_base", "--base-criterion", "label_smoothed_cross_entropy",
+         "--base-criterion-config", '{"label_smoothing": 0.1}',
+         "--loss-weights", json.dumps({"base_crit": 1, "experts_gate_loss": GATE_WEIGHT}),
+         "--optimizer", "adam", "--lr", "0.003", "--ddp-backend", "legacy_ddp"]
+# Collectives a forward pass may make besides the experts' all-to-alls.
+COLLECTIVES = ["all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base",
+               "all_gather_object", "broadcast", "broadcast_object_list", "barrier",
+               "monitored_barrier", "reduce", "reduce_scatter", "reduce_scatter_tensor",
+               "gather", "scatter", "all_reduce_coalesced", "send", "recv", "isend", "irecv"]
+ALL_TO_ALL = ["all_to_all", "all_to_all_single"]
+
+
+# ---------------------------------------------------------------------------
+# Running ranks
+
+
+@pytest.fixture(scope="session")
+def extensions_dir(tmp_path_factory):
+    """One TORCH_EXTENSIONS_DIR for every rank of the session (the caller's, if set):
+    anything DeepSpeed JIT-builds is then built once, not once per rank or test."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.mktemp("torch_ext"))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _import_plugin():
+    from fairseq import utils
+
+    utils.import_user_module(Namespace(user_dir=str(USER_DIR)))
+
+
+def _rank_main(rank, world, port, job, kwargs, out):
+    """Entry point of one rank (a spawned process)."""
+    try:
+        torch.set_num_threads(1)
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            timeout=timedelta(seconds=RANKS_TIMEOUT),
+        )
+        _import_plugin()
+        result = JOBS[job](rank, world, **kwargs)
+        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+        torch.distributed.barrier()  # no rank tears the group down under another
+        torch.distributed.destroy_process_group()
+    except BaseException:
+        Path(out, f"rank{rank}.err").write_text(traceback.format_exc())
+        raise SystemExit(1)
+
+
+def run_ranks(job, world, extensions_dir, timeout=RANKS_TIMEOUT, **kwargs):
+    """Run ``JOBS[job](rank, world, **kwargs)`` on ``world`` fresh processes.
+
+    Returns the per-rank results. Fails (after killing every rank) if a rank
+    raises, exits with an error, or the ranks are not done within ``timeout``.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    env = {"TORCH_EXTENSIONS_DIR": extensions_dir, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    saved = {k: os.environ.get(k) for k in env}
+    with tempfile.TemporaryDirectory() as out:
+        os.environ.update(env)  # spawned children inherit the environment at start
+        try:
+            port = _free_port()
+            procs = [
+                ctx.Process(target=_rank_main, args=(r, world, port, job, kwargs, out), daemon=True)
+                for r in range(world)
+            ]
+            for p in procs:
+                p.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        deadline = time.monotonic() + timeout
+        try:
+            while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+                wait([p.sentinel for p in procs if p.is_alive()], timeout=1.0)
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    break  # one rank failed: the others would wait for it until the timeout
+            hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                p.join(10)
+        errors = "".join(
+            f"\n--- rank {r} ---\n{Path(out, f'rank{r}.err').read_text()}"
+            for r in range(world) if Path(out, f"rank{r}.err").exists()
+        )
+        if errors or (any(p.exitcode != 0 for p in procs) and not hung):
+            pytest.fail(f"{job}: ranks failed (exit codes {[p.exitcode for p in procs]}):{errors}")
+        if hung:
+            pytest.fail(f"{job}: ranks {hung} still running after {timeout} s (hang), killed")
+        return [torch.load(Path(out, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+# ---------------------------------------------------------------------------
+# Jobs: run on every rank, and in the test process (rank 0 of 1) for the reference
+
+
+def _data(databin):
+    return {"databin": Path(databin)}
+
+
+def _collate(task, indices):
+    ds = task.dataset("valid")
+    return ds.collater([ds[i] for i in indices])
+
+
+def _global_name(name, ep_rank, local_experts):
+    """Parameter name with the local expert index replaced by the global one."""
+    return EXPERT.sub(
+        lambda m: f"{m.group(1)}{int(m.group(2)) + ep_rank * local_experts}{m.group(3)}", name
+    )
+
+
+def _named_global(model):
+    """``(name, parameter)`` pairs, expert names by global expert index."""
+    from user import ds_moe
+
+    opts = model.moe_opts
+    ep_rank = ds_moe.expert_parallel_rank(opts.ep_size)
+    local = opts.num_experts // opts.ep_size
+    return [(_global_name(n, ep_rank, local), p) for n, p in model.named_parameters()]
+
+
+def _weights(model):
+    return {n: p.detach().clone() for n, p in _named_global(model)}
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in _named_global(model) if p.grad is not None}
+
+
+def train_job(rank, world, databin, flags, steps):
+    """Train with fairseq's Trainer; ``steps[i][r]`` are rank r's sentences in update i.
+
+    In one process (``world == 1``) every rank's sentences are one micro-batch each
+    of the same update, which is the same global batch.
+    """
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.trainer import Trainer
+
+    task, model = build(_data(databin), "transformer_ds_moe", *flags, seed=1)
+    args = model.args
+    criterion = task.build_criterion(args)
+    trainer = Trainer(convert_namespace_to_omegaconf(args), task, model, criterion)
+
+    logs = []
+    train_step = task.train_step
+
+    def recording_train_step(*a, **kw):
+        loss, sample_size, log = train_step(*a, **kw)
+        logs.append({k: float(v) for k, v in log.items()
+                     if k.startswith("loss") or k == "sample_size"})
+        return loss, sample_size, log
+
+    task.train_step = recording_train_step
+    task.load_dataset("valid")
+    initial = _weights(model)
+    losses, grads = [], []
+    for per_rank in steps:
+        del logs[:]
+        mine = per_rank[rank::world]
+        trainer.train_step([_collate(task, idx) for idx in mine])
+        losses.append({k: sum(log[k] for log in logs) for k in logs[0]})
+        grads.append(_grads(model))
+    final = _weights(model)
+    return {"initial": initial, "losses": losses, "grads": grads, "final": final,
+            "expert_flags": sorted(n for n, p in _named_global(model) if hasattr(p, "expert"))}
+
+
+class CollectiveCounter:
+    """Counts calls of ``torch.distributed`` collectives (DeepSpeed's and the plugin's)."""
+
+    def __init__(self):
+        self.counts = {}
+        self._saved = {}
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        for name in COLLECTIVES + ALL_TO_ALL:
+            fn = getattr(dist, name, None)
+            if fn is None:
+                continue
+            self._saved[name] = fn
+
+            def counted(*a, _fn=fn, _name=name, **kw):
+                self.counts[_name] = self.counts.get(_name, 0) + 1
+                return _fn(*a, **kw)
+
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+
+    def reset(self):
+        self.counts = {}
+
+    def others(self):
+        return {k: v for k, v in self.counts.items() if k not in ALL_TO_ALL}
+
+    def all_to_all(self):
+        return sum(v for k, v in self.counts.items() if k in ALL_TO_ALL)
+
+
+def forward_job(rank, world, databin, flags, steps):
+    """Forward (train and eval mode) and backward on rank r's sentences ``steps[i][r]``.
+
+    In one process (``world == 1``) every rank's sentences are run one after the other.
+    Returns the outputs, the gate losses and the collectives each forward made.
+    """
+    task, model = build(_data(databin), "transformer_ds_moe", *flags, seed=1)
+    task.load_dataset("valid")
+    n_moe = len(model.moe_ffn_layers())
+    results = []
+    with CollectiveCounter() as counter:
+        for per_rank in steps:
+            for idx in per_rank[rank::world]:
+                net_input = _collate(task, idx)["net_input"]
+                step = {}
+                for mode in ("train", "eval"):
+                    model.train(mode == "train")
+                    counter.reset()
+                    with torch.set_grad_enabled(mode == "train"):
+                        x, extra = model(**net_input)
+                    step[mode] = {
+                        "out": x.detach().clone(),
+                        "gate_loss": extra["experts_gate_loss"].detach().clone(),
+                        "others": counter.others(),
+                        "all_to_all": counter.all_to_all(),
+                        "n_moe": n_moe,
+                    }
+                    if mode == "train":
+                        (x.float().pow(2).mean() + extra["experts_gate_loss"]).backward()
+                        model.zero_grad()
+                results.append(step)
+    return results
+
+
+JOBS = {"train": train_job, "forward": forward_job}
+
+
+# ---------------------------------------------------------------------------
+# Comparisons
+
+
+def _merge_ranks(dicts):
+    """One dict by global name from the ranks' dicts; replicas must agree exactly."""
+    merged = {}
+    for d in dicts:
+        for k, v in d.items():
+            if k in merged:
+                torch.testing.assert_close(v, merged[k], rtol=0, atol=0, msg=f"replicas differ: {k}")
+            else:
+                merged[k] = v
+    return merged
+
+
+def _assert_same_params(got, want, what, rtol, atol):
+    assert sorted(got) == sorted(want), f"{what}: parameter names differ"
+    bad = []
+    for k in want:
+        try:
+            torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=atol)
+        except AssertionError as e:
+            bad.append(f"{k}: {str(e).splitlines()[-3:]}")
+    assert not bad, f"{what} differ from one process (EP=1):\n" + "\n".join(bad)
+
+
+def _one_process(flags):
+    """The same flags for one process holding every expert (EP=1)."""
+    flags = list(flags)
+    flags[flags.index("--ep-world-size") + 1] = "1"
+    return flags
+
+
+def _length_sorted(task, n):
+    """Indices of valid sentences, longest source first (ties broken by index)."""
+    task.load_dataset("valid")
+    sizes = task.dataset("valid").src_sizes
+    return sorted(range(len(sizes)), key=lambda i: (-int(sizes[i]), i))[:n]
+
+
+def _uneven_steps(task):
+    """Per update, rank 0's and rank 1's sentences: different sentence and token counts,
+    the bigger share alternating between the ranks."""
+    s = _length_sorted(task, 40)
+    return [
+        [[s[0], s[1], s[2]], [s[39]]],  # 3 long sentences vs 1 short one
+        [[s[38], s[30]], [s[3], s[4], s[5], s[6]]],
+        [[s[10], s[20], s[25]], [s[7], s[35]]],
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Tests
+
+CONFIGS = {
+    # W=2 ranks, E=2: one expert per rank, tokens over capacity dropped (none here)
+    "ep2_drop_1_local": ["--num-experts", "2", "--ep-world-size", "2"],
+    # W=2, E=2: two experts per rank, DeepSpeed's no-drop routing
+    "ep2_no_drop_2_local": ["--num-experts", "4", "--ep-world-size", "2", "--no-moe-drop-tokens"],
+    # W=2, E=1: experts replicated, ordinary data parallel
+    "dp2_ep1": ["--num-experts", "2", "--ep-world-size", "1"],
+}
+# capacity for every token: nothing is dropped, so the split cannot change routing
+NO_DROP_CAPACITY = ["--moe-capacity-factor", "4", "--moe-eval-capacity-factor", "4"]
+
+
+@pytest.mark.timeout(RANKS_TIMEOUT + 120)
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_trainer_on_two_ranks_matches_one_process(tiny_data, extensions_dir, config):
+    """Loss, gradients (router and experts included) and weights after three
+    updates of fairseq's Trainer on two ranks equal those of one process."""
+    flags = [*MOE, *TRAIN, *CONFIGS[config], *NO_DROP_CAPACITY]
+    task, _ = build(tiny_data, "transformer_ds_moe", *_one_process(flags))
+    steps = _uneven_steps(task)
+    databin = str(tiny_data["databin"])
+
+    want = train_job(0, 1, databin, _one_process(flags), steps)
+    got = run_ranks("train", 2, extensions_dir, databin=databin, steps=steps,
+                    flags=[*flags, "--distributed-world-size", "2"])
+
+    expert_parallel = _one_process(flags) != flags
+    for g in got:
+        if expert_parallel:
+            # experts are rank-local: legacy_ddp skips them, the task reduces them
+            assert g["expert_flags"] and all(".deepspeed_experts." in n for n in g["expert_flags"])
+        else:
+            assert g["expert_flags"] == []
+    # same model, whatever the split: EP ranks hold the global experts r*L .. r*L+L-1
+    _assert_same_params(_merge_ranks([g["initial"] for g in got]), want["initial"],
+                        "initial weights", rtol=0, atol=0)
+    for i in range(len(steps)):
+        loss = {k: sum(g["losses"][i][k] for g in got) for k in want["losses"][i]}
+        assert loss["sample_size"] == want["losses"][i]["sample_size"]
+        for k, v in want["losses"][i].items():
+            assert loss[k] == pytest.approx(v, rel=1e-5), f"update {i}: {k}"
+        assert want["losses"][i]["loss_experts_gate_loss"] > 0
+        _assert_same_params(_merge_ranks([g["grads"][i] for g in got]), want["grads"][i],
+                            f"gradients of update {i}", rtol=1e-4, atol=1e-7)
+    # Attention key biases get no gradient in exact arithmetic (softmax ignores a
+    # shift shared by all keys), only rounding noise, which Adam scales up to
+    # full-size steps; every other weight must agree.
+    assert all(g.abs().max() < 1e-6 for k, g in want["grads"][0].items() if KEY_BIAS.search(k))
+    final = {k: v for k, v in want["final"].items() if not KEY_BIAS.search(k)}
+    _assert_same_params({k: v for k, v in _merge_ranks([g["final"] for g in got]).items()
+                         if not KEY_BIAS.search(k)},
+                        final, f"weights after {len(steps)} updates", rtol=1e-4, atol=1e-6)
+    # and training moved them
+    moved = [k for k in want["final"] if not torch.equal(want["final"][k], want["initial"][k])]
+    assert any(".deepspeed_experts." in k for k in moved) and any(".gate.wg." in k for k in moved)
+
+
+@pytest.mark.timeout(RANKS_TIMEOUT + 120)
+@pytest.mark.parametrize("drop", ["drop", "no_drop"])
+def test_uneven_batches_match_one_process_with_one_collective(tiny_data, extensions_dir, drop):
+    """Ranks with different sentence and token counts every step: no hang, each
+    rank's output and gate loss equal one process's on the same sentences, and a
+    forward pass makes at most one collective besides the all-to-alls."""
+    flags = [*MOE, "--num-experts", "4", "--ep-world-size", "2", *NO_DROP_CAPACITY]
+    if drop == "drop":  # DeepSpeed's capacity-limited routing, in evaluation too
+        flags.append("--moe-eval-drop-tokens")
+    else:  # DeepSpeed's no-drop routing (evaluation's default)
+        flags.append("--no-moe-drop-tokens")
+    task, _ = build(tiny_data, "transformer_ds_moe", *_one_process(flags))
+    steps = _uneven_steps(task)
+    databin = str(tiny_data["databin"])
+
+    # one process runs, per update, rank 0's sentences, then rank 1's
+    want = forward_job(0, 1, databin, _one_process(flags), steps)
+    got = run_ranks("forward", 2, extensions_dir, databin=databin, flags=flags, steps=steps)
+
+    problems = []
+    for i in range(len(steps)):
+        for r in range(2):
+            ref, res = want[2 * i + r], got[r][i]
+            for mode in ("train", "eval"):
+                where = f"update {i}, rank {r} ({len(steps[i][r])} sentences), {mode}"
+                for key, tol in (("out", 1e-5), ("gate_loss", 1e-6)):
+                    try:
+                        torch.testing.assert_close(res[mode][key], ref[mode][key],
+                                                   rtol=1e-5, atol=tol)
+                    except AssertionError as e:
+                        problems.append(f"{where}: {key} differs: {str(e).splitlines()[-2:]}")
+                if res[mode]["all_to_all"] != 2 * res[mode]["n_moe"]:
+                    problems.append(f"{where}: {res[mode]['all_to_all']} all-to-alls")
+                if sum(res[mode]["others"].values()) > 1:
+                    problems.append(f"{where}: collectives besides all-to-all: "
+                                    f"{res[mode]['others']}")
+    assert not problems, "\n".join(problems)
