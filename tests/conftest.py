@@ -100,3 +100,18 @@ def tiny_data(tmp_path_factory):
         ]
     )
     return {"databin": databin, "raw": raw}
+
+
+@pytest.fixture(scope="session")
+def ep2_run(tiny_data, tmp_path_factory):
+    """A 2-process expert-parallel training run (EP=2, 4 experts), 9 updates.
+
+    Returns:
+        dict with ``save`` (its save dir: checkpoint_last.pt and expert shards)
+        and ``losses`` (``{update: loss}``).
+    """
+    from ep_helpers import train2
+
+    save = tmp_path_factory.mktemp("ep2_run") / "ckpt"
+    losses = train2(tiny_data["databin"], save, 9)
+    return {"save": save, "losses": losses}

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO, USER_DIR, run_cli
-from test_cli import losses_by_update
+from ep_helpers import torchrun, train2
 from user import expert_checkpoint as ec
 
 E = "m.layers.0.moe_ffn.moe.deepspeed_moe.experts.deepspeed_experts"
@@ -107,34 +107,6 @@ def test_atomic_save_leaves_no_temp_file(tmp_path):
 # --------------------------------------------------------------------------
 # real 2-process runs
 
-MODEL = [
-    "--task", "translation_deepspeed", "--arch", "transformer_ds_moe_tiny",
-    "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
-    "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "24",
-    "--encoder-layers", "1", "--decoder-layers", "1",
-    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
-    "--deepspeed_moe", "enc,dec", "--num-experts", "4", "--moe-freq", "1",
-    "--moe-capacity-factor", "2",
-    "--criterion", "model_and_base", "--loss-weights", '{"base_crit": 1, "experts_gate_loss": 0.1}',
-    "--optimizer", "adam", "--lr", "0.003", "--max-tokens", "400", "--seed", "5", "--dropout", "0.1",
-    "--log-format", "json", "--log-interval", "1", "--no-progress-bar", "--num-workers", "0",
-    "--save-interval-updates", "3", "--keep-interval-updates", "1", "--no-epoch-checkpoints",
-]
-
-
-def torchrun(*args, nproc=2, timeout=300):
-    port = str(20000 + os.getpid() % 20000)
-    return run_cli(["torchrun", "--nproc_per_node", nproc, "--master_port", port, *args],
-                   timeout=timeout)
-
-
-def train2(databin, save_dir, max_update, *extra):
-    """``user/train.py`` on 2 CPU processes, expert parallel over both."""
-    proc = torchrun(USER_DIR / "train.py", databin, *MODEL, "--ep-world-size", "2",
-                    "--save-dir", save_dir, "--max-update", max_update, *extra)
-    return losses_by_update(proc.stdout + proc.stderr)
-
-
 def consolidated(path, out):
     """``python -m user.reshard path out --ep-size 1``, in this process (the CLI is
     run in the tests below)."""
@@ -156,14 +128,14 @@ def assert_same_training_state(a, b):
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_data, tmp_path_factory):
+def runs(tiny_data, ep2_run, tmp_path_factory):
     """Uninterrupted (0 -> 9) and interrupted (0 -> 6, resume -> 9) 2-process runs."""
     db = tiny_data["databin"]
     root = tmp_path_factory.mktemp("ep_ckpt")
-    straight, cut = root / "straight", root / "cut"
+    cut = root / "cut"
     return {
-        "db": db, "root": root, "straight": straight, "cut": cut,
-        "straight_losses": train2(db, straight, 9),
+        "db": db, "root": root, "straight": ep2_run["save"], "cut": cut,
+        "straight_losses": ep2_run["losses"],
         "first_losses": train2(db, cut, 6),
         "resumed_losses": train2(db, cut, 9),
     }

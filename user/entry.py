@@ -5,8 +5,11 @@
 """What ``user/train.py`` and ``user/generate.py`` share: add ``--user-dir``,
 check the plugin's flags before any work, then hand over to fairseq's CLI."""
 
+import contextlib
 import copy
+import io
 import os
+import re
 import sys
 from typing import List, Optional
 
@@ -59,6 +62,55 @@ def launcher_args(argv: List[str], env, cuda: bool) -> List[str]:
         if not _given(argv, flag):
             extra += [flag] if value is None else [flag, value]
     return extra
+
+
+_SENTENCE_LINE = re.compile(r"^[STHDPAEI]-(\d+)\t")
+
+
+def merge_generate_outputs(texts: List[str]) -> str:
+    """One ``fairseq-generate`` output from the outputs of several ranks.
+
+    Each rank translated its own shard; the per-sentence lines (``S-``, ``T-``,
+    ``H-``, ``D-``, ``P-``, ...) are put back in sentence-id order, each
+    sentence's lines in their original order. Rank 0's other lines follow,
+    except its corpus-BLEU line, which covered its shard only.
+
+    Args:
+        texts: each rank's output, rank 0 first.
+    """
+    by_id = {}
+    for text in texts:
+        for line in text.splitlines():
+            m = _SENTENCE_LINE.match(line)
+            if m:
+                by_id.setdefault(int(m.group(1)), []).append(line)
+    rest = [ln for ln in texts[0].splitlines() if not _SENTENCE_LINE.match(ln)]
+    out = [ln for i in sorted(by_id) for ln in by_id[i]]
+    out += [ln for ln in rest if not ln.startswith("Generate ")]
+    out.append(f"# {len(by_id)} sentences from {len(texts)} processes; score them with "
+               "scripts/sacrebleu.sh (per-process BLEU lines omitted)")
+    return "\n".join(out) + "\n"
+
+
+def _gathering(main):
+    """``main`` whose printed output, on several processes, is gathered on rank 0."""
+
+    def gathered_main(cfg, **kwargs):
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return main(cfg, **kwargs)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            result = main(cfg, **kwargs)
+        texts = [None] * dist.get_world_size()
+        dist.all_gather_object(texts, buf.getvalue())
+        if dist.get_rank() == 0:
+            sys.stdout.write(merge_generate_outputs(texts))
+            sys.stdout.flush()
+        return result
+
+    return gathered_main
 
 
 def check_args(args) -> None:
@@ -118,6 +170,10 @@ def run(cli: str, argv: Optional[List[str]] = None) -> None:
     elif cli == "generate":
         import fairseq_cli.generate as fairseq_cli_module
 
+        from .tasks import translation_deepspeed
+
+        translation_deepspeed.GENERATING = True
+
         parser = options.get_generation_parser()
     else:
         import fairseq_cli.interactive as fairseq_cli_module
@@ -129,7 +185,10 @@ def run(cli: str, argv: Optional[List[str]] = None) -> None:
     except MoEArgumentError as e:
         parser.error(str(e))
     cfg = convert_namespace_to_omegaconf(args)
-    distributed_utils.call_main(cfg, fairseq_cli_module.main)
+    main = fairseq_cli_module.main
+    if cli == "generate":
+        main = _gathering(main)
+    distributed_utils.call_main(cfg, main)
 
 
 def install_error_hook() -> None:

@@ -50,6 +50,9 @@ from .upcycle import UpcycleError, is_dense_state, upcycle_state
 logger = logging.getLogger(__name__)
 
 SHARD_KEY = "expert_shards"
+# Added to a loaded model state dict: where this rank's experts are; the model's
+# load_state_dict pops it and restores its own experts from there.
+MODEL_KEY = "_expert_shards"
 _EXPERT = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..+)$")
 _SHARD_FILE = re.compile(r"^experts\.([0-9A-Za-z-]+)\.(\d+)-of-(\d+)\.pt$")
 
@@ -423,7 +426,8 @@ def build_shard(trainer, token: str, ep_rank: int, ep_size: int, num_experts: in
 
 
 def restore_local_experts(model, shards: Callable[[int], dict], info: dict,
-                          ep_rank: int, ep_size: int, opt_state: Optional[dict] = None) -> None:
+                          ep_rank: int, ep_size: int, opt_state: Optional[dict] = None,
+                          weights: bool = True) -> None:
     """Load this rank's experts (and optimizer state) from a checkpoint's shards.
 
     Args:
@@ -435,6 +439,7 @@ def restore_local_experts(model, shards: Callable[[int], dict], info: dict,
         ep_size (int): the running expert-parallel size.
         opt_state: the torch optimizer's ``state`` (parameter -> dict) to fill,
             or ``None`` to leave the optimizer alone.
+        weights (bool): copy the expert weights (else only optimizer state).
     """
     local = info["num_experts"] // ep_size
     old_local = info["num_experts"] // info["ep_size"]
@@ -448,8 +453,9 @@ def restore_local_experts(model, shards: Callable[[int], dict], info: dict,
         if src_rank not in cache:
             cache[src_rank] = shards(src_rank)
         shard = cache[src_rank]
-        with torch.no_grad():
-            p.copy_(shard["model"][g].to(p.dtype))
+        if weights:
+            with torch.no_grad():
+                p.copy_(shard["model"][g].to(p.dtype))
         if opt_state is not None and g in shard.get("optimizer", {}):
             opt_state[p] = {k: (v.to(p.device).clone() if torch.is_tensor(v) else v)
                             for k, v in shard["optimizer"][g].items()}
@@ -557,7 +563,7 @@ def wrap_load_checkpoint_to_cpu(original):
         extra = state.get("extra_state") or {}
         info = extra.get(SHARD_KEY)
         ckpt_ep = info["ep_size"] if info else 1
-        cur_ep = _current["ep_size"] or 1
+        cur_ep = _current["ep_size"]
         if info:
             info["directory"] = os.path.dirname(os.path.abspath(path))
         if _current["num_experts"] and state.get("model") and is_dense_state(state["model"]):
@@ -573,7 +579,14 @@ def wrap_load_checkpoint_to_cpu(original):
                     f"{path} has {n_ckpt} experts per MoE layer but the model has "
                     f"{_current['num_experts']}: use --num-experts {n_ckpt}"
                 )
+        if cur_ep is None:
+            # nothing built yet (generation, hub): keep the checkpoint's layout if
+            # this run's processes can hold it, else consolidate into each process
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            cur_ep = ckpt_ep if world > 1 and world % ckpt_ep == 0 else 1
         if ckpt_ep == cur_ep:
+            if info and cur_ep > 1:
+                state["model"][MODEL_KEY] = dict(info)
             return state
         # another layout: consolidate, then cut rank 0's part of the running one
         full = gather(state, read_all_shards(info["directory"], info)) if info else state
@@ -581,8 +594,9 @@ def wrap_load_checkpoint_to_cpu(original):
             return full
         names = consolidated_param_names(state)
         shared, _ = scatter(full, cur_ep, "resharded", names)
-        shared["extra_state"][SHARD_KEY]["source"] = info or {
-            "directory": os.path.dirname(os.path.abspath(path)), "consolidated": path}
+        source = info or {"directory": os.path.dirname(os.path.abspath(path)), "consolidated": path}
+        shared["extra_state"][SHARD_KEY]["source"] = source
+        shared["model"][MODEL_KEY] = dict(source)
         return shared
 
     load_checkpoint_to_cpu.wrapped = original
@@ -593,6 +607,40 @@ def _count_experts(model_state: dict) -> int:
     idx = [expert_index(k) for k in model_state]
     idx = [i for i in idx if i is not None]
     return 1 + max(idx) if idx else 0
+
+
+def shard_reader(source: dict, num_experts: int, names: Callable[[], List[str]] = lambda: None):
+    """``(rank -> shard, layout info)`` for the checkpoint ``source`` describes: a
+    shared file's ``expert_shards`` (with ``directory``) or ``{"consolidated": path}``.
+
+    Args:
+        names: gives the consolidated parameter order, when a consolidated file
+            does not record it (for its optimizer state).
+    """
+    if "consolidated" not in source:
+        return (lambda r: read_shard(source["directory"], source, r)), source
+    cache: dict = {}
+
+    def whole(_r):
+        if not cache:
+            full = _torch_load(source["consolidated"], mmap=True)
+            opt = full.get("last_optimizer_state")
+            order = consolidated_param_names(full) or names()
+            cache["model"] = full["model"]
+            cache["optimizer"] = _optimizer_by_name(opt, order) if opt is not None and order else {}
+        return cache
+
+    return whole, {"ep_size": 1, "num_experts": num_experts}
+
+
+def restore_model_experts(model, source: dict) -> None:
+    """Give this rank's part of an expert-parallel model its own experts (the
+    model's ``load_state_dict`` calls this with the :data:`MODEL_KEY` entry)."""
+    ep = model.moe_opts.ep_size
+    if ep <= 1:
+        return
+    shards, info = shard_reader(source, model.moe_opts.num_experts)
+    restore_local_experts(model, shards, info, _dist_rank() % ep, ep)
 
 
 def wrap_load_checkpoint(original):
@@ -608,28 +656,16 @@ def wrap_load_checkpoint(original):
         ep = getattr(task, "ep_size", 1)
         if info is None or ep <= 1:
             return extra_state, epoch_itr
+        if cfg.reset_optimizer:
+            return extra_state, epoch_itr
         source = info.get("source", info)
         rank = _dist_rank() % ep
-        if "consolidated" in source:
-            full = _torch_load(source["consolidated"], mmap=True)
-            names = consolidated_param_names(full) or relayout_names(
-                optimizer_param_names(trainer), task.num_experts)
-            opt = full.get("last_optimizer_state")
-            whole = {"model": full["model"],
-                     "optimizer": _optimizer_by_name(opt, names) if opt is not None else {}}
-
-            def shards(_r):
-                return whole
-
-            src_info = {"ep_size": 1, "num_experts": task.num_experts}
-        else:
-            def shards(r):
-                return read_shard(source["directory"], source, r)
-
-            src_info = source
-        opt_state = None if cfg.reset_optimizer else _torch_optimizer(trainer).state
-        restore_local_experts(trainer.get_model(), shards, src_info, rank, ep, opt_state)
-        logger.info(f"restored experts of expert-parallel rank {rank} from "
+        shards, src_info = shard_reader(source, task.num_experts, lambda: relayout_names(
+            optimizer_param_names(trainer), task.num_experts))
+        # the weights were restored by the model's load_state_dict; now their Adam state
+        restore_local_experts(trainer.get_model(), shards, src_info, rank, ep,
+                              _torch_optimizer(trainer).state, weights=False)
+        logger.info(f"restored expert optimizer state of expert-parallel rank {rank} from "
                     f"{source.get('directory')} (token {source.get('token', '-')})")
         return extra_state, epoch_itr
 

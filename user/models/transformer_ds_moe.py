@@ -28,7 +28,7 @@ from fairseq.models.transformer import transformer_legacy as tl
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from torch import Tensor
 
-from .. import ds_moe
+from .. import ds_moe, expert_checkpoint, lockstep
 from ..modules.moe_ffn import MoEFeedForward
 from ..modules.moe_transformer_layer import (
     MoETransformerDecoderLayer,
@@ -62,6 +62,18 @@ class MoETransformerEncoder(TransformerEncoder):
         seed = getattr(self.args, "seed", 1)
         return _wrap(MoETransformerEncoderLayer(cfg, self.moe_opts, f"encoder.{index}", seed), cfg)
 
+    lockstep = False  # set by user.lockstep.active() during expert-parallel decoding
+
+    def forward(self, src_tokens, src_lengths=None, return_all_hiddens: bool = False,
+                token_embeddings=None):
+        if not self.lockstep:
+            return super().forward(src_tokens, src_lengths, return_all_hiddens, token_embeddings)
+        lockstep.agree(self, True, src_tokens.numel())
+        try:
+            return super().forward(src_tokens, src_lengths, return_all_hiddens, token_embeddings)
+        finally:
+            lockstep.release(self)
+
 
 class MoETransformerDecoder(TransformerDecoder):
     """fairseq's decoder with MoE layers where :class:`MoEOptions` says so."""
@@ -82,6 +94,19 @@ class MoETransformerDecoder(TransformerDecoder):
             cfg, self.moe_opts, f"decoder.{index}", seed, no_encoder_attn=no_encoder_attn
         )
         return _wrap(layer, cfg)
+
+    lockstep = False  # set by user.lockstep.active() during expert-parallel decoding
+
+    def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None, **kwargs):
+        if not self.lockstep:
+            return super().forward(prev_output_tokens, encoder_out, incremental_state, **kwargs)
+        # incremental decoding runs the last position only: B tokens, else B x T
+        n = prev_output_tokens.size(0) if incremental_state is not None else prev_output_tokens.numel()
+        lockstep.agree(self, True, n)
+        try:
+            return super().forward(prev_output_tokens, encoder_out, incremental_state, **kwargs)
+        finally:
+            lockstep.release(self)
 
 
 @register_model("transformer_ds_moe")
@@ -167,6 +192,15 @@ class TransformerDSMoEModel(TransformerModel):
             losses = [m.l_aux for m in moe if m.l_aux is not None]
             extra[GATE_LOSS] = torch.stack(losses).sum() if losses else x.new_zeros(())
         return x, extra
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        """fairseq's ``load_state_dict``; an expert-parallel rank then loads its own
+        experts from the checkpoint's shards (see :mod:`user.expert_checkpoint`)."""
+        source = state_dict.pop(expert_checkpoint.MODEL_KEY, None) if state_dict else None
+        result = super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+        if source is not None:
+            expert_checkpoint.restore_model_experts(self, source)
+        return result
 
     def get_losses(self, net_output, sample) -> Dict[str, Tensor]:
         """Model losses, each a per-token mean (the criterion scales by sample size).

@@ -16,21 +16,48 @@
 * ``--upcycle-from DENSE.pt`` starts an MoE model from a trained dense one
   (see :mod:`user.upcycle`); expert-parallel checkpoints are saved as shards
   (see :mod:`user.expert_checkpoint`);
+* with ``--ep-world-size`` > 1 on several processes, beam search (generation
+  and ``--eval-bleu``) runs in lockstep across the expert-parallel ranks (see
+  :mod:`user.lockstep`); a rank whose share of the data is exhausted gets
+  dummy batches so it keeps serving its experts;
 * expert load is logged: ``moe_imbalance`` = (tokens of the busiest expert) /
   (tokens per expert if perfectly balanced), averaged over MoE layers:
   1.0 is balanced, ``--num-experts`` means every token went to one expert.
 """
 
+import functools
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+import torch.distributed as dist
 from fairseq import metrics
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from .. import ds_moe, expert_checkpoint
+from .. import ds_moe, expert_checkpoint, lockstep
 from ..moe_options import MoEArgumentError
+
+
+# Set by ``user/generate.py`` (and recognised for ``fairseq-generate``): batch
+# iterators then yield a dummy batch instead of an empty one (see get_batch_iterator).
+GENERATING = False
+DUMMY = "lockstep_dummy"
+
+
+def generating() -> bool:
+    return GENERATING or os.path.basename(sys.argv[0]) == "fairseq-generate"
+
+
+def _collate_or_dummy(collate, samples):
+    if samples:
+        return collate(samples)
+    none = torch.zeros(0, 1, dtype=torch.long)
+    return {"id": torch.zeros(0, dtype=torch.long), "nsentences": 0, "ntokens": 0,
+            "net_input": {"src_tokens": none, "src_lengths": torch.zeros(0, dtype=torch.long)},
+            "target": None, DUMMY: True}
 
 
 @dataclass
@@ -162,6 +189,31 @@ class TranslationDeepSpeedTask(TranslationTask):
             ds_moe.reduce_expert_grads(self.expert_params, self.ep_size)
         logging_output.update(expert_load_stats(model))
         return loss, sample_size, logging_output
+
+    def get_batch_iterator(self, dataset, *args, **kwargs):
+        """fairseq's batch iterator; when generating with an expert-parallel model
+        on several processes, a rank whose shard has run out gets a dummy batch
+        (instead of an empty one, which fairseq-generate skips) so that it keeps
+        taking part in the other ranks' all-to-alls."""
+        itr = super().get_batch_iterator(dataset, *args, **kwargs)
+        multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if generating() and multi and self.ep_size > 1 and hasattr(itr, "collate_fn"):
+            itr.collate_fn = functools.partial(_collate_or_dummy, itr.collate_fn)
+        return itr
+
+    def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
+        """fairseq's beam search, in lockstep across expert-parallel ranks (EP > 1)."""
+        inner = [unwrap_model(m) for m in models]
+        if not any(lockstep.needs_lockstep(m) for m in inner):
+            return super().inference_step(generator, models, sample, prefix_tokens, constraints)
+        with lockstep.active(inner) as (model,):
+            if sample.get(DUMMY):
+                lockstep.dummy_encoder(model)
+                hypos = []
+            else:
+                hypos = super().inference_step(generator, models, sample, prefix_tokens, constraints)
+            lockstep.drain(model)
+        return hypos
 
     def valid_step(self, sample, model, criterion):
         loss, sample_size, logging_output = super().valid_step(sample, model, criterion)

@@ -1,0 +1,90 @@
+# Copyright (c) the fairseq-moe plugin authors.
+#
+# This source code is licensed under the MIT license found in the
+# LICENSE file in the root directory of this source tree.
+"""Evaluation with MoE: merging per-rank outputs, lockstep beam search across
+expert-parallel processes (same hypotheses as one process), --eval-bleu with
+EP=2, fairseq-interactive and the hub interface."""
+
+import re
+import subprocess
+
+import pytest
+
+from conftest import USER_DIR, cli_env, run_cli, BIN, REPO
+from ep_helpers import torchrun, train2
+from user.entry import merge_generate_outputs
+
+GEN = ["--task", "translation_deepspeed", "--gen-subset", "valid", "--beam", "3",
+       "--max-len-a", "1.2", "--max-len-b", "4", "--batch-size", "8", "--num-workers", "0"]
+
+
+def test_rank_outputs_merge_in_sentence_order():
+    rank0 = "S-2\ta b\nH-2\t-0.1\tx\nD-2\t-0.1\tx\nP-2\t-0.1\nS-0\tc\nH-0\t-0.2\ty\nGenerate valid with beam=3: BLEU4 = 1.0\n"
+    rank1 = "S-1\td\nT-1\te\nH-1\t-0.3\tz\n"
+    merged = merge_generate_outputs([rank0, rank1]).splitlines()
+    assert merged[:9] == ["S-0\tc", "H-0\t-0.2\ty", "S-1\td", "T-1\te", "H-1\t-0.3\tz",
+                          "S-2\ta b", "H-2\t-0.1\tx", "D-2\t-0.1\tx", "P-2\t-0.1"]
+    assert not any(ln.startswith("Generate ") for ln in merged)  # rank 0's shard-only BLEU
+    assert "3 sentences from 2 processes" in merged[-1]
+
+
+def hypotheses(text):
+    return {int(m.group(1)): m.group(2) for m in re.finditer(r"^H-(\d+)\t\S+\t(.*)$", text, re.M)}
+
+
+@pytest.mark.timeout(600)
+def test_two_process_lockstep_generation_equals_one_process(tiny_data, ep2_run):
+    ckpt = ep2_run["save"] / "checkpoint_last.pt"
+    db = tiny_data["databin"]
+    one = run_cli(["python", USER_DIR / "generate.py", db, *GEN, "--path", ckpt, "--cpu"])
+    # 40 sentences in batches of 8 over 2 ranks: rank 0 gets 3 batches, rank 1 two
+    # and a dummy; every batch stops decoding at its own step: both lockstep paths
+    two = torchrun(USER_DIR / "generate.py", db, *GEN, "--path", ckpt)
+    h1, h2 = hypotheses(one.stdout), hypotheses(two.stdout)
+    assert len(h1) == 40
+    assert h2 == h1
+    ids = [int(m) for m in re.findall(r"^H-(\d+)\t", two.stdout, re.M)]
+    assert ids == sorted(ids), "gathered output is in sentence order"
+
+
+@pytest.mark.timeout(600)
+def test_eval_bleu_with_expert_parallel_training(tiny_data, tmp_path):
+    save = tmp_path / "ckpt"
+    proc_losses = train2(
+        tiny_data["databin"], save, 4, "--validate-interval-updates", "2",
+        "--eval-bleu", "--eval-bleu-args", '{"beam": 2, "max_len_a": 1.2, "max_len_b": 4}',
+        "--eval-bleu-detok", "space", "--best-checkpoint-metric", "bleu",
+        "--maximize-best-checkpoint-metric")
+    assert sorted(proc_losses) == [1, 2, 3, 4]
+    assert (save / "checkpoint_best.pt").exists()
+    import torch
+
+    best = torch.load(save / "checkpoint_best.pt", map_location="cpu", weights_only=False)
+    assert "best" in best["extra_state"] and best["extra_state"]["best"] >= 0.0
+
+
+@pytest.mark.timeout(300)
+def test_interactive_and_hub_translate_with_a_consolidated_checkpoint(tiny_data, ep2_run, tmp_path):
+    from user.reshard import reshard
+
+    cons = tmp_path / "model.pt"
+    reshard(str(ep2_run["save"] / "checkpoint_last.pt"), str(cons), 1)
+    db = tiny_data["databin"]
+    proc = subprocess.run(
+        [str(BIN / "fairseq-interactive"), str(db), "--user-dir", str(USER_DIR), "--path", str(cons),
+         "--task", "translation_deepspeed", "--source-lang", "en", "--target-lang", "de",
+         "--beam", "2", "--cpu"],
+        input="the file is open .\n", capture_output=True, text=True, timeout=240,
+        env=cli_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^H-0\t\S+\t", proc.stdout, re.M), proc.stdout[-2000:]
+
+    from fairseq.models.transformer import TransformerModel
+
+    hub = TransformerModel.from_pretrained(
+        str(tmp_path), checkpoint_file="model.pt", data_name_or_path=str(db),
+        user_dir=str(USER_DIR), source_lang="en", target_lang="de", beam=2)
+    out = hub.translate("the file is open .")
+    assert isinstance(out, str) and out.strip()
+    assert hub.models[0].moe_opts.ep_size == 1 and len(hub.models[0].moe_ffn_layers()) == 2
