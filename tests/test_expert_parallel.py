@@ -366,6 +366,8 @@ CONFIGS = {
     "ep2_drop_1_local": ["--num-experts", "2", "--ep-world-size", "2"],
     # W=2, E=2: two experts per rank, DeepSpeed's no-drop routing
     "ep2_no_drop_2_local": ["--num-experts", "4", "--ep-world-size", "2", "--no-moe-drop-tokens"],
+    # W=2, E=2, gradients clipped: the global norm counts every expert once
+    "ep2_clip_norm": ["--num-experts", "4", "--ep-world-size", "2", "--clip-norm", "0.05"],
     # W=2, E=1: experts replicated, ordinary data parallel
     "dp2_ep1": ["--num-experts", "2", "--ep-world-size", "1"],
 }

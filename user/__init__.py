@@ -16,5 +16,6 @@ from .models import transformer_ds_moe  # noqa: F401
 from .tasks import translation_deepspeed  # noqa: F401
 
 checkpoint_compat.install()
+ds_moe.install_grad_clip()
 expert_checkpoint.install()
 entry.install_error_hook()

@@ -192,6 +192,57 @@ def reduce_expert_grads(params: Iterable[torch.nn.Parameter], ep_size: int) -> N
         offset += g.numel()
 
 
+def clip_grad_norm_(params, max_norm, aggregate_norm_fn=None, _fairseq=None) -> torch.Tensor:
+    """fairseq's ``clip_grad_norm_``, with expert gradients counted once.
+
+    fairseq leaves parameters marked ``expert`` out of the norm (and clips them
+    with the others' coefficient), so with expert parallelism the norm missed
+    every expert and differed from the same model on one process. Here the
+    global norm is ``sqrt(|non-expert grads|^2 + sum over the expert-parallel
+    group of |local expert grads|^2)``: each expert counted once (its replicas in
+    the expert-data-parallel group hold equal, already reduced gradients), one
+    all-reduce per update.
+
+    Args:
+        params: the optimizer's parameters.
+        max_norm (float): ``--clip-norm`` (0: only compute the norm).
+        aggregate_norm_fn: fairseq's aggregation (FSDP), applied to the non-expert part.
+    """
+    params = [p for p in params if p is not None and getattr(p, "grad", None) is not None]
+    experts = [p for p in params if hasattr(p, "expert")]
+    if not experts or not (dist.is_available() and dist.is_initialized()):
+        return _fairseq(params, max_norm, aggregate_norm_fn)
+    dense = [p.grad.detach() for p in params if not hasattr(p, "expert")]
+    local = [p.grad.detach() for p in experts]
+    sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in local]).sum()
+    group = groups._get_expert_parallel_group(getattr(experts[0], "group_name"))
+    if dist.get_backend(group) == "nccl":
+        sq = sq.cuda()
+    dist.all_reduce(sq, group=group)
+    dense_norm = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in dense])
+    ) if dense else sq.new_zeros(())
+    if aggregate_norm_fn is not None:
+        dense_norm = aggregate_norm_fn(dense_norm)
+    total = (dense_norm.to(sq.device) ** 2 + sq) ** 0.5
+    if max_norm > 0:
+        coef = (float(max_norm) / (total + 1e-6)).clamp_(max=1)
+        torch._foreach_mul_(dense + local, coef.to(local[0].device))
+    return total
+
+
+def install_grad_clip() -> None:
+    """Route fairseq's ``clip_grad_norm_`` through :func:`clip_grad_norm_` (idempotent)."""
+    import functools
+
+    from fairseq import utils as fairseq_utils
+
+    if not getattr(fairseq_utils.clip_grad_norm_, "_moe_plugin", False):
+        wrapped = functools.partial(clip_grad_norm_, _fairseq=fairseq_utils.clip_grad_norm_)
+        wrapped._moe_plugin = True
+        fairseq_utils.clip_grad_norm_ = wrapped
+
+
 def _init_deepspeed_comm() -> None:
     """``deepspeed.init_distributed`` over the existing process group.
 
