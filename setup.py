@@ -31,6 +31,7 @@ setup(
         "sacrebleu>=2.0,<3",
         "sentencepiece==0.2.3",
         "tensorboard==2.21.0",
+        "matplotlib==3.11.2",  # scripts/plot_experts.py and the benchmark plots
     ],
     extras_require={"test": ["pytest==9.2.0", "pytest-timeout==2.4.0"]},
     entry_points={

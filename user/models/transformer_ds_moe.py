@@ -170,6 +170,8 @@ class TransformerDSMoEModel(TransformerModel):
         moe = self.moe_ffn_layers().values()
         for m in moe:
             m.l_aux = None  # a layer skipped by LayerDrop must not report a stale loss
+            m.stats = {}
+            m.collect_stats = True  # routing statistics for logging (not in decoding)
         if moe and self.moe_opts.ep_size > 1:
             # one collective per forward: the group's largest encoder/decoder token counts
             enc, dec = ds_moe.agree_on_token_counts(
@@ -188,6 +190,7 @@ class TransformerDSMoEModel(TransformerModel):
         )
         for m in moe:
             m.agreed_tokens = None
+            m.collect_stats = False
         if moe:
             losses = [m.l_aux for m in moe if m.l_aux is not None]
             extra[GATE_LOSS] = torch.stack(losses).sum() if losses else x.new_zeros(())
@@ -212,6 +215,12 @@ class TransformerDSMoEModel(TransformerModel):
         if GATE_LOSS in net_output[1]:
             return {GATE_LOSS: net_output[1][GATE_LOSS]}
         return {}
+
+    def routing_stats(self) -> Dict[str, dict]:
+        """Per MoE layer, the last forward's routing statistics: ``counts`` (tokens
+        sent to each expert), ``dropped``, ``routed``, ``tokens`` (real tokens),
+        ``entropy`` (summed gate entropy), ``aux`` (the layer's gate loss)."""
+        return {n: m.stats for n, m in self.moe_ffn_layers().items() if "counts" in m.stats}
 
     def expert_counts(self) -> Dict[str, Tensor]:
         """Tokens routed to each expert (``E``) in the last forward, per MoE layer."""

@@ -76,6 +76,10 @@ class MoEFeedForward(nn.Module):
         self.l_aux: Optional[Tensor] = None
         self.exp_counts: Optional[Tensor] = None
         self.agreed_tokens: Optional[int] = None
+        # routing statistics of the last forward (the model turns this on in
+        # training and validation, not in incremental decoding)
+        self.collect_stats = False
+        self.stats: dict = {}
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -86,6 +90,34 @@ class MoEFeedForward(nn.Module):
         # DeepSpeed samples top-2's second expert in eval too: keep inference deterministic.
         gate.top2_2nd_expert_sampling = self.opts.top2_2nd_expert_sampling and mode
         return self
+
+    @torch.no_grad()
+    def _routing_stats(self, x: Tensor, padding_mask: Optional[Tensor]) -> dict:
+        """Gate entropy over the real (non-padding) tokens, from the router's fp32 softmax."""
+        T, B, C = x.shape
+        real = x.reshape(T * B, C)
+        if padding_mask is not None:
+            real = real[~padding_mask.t().reshape(-1)]
+        probs = torch.softmax(ds_moe.moe_gate(self.moe).wg(real.float()), dim=-1)  # S x E
+        ent = -(probs * torch.log(probs.clamp_min(1e-9))).sum(-1)
+        return {"tokens": float(real.size(0)), "entropy": float(ent.sum())}
+
+    @torch.no_grad()
+    def _load_stats(self, n: int, drop: bool) -> dict:
+        """Tokens per expert and tokens over capacity (dropped) in the last forward.
+
+        DeepSpeed fills each expert's ``capacity`` slots in order and drops the
+        rest, so an expert that was sent ``c`` tokens drops ``max(c - capacity, 0)``.
+        """
+        counts = self.exp_counts.detach().float().cpu()
+        if drop:
+            cap = ds_moe.dispatch_capacity(
+                self.agreed_tokens if self.agreed_tokens is not None else n, self.opts, self.training)
+            dropped = float((counts - cap).clamp_min(0).sum())
+        else:
+            dropped = 0.0
+        return {"counts": counts, "dropped": dropped, "routed": float(counts.sum()),
+                "aux": float(self.l_aux.detach()) if self.l_aux is not None else 0.0}
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """
@@ -125,8 +157,12 @@ class MoEFeedForward(nn.Module):
                 want, tokens.size(0), self.opts
             )
             gate.drop_tokens = True
+        if self.collect_stats:
+            self.stats = self._routing_stats(x, padding_mask)
         try:
             out, self.l_aux, self.exp_counts = self.moe(tokens, used)
+            if self.collect_stats:
+                self.stats.update(self._load_stats(tokens.size(0), drop))
         finally:
             gate.drop_tokens = drop
             gate.capacity_factor = self.opts.capacity_factor

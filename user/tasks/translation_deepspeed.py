@@ -27,6 +27,7 @@
 
 import functools
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -82,19 +83,65 @@ def unwrap_model(model):
     return model
 
 
-def expert_load_stats(model) -> dict:
-    """Summable expert-load statistics of the last forward.
+def layer_tag(name: str) -> str:
+    """Short name of an MoE block: ``encoder.layers.1.moe_ffn`` -> ``enc1``."""
+    m = re.search(r"(encoder|decoder)\.layers\.(\d+)\.", name)
+    return f"{m.group(1)[:3]}{m.group(2)}" if m else name
 
-    Returns:
-        ``{"_moe_load_max": sum over layers of the busiest expert's tokens x E,
-        "_moe_load_tot": sum over layers of routed tokens}``, or ``{}``.
+
+def expert_load_stats(model) -> dict:
+    """Summable routing statistics of the last forward, for fairseq's logging outputs.
+
+    Returns (empty for a dense model), with ``L`` each MoE layer's tag (``enc1``):
+        ``_moe_L_n<i>``: tokens sent to expert ``i``; ``_moe_L_drop``: tokens over
+        capacity; ``_moe_L_routed``: token-expert assignments; ``_moe_L_tok``: real
+        tokens; ``_moe_L_ent``: summed gate entropy; ``_moe_L_aux``, ``_moe_L_calls``:
+        gate loss and forwards (for its mean); ``_moe_load_max``/``_moe_load_tot``:
+        sums over layers of (busiest expert's tokens x E) and of routed tokens.
     """
-    counts = getattr(unwrap_model(model), "expert_counts", lambda: {})()
-    if not counts:
+    stats = getattr(unwrap_model(model), "routing_stats", lambda: {})()
+    if not stats:
         return {}
-    load_max = sum(float(c.max()) * c.numel() for c in counts.values())
-    load_tot = sum(float(c.sum()) for c in counts.values())
-    return {"_moe_load_max": load_max, "_moe_load_tot": load_tot}
+    out = {"_moe_load_max": 0.0, "_moe_load_tot": 0.0}
+    for name, st in stats.items():
+        tag, counts = layer_tag(name), st["counts"]
+        out["_moe_load_max"] += float(counts.max()) * counts.numel()
+        out["_moe_load_tot"] += float(counts.sum())
+        for i, c in enumerate(counts.tolist()):
+            out[f"_moe_{tag}_n{i}"] = c
+        out[f"_moe_{tag}_drop"] = st["dropped"]
+        out[f"_moe_{tag}_routed"] = st["routed"]
+        out[f"_moe_{tag}_tok"] = st["tokens"]
+        out[f"_moe_{tag}_ent"] = st["entropy"]
+        out[f"_moe_{tag}_aux"] = st["aux"]
+        out[f"_moe_{tag}_calls"] = 1.0
+    return out
+
+
+def log_routing_metrics(logging_outputs) -> None:
+    """Per MoE layer: ``moe_L_e<i>`` (fraction of tokens routed to expert i),
+    ``moe_L_drop`` (fraction of token-expert assignments dropped), ``moe_L_ent``
+    (mean gate entropy, nats; ln E = uniform), ``moe_L_aux`` (mean gate loss);
+    all summed over ranks and micro-batches before dividing."""
+    keys = sorted({k for log in logging_outputs for k in log if k.startswith("_moe_") and
+                   k not in ("_moe_load_max", "_moe_load_tot")})
+    tot = {k: sum(log.get(k, 0) for log in logging_outputs) for k in keys}
+    tags = sorted({k[len("_moe_"):].rsplit("_", 1)[0] for k in keys})
+    for tag in tags:
+        routed = tot.get(f"_moe_{tag}_routed", 0)
+        if routed <= 0:
+            continue
+        i = 0
+        while f"_moe_{tag}_n{i}" in tot:
+            metrics.log_scalar(f"moe_{tag}_e{i}", tot[f"_moe_{tag}_n{i}"] / routed, routed, round=3)
+            i += 1
+        metrics.log_scalar(f"moe_{tag}_drop", tot[f"_moe_{tag}_drop"] / routed, routed, round=4)
+        if tot.get(f"_moe_{tag}_tok", 0) > 0:
+            metrics.log_scalar(f"moe_{tag}_ent", tot[f"_moe_{tag}_ent"] / tot[f"_moe_{tag}_tok"],
+                               tot[f"_moe_{tag}_tok"], round=3)
+        calls = tot.get(f"_moe_{tag}_calls", 0)
+        if calls > 0:
+            metrics.log_scalar(f"moe_{tag}_aux", tot[f"_moe_{tag}_aux"] / calls, calls, round=3)
 
 
 @register_task("translation_deepspeed", dataclass=TranslationDeepSpeedConfig)
@@ -216,8 +263,25 @@ class TranslationDeepSpeedTask(TranslationTask):
         return hypos
 
     def valid_step(self, sample, model, criterion):
-        loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
-        logging_output.update(expert_load_stats(model))
+        if not self.cfg.eval_bleu:
+            loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+            logging_output.update(expert_load_stats(model))
+            return loss, sample_size, logging_output
+        # the loss forward's routing, not that of the BLEU decoding that follows
+        stats = {}
+        forward = criterion.forward
+
+        def forward_and_record(*args, **kwargs):
+            result = forward(*args, **kwargs)
+            stats.update(expert_load_stats(model))
+            return result
+
+        criterion.forward = forward_and_record
+        try:
+            loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+        finally:
+            del criterion.forward
+        logging_output.update(stats)
         return loss, sample_size, logging_output
 
     def reduce_metrics(self, logging_outputs, criterion):
@@ -226,3 +290,4 @@ class TranslationDeepSpeedTask(TranslationTask):
         if load_tot > 0:
             load_max = sum(log.get("_moe_load_max", 0) for log in logging_outputs)
             metrics.log_scalar("moe_imbalance", load_max / load_tot, load_tot, round=3)
+        log_routing_metrics(logging_outputs)

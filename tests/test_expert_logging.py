@@ -1,0 +1,91 @@
+# Copyright (c) the fairseq-moe plugin authors.
+#
+# This source code is licensed under the MIT license found in the
+# LICENSE file in the root directory of this source tree.
+"""Watching the experts: per-layer routing statistics by hand, then a real run
+whose TensorBoard event files hold them, and the heatmap script."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import REPO, USER_DIR, run_cli
+from test_gating import E, make_layer, tokens_for
+from user.tasks.translation_deepspeed import expert_load_stats, layer_tag
+
+
+def test_dropped_tokens_are_the_tokens_whose_ffn_output_is_zero():
+    # capacity ceil(8 / 4 * 0.5) = 1 slot per expert; 5 tokens want expert 0
+    layer = make_layer(top_k=1, capacity_factor=0.5)
+    layer.train()
+    layer.collect_stats = True
+    route = [0, 0, 0, 0, 0, 1, 2, 3]
+    y = layer(tokens_for(route))
+    zero_rows = int((y.reshape(len(route), -1).abs().sum(-1) == 0).sum())
+    assert layer.stats["counts"].tolist() == [5, 1, 1, 1]
+    assert layer.stats["dropped"] == zero_rows == 4
+    assert layer.stats["routed"] == 8 and layer.stats["tokens"] == 8
+
+
+def test_gate_entropy_is_log_e_for_a_uniform_router_and_padding_is_left_out():
+    layer = make_layer(top_k=1)
+    layer.collect_stats = True
+    with torch.no_grad():
+        layer.moe.deepspeed_moe.gate.wg.weight.zero_()
+    x = tokens_for([0, 1, 2, 3, 0, 1])
+    pad = torch.tensor([[False] * 4 + [True] * 2])  # B x T
+    layer(x, pad)
+    assert layer.stats["tokens"] == 4
+    assert layer.stats["entropy"] == pytest.approx(4 * math.log(E), rel=1e-6)
+
+
+def test_layer_tags_and_summable_logging_outputs():
+    assert layer_tag("encoder.layers.3.moe_ffn") == "enc3"
+    assert layer_tag("decoder.layers.0.moe_ffn") == "dec0"
+
+    class Fake:
+        def routing_stats(self):
+            return {"encoder.layers.1.moe_ffn": {"counts": torch.tensor([3.0, 1.0]), "dropped": 1.0,
+                                                 "routed": 4.0, "tokens": 4.0, "entropy": 2.0,
+                                                 "aux": 1.5}}
+
+    out = expert_load_stats(Fake())
+    assert out["_moe_enc1_n0"] == 3 and out["_moe_enc1_n1"] == 1 and out["_moe_enc1_drop"] == 1
+    assert out["_moe_load_max"] == 6 and out["_moe_load_tot"] == 4
+
+
+@pytest.mark.timeout(300)
+def test_a_run_writes_per_layer_scalars_to_tensorboard_and_the_plot_reads_them(tiny_data, tmp_path):
+    tb = tmp_path / "tb"
+    run_cli(["python", USER_DIR / "train.py", tiny_data["databin"], "--task", "translation_deepspeed",
+             "--arch", "transformer_ds_moe_tiny", "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
+             "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "24", "--encoder-layers", "1",
+             "--decoder-layers", "1", "--deepspeed_moe", "enc,dec", "--num-experts", "4", "--moe-freq", "1",
+             "--moe-capacity-factor", "0.5", "--criterion", "model_and_base", "--optimizer", "adam",
+             "--lr", "0.003", "--max-tokens", "800", "--max-update", "4", "--log-interval", "2",
+             "--num-workers", "0", "--save-dir", tmp_path / "ckpt", "--no-save",
+             "--tensorboard-logdir", tb])
+    from scripts.plot_experts import load_matrices, plot, read_scalars
+
+    for split in ("train_inner", "valid"):
+        scalars = read_scalars(str(tb / split))
+        for layer in ("enc0", "dec0"):
+            loads = [scalars[f"moe_{layer}_e{i}"] for i in range(4)]
+            steps = [s for s, _ in loads[0]]
+            assert steps and all([s for s, _ in ld] == steps for ld in loads)
+            for k in range(len(steps)):  # fractions of the layer's tokens: they add up to 1
+                assert sum(ld[k][1] for ld in loads) == pytest.approx(1.0, abs=2e-3)
+            for name in ("drop", "ent", "aux"):
+                assert f"moe_{layer}_{name}" in scalars, name
+            if split == "train_inner":
+                # capacity factor 0.5 must drop tokens while training; never at validation
+                assert max(v for _, v in scalars[f"moe_{layer}_drop"]) > 0
+            else:
+                assert all(v == 0 for _, v in scalars[f"moe_{layer}_drop"])
+            assert 0 < scalars[f"moe_{layer}_ent"][-1][1] <= math.log(4) + 1e-6
+    assert set(load_matrices(read_scalars(str(tb / "train_inner")))) == {"enc0", "dec0"}
+    png = tmp_path / "experts.png"
+    run_cli(["python", REPO / "scripts" / "plot_experts.py", tb, "-o", png])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot(str(tb), str(tmp_path / "v.png"), "valid") == 2
