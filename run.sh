@@ -1,0 +1,307 @@
+#!/usr/bin/env bash
+# MIT License
+# Copyright (c) the fairseq-moe plugin authors
+#
+# Train, translate and benchmark DeepSpeed MoE Transformers (and their dense
+# baseline) with fairseq, configured by environment variables.
+#
+# Usage: bash run.sh [train|generate|bench|help] [fairseq options...]
+#
+#   train     (default) train, resuming from the run's checkpoint_last.pt
+#   generate  translate the test split with the run's checkpoint_best.pt (else
+#             checkpoint_last.pt) and score it with scripts/sacrebleu.sh
+#   bench     train dense and MoE for BENCH_UPDATES updates with the same
+#             settings (nothing saved) and print their train tokens/s side by side
+#
+# Options after the mode go to fairseq last, so they override run.sh's choices
+# (e.g. `bash run.sh train --max-update 50 --lr 0.001`).
+#
+# Environment (defaults in brackets; "tiny" is the ARCH=transformer_ds_moe_tiny
+# recipe, "WMT" every other ARCH; see README.md, section run.sh):
+#   WORKSPACE      data root [<repo>/workspace]
+#   DATABIN        fairseq-preprocess output [the bundled demo corpus, prepared by
+#                  scripts/prepare_demo.py in $WORKSPACE/demo_${SRC}_${TGT}/databin]
+#   SRC, TGT       translation direction [en, de]
+#   OUT_DIR        artifacts [$WORKSPACE/train_artifacts]: checkpoints in
+#                  $OUT_DIR/checkpoints/$ARCH-$RUN_NAME, tensorboard logs in
+#                  $OUT_DIR/tb/$ARCH-$RUN_NAME
+#   RUN_NAME       [moe_g<processes>_ep<EP>_ex<experts>_k<top-k>_<mode>, or
+#                  baseline with DENSE=1]
+#   DEVICE         auto, cpu or cuda [auto: cuda when torch sees a GPU]
+#   ARCH           [transformer_ds_moe_wmt_en_de on GPUs, transformer_ds_moe_tiny on CPU]
+#   DENSE          1 = the same architecture without --deepspeed_moe [0]
+#   NUM_EXPERTS    experts per MoE layer [8 WMT, 4 tiny]
+#   MOE_MODE       --deepspeed_moe: enc, dec or enc,dec [enc,dec]
+#   MOE_FREQ       every MOE_FREQ-th layer is MoE [2 WMT, 1 tiny]
+#   TOP_K          experts per token [1]
+#   EP_WORLD_SIZE  --ep-world-size [NUM_GPUS if it divides NUM_EXPERTS, else 1]
+#   MAX_TOKENS     tokens per batch and process [4096 on GPUs, 2048 on CPU]
+#   UPDATE_FREQ    batches per update [1]
+#   MAX_UPDATE     updates [300000 WMT, 2000 tiny]
+#   SEED           [43821]
+#   FP16           1 = --fp16 (plus --memory-efficient-fp16 when EP_WORLD_SIZE > 1)
+#                  [1 on GPUs, 0 on CPU]
+#   NUM_GPUS       processes per node [GPUs seen by torch; 1 on CPU]; more than
+#                  one process (per node or in all) starts torchrun, CPU
+#                  processes (gloo) when there is no GPU
+#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT
+#                  multi-node torchrun [1, 0, required when NNODES > 1, 29500];
+#                  on one node MASTER_PORT, when set, replaces torchrun --standalone
+#   BEAM, LENPEN   generate: beam size and length penalty [4, 0.6]
+#   REF            generate: plain-text reference [dirname($DATABIN)/raw/test.$TGT]
+#   BENCH_UPDATES  bench: updates per model [200 WMT, 30 tiny]
+#   DRY_RUN        1 = print the commands instead of running them [0]
+#   PYTHON         interpreter [<repo>/.venv/bin/python if present, else python3]
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+die() { echo "run.sh: error: $*" >&2; exit 2; }
+note() { echo "run.sh: $*" >&2; }
+
+MODE=train
+if [[ $# -gt 0 && $1 != -* ]]; then
+    case "$1" in
+        train | generate | bench) MODE="$1"; shift ;;
+        help) sed -n '5,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown mode '$1': use train, generate, bench or help (fairseq options start with -)" ;;
+    esac
+fi
+
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "$repo/.venv/bin/python" ]]; then PYTHON="$repo/.venv/bin/python"; else PYTHON=python3; fi
+fi
+export DS_BUILD_OPS="${DS_BUILD_OPS:-0}" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
+
+is_int() { [[ $2 =~ ^[0-9]+$ ]] || die "$1 must be a whole number (got '$2')"; }
+dry() { [[ "${DRY_RUN:-0}" == 1 ]]; }
+show() { printf '+'; printf ' %q' "$@"; printf '\n'; }
+
+# ---------------------------------------------------------------- device, processes
+# GPUs torch can use (CUDA_VISIBLE_DEVICES applies); importing torch takes seconds,
+# so only where a GPU driver is installed
+gpu_count() {
+    if command -v nvidia-smi > /dev/null || command -v rocm-smi > /dev/null || [[ -e /dev/nvidiactl || -e /dev/kfd ]]; then
+        "$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null | tail -n 1
+    else
+        echo 0
+    fi
+}
+DEVICE="${DEVICE:-auto}"
+seen_gpus=""
+if [[ $DEVICE == auto ]]; then
+    seen_gpus="$(gpu_count)"
+    if [[ "${seen_gpus:-0}" =~ ^[1-9][0-9]*$ ]]; then DEVICE=cuda; else DEVICE=cpu; fi
+fi
+[[ $DEVICE == cpu || $DEVICE == cuda ]] || die "DEVICE must be auto, cpu or cuda (got '$DEVICE')"
+if [[ -z "${NUM_GPUS:-}" ]]; then
+    NUM_GPUS=1
+    if [[ $DEVICE == cuda ]]; then
+        if [[ -z $seen_gpus ]]; then seen_gpus="$(gpu_count)"; fi
+        if [[ "${seen_gpus:-0}" =~ ^[1-9][0-9]*$ ]]; then NUM_GPUS="$seen_gpus"; fi
+    fi
+fi
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+is_int NUM_GPUS "$NUM_GPUS"; is_int NNODES "$NNODES"; is_int NODE_RANK "$NODE_RANK"
+((NUM_GPUS >= 1 && NNODES >= 1)) || die "NUM_GPUS and NNODES must be at least 1"
+((NODE_RANK < NNODES)) || die "NODE_RANK $NODE_RANK must be below NNODES $NNODES"
+WORLD=$((NNODES * NUM_GPUS))
+
+launch=("$PYTHON")
+if ((NNODES > 1)); then
+    [[ -n "${MASTER_ADDR:-}" ]] || die "NNODES=$NNODES needs MASTER_ADDR (the address of the node with NODE_RANK=0)"
+    launch=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK"
+            --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" --nproc_per_node "$NUM_GPUS")
+elif ((NUM_GPUS > 1)); then
+    if [[ -n "${MASTER_PORT:-}" ]]; then
+        launch=("$PYTHON" -m torch.distributed.run --nnodes 1 --node_rank 0
+                --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$MASTER_PORT" --nproc_per_node "$NUM_GPUS")
+    else
+        launch=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NUM_GPUS")
+    fi
+fi
+
+# ---------------------------------------------------------------- data
+SRC="${SRC:-en}"
+TGT="${TGT:-de}"
+WORKSPACE="${WORKSPACE:-$repo/workspace}"
+prepare=()
+if [[ -z "${DATABIN:-}" ]]; then
+    DATABIN="$WORKSPACE/demo_${SRC}_${TGT}/databin"
+    prepare=("$PYTHON" "$repo/scripts/prepare_demo.py" --workspace "$WORKSPACE" --src "$SRC" --tgt "$TGT")
+fi
+OUT_DIR="${OUT_DIR:-$WORKSPACE/train_artifacts}"
+
+# ---------------------------------------------------------------- model and recipe
+if [[ $DEVICE == cuda ]]; then ARCH="${ARCH:-transformer_ds_moe_wmt_en_de}"; else ARCH="${ARCH:-transformer_ds_moe_tiny}"; fi
+DENSE="${DENSE:-0}"
+[[ $DENSE == 0 || $DENSE == 1 ]] || die "DENSE must be 0 or 1 (got '$DENSE')"
+if [[ $ARCH == transformer_ds_moe_tiny ]]; then
+    # scripts/demo.sh's small model: trains to a useful BLEU on the demo corpus on a laptop
+    recipe=(--encoder-embed-dim 128 --decoder-embed-dim 128
+            --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512
+            --encoder-layers 2 --decoder-layers 2
+            --encoder-attention-heads 4 --decoder-attention-heads 4
+            --encoder-normalize-before --decoder-normalize-before --share-all-embeddings
+            --dropout 0.1 --lr 0.003 --warmup-updates 150 --clip-norm 1.0)
+    NUM_EXPERTS="${NUM_EXPERTS:-4}"; MOE_FREQ="${MOE_FREQ:-1}"
+    MAX_UPDATE="${MAX_UPDATE:-2000}"; BENCH_UPDATES="${BENCH_UPDATES:-30}"
+    log_interval=10; save_interval=200
+else
+    # the reference recipe (Vaswani et al. base, WMT16 en-de)
+    recipe=(--dropout 0.3 --weight-decay 0.0001 --lr 5e-4 --warmup-updates 4000 --clip-norm 0.0)
+    NUM_EXPERTS="${NUM_EXPERTS:-8}"; MOE_FREQ="${MOE_FREQ:-2}"
+    MAX_UPDATE="${MAX_UPDATE:-300000}"; BENCH_UPDATES="${BENCH_UPDATES:-200}"
+    log_interval=100; save_interval=1000
+fi
+MOE_MODE="${MOE_MODE:-enc,dec}"
+TOP_K="${TOP_K:-1}"
+is_int NUM_EXPERTS "$NUM_EXPERTS"; is_int TOP_K "$TOP_K"
+((NUM_EXPERTS >= 1)) || die "NUM_EXPERTS must be at least 1"
+if [[ -z "${EP_WORLD_SIZE:-}" ]]; then
+    if ((NUM_EXPERTS % NUM_GPUS == 0)); then EP_WORLD_SIZE=$NUM_GPUS; else EP_WORLD_SIZE=1; fi
+fi
+is_int EP_WORLD_SIZE "$EP_WORLD_SIZE"
+if [[ $DEVICE == cpu ]]; then MAX_TOKENS="${MAX_TOKENS:-2048}"; FP16="${FP16:-0}"; else MAX_TOKENS="${MAX_TOKENS:-4096}"; FP16="${FP16:-1}"; fi
+UPDATE_FREQ="${UPDATE_FREQ:-1}"
+SEED="${SEED:-43821}"
+
+moe_name="moe_g${WORLD}_ep${EP_WORLD_SIZE}_ex${NUM_EXPERTS}_k${TOP_K}_${MOE_MODE//,/}"
+if [[ $DENSE == 1 ]]; then RUN_NAME="${RUN_NAME:-baseline}"; else RUN_NAME="${RUN_NAME:-$moe_name}"; fi
+
+device_args=()
+if [[ $DEVICE == cpu ]]; then
+    device_args=(--cpu --num-workers 0)
+elif [[ $FP16 == 1 ]]; then
+    device_args=(--fp16)
+    # the plugin saves each rank's experts on their own: needs fp16 without a flat fp32 copy
+    if ((EP_WORLD_SIZE > 1)); then device_args+=(--memory-efficient-fp16); fi
+fi
+
+# train_cmd DENSE SAVE_DIR TB_DIR: the training command line in the array `cmd`
+# (no tensorboard logs when TB_DIR is empty)
+train_cmd() {
+    local dense="$1" save_dir="$2" tb_dir="$3" model_args
+    if [[ $dense == 1 ]]; then
+        model_args=(--criterion label_smoothed_cross_entropy --label-smoothing 0.1)
+    else
+        model_args=(--deepspeed_moe "$MOE_MODE" --num-experts "$NUM_EXPERTS" --top-k "$TOP_K"
+                    --moe-freq "$MOE_FREQ" --ep-world-size "$EP_WORLD_SIZE"
+                    --criterion model_and_base
+                    --loss-weights '{"base_crit": 1, "experts_gate_loss": 0.01}'
+                    --base-criterion label_smoothed_cross_entropy
+                    --base-criterion-config '{"label_smoothing": 0.1}')
+    fi
+    cmd=("${launch[@]}" "$repo/user/train.py" "$DATABIN"
+         --task translation_deepspeed --source-lang "$SRC" --target-lang "$TGT"
+         --arch "$ARCH" "${model_args[@]}"
+         --optimizer adam --adam-betas '(0.9, 0.98)'
+         --lr-scheduler inverse_sqrt --warmup-init-lr 1e-07 "${recipe[@]}"
+         --max-tokens "$MAX_TOKENS" --update-freq "$UPDATE_FREQ" --max-update "$MAX_UPDATE"
+         --seed "$SEED" --ddp-backend legacy_ddp ${device_args[@]+"${device_args[@]}"}
+         --log-format simple --log-interval "$log_interval"
+         --save-dir "$save_dir" --save-interval-updates "$save_interval"
+         --keep-interval-updates 1 --no-epoch-checkpoints)
+    if [[ -n $tb_dir ]]; then cmd+=(--tensorboard-logdir "$tb_dir"); fi
+}
+
+prepare_data() {
+    if ((${#prepare[@]})); then
+        if dry; then show "${prepare[@]}"; else "${prepare[@]}"; fi
+    fi
+    dry || [[ -f "$DATABIN/dict.$SRC.txt" ]] || die "DATABIN=$DATABIN holds no dict.$SRC.txt: is it a fairseq-preprocess output?"
+}
+
+SAVE_DIR="$OUT_DIR/checkpoints/$ARCH-$RUN_NAME"
+TB_DIR="$OUT_DIR/tb/$ARCH-$RUN_NAME"
+
+do_train() {
+    prepare_data
+    train_cmd "$DENSE" "$SAVE_DIR" "$TB_DIR"
+    cmd+=("$@")
+    if dry; then show "${cmd[@]}"; return; fi
+    if [[ -f "$SAVE_DIR/checkpoint_last.pt" ]]; then
+        note "resuming from $SAVE_DIR/checkpoint_last.pt"
+    fi
+    note "training $ARCH-$RUN_NAME on $DEVICE, $WORLD process(es) -> $SAVE_DIR"
+    "${cmd[@]}"
+}
+
+do_generate() {
+    prepare_data
+    local ckpt="$SAVE_DIR/checkpoint_best.pt"
+    [[ -f $ckpt ]] || ckpt="$SAVE_DIR/checkpoint_last.pt"
+    dry || [[ -f $ckpt ]] || die "no checkpoint_best.pt or checkpoint_last.pt in $SAVE_DIR: train first (same variables)"
+    local gen="$SAVE_DIR/generate-test.txt" ref="${REF:-$(dirname "$DATABIN")/raw/test.$TGT}"
+    cmd=("$PYTHON" "$repo/user/generate.py" "$DATABIN"
+         --task translation_deepspeed --source-lang "$SRC" --target-lang "$TGT"
+         --path "$ckpt" --gen-subset test
+         --beam "${BEAM:-4}" --lenpen "${LENPEN:-0.6}" --max-len-a 1.2 --max-len-b 10 --batch-size 64)
+    if [[ -f "$DATABIN/spm.model" ]] || dry; then
+        cmd+=(--bpe sentencepiece --sentencepiece-model "$DATABIN/spm.model")
+    fi
+    if [[ $DEVICE == cpu ]]; then cmd+=(--cpu --num-workers 0); elif [[ $FP16 == 1 ]]; then cmd+=(--fp16); fi
+    cmd+=("$@")
+    local score=(bash "$repo/scripts/sacrebleu.sh" "$gen" "$ref" "$SRC" "$TGT")
+    if dry; then show "${cmd[@]}"; show "${score[@]}"; return; fi
+    note "translating the test split with $ckpt"
+    "${cmd[@]}" > "$gen.tmp"
+    mv "$gen.tmp" "$gen"
+    note "translations in $gen"
+    if [[ ! -f $ref ]]; then
+        note "no reference $ref: set REF to the plain-text test.$TGT to score"
+        return
+    fi
+    "${score[@]}" | tee "$SAVE_DIR/generate-test.bleu"
+}
+
+do_bench() {
+    prepare_data
+    local kind dense logs=() names=()
+    mkdir -p "$OUT_DIR/bench"
+    for kind in dense moe; do
+        if [[ $kind == dense ]]; then dense=1; else dense=0; fi
+        train_cmd "$dense" "$OUT_DIR/bench/$ARCH-$kind" ""
+        cmd+=(--max-update "$BENCH_UPDATES" --no-save --disable-validation --log-interval 1 "$@")
+        if dry; then show "${cmd[@]}"; continue; fi
+        local log="$OUT_DIR/bench/$ARCH-$kind.log"
+        note "bench: $kind, $BENCH_UPDATES updates -> $log"
+        "${cmd[@]}" > "$log" 2>&1 || { tail -n 30 "$log" >&2; die "bench: the $kind run failed (log: $log)"; }
+        logs+=("$log"); names+=("$kind")
+    done
+    dry && return
+    echo "bench: $ARCH on $DEVICE, $WORLD process(es), MAX_TOKENS $MAX_TOKENS, UPDATE_FREQ $UPDATE_FREQ, $BENCH_UPDATES updates;"
+    echo "       MoE: $MOE_MODE, $NUM_EXPERTS experts, top-$TOP_K, MOE_FREQ $MOE_FREQ, EP $EP_WORLD_SIZE"
+    "$PYTHON" - "${names[@]}" "${logs[@]}" <<'EOF'
+import re, statistics, sys
+n = (len(sys.argv) - 1) // 2
+names, logs = sys.argv[1:1 + n], sys.argv[1 + n:]
+rows = []
+for name, path in zip(names, logs):
+    total, inner = None, []
+    for line in open(path, encoding="utf-8", errors="replace"):
+        # fairseq's simple log: "| train_inner | ... wps=N, ..." per interval, "| train | ... | wps N |" at the end
+        m = re.search(r"\| train_inner \|.*\bwps=([0-9.]+)", line)
+        if m:
+            inner.append(float(m.group(1)))
+        m = re.search(r"\| train \|.*\| wps ([0-9.]+) \|", line)
+        if m:
+            total = float(m.group(1))
+    steady = statistics.median(inner[1:]) if len(inner) > 1 else None
+    rows.append((name, total, steady))
+fmt = lambda v: "-" if v is None else f"{v:,.0f}"
+print(f"{'model':<8}{'wps (all updates)':>20}{'wps (median, from update 2)':>30}")
+for name, total, steady in rows:
+    print(f"{name:<8}{fmt(total):>20}{fmt(steady):>30}")
+d, m = rows[0], rows[1]
+if d[1] and m[1]:
+    print(f"moe/dense: {m[1] / d[1]:.2f}x (all updates)")
+EOF
+}
+
+case "$MODE" in
+    train) do_train "$@" ;;
+    generate) do_generate "$@" ;;
+    bench) do_bench "$@" ;;
+esac
