@@ -113,6 +113,37 @@ def _gathering(main):
     return gathered_main
 
 
+def _value(argv: List[str], flag: str) -> Optional[str]:
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def check_argv(argv: List[str], cuda: bool) -> None:
+    """Checks on the raw command line, before fairseq parses it.
+
+    Raises:
+        MoEArgumentError: naming the flag and the fix.
+    """
+    from .moe_options import MoEArgumentError
+
+    arch = _value(argv, "--arch") or _value(argv, "-a")
+    if _given(argv, "--deepspeed_moe") and arch and not arch.startswith("transformer_ds_moe"):
+        raise MoEArgumentError(
+            f"--deepspeed_moe needs a transformer_ds_moe_* architecture, not --arch {arch}: "
+            f"use --arch transformer_ds_moe{arch[len('transformer'):] if arch.startswith('transformer') else ''}"
+        )
+    half = [f for f in ("--fp16", "--memory-efficient-fp16") if _given(argv, f)]
+    if half and (not cuda or _given(argv, "--cpu")):
+        raise MoEArgumentError(
+            f"{half[0]} needs a CUDA GPU (fairseq's fp16 training does not run on the CPU): "
+            "drop it to train in fp32 on the CPU"
+        )
+
+
 def check_args(args) -> None:
     """Check the MoE and ``model_and_base`` flags on parsed ``args``.
 
@@ -133,6 +164,26 @@ def check_args(args) -> None:
         ARCH_CONFIG_REGISTRY[arch](filled)
         if options_from_args(filled).sides:
             produced.append(GATE_LOSS)
+    data = getattr(args, "data", None)
+    if getattr(args, "task", None) == "translation_deepspeed" and data:
+        first = data.split(":")[0]
+        if not os.path.isdir(first):
+            from .moe_options import MoEArgumentError
+
+            raise MoEArgumentError(
+                f"data directory {first} does not exist: give the databin that "
+                "fairseq-preprocess wrote (e.g. bash prepare-wmt16ende.sh, or "
+                "python scripts/prepare_demo.py for the demo corpus)"
+            )
+        have = sorted(f[5:-4] for f in os.listdir(first) if f.startswith("dict.") and f.endswith(".txt"))
+        for flag, lang in (("--source-lang", args.source_lang), ("--target-lang", args.target_lang)):
+            if lang is not None and lang not in have:
+                from .moe_options import MoEArgumentError
+
+                raise MoEArgumentError(
+                    f"{flag} {lang}: {first} has no dict.{lang}.txt; its languages are "
+                    f"{', '.join(have) or 'none (no dict.*.txt)'}"
+                )
     upcycle = getattr(args, "upcycle_from", None)
     if upcycle is not None and not os.path.isfile(upcycle):
         from .moe_options import MoEArgumentError
@@ -163,6 +214,11 @@ def run(cli: str, argv: Optional[List[str]] = None) -> None:
 
     argv = with_user_dir(sys.argv[1:] if argv is None else argv)
     argv += launcher_args(argv, os.environ, torch.cuda.is_available())
+    try:
+        check_argv(argv, torch.cuda.is_available())
+    except MoEArgumentError as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(2)
     if cli == "train":
         import fairseq_cli.train as fairseq_cli_module
 

@@ -40,6 +40,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -58,7 +59,10 @@ _SHARD_FILE = re.compile(r"^experts\.([0-9A-Za-z-]+)\.(\d+)-of-(\d+)\.pt$")
 
 # The running process's expert-parallel layout (set when the task builds a
 # model): checkpoints of another layout are converted when they are loaded.
-_current = {"ep_size": None, "num_experts": None, "param_names": None}
+_current = {"ep_size": None, "num_experts": None, "param_names": None, "vocab": None}
+# True while fairseq's trainer loads a checkpoint into the model just built
+# (only then is _current the model the checkpoint goes into).
+_training_load = [False]
 
 
 class ExpertCheckpointError(RuntimeError):
@@ -497,7 +501,10 @@ def set_current_layout(model) -> None:
     the order fairseq's optimizer sees them."""
     opts = model.moe_opts
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    _current.update(ep_size=opts.ep_size, num_experts=opts.num_experts, param_names=names)
+    vocab = {f"{side}.embed_tokens.weight": getattr(model, side).embed_tokens.num_embeddings
+             for side in ("encoder", "decoder")}
+    _current.update(ep_size=opts.ep_size, num_experts=opts.num_experts, param_names=names,
+                    vocab=vocab)
 
 
 def _dist_rank() -> int:
@@ -559,26 +566,27 @@ def wrap_load_checkpoint_to_cpu(original):
     another expert-parallel layout into the running one (rank 0's part)."""
 
     def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
-        state = original(path, arg_overrides, load_on_all_ranks)
+        try:
+            state = original(path, arg_overrides, load_on_all_ranks)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise ExpertCheckpointError(
+                f"cannot read checkpoint {path} ({type(e).__name__}: {e}): the file is "
+                "truncated or corrupt. To go on from an older one, pass it with "
+                "--restore-file (e.g. an interval checkpoint checkpoint_<epoch>_<updates>.pt) "
+                "or move this file away"
+            ) from e
         extra = state.get("extra_state") or {}
         info = extra.get(SHARD_KEY)
         ckpt_ep = info["ep_size"] if info else 1
-        cur_ep = _current["ep_size"]
         if info:
             info["directory"] = os.path.dirname(os.path.abspath(path))
-        if _current["num_experts"] and state.get("model") and is_dense_state(state["model"]):
-            raise ExpertCheckpointError(
-                f"{path} is a dense checkpoint (no MoE layer) but the model has "
-                f"--num-experts {_current['num_experts']}: to start an MoE model from it, "
-                f"use --upcycle-from {path} (with a new --save-dir)"
-            )
-        if _current["num_experts"] is not None and state.get("model"):
-            n_ckpt = info["num_experts"] if info else _count_experts(state["model"])
-            if n_ckpt and n_ckpt != _current["num_experts"]:
-                raise ExpertCheckpointError(
-                    f"{path} has {n_ckpt} experts per MoE layer but the model has "
-                    f"{_current['num_experts']}: use --num-experts {n_ckpt}"
-                )
+        if not _training_load[0]:
+            cur_ep = None  # generation, hub, tools: the layout follows the processes
+        else:
+            cur_ep = _current["ep_size"]
+            _check_against_model(state, info, path)
         if cur_ep is None:
             # nothing built yet (generation, hub): keep the checkpoint's layout if
             # this run's processes can hold it, else consolidate into each process
@@ -601,6 +609,38 @@ def wrap_load_checkpoint_to_cpu(original):
 
     load_checkpoint_to_cpu.wrapped = original
     return load_checkpoint_to_cpu
+
+
+def _check_against_model(state: dict, info: Optional[dict], path: str) -> None:
+    """Refuse, with the flag to change, a checkpoint that cannot fit the model just built."""
+    if not _current["num_experts"] or not state.get("model"):
+        return
+    if is_dense_state(state["model"]):
+        raise ExpertCheckpointError(
+            f"{path} is a dense checkpoint (no MoE layer) but the model has "
+            f"--num-experts {_current['num_experts']}: to start an MoE model from it, "
+            f"use --upcycle-from {path} (with a new --save-dir)"
+        )
+    n_ckpt = info["num_experts"] if info else _count_experts(state["model"])
+    if n_ckpt and n_ckpt != _current["num_experts"]:
+        raise ExpertCheckpointError(
+            f"{path} has {n_ckpt} experts per MoE layer but the model has "
+            f"{_current['num_experts']}: use --num-experts {n_ckpt}"
+        )
+    _check_dictionary(state, path)
+
+
+def _check_dictionary(state: dict, path: str) -> None:
+    """A checkpoint's embedding tables must match the running model's dictionaries."""
+    want = _current.get("vocab") or {}
+    model = state.get("model") or {}
+    for key, size in want.items():
+        if key in model and model[key].shape[0] != size:
+            raise ExpertCheckpointError(
+                f"{path}: {key} has {model[key].shape[0]} rows but the dictionary in the "
+                f"data directory has {size} symbols: use the binarized data (dict.*.txt) "
+                "the checkpoint was trained with"
+            )
 
 
 def _count_experts(model_state: dict) -> int:
@@ -647,7 +687,11 @@ def wrap_load_checkpoint(original):
     """``checkpoint_utils.load_checkpoint`` that then gives every rank its experts."""
 
     def load_checkpoint(cfg, trainer, **passthrough):
-        extra_state, epoch_itr = original(cfg, trainer, **passthrough)
+        _training_load[0] = True
+        try:
+            extra_state, epoch_itr = original(cfg, trainer, **passthrough)
+        finally:
+            _training_load[0] = False
         task = trainer.task
         dense = getattr(getattr(task, "cfg", None), "upcycle_from", None)
         if extra_state is None and dense:
@@ -683,10 +727,43 @@ def _upcycle(model, path: str) -> None:
                 f"{len(fresh)} router tensors start fresh")
 
 
+class _AtomicCopyPathManager:
+    """fairseq's ``PathManager`` whose ``copy`` of local files is atomic.
+
+    fairseq writes a save's first file atomically but then *copies* it to
+    ``checkpoint_last.pt`` etc. with a plain copy: a kill during the copy
+    leaves a truncated ``checkpoint_last.pt`` that the next run cannot load.
+    """
+
+    def __init__(self, base):
+        self._base = base
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
+
+    def copy(self, src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+        if "://" in str(src_path) or "://" in str(dst_path):
+            return self._base.copy(src_path, dst_path, overwrite=overwrite)
+        if os.path.exists(dst_path) and not overwrite:
+            return False
+        tmp = f"{dst_path}.tmp.{os.getpid()}"
+        try:
+            shutil.copyfile(src_path, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, dst_path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return True
+
+
 def install() -> None:
     """Wrap fairseq's checkpoint functions once (idempotent)."""
     from fairseq import checkpoint_utils as cu
 
+    if not isinstance(cu.PathManager, _AtomicCopyPathManager):
+        cu.PathManager = _AtomicCopyPathManager(cu.PathManager)
     if not hasattr(cu.save_checkpoint, "wrapped"):
         cu.save_checkpoint = wrap_save_checkpoint(cu.save_checkpoint)
     if not hasattr(cu.load_checkpoint, "wrapped"):

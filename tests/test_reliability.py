@@ -1,0 +1,119 @@
+# Copyright (c) the fairseq-moe plugin authors.
+#
+# This source code is licensed under the MIT license found in the
+# LICENSE file in the root directory of this source tree.
+"""Bad input is refused before any work with one clear line; damaged or
+mismatched checkpoints are refused naming the file; fairseq's checkpoint
+copies are atomic."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import USER_DIR, run_cli
+from test_cli import MODEL
+
+
+def refused(tiny_data, tmp_path, *args, data=None):
+    save = tmp_path / "fresh"
+    proc = run_cli(["python", USER_DIR / "train.py", data or tiny_data["databin"], *args,
+                    "--save-dir", save, "--max-update", "2"], check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not save.exists(), "nothing may be written"
+    return last
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("args,message", [
+    (["--arch", "transformer", "--deepspeed_moe", "enc"],
+     "--deepspeed_moe needs a transformer_ds_moe_* architecture, not --arch transformer: use --arch transformer_ds_moe"),
+    ([*MODEL, "--fp16"], "--fp16 needs a CUDA GPU"),
+    ([*MODEL, "--top-k", "5"], "--top-k 5 is out of range"),
+    ([*MODEL, "-s", "en", "-t", "fr"], "--target-lang fr: "),
+])
+def test_bad_input_is_one_clear_line_before_any_work(tiny_data, tmp_path, args, message):
+    assert message in refused(tiny_data, tmp_path, *args)
+
+
+@pytest.mark.timeout(120)
+def test_missing_data_directory(tiny_data, tmp_path):
+    last = refused(tiny_data, tmp_path, *MODEL, data=tmp_path / "nope")
+    assert "data directory" in last and "does not exist" in last
+
+
+@pytest.fixture(scope="module")
+def trained_once(tiny_data, tmp_path_factory):
+    save = tmp_path_factory.mktemp("rel") / "ckpt"
+    run_cli(["python", USER_DIR / "train.py", tiny_data["databin"], *MODEL, "--save-dir", save,
+             "--max-update", "2"])
+    return save
+
+
+def resume(tiny_data, save, *extra):
+    return run_cli(["python", USER_DIR / "train.py", tiny_data["databin"], *MODEL, "--save-dir", save,
+                    "--max-update", "4", *extra], check=False)
+
+
+@pytest.mark.timeout(300)
+def test_truncated_checkpoint_is_named_and_left_alone(tiny_data, trained_once, tmp_path):
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    data = (trained_once / "checkpoint_last.pt").read_bytes()
+    (save / "checkpoint_last.pt").write_bytes(data[: len(data) // 2])
+    proc = resume(tiny_data, save)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "cannot read checkpoint" in last and "checkpoint_last.pt" in last and "--restore-file" in last
+    assert (save / "checkpoint_last.pt").stat().st_size == len(data) // 2, "the file is kept for the user"
+
+
+@pytest.mark.timeout(300)
+def test_checkpoint_with_another_number_of_experts(tiny_data, trained_once, tmp_path):
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    (save / "checkpoint_last.pt").write_bytes((trained_once / "checkpoint_last.pt").read_bytes())
+    proc = resume(tiny_data, save, "--num-experts", "2")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "has 4 experts per MoE layer but the model has 2: use --num-experts 4" in last
+
+
+@pytest.mark.timeout(300)
+def test_checkpoint_with_another_dictionary(tiny_data, trained_once, tmp_path):
+    # the same data with a smaller dictionary
+    other = tmp_path / "databin"
+    raw = tiny_data["raw"]
+    run_cli(["fairseq-preprocess", "--source-lang", "en", "--target-lang", "de",
+             "--trainpref", raw / "train", "--validpref", raw / "valid", "--destdir", other,
+             "--joined-dictionary", "--nwordssrc", "200", "--workers", "1"])
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    (save / "checkpoint_last.pt").write_bytes((trained_once / "checkpoint_last.pt").read_bytes())
+    proc = run_cli(["python", USER_DIR / "train.py", other, *MODEL, "--save-dir", save,
+                    "--max-update", "4"], check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "embed_tokens.weight has" in last and "dict.*.txt" in last
+
+
+def test_checkpoint_copies_are_atomic(tmp_path, monkeypatch):
+    from fairseq import checkpoint_utils
+
+    src, dst = tmp_path / "a.pt", tmp_path / "checkpoint_last.pt"
+    src.write_bytes(b"x" * 1000)
+    dst.write_bytes(b"old")
+    calls = []
+    real_replace = os.replace
+
+    def replace(a, b):
+        calls.append((a, b))
+        assert dst.read_bytes() == b"old", "the destination is untouched until the rename"
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    assert checkpoint_utils.PathManager.copy(str(src), str(dst), overwrite=True)
+    assert dst.read_bytes() == b"x" * 1000 and len(calls) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "checkpoint_last.pt"]
