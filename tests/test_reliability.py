@@ -117,3 +117,16 @@ def test_checkpoint_copies_are_atomic(tmp_path, monkeypatch):
     assert checkpoint_utils.PathManager.copy(str(src), str(dst), overwrite=True)
     assert dst.read_bytes() == b"x" * 1000 and len(calls) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "checkpoint_last.pt"]
+
+
+@pytest.mark.timeout(300)
+def test_restarting_a_finished_run_changes_nothing(tiny_data, trained_once, tmp_path):
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    before = (trained_once / "checkpoint_last.pt").read_bytes()
+    (save / "checkpoint_last.pt").write_bytes(before)
+    proc = run_cli(["python", USER_DIR / "train.py", tiny_data["databin"], *MODEL, "--save-dir", save,
+                    "--max-update", "2"])
+    assert "nothing to train" in proc.stdout + proc.stderr
+    assert (save / "checkpoint_last.pt").read_bytes() == before
+    assert '"num_updates": "3"' not in proc.stdout

@@ -693,6 +693,7 @@ def wrap_load_checkpoint(original):
         finally:
             _training_load[0] = False
         task = trainer.task
+        _stop_if_finished(trainer)
         dense = getattr(getattr(task, "cfg", None), "upcycle_from", None)
         if extra_state is None and dense:
             _upcycle(trainer.get_model(), dense)
@@ -715,6 +716,21 @@ def wrap_load_checkpoint(original):
 
     load_checkpoint.wrapped = original
     return load_checkpoint
+
+
+def _stop_if_finished(trainer) -> None:
+    """A run restarted after reaching ``--max-update`` must not train at all.
+
+    fairseq checks ``--max-update`` only after an update, so restarting a
+    finished run (e.g. run.sh's automatic resume) made one more update and
+    overwrote the final checkpoint. ``max_epoch = -1`` ends fairseq's epoch
+    loop before it starts.
+    """
+    opt = trainer.cfg.optimization
+    if opt.max_update > 0 and trainer.get_num_updates() >= opt.max_update:
+        logger.info(f"the checkpoint is at {trainer.get_num_updates()} updates, --max-update "
+                    f"{opt.max_update} is reached: nothing to train")
+        opt.max_epoch = -1
 
 
 def _upcycle(model, path: str) -> None:

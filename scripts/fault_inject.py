@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+# Copyright (c) the fairseq-moe plugin authors.
+#
+# This source code is licensed under the MIT license found in the
+# LICENSE file in the root directory of this source tree.
+"""``user/train.py`` that kills itself (SIGKILL) at a chosen point, for
+scripts/fault_run.py. Not part of the plugin.
+
+Environment:
+    FAULT_MODE    forward | save | copy | shard | none
+    FAULT_UPDATE  the update at which to strike: ``forward`` kills during the
+                  forward pass of that update; ``save`` half-way through writing
+                  the checkpoint of that update; ``copy`` half-way through
+                  copying it to its other names (checkpoint_last.pt); ``shard``
+                  (expert parallel) half-way through writing an expert shard
+    FAULT_RANK    which rank strikes [0]
+"""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODE = os.environ.get("FAULT_MODE", "none")
+UPDATE = int(os.environ.get("FAULT_UPDATE", "0"))
+RANK = int(os.environ.get("FAULT_RANK", "0"))
+
+
+def _die(half_written=None):
+    if half_written is not None:
+        with open(half_written, "wb") as f:
+            f.write(b"PK\x03\x04 half a checkpoint")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _mine() -> bool:
+    return int(os.environ.get("RANK", "0")) == RANK
+
+
+def install(state):
+    """Patch the fault point; ``state["updates"]`` tracks the trainer's updates."""
+    from fairseq import checkpoint_utils
+    from fairseq.trainer import Trainer
+
+    from user import expert_checkpoint
+
+    train_step = Trainer.train_step
+
+    def counted_train_step(self, samples, *a, **kw):
+        state["updates"] = self.get_num_updates() + 1  # the update being made
+        if MODE == "forward" and state["updates"] == UPDATE and _mine():
+            model = self.get_model()
+            hook = model.register_forward_hook(lambda *_: _die())
+            try:
+                return train_step(self, samples, *a, **kw)
+            finally:
+                hook.remove()
+        return train_step(self, samples, *a, **kw)
+
+    Trainer.train_step = counted_train_step
+
+    save = checkpoint_utils.torch_persistent_save
+
+    def persistent_save(obj, filename, *a, **kw):
+        if MODE == "save" and state["updates"] == UPDATE and _mine():
+            _die(f"{filename}.tmp")
+        return save(obj, filename, *a, **kw)
+
+    checkpoint_utils.torch_persistent_save = persistent_save
+
+    copy = expert_checkpoint._AtomicCopyPathManager.copy
+
+    def half_copy(self, src, dst, overwrite=False):
+        if MODE == "copy" and state["updates"] == UPDATE and _mine():
+            _die(f"{dst}.tmp.{os.getpid()}")
+        return copy(self, src, dst, overwrite)
+
+    expert_checkpoint._AtomicCopyPathManager.copy = half_copy
+
+    atomic = expert_checkpoint.atomic_save
+
+    def half_shard(obj, path):
+        if MODE == "shard" and state["updates"] == UPDATE and _mine():
+            _die(f"{path}.tmp.{os.getpid()}")
+        return atomic(obj, path)
+
+    expert_checkpoint.atomic_save = half_shard
+
+
+def main():
+    import fairseq_cli.train  # noqa: F401  (fairseq's logging setup, as user/train.py)
+
+    from user.entry import run
+
+    install({"updates": 0})
+
+    run("train")
+
+
+if __name__ == "__main__":
+    main()

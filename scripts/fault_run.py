@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+# Copyright (c) the fairseq-moe plugin authors.
+#
+# This source code is licensed under the MIT license found in the
+# LICENSE file in the root directory of this source tree.
+"""Kill training again and again; check that nothing is lost.
+
+    python scripts/fault_run.py DATABIN --workdir W [--kills 10] [--nproc 2] [--max-update 30]
+
+Runs the same small MoE training twice: once uninterrupted, once killed with
+SIGKILL at least ``--kills`` times (a random mix of: during a forward pass,
+half-way through writing a checkpoint, half-way through copying it to
+checkpoint_last.pt, half-way through writing an expert shard (EP), and at a
+random moment from outside) and restarted each time from its
+checkpoint_last.pt. After every kill the checkpoint on disk must load (shared
+file and shards matching); at the end the interrupted run's losses and
+weights must equal the uninterrupted run's exactly (CPU, fp32, same seed).
+Prints a JSON summary; exits 1 on any difference.
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PY = REPO / ".venv" / "bin" / "python"
+
+MODEL = [
+    "--task", "translation_deepspeed", "--arch", "transformer_ds_moe_tiny",
+    "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
+    "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "24",
+    "--encoder-layers", "1", "--decoder-layers", "1",
+    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+    "--deepspeed_moe", "enc,dec", "--num-experts", "4", "--moe-freq", "1",
+    "--criterion", "model_and_base", "--loss-weights", '{"base_crit": 1, "experts_gate_loss": 0.1}',
+    "--optimizer", "adam", "--lr", "0.003", "--max-tokens", "400", "--seed", "7", "--dropout", "0.1",
+    "--log-format", "json", "--log-interval", "1", "--no-progress-bar", "--num-workers", "0",
+    "--save-interval-updates", "2", "--keep-interval-updates", "2", "--no-epoch-checkpoints",
+    "--disable-validation",
+]
+
+
+def python() -> str:
+    return str(PY) if PY.exists() else sys.executable
+
+
+def command(databin, save, max_update, nproc, port):
+    args = [str(databin), *MODEL, "--save-dir", str(save), "--max-update", str(max_update)]
+    script = str(REPO / "scripts" / "fault_inject.py")
+    if nproc == 1:
+        return [python(), script, *args]
+    return [python(), "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(port), script, *args, "--ep-world-size", str(nproc)]
+
+
+def losses(text):
+    found = {}
+    for line in text.splitlines():
+        m = re.search(r"\| train_inner \| (\{.*\})$", line)
+        if m:
+            rec = json.loads(m.group(1))
+            found[int(rec["num_updates"])] = rec["loss"]
+    return found
+
+
+def env(**extra):
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def checkpoint_updates(save: Path) -> int:
+    """Updates of checkpoint_last.pt, after checking that it and its shards load."""
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from user import expert_checkpoint as ec
+
+    last = save / "checkpoint_last.pt"
+    if not last.exists():
+        return 0
+    state = torch.load(last, map_location="cpu", weights_only=False)  # raises if truncated
+    info = state["extra_state"].get(ec.SHARD_KEY)
+    if info:
+        ec.gather(state, ec.read_all_shards(str(save), info))  # every shard present and matching
+    return int(state["optimizer_history"][-1]["num_updates"])
+
+
+def consolidated(save: Path):
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from user import expert_checkpoint as ec
+
+    state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    info = state["extra_state"].get(ec.SHARD_KEY)
+    return ec.gather(state, ec.read_all_shards(str(save), info)) if info else state
+
+
+def run(cmd, timeout, kill_after=None):
+    """Run ``cmd`` (its own process group); SIGKILL the group after ``kill_after`` s.
+    Its output is also kept in ``run.logdir``."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env(**run.extra), cwd=REPO, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=kill_after if kill_after is not None else timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        if kill_after is None:
+            raise RuntimeError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-3000:]}")
+    if run.logdir is not None:
+        run.logdir.mkdir(parents=True, exist_ok=True)
+        n = len(list(run.logdir.iterdir()))
+        (run.logdir / f"{n:03d}.log").write_text(
+            f"# {run.extra} kill_after={kill_after} rc={proc.returncode}\n{out}")
+    return proc.returncode, out
+
+
+run.extra = {}
+run.logdir = None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("databin")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--kills", type=int, default=10)
+    p.add_argument("--nproc", type=int, default=1, help="processes (2 = expert parallel EP=2)")
+    p.add_argument("--max-update", type=int, default=30)
+    p.add_argument("--seed", type=int, default=1, help="seed of the fault schedule")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per launch")
+    args = p.parse_args(argv)
+    rng = random.Random(args.seed)
+    work = Path(args.workdir)
+    ref, faulty = work / "uninterrupted", work / "interrupted"
+    port = 29600 + os.getpid() % 1000
+    start = time.time()
+    run.logdir = work / "logs"
+
+    rc, out = run(command(args.databin, ref, args.max_update, args.nproc, port), args.timeout)
+    if rc != 0:
+        raise SystemExit(f"uninterrupted run failed ({rc}):\n{out[-3000:]}")
+    want = losses(out)
+
+    modes = ["forward", "save", "copy", "time"] + (["shard"] if args.nproc > 1 else [])
+    kills, log, got, mismatched = 0, [], {}, []
+
+    def record(text):
+        for u, v in losses(text).items():  # replayed updates must repeat exactly
+            if u in got and got[u] != v:
+                mismatched.append((u, got[u], v))
+            got[u] = v
+    while True:
+        done = checkpoint_updates(faulty)
+        left = args.max_update - done
+        if kills >= args.kills or left < 2:
+            run.extra = {"FAULT_MODE": "none"}
+            rc, out = run(command(args.databin, faulty, args.max_update, args.nproc, port + 1 + kills),
+                          args.timeout)
+            if rc != 0:
+                raise SystemExit(f"final run failed ({rc}):\n{out[-3000:]}")
+            record(out)
+            break
+        mode = rng.choice(modes)
+        # saves happen at even updates (--save-interval-updates 2)
+        target = done + rng.randint(1, min(left, 6))
+        if mode in ("save", "copy", "shard"):
+            target += target % 2
+            target = min(target, args.max_update - (args.max_update % 2))
+        # fairseq writes the shared file from rank 0; each of the E ranks its shard
+        rank = 0 if mode in ("save", "copy") else rng.randrange(args.nproc)
+        run.extra = {"FAULT_MODE": mode if mode != "time" else "none", "FAULT_UPDATE": target,
+                     "FAULT_RANK": rank}
+        kill_after = rng.uniform(4.0, 12.0) if mode == "time" else None
+        rc, out = run(command(args.databin, faulty, args.max_update, args.nproc, port + 1 + kills),
+                      args.timeout, kill_after=kill_after)
+        record(out)
+        if rc == 0:  # the run finished before the fault struck: start over from there
+            log.append({"mode": mode, "update": target, "killed": False})
+            if checkpoint_updates(faulty) >= args.max_update and kills >= args.kills:
+                break
+            continue
+        kills += 1
+        after = checkpoint_updates(faulty)  # must load: never truncated or mismatched
+        log.append({"mode": mode, "update": target, "killed": True, "checkpoint_updates": after})
+        print(f"kill {kills}: {mode} at update {target}; checkpoint_last.pt at {after}", flush=True)
+
+    final = args.max_update
+    same_loss = got.get(final) is not None and got.get(final) == want.get(final)
+    same_all = not mismatched and all(got[u] == want.get(u) for u in got)
+    import torch
+
+    a, b = consolidated(ref), consolidated(faulty)
+    same_weights = a["model"].keys() == b["model"].keys() and all(
+        torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    summary = {"nproc": args.nproc, "kills": kills, "max_update": final,
+               "final_loss": {"uninterrupted": want.get(final), "interrupted": got.get(final)},
+               "same_final_loss": same_loss, "every_logged_update_same": same_all,
+               "updates_logged": len(got),
+               "same_weights": same_weights, "faults": log,
+               "seconds": round(time.time() - start, 1)}
+    print(json.dumps(summary, indent=1))
+    if not (same_loss and same_all and same_weights and kills >= args.kills):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
