@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export DS_BUILD_OPS := 0
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	bash scripts/demo.sh
+
+# dense vs MoE with the same settings: workspace/bench/bench.{md,json,png}
+bench: $(STAMP)
+	$(PY) scripts/bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,261 @@
+#!/usr/bin/env python3
+# Copyright (c) the fairseq-moe plugin authors.
+#
+# This source code is licensed under the MIT license found in the
+# LICENSE file in the root directory of this source tree.
+"""The "Expected results" table, dense vs MoE, produced from real runs (`make bench`).
+
+    python scripts/bench.py [--databin DIR] [--out DIR] [--updates N] [--experts E]
+
+Trains a dense Transformer and the same architecture with DeepSpeed MoE in
+every encoder and decoder layer, with identical settings, for a fixed budget
+of updates, validating (loss and detokenized BLEU with beam search) every
+``--valid-interval`` updates. From the runs' own fairseq logs it writes
+``bench.json``, ``bench.md`` (the table of the reference README: train tokens
+per batch, train and validation tokens/s, best valid BLEU with its update and
+epoch, the dense model's best BLEU as the comparable mark and the update at
+which each run first reached it, experts, seconds per update) and
+``bench.png`` (valid BLEU and loss against updates; tokens/s bars), labelled
+with the hardware and settings. Defaults fit a CPU with the bundled demo
+corpus; on GPUs pass the WMT databin and a larger model through ``--extra``.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def python() -> str:
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def parse_log(text: str) -> dict:
+    """fairseq json log lines -> {"train_inner": [...], "valid": [...], "train": [...]}."""
+    out = {"train_inner": [], "valid": [], "train": []}
+    for line in text.splitlines():
+        m = re.search(r"\| (train_inner|valid|train) \| (\{.*\})$", line)
+        if m:
+            kind = m.group(1)
+            out[kind].append({(k[len(kind) + 1:] if k.startswith(kind + "_") else k): _num(v)
+                              for k, v in json.loads(m.group(2)).items()})
+    return out
+
+
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+def summarize(log: dict, comparable: float = None) -> dict:
+    """One row of the table from a parsed log."""
+    inner = log["train_inner"]
+    steady = inner[1:] or inner  # the first interval includes start-up
+    valid = [v for v in log["valid"] if "bleu" in v]
+    best = max(valid, key=lambda v: v["bleu"]) if valid else {}
+    row = {
+        "updates": int(inner[-1]["num_updates"]) if inner else 0,
+        "train_tokens_per_batch": _mean(v["wpb"] for v in steady),
+        "train_tokens_per_sec": _mean(v["wps"] for v in steady),
+        "valid_tokens_per_sec": _mean(v["wps"] for v in log["valid"]),
+        "best_valid_bleu": best.get("bleu"),
+        "updates_to_best": int(best["num_updates"]) if best else None,
+        "epochs_to_best": int(best["epoch"]) if best else None,
+        "seconds_per_update": (sum(v.get("wall", 0) for v in log["train"])
+                               / max(1, int(inner[-1]["num_updates"]) if inner else 1)),
+        "valid_curve": [(int(v["num_updates"]), v.get("bleu"), v.get("nll_loss", v.get("loss")))
+                        for v in log["valid"]],
+    }
+    if comparable is not None:
+        reached = [v for v in valid if v["bleu"] >= comparable]
+        row["comparable_bleu"] = comparable
+        row["updates_to_comparable"] = int(reached[0]["num_updates"]) if reached else None
+    return row
+
+
+def _mean(values):
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def train(name: str, args, moe: bool) -> dict:
+    save = Path(args.out) / name
+    cmd = [python(), str(REPO / "user" / "train.py"), args.databin,
+           "--task", "translation_deepspeed", "--source-lang", args.src, "--target-lang", args.tgt,
+           "--arch", args.arch, "--share-all-embeddings",
+           "--encoder-embed-dim", str(args.dim), "--decoder-embed-dim", str(args.dim),
+           "--encoder-ffn-embed-dim", str(args.ffn), "--decoder-ffn-embed-dim", str(args.ffn),
+           "--encoder-layers", str(args.layers), "--decoder-layers", str(args.layers),
+           "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
+           "--encoder-normalize-before", "--decoder-normalize-before",
+           "--dropout", "0.1", "--attention-dropout", "0.0",
+           "--criterion", "model_and_base",
+           "--loss-weights",
+           '{"base_crit": 1, "experts_gate_loss": 0.01}' if moe else '{"base_crit": 1}',
+           "--base-criterion", "label_smoothed_cross_entropy",
+           "--base-criterion-config", '{"label_smoothing": 0.1}',
+           "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0",
+           "--lr", str(args.lr), "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(args.warmup),
+           "--warmup-init-lr", "1e-07", "--max-tokens", str(args.max_tokens),
+           "--max-update", str(args.updates), "--seed", "1", "--num-workers", "0",
+           "--log-format", "json", "--log-interval", "10", "--no-progress-bar",
+           "--validate-interval-updates", str(args.valid_interval), "--validate-interval", "1000",
+           "--max-valid-steps", str(args.valid_steps), "--batch-size-valid", "64",
+           "--eval-bleu", "--eval-bleu-args",
+           json.dumps({"beam": 4, "max_len_a": 1.2, "max_len_b": 10}),
+           "--eval-bleu-remove-bpe", "sentencepiece", "--eval-bleu-detok", "moses",
+           "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric",
+           "--save-dir", str(save), "--no-save", *args.extra]
+    if moe:
+        cmd += ["--deepspeed_moe", "enc,dec", "--num-experts", str(args.experts), "--top-k", "1",
+                "--moe-freq", "1"]
+    if not args.gpu:
+        cmd.append("--cpu")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    print(f"[bench] {name}: {args.updates} updates ...", file=sys.stderr, flush=True)
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    (Path(args.out) / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed ({proc.returncode}); see {args.out}/{name}.log\n"
+                         f"{proc.stderr[-2000:]}")
+    log = parse_log(proc.stdout + proc.stderr)
+    print(f"[bench] {name}: done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    return log
+
+
+def hardware(gpu: bool) -> str:
+    if gpu:
+        import torch
+
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {os.cpu_count()} cores, {cpu}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}"
+
+
+def markdown(rows: dict, meta: dict) -> str:
+    def f(v, fmt="{:.2f}"):
+        return "–" if v is None else (fmt.format(v) if isinstance(v, float) else str(v))
+
+    cols = [("train ntokens/batch", "train_tokens_per_batch", "{:.0f}"),
+            ("train tokens/sec", "train_tokens_per_sec", "{:.0f}"),
+            ("valid tokens/sec", "valid_tokens_per_sec", "{:.0f}"),
+            ("best valid BLEU", "best_valid_bleu", "{:.2f}"),
+            ("updates to best", "updates_to_best", "{}"),
+            ("epochs to best", "epochs_to_best", "{}"),
+            ("comparable valid BLEU", "comparable_bleu", "{:.2f}"),
+            ("updates to comparable", "updates_to_comparable", "{}"),
+            ("N experts", "experts", "{}"),
+            ("seconds/update", "seconds_per_update", "{:.3f}")]
+    lines = ["| | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
+    for label, key, fmt in cols:
+        lines.append(f"| {label} | " + " | ".join(f(r.get(key), fmt) for r in rows.values()) + " |")
+    ratio = (rows["moe"]["train_tokens_per_sec"] or 0) / max(1e-9, rows["dense"]["train_tokens_per_sec"] or 0)
+    lines += ["", f"MoE/dense train tokens/s: {ratio:.2f}×. {meta['hardware']}; {meta['settings']}; "
+              f"{meta['versions']}; {meta['date']}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: dict, meta: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for name, r in rows.items():
+        curve = r["valid_curve"]
+        axes[0].plot([c[0] for c in curve], [c[1] for c in curve], marker="o", label=name)
+        axes[1].plot([c[0] for c in curve], [c[2] for c in curve], marker="o", label=name)
+    axes[0].set(title="valid BLEU (detok.)", xlabel="updates")
+    axes[1].set(title="valid nll loss", xlabel="updates")
+    names = list(rows)
+    axes[2].bar(names + [n + " (valid)" for n in names],
+                [rows[n]["train_tokens_per_sec"] or 0 for n in names]
+                + [rows[n]["valid_tokens_per_sec"] or 0 for n in names],
+                color=["C0", "C1", "C0", "C1"])
+    axes[2].set(title="tokens/s (train; valid incl. beam search)")
+    for ax in axes[:2]:
+        ax.legend()
+    fig.suptitle(f"{meta['hardware']} | {meta['settings']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--databin", default=None,
+                   help="binarized data [the demo corpus, prepared if needed]")
+    p.add_argument("--workspace", default=str(REPO / "workspace"))
+    p.add_argument("--out", default=None, help="output folder [WORKSPACE/bench]")
+    p.add_argument("--src", default="en")
+    p.add_argument("--tgt", default="de")
+    p.add_argument("--arch", default="transformer_ds_moe_tiny")
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--lr", type=float, default=0.003)
+    p.add_argument("--warmup", type=int, default=150)
+    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--updates", type=int, default=600)
+    p.add_argument("--valid-interval", type=int, default=150)
+    p.add_argument("--valid-steps", type=int, default=4, help="validation batches (of 64 sentences)")
+    p.add_argument("--gpu", action="store_true", help="train on the GPU (default: CPU)")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="more fairseq options for both runs (last)")
+    args = p.parse_args(argv)
+    if args.databin is None:
+        subprocess.run([python(), str(REPO / "scripts" / "prepare_demo.py"), "--workspace",
+                        args.workspace], check=True, cwd=REPO)
+        args.databin = str(Path(args.workspace) / f"demo_{args.src}_{args.tgt}" / "databin")
+    args.out = args.out or str(Path(args.workspace) / "bench")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+
+    logs = {"dense": train("dense", args, moe=False), "moe": train("moe", args, moe=True)}
+    dense = summarize(logs["dense"])
+    rows = {"dense": summarize(logs["dense"], dense["best_valid_bleu"]),
+            "moe": summarize(logs["moe"], dense["best_valid_bleu"])}
+    rows["dense"]["experts"], rows["moe"]["experts"] = "–", args.experts
+    import deepspeed
+    import fairseq
+    import torch
+
+    meta = {
+        "hardware": hardware(args.gpu),
+        "settings": (f"{args.arch} d{args.dim}/ffn{args.ffn}/{args.layers}+{args.layers} layers, "
+                     f"MoE every layer enc+dec, {args.experts} experts top-1, max-tokens "
+                     f"{args.max_tokens}, {args.updates} updates, valid every {args.valid_interval} "
+                     f"({args.valid_steps}x64 sentences, beam 4), data {args.databin}"),
+        "versions": f"torch {torch.__version__}, fairseq {fairseq.__version__}, deepspeed {deepspeed.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    out = Path(args.out)
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / "bench.md").write_text(markdown(rows, meta))
+    plot(rows, meta, out / "bench.png")
+    print((out / "bench.md").read_text())
+    print(f"written: {out}/bench.json, bench.md, bench.png", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
