@@ -26,14 +26,14 @@ def fault_run(databin, workdir, nproc, kills, seed):
 
 @pytest.mark.timeout(900)
 def test_single_process_survives_repeated_kills(tiny_data, tmp_path):
-    s = fault_run(tiny_data["databin"], tmp_path, 1, 4, 11)
-    assert s["kills"] >= 4 and s["same_final_loss"] and s["every_logged_update_same"] and s["same_weights"]
+    s = fault_run(tiny_data["databin"], tmp_path, 1, 3, 11)
+    assert s["kills"] >= 3 and s["same_final_loss"] and s["every_logged_update_same"] and s["same_weights"]
     assert all("checkpoint_updates" in f for f in s["faults"] if f["killed"])
 
 
 @pytest.mark.timeout(900)
 def test_expert_parallel_run_survives_repeated_kills(tiny_data, tmp_path):
-    s = fault_run(tiny_data["databin"], tmp_path, 2, 3, 3)
-    assert s["kills"] >= 3 and s["same_final_loss"] and s["every_logged_update_same"] and s["same_weights"]
+    s = fault_run(tiny_data["databin"], tmp_path, 2, 2, 3)
+    assert s["kills"] >= 2 and s["same_final_loss"] and s["every_logged_update_same"] and s["same_weights"]
     # every kill left a checkpoint whose shared file and shards load together
     assert all("checkpoint_updates" in f for f in s["faults"] if f["killed"])
