@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# MIT License
+# Copyright (c) the fairseq-moe plugin authors
+#
+# End-to-end CPU demo (`make demo`, about 10 minutes on 2 cores): prepare the
+# bundled LibreOffice en->de corpus, train a small DeepSpeed MoE Transformer
+# (MoE in encoder and decoder), translate the test split with beam search and
+# print detokenized sacreBLEU (with its signature) next to the copy-the-source
+# baseline on the same test split, then where the time went.
+#
+# The defaults are tuned for a CPU and a few minutes: a 64-wide model (the
+# 7.9k-word softmax, not the layers, dominates the cost per token), small
+# batches (more updates per CPU second: what a model this short of training
+# needs most), a high learning rate with a short warmup, no dropout (training
+# sees each sentence about twice). MAX_UPDATE is the stopping criterion, so
+# the BLEU is reproducible; TRAIN_MINUTES only caps a run on a slow or busy
+# machine (the log then says so, and the BLEU is lower).
+#
+# Environment overrides (defaults in brackets):
+#   WORKSPACE      output root [./workspace]; data in $WORKSPACE/demo_en_de
+#   ARCH           transformer_ds_moe_* architecture [transformer_ds_moe_tiny]
+#   DIM            embedding size, shared by encoder and decoder [64]
+#   FFN_DIM        FFN / expert hidden size [256]
+#   LAYERS         encoder and decoder layers (each) [2]
+#   HEADS          attention heads [4]
+#   MOE_SIDES      --deepspeed_moe value [enc,dec]
+#   NUM_EXPERTS    experts per MoE layer [4]
+#   TOP_K          experts per token [1]
+#   MOE_FREQ       every MOE_FREQ-th layer is MoE [1]
+#   GATE_WEIGHT    weight of experts_gate_loss in --loss-weights [0.01]
+#   LR, WARMUP     peak learning rate and inverse_sqrt warmup updates [0.007, 100]
+#   DROPOUT        [0.0]
+#   LABEL_SMOOTHING  [0.1]
+#   MAX_TOKENS     tokens per batch [1024]
+#   MAX_UPDATE     update budget: training stops here [2000]
+#   TRAIN_MINUTES  safety cap on the training time: training stops at whichever
+#                  of MAX_UPDATE and TRAIN_MINUTES comes first [9]
+#   SAVE_INTERVAL  validate and checkpoint every SAVE_INTERVAL updates [500]
+#   BEAM, LENPEN   beam size and length penalty [4, 1.0]
+#   MAX_LEN_A, MAX_LEN_B  hypotheses stop at A * source length + B tokens [1.2, 10]
+#   THREADS        CPU threads for torch [$OMP_NUM_THREADS, else nproc];
+#                  `make demo` exports OMP_NUM_THREADS=1: pass THREADS=2 to use
+#                  two cores on an otherwise idle machine (on a busy one, two
+#                  spinning OpenMP threads are slower than one)
+#   SAVE_DIR       checkpoints and logs [$WORKSPACE/demo_en_de/ckpt_<config>]
+#   PYTHON         interpreter [.venv/bin/python if present, else python3]
+# Unless already set, MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ keep
+# glibc from returning and re-faulting the large per-batch buffers (about 20%
+# less CPU per update).
+#
+# Resume: the checkpoint folder is named after the model and MoE settings, so a
+# rerun with the same settings continues from its checkpoint_last.pt (fairseq
+# restores the updates, the optimizer and the training time already spent, so
+# TRAIN_MINUTES stays a total: raise it to finish a run the cap stopped), and a
+# run whose budget is spent goes straight to translation. Other settings get a
+# fresh folder. Data preparation is idempotent (scripts/prepare_demo.py skips
+# finished steps). The training log is appended to $SAVE_DIR/train.log.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+WORKSPACE="${WORKSPACE:-./workspace}"
+ARCH="${ARCH:-transformer_ds_moe_tiny}"
+DIM="${DIM:-64}"
+FFN_DIM="${FFN_DIM:-256}"
+LAYERS="${LAYERS:-2}"
+HEADS="${HEADS:-4}"
+MOE_SIDES="${MOE_SIDES:-enc,dec}"
+NUM_EXPERTS="${NUM_EXPERTS:-4}"
+TOP_K="${TOP_K:-1}"
+MOE_FREQ="${MOE_FREQ:-1}"
+GATE_WEIGHT="${GATE_WEIGHT:-0.01}"
+LR="${LR:-0.007}"
+WARMUP="${WARMUP:-100}"
+DROPOUT="${DROPOUT:-0.0}"
+LABEL_SMOOTHING="${LABEL_SMOOTHING:-0.1}"
+MAX_TOKENS="${MAX_TOKENS:-1024}"
+MAX_UPDATE="${MAX_UPDATE:-2000}"
+TRAIN_MINUTES="${TRAIN_MINUTES:-9}"
+SAVE_INTERVAL="${SAVE_INTERVAL:-500}"
+BEAM="${BEAM:-4}"
+LENPEN="${LENPEN:-1.0}"
+MAX_LEN_A="${MAX_LEN_A:-1.2}"
+MAX_LEN_B="${MAX_LEN_B:-10}"
+THREADS="${THREADS:-${OMP_NUM_THREADS:-$(nproc)}}"
+
+export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
+export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-33554432}" MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-1073741824}"
+export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}" DS_BUILD_OPS="${DS_BUILD_OPS:-0}"
+
+data="$WORKSPACE/demo_en_de"
+databin="$data/databin"
+config="${ARCH}_d${DIM}_f${FFN_DIM}_l${LAYERS}_${MOE_SIDES/,/}_e${NUM_EXPERTS}_k${TOP_K}_m${MOE_FREQ}"
+SAVE_DIR="${SAVE_DIR:-$data/ckpt_$config}"
+stop_hours="$("$PYTHON" -c "import sys; print(float(sys.argv[1]) / 60)" "$TRAIN_MINUTES")"
+start=$SECONDS
+
+step() { printf '\n=== [%3ds] %s\n' "$((SECONDS - start))" "$*"; }
+
+step "prepare the demo corpus in $data"
+"$PYTHON" scripts/prepare_demo.py --workspace "$WORKSPACE"
+t_prepare=$((SECONDS - start))
+
+step "train $config: $THREADS thread(s), $MAX_UPDATE updates (cap: $TRAIN_MINUTES min) -> $SAVE_DIR"
+mkdir -p "$SAVE_DIR"
+log="$SAVE_DIR/train.log"
+touch "$log"
+log_from=$(($(wc -l < "$log") + 1))
+t0=$SECONDS
+"$PYTHON" user/train.py "$databin" \
+    --task translation_deepspeed --source-lang en --target-lang de \
+    --arch "$ARCH" --share-all-embeddings \
+    --encoder-embed-dim "$DIM" --decoder-embed-dim "$DIM" \
+    --encoder-ffn-embed-dim "$FFN_DIM" --decoder-ffn-embed-dim "$FFN_DIM" \
+    --encoder-layers "$LAYERS" --decoder-layers "$LAYERS" \
+    --encoder-attention-heads "$HEADS" --decoder-attention-heads "$HEADS" \
+    --encoder-normalize-before --decoder-normalize-before \
+    --dropout "$DROPOUT" --attention-dropout 0.0 \
+    --deepspeed_moe "$MOE_SIDES" --num-experts "$NUM_EXPERTS" --top-k "$TOP_K" --moe-freq "$MOE_FREQ" \
+    --criterion model_and_base \
+    --loss-weights "{\"base_crit\": 1, \"experts_gate_loss\": $GATE_WEIGHT}" \
+    --base-criterion label_smoothed_cross_entropy \
+    --base-criterion-config "{\"label_smoothing\": $LABEL_SMOOTHING}" \
+    --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 \
+    --lr "$LR" --lr-scheduler inverse_sqrt --warmup-updates "$WARMUP" --warmup-init-lr 1e-7 \
+    --max-tokens "$MAX_TOKENS" --max-update "$MAX_UPDATE" --stop-time-hours "$stop_hours" \
+    --num-workers 0 --seed 1 --cpu \
+    --log-format simple --log-interval 50 \
+    --save-dir "$SAVE_DIR" --save-interval-updates "$SAVE_INTERVAL" --keep-interval-updates 1 \
+    --no-epoch-checkpoints 2>&1 | tee -a "$log"
+t_train=$((SECONDS - t0))
+# this run's part of the log: updates reached, updates done, fairseq's training seconds
+run_log="$(tail -n "+$log_from" "$log")"
+updates="$(grep -oE 'num_updates[= ][0-9]+' <<<"$run_log" | tail -1 | grep -oE '[0-9]+$' || true)"
+resumed="$(grep -oE 'Loaded checkpoint .* @ [0-9]+ updates' <<<"$run_log" | grep -oE '[0-9]+ updates' | grep -oE '[0-9]+' || true)"
+secs="$(grep -oE 'done training in [0-9.]+' <<<"$run_log" | grep -oE '[0-9.]+$' || true)"
+updates="${updates:-${resumed:-0}}"
+done_now=$((updates - ${resumed:-0}))
+if [[ -n "$secs" && "$done_now" -gt 0 ]]; then
+    rate="$("$PYTHON" -c "import sys; print(f'{int(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$done_now" "$secs")"
+    echo "trained to update $updates of $MAX_UPDATE: $done_now updates in $secs s = $rate updates/s"
+elif [[ -n "$resumed" ]]; then
+    echo "resumed at update $updates: nothing left to train"
+fi
+if [[ "$updates" -lt "$MAX_UPDATE" ]]; then
+    echo "WARNING: the $TRAIN_MINUTES-minute cap stopped training at update $updates of $MAX_UPDATE" \
+        "(slow or busy machine): expect a lower BLEU; rerun with a larger TRAIN_MINUTES to finish"
+fi
+
+step "translate the test split (beam $BEAM, lenpen $LENPEN, max length $MAX_LEN_A * source + $MAX_LEN_B)"
+t0=$SECONDS
+gen="$SAVE_DIR/generate-test.txt"
+"$PYTHON" user/generate.py "$databin" \
+    --task translation_deepspeed --source-lang en --target-lang de \
+    --path "$SAVE_DIR/checkpoint_last.pt" --gen-subset test \
+    --beam "$BEAM" --lenpen "$LENPEN" --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" \
+    --max-tokens 8000 --bpe sentencepiece --sentencepiece-model "$databin/spm.model" \
+    --num-workers 0 --cpu > "$gen.tmp"
+mv "$gen.tmp" "$gen"
+t_gen=$((SECONDS - t0))
+grep -m 3 '^D-' "$gen" | sed 's/^/  /' || true
+
+step "score"
+t0=$SECONDS
+bleu="$(bash scripts/sacrebleu.sh "$gen" "$data/raw/test.de" en de --write-hyp "$SAVE_DIR/test.hyp.de")"
+copy="$("$PYTHON" scripts/prepare_demo.py --copy-baseline)"
+t_score=$((SECONDS - t0))
+echo "model ($config, update $updates, $SAVE_DIR):"
+echo "  $bleu"
+echo "baseline (copy the source):"
+echo "  $copy"
+echo "done in $((SECONDS - start)) s: prepare $t_prepare s, train $t_train s, translate $t_gen s, score $t_score s"
