@@ -98,7 +98,7 @@ def train(name: str, args, moe: bool) -> dict:
            "--encoder-layers", str(args.layers), "--decoder-layers", str(args.layers),
            "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
            "--encoder-normalize-before", "--decoder-normalize-before",
-           "--dropout", "0.1", "--attention-dropout", "0.0",
+           "--dropout", "0.0", "--attention-dropout", "0.0",
            "--criterion", "model_and_base",
            "--loss-weights",
            '{"base_crit": 1, "experts_gate_loss": 0.01}' if moe else '{"base_crit": 1}',
@@ -210,15 +210,15 @@ def main(argv=None):
     p.add_argument("--src", default="en")
     p.add_argument("--tgt", default="de")
     p.add_argument("--arch", default="transformer_ds_moe_tiny")
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--ffn", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--experts", type=int, default=4)
-    p.add_argument("--lr", type=float, default=0.003)
-    p.add_argument("--warmup", type=int, default=150)
-    p.add_argument("--max-tokens", type=int, default=2048)
-    p.add_argument("--updates", type=int, default=600)
-    p.add_argument("--valid-interval", type=int, default=150)
+    p.add_argument("--lr", type=float, default=0.007)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--updates", type=int, default=1000)
+    p.add_argument("--valid-interval", type=int, default=200)
     p.add_argument("--valid-steps", type=int, default=4, help="validation batches (of 64 sentences)")
     p.add_argument("--gpu", action="store_true", help="train on the GPU (default: CPU)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
