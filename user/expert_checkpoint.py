@@ -473,16 +473,12 @@ def load_for_rank(path: str, model, ep_rank: int, ep_size: int) -> dict:
     """
     state = torch.load(path, map_location="cpu", weights_only=False)
     info = state["extra_state"].get(SHARD_KEY)
-    directory = os.path.dirname(os.path.abspath(path))
-    if info is None:  # consolidated
-        full = state
-        info = {"ep_size": 1, "num_experts": _count_experts(full["model"])}
-
-        def shards(_r):
-            return {"model": full["model"]}
+    if info is None:  # consolidated: the file just read holds every expert
+        source, num_experts = {"consolidated": path}, _count_experts(state["model"])
     else:
-        def shards(r):
-            return read_shard(directory, info, r)
+        source = {**info, "directory": os.path.dirname(os.path.abspath(path))}
+        num_experts = info["num_experts"]
+    shards, info = shard_reader(source, num_experts, loaded=state)
     model.load_state_dict(
         {k: v for k, v in state["model"].items() if expert_index(k) is None}
         | {k: v for k, v in model.state_dict().items() if expert_index(k) is not None}
@@ -649,13 +645,15 @@ def _count_experts(model_state: dict) -> int:
     return 1 + max(idx) if idx else 0
 
 
-def shard_reader(source: dict, num_experts: int, names: Callable[[], List[str]] = lambda: None):
+def shard_reader(source: dict, num_experts: int, names: Callable[[], List[str]] = lambda: None,
+                 loaded: Optional[dict] = None):
     """``(rank -> shard, layout info)`` for the checkpoint ``source`` describes: a
     shared file's ``expert_shards`` (with ``directory``) or ``{"consolidated": path}``.
 
     Args:
         names: gives the consolidated parameter order, when a consolidated file
             does not record it (for its optimizer state).
+        loaded: the consolidated file's state, when the caller has read it already.
     """
     if "consolidated" not in source:
         return (lambda r: read_shard(source["directory"], source, r)), source
@@ -663,7 +661,7 @@ def shard_reader(source: dict, num_experts: int, names: Callable[[], List[str]] 
 
     def whole(_r):
         if not cache:
-            full = _torch_load(source["consolidated"], mmap=True)
+            full = loaded if loaded is not None else _torch_load(source["consolidated"], mmap=True)
             opt = full.get("last_optimizer_state")
             order = consolidated_param_names(full) or names()
             cache["model"] = full["model"]
