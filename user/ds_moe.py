@@ -126,6 +126,17 @@ def expert_params(moe: MoE) -> List[nn.Parameter]:
     return list(moe.deepspeed_moe.experts.parameters())
 
 
+def local_dispatch_supported(moe: MoE) -> bool:
+    """Whether every expert of ``moe`` is in this process and nothing but the gate,
+    the experts and the combine happens between them: no expert parallelism (no
+    all-to-all), no tensor-parallel experts, no residual MLP, no Tutel. Then
+    :class:`~user.modules.moe_ffn.MoEFeedForward` can run each expert on exactly
+    its tokens instead of DeepSpeed's padded ``experts x capacity`` buffer."""
+    layer = moe.deepspeed_moe
+    return (moe.ep_size == 1 and not moe.use_residual and not layer.use_tutel
+            and groups.mpu is None)
+
+
 def is_expert_param(param: torch.nn.Parameter) -> bool:
     """True for parameters DeepSpeed keeps rank-local (experts, not the router)."""
     return getattr(param, "allreduce", True) is False
@@ -183,9 +194,12 @@ def reduce_expert_grads(params: Iterable[torch.nn.Parameter], ep_size: int) -> N
     if not grads:
         return
     group = groups._get_expert_data_parallel_group(f"ep_size_{ep_size}")
+    if dist.get_world_size(group) == 1:
+        # E = W: nothing to sum (no flat copy needed)
+        torch._foreach_div_(grads, world)
+        return
     flat = torch.cat([g.reshape(-1) for g in grads]).div_(world)
-    if dist.get_world_size(group) > 1:
-        dist.all_reduce(flat, group=group)
+    dist.all_reduce(flat, group=group)
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))

@@ -24,6 +24,7 @@ on the rank that made them, into buffer room sized for the largest rank.
 """
 
 import contextlib
+import weakref
 from typing import Iterable, List
 
 import torch
@@ -54,10 +55,19 @@ def agree(component, active: bool, tokens: int) -> bool:
     return bool(any_active)
 
 
+_MOE_LAYERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def moe_layers(component) -> List:
+    """The MoE blocks of ``component``, found once (a beam search calls this twice
+    per decoding step; walking every submodule each time is pure overhead)."""
     from .modules.moe_ffn import MoEFeedForward
 
-    return [m for m in component.modules() if isinstance(m, MoEFeedForward)]
+    layers = _MOE_LAYERS.get(component)
+    if layers is None:
+        layers = [m for m in component.modules() if isinstance(m, MoEFeedForward)]
+        _MOE_LAYERS[component] = layers
+    return layers
 
 
 def release(component) -> None:

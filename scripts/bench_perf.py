@@ -1,0 +1,808 @@
+#!/usr/bin/env python
+# MIT License
+# Copyright (c) the fairseq-moe plugin authors
+"""MoE x8 top-1 against the dense Transformer, on the same machine and data, in one run.
+
+``make bench-perf`` (or ``python scripts/bench_perf.py``) measures, on the bundled demo
+corpus (``workspace/demo_en_de/databin``, prepared by ``scripts/prepare_demo.py``):
+
+* ``layer``: one MoE layer (DeepSpeed's path and the plugin's local path) against a
+  dense FFN of the same width, forward+backward (training: capacity factor 1, token
+  dropping) and forward alone (inference: no dropping), at several token counts;
+  and the peak memory growth of forward+backward with the token count (must be linear);
+* ``train``: train tokens/s in one process: fairseq's ``Trainer`` on the dense model,
+  the MoE model through DeepSpeed's path and the MoE model through the local path,
+  the same batches, one update of each in turn;
+* ``generate``: beam search tokens/s (incremental decoding) in one process, the three
+  models in turn on each batch (``task.inference_step``, as ``fairseq-generate``
+  does; every hypothesis forced to the same length so each model does the same
+  work), then ``user/generate.py`` itself on the same sentences;
+* ``dist``: 2 processes (torchrun, gloo): expert-parallel MoE (EP=2) against
+  data-parallel dense (``legacy_ddp`` for both), an update of each in turn in the same
+  processes, then ``user/train.py`` under torchrun for each.
+
+MoE and dense are timed interleaved in the same processes (the machine may be
+shared: a load change then hits both); each ratio is the median of per-batch
+ratios. Results: a table on stdout and ``$OUT/results.json`` (hardware, versions,
+settings, load averages, raw timings). Each part runs in its own process.
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+USER_DIR = REPO / "user"
+PARTS = ("layer", "train", "generate", "dist")
+TARGETS = {"train": 0.95, "generate": 0.9, "dist": 0.8}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def loadavg() -> str:
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def quiet():
+    """Keep fairseq's and DeepSpeed's logging and warnings out of the measurements' output."""
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+
+
+def import_plugin():
+    sys.path.insert(0, str(REPO))
+    from argparse import Namespace
+
+    from fairseq import utils
+
+    utils.import_user_module(Namespace(user_dir=str(USER_DIR)))
+
+
+def model_args(a, moe: bool, max_tokens: int, ep: int = 1):
+    """fairseq-train flags of the benchmarked model (dense: the same without --deepspeed_moe)."""
+    d, f = str(a.dim), str(a.ffn)
+    args = [
+        "--task", "translation_deepspeed", "-s", "en", "-t", "de",
+        "--arch", "transformer_ds_moe_tiny", "--share-all-embeddings",
+        "--encoder-embed-dim", d, "--decoder-embed-dim", d,
+        "--encoder-ffn-embed-dim", f, "--decoder-ffn-embed-dim", f,
+        "--encoder-layers", str(a.layers), "--decoder-layers", str(a.layers),
+        "--encoder-attention-heads", str(a.heads), "--decoder-attention-heads", str(a.heads),
+        "--encoder-normalize-before", "--decoder-normalize-before",
+        "--dropout", "0.1", "--attention-dropout", "0.0",
+        "--criterion", "model_and_base",
+        "--loss-weights", '{"base_crit": 1, "experts_gate_loss": 0.01}' if moe else '{"base_crit": 1}',
+        "--base-criterion", "label_smoothed_cross_entropy",
+        "--base-criterion-config", '{"label_smoothing": 0.1}',
+        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0",
+        "--lr", "0.002", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "100",
+        "--warmup-init-lr", "1e-07", "--max-tokens", str(max_tokens), "--seed", "1",
+        "--cpu", "--num-workers", "0",
+    ]
+    if moe:
+        args += ["--deepspeed_moe", "enc,dec", "--num-experts", str(a.experts),
+                 "--top-k", str(a.top_k), "--moe-freq", "1", "--ep-world-size", str(ep)]
+    return args
+
+
+def build_trainer(databin, argv):
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.trainer import Trainer
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [str(databin), *argv, "--user-dir", str(USER_DIR)])
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    return cfg, Trainer(cfg, task, model, criterion)
+
+
+def set_fast(model, on: bool):
+    for m in model.modules():
+        if hasattr(m, "uses_local_dispatch"):
+            m.fast_dispatch = on
+
+
+@contextlib.contextmanager
+def no_stderr():
+    """Silence the C++ profiler's start/stop lines (written to fd 2)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def run_logged(cmd, log, env=None, timeout=600):
+    """Run a command, output to ``log``; returns its output text."""
+    t0 = time.time()
+    with open(log, "w") as fh:
+        proc = subprocess.run([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
+                              env=env, timeout=timeout)
+    text = Path(log).read_text(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} ... failed ({proc.returncode}), "
+                           f"see {log}:\n{text[-3000:]}")
+    return text, time.time() - t0
+
+
+def cli_env(**extra):
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONWARNINGS"] = "ignore"
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- layer
+
+def part_layer(a):
+    import torch
+
+    from user.modules.moe_ffn import ExpertFFN, MoEFeedForward
+    from user.moe_options import MoEOptions
+
+    torch.manual_seed(1)
+    opts = MoEOptions(sides=frozenset({"enc"}), num_experts=a.experts, top_k=a.top_k, min_capacity=4)
+    moe = MoEFeedForward(a.dim, ExpertFFN(a.dim, a.ffn), opts, "encoder.0", seed=1)
+    dense = ExpertFFN(a.dim, a.ffn)
+    variants = {"dense": dense, "moe_ds": moe, "moe": moe}
+
+    def call(name, x):
+        if name == "dense":
+            return dense(x), None
+        moe.fast_dispatch = name == "moe"
+        y = moe(x)
+        return y, moe.l_aux
+
+    def fwd_bwd(name, x):
+        mod = variants[name]
+        mod.train()
+        mod.zero_grad(set_to_none=True)
+        x = x.detach().requires_grad_(True)
+        t = time.perf_counter()
+        y, aux = call(name, x)
+        loss = y.float().pow(2).mean() + (aux if aux is not None else 0.0)
+        loss.backward()
+        return time.perf_counter() - t
+
+    @torch.no_grad()
+    def fwd_eval(name, x):
+        variants[name].eval()
+        t = time.perf_counter()
+        call(name, x)
+        return time.perf_counter() - t
+
+    def peak_bytes(name, x):
+        """Peak growth of the CPU allocator's allocated bytes during forward+backward."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            with no_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                fwd_bwd(name, x)
+            trace = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(trace)
+            events = json.load(open(trace))["traceEvents"]
+        totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+        return max(totals) if totals else float("nan")
+
+    names = ("dense", "moe_ds", "moe")
+    rows = []
+    for n in a.layer_tokens:
+        x = torch.randn(n // 8, 8, a.dim)
+        for name in names:  # warm up
+            fwd_bwd(name, x)
+            fwd_eval(name, x)
+        times = {("train", k): [] for k in names}
+        times.update({("eval", k): [] for k in names})
+        for rep in range(a.layer_reps):
+            order = names[rep % 3:] + names[:rep % 3]
+            for name in order:
+                times[("train", name)].append(fwd_bwd(name, x))
+            for name in order:
+                times[("eval", name)].append(fwd_eval(name, x))
+        mem = {name: peak_bytes(name, x) for name in names}
+        row = {"tokens": n, "load": loadavg()}
+        for mode in ("train", "eval"):
+            for name in names:
+                row[f"{mode}_{name}_ms"] = 1000 * median(times[(mode, name)])
+            for name in ("moe_ds", "moe"):
+                ratios = [d / m for d, m in zip(times[(mode, "dense")], times[(mode, name)])]
+                row[f"{mode}_{name}_ratio"] = median(ratios)
+        for name in names:
+            row[f"peak_{name}_bytes"] = mem[name]
+        rows.append(row)
+        print(f"  layer {n:>6} tokens: train ratio ds {row['train_moe_ds_ratio']:.2f} "
+              f"local {row['train_moe_ratio']:.2f}; eval ratio ds {row['eval_moe_ds_ratio']:.2f} "
+              f"local {row['eval_moe_ratio']:.2f}; peak MB dense {mem['dense'] / 2**20:.1f} "
+              f"ds {mem['moe_ds'] / 2**20:.1f} local {mem['moe'] / 2**20:.1f}  (load {row['load']})",
+              flush=True)
+    linear = {}
+    ns = [float(r["tokens"]) for r in rows]
+    for name in names:
+        peaks = [float(r[f"peak_{name}_bytes"]) for r in rows]
+        linear[name] = memory_fit(ns, peaks)
+    return {"rows": rows, "memory_linearity": linear}
+
+
+def memory_fit(ns, peaks):
+    """Least-squares fits of peak bytes against tokens: ``a + b n`` (``b``: bytes per
+    token) and ``a + b n + c n^2``. Growth is linear when a positive quadratic term
+    accounts for at most 10% of the peak at the largest count (a dense one-hot dispatch, which
+    grows with tokens x experts x capacity, gives about 100%)."""
+    import numpy as np
+
+    n, p = np.array(ns), np.array(peaks)
+    if len(n) < 3:
+        return {"bytes_per_token": float(p[-1] / n[-1]), "quadratic_share": float("nan"), "linear": None}
+    b, a = np.polyfit(n, p, 1)
+    c = np.polyfit(n, p, 2)[0]
+    share = c * n[-1] ** 2 / p[-1]  # > 0: growing faster than linearly
+    return {"bytes_per_token": float(b), "quadratic_share": float(share), "linear": bool(share <= 0.1)}
+
+
+# ----------------------------------------------------------------------------- train
+
+def part_train(a):
+    databin = a.databin
+    variants = {}
+    cfg = None
+    for name, moe, fast in (("dense", False, None), ("moe_ds", True, False), ("moe", True, True)):
+        cfg, trainer = build_trainer(databin, model_args(a, moe, a.max_tokens))
+        if fast is not None:
+            set_fast(trainer.model, fast)
+        variants[name] = trainer
+    dense = variants["dense"]
+    dense.task.load_dataset("train")
+    itr = dense.get_train_iterator(epoch=1, load_dataset=False).next_epoch_itr(shuffle=True)
+    batches = [next(itr) for _ in range(a.warmup + a.updates)]
+    names = list(variants)
+    times = {k: [] for k in names}
+    tokens = []
+    prof = None
+    for i, batch in enumerate(batches):
+        order = names[i % 3:] + names[:i % 3]
+        for name in order:
+            sample = copy.deepcopy(batch)
+            t = time.perf_counter()
+            variants[name].train_step([sample])
+            dt = time.perf_counter() - t
+            if i >= a.warmup:
+                times[name].append(dt)
+        if i >= a.warmup:
+            tokens.append(batch["ntokens"])
+    out = {"load_end": loadavg(), "updates": a.updates, "warmup_updates": a.warmup,
+           "tokens": sum(tokens), "params": {}}
+    for name in names:
+        tr = variants[name]
+        out["params"][name] = sum(p.numel() for p in tr.model.parameters())
+        wps = [n / t for n, t in zip(tokens, times[name])]
+        out[f"{name}_wps_median"] = median(wps)
+        out[f"{name}_wps_total"] = sum(tokens) / sum(times[name])
+        out[f"{name}_step_s"] = times[name]
+    for name in ("moe_ds", "moe"):
+        out[f"{name}_ratio"] = median([d / m for d, m in zip(times["dense"], times[name])])
+    if a.profile:
+        out["profile"] = profile_steps(variants, batches[: min(6, len(batches))])
+    # checkpoints for the generation part
+    ck = Path(a.out)
+    ck.mkdir(parents=True, exist_ok=True)
+    for name in ("dense", "moe"):
+        variants[name].consolidate_optimizer()
+        variants[name].save_checkpoint(str(ck / f"checkpoint_{name}.pt"), {})
+    return out
+
+
+def profile_steps(variants, batches, rows=25):
+    """torch.profiler tables (self CPU time) of a few updates per model."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {}
+    for name, tr in variants.items():
+        with no_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            for b in batches:
+                tr.train_step([copy.deepcopy(b)])
+        tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+        print(f"== profile: {name}\n{tables[name]}", flush=True)
+    return tables
+
+
+# ----------------------------------------------------------------------------- generate
+
+def subset_databin(src: Path, dst: Path, n: int) -> Path:
+    """A databin whose test split is the first ``n`` test sentences of ``src``."""
+    from fairseq.data import indexed_dataset
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name.startswith("dict.") or f.name == "spm.model":
+            shutil.copyfile(f, dst / f.name)
+    for lang in ("en", "de"):
+        prefix = src / f"test.en-de.{lang}"
+        ds = indexed_dataset.make_dataset(str(prefix), impl="mmap")
+        out = dst / f"test.en-de.{lang}"
+        builder = indexed_dataset.make_builder(str(out) + ".bin", impl="mmap",
+                                               vocab_size=sum(1 for _ in open(src / f"dict.{lang}.txt")) + 4)
+        for i in range(min(n, len(ds))):
+            builder.add_item(ds[i])
+        builder.finalize(str(out) + ".idx")
+    return dst
+
+
+def gen_flags(a):
+    return ["--beam", str(a.beam), "--max-len-a", "0", "--max-len-b", str(a.gen_len),
+            "--min-len", str(a.gen_len), "--batch-size", str(a.gen_batch_size), "--gen-subset", "test",
+            "--cpu", "--num-workers", "0", "-s", "en", "-t", "de"]
+
+
+def ensure_checkpoints(a):
+    out = Path(a.out)
+    if all((out / f"checkpoint_{n}.pt").exists() for n in ("dense", "moe")):
+        return
+    # no train part in this run: untrained models (the work per token is the same)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, moe in (("dense", False), ("moe", True)):
+        _, trainer = build_trainer(a.databin, model_args(a, moe, a.max_tokens))
+        trainer.consolidate_optimizer()
+        trainer.save_checkpoint(str(out / f"checkpoint_{name}.pt"), {})
+
+
+def part_generate(a):
+    import torch
+    from fairseq import checkpoint_utils, options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    ensure_checkpoints(a)
+    out = Path(a.out)
+    sub = subset_databin(Path(a.databin), out / "databin_test", a.gen_sentences)
+    models, task = {}, None
+    gens = {}
+    for name, ck in (("dense", "dense"), ("moe_ds", "moe"), ("moe", "moe")):
+        parser = options.get_generation_parser()
+        args = options.parse_args_and_arch(
+            parser, [str(sub), "--path", str(out / f"checkpoint_{ck}.pt"), "--user-dir", str(USER_DIR),
+                     *gen_flags(a)])
+        cfg = convert_namespace_to_omegaconf(args)
+        ms, _, tk = checkpoint_utils.load_model_ensemble_and_task([cfg.common_eval.path],
+                                                                  arg_overrides={"data": str(sub)})
+        m = ms[0].eval()
+        if name != "dense":
+            set_fast(m, name == "moe")
+        tk.load_dataset("test")
+        models[name] = (m, tk, tk.build_generator([m], cfg.generation))
+        task = tk
+    itr = task.get_batch_iterator(task.dataset("test"), max_sentences=a.gen_batch_size,
+                                  seed=1).next_epoch_itr(shuffle=False)
+    batches = list(itr)
+    names = list(models)
+    times = {k: [] for k in names}
+    ntok = {k: [] for k in names}
+    hyps = {k: {} for k in names}
+    # warm-up, not timed; meanwhile, how concentrated decoding's routes are (busiest
+    # expert's tokens over an even share, per MoE layer call): DeepSpeed's no-drop buffers
+    # are sized by the busiest expert
+    imbalance = []
+
+    def record(mod, args, out):
+        c = mod.exp_counts.float()
+        imbalance.append(float(c.max() * c.numel() / c.sum().clamp_min(1)))
+
+    hooks = [mod.register_forward_hook(record) for mod in models["moe"][0].modules()
+             if hasattr(mod, "uses_local_dispatch")]
+    with torch.no_grad():
+        for name in names:
+            m, tk, gen = models[name]
+            tk.inference_step(gen, [m], batches[0])
+    for h in hooks:
+        h.remove()
+    for rep in range(a.gen_reps):
+        for i, batch in enumerate(batches):
+            j = rep * len(batches) + i
+            order = names[j % 3:] + names[:j % 3]
+            for name in order:
+                m, tk, gen = models[name]
+                t = time.perf_counter()
+                with torch.no_grad():
+                    hypos = tk.inference_step(gen, [m], batch)
+                times[name].append(time.perf_counter() - t)
+                ntok[name].append(sum(len(h[0]["tokens"]) for h in hypos))
+                for sid, h in zip(batch["id"].tolist(), hypos):
+                    hyps[name][sid] = h[0]["tokens"].tolist()
+    res = {"load_end": loadavg(), "sentences": len(hyps["dense"]), "batches": len(batches),
+           "reps": a.gen_reps, "routing_imbalance_median": median(imbalance)}
+    for name in names:
+        res[f"{name}_tps_median"] = median([n / t for n, t in zip(ntok[name], times[name])])
+        res[f"{name}_tps_total"] = sum(ntok[name]) / sum(times[name])
+        res[f"{name}_batch_s"] = times[name]
+    for name in ("moe_ds", "moe"):
+        res[f"{name}_ratio"] = median([d / m for d, m in zip(times["dense"], times[name])])
+    same = sum(hyps["moe"][s] == hyps["moe_ds"][s] for s in hyps["moe"])
+    res["local_vs_deepspeed_identical_hypotheses"] = f"{same}/{len(hyps['moe'])}"
+
+    # the CLI itself, parsing fairseq's "Translated" line: separate processes one after
+    # the other (noisier than the interleaved batches above), dense and MoE alternating
+    cli = {"dense": [], "moe": []}
+    for rep in range(a.cli_reps if a.cli else 0):
+        for name in ("dense", "moe"):
+            text, _ = run_logged([sys.executable, USER_DIR / "generate.py", sub,
+                                  "--path", out / f"checkpoint_{name}.pt", *gen_flags(a)],
+                                 out / f"generate_{name}_{rep}.log", env=cli_env())
+            m = re.search(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s", text)
+            sent, tok, secs = (int(m.group(1).replace(",", "")), int(m.group(2).replace(",", "")),
+                               float(m.group(3)))
+            cli[name].append({"sentences": sent, "tokens": tok, "seconds": secs, "tps": tok / secs,
+                              "load": loadavg()})
+            print(f"  user/generate.py {name}: {tok / secs:.0f} tokens/s ({sent} sentences, "
+                  f"load {loadavg()})", flush=True)
+    if cli["dense"]:
+        cli["dense_tps_median"] = median([r["tps"] for r in cli["dense"]])
+        cli["moe_tps_median"] = median([r["tps"] for r in cli["moe"]])
+        cli["moe_ratio"] = median([m["tps"] / d["tps"] for d, m in zip(cli["dense"], cli["moe"])])
+    else:
+        cli = {}
+    res["cli"] = cli
+    return res
+
+
+# ----------------------------------------------------------------------------- dist
+
+def part_dist_worker(a):
+    """One of 2 torchrun processes: dense DDP and EP=2 MoE trainers, an update each in turn."""
+    import torch
+    import torch.distributed as dist
+    from fairseq.distributed import utils as distributed_utils
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dflags = ["--distributed-init-method", "env://", "--distributed-no-spawn",
+              "--distributed-world-size", str(world), "--distributed-rank", str(rank),
+              "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
+    trainers = {}
+    for name, moe in (("dense", False), ("moe", True)):
+        cfg_argv = model_args(a, moe, a.dist_max_tokens, ep=world) + dflags
+        if not dist.is_initialized():
+            from fairseq import options
+            from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+            parser = options.get_training_parser()
+            args = options.parse_args_and_arch(parser, [str(a.databin), *cfg_argv,
+                                                        "--user-dir", str(USER_DIR)])
+            distributed_utils.distributed_init(convert_namespace_to_omegaconf(args))
+        _, trainers[name] = build_trainer(a.databin, cfg_argv)
+    logging.disable(logging.WARNING)
+    dense = trainers["dense"]
+    dense.task.load_dataset("train")
+    itr = dense.get_train_iterator(epoch=1, load_dataset=False).next_epoch_itr(shuffle=True)
+    batches = [next(itr) for _ in range(a.warmup + a.dist_updates)]
+    names = list(trainers)
+    times = {k: [] for k in names}
+    tokens = []
+    for i, batch in enumerate(batches):
+        order = names if i % 2 == 0 else names[::-1]
+        for name in order:
+            sample = copy.deepcopy(batch)
+            dist.barrier()
+            t = time.perf_counter()
+            trainers[name].train_step([sample])
+            dt = time.perf_counter() - t
+            if i >= a.warmup:
+                times[name].append(dt)
+        n = torch.tensor([float(batch["ntokens"])])
+        dist.all_reduce(n)
+        if i >= a.warmup:
+            tokens.append(float(n))
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name in names:
+            with no_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+                for batch in batches[: min(4, len(batches))]:
+                    trainers[name].train_step([copy.deepcopy(batch)])
+            if rank == 0:
+                print(f"== profile rank 0: {name}\n"
+                      + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30),
+                      flush=True)
+    if rank == 0:
+        res = {"load_end": loadavg(), "updates": a.dist_updates, "processes": world,
+               "ep_world_size": world, "global_tokens": sum(tokens)}
+        for name in names:
+            res[f"{name}_wps_median"] = median([n / t for n, t in zip(tokens, times[name])])
+            res[f"{name}_wps_total"] = sum(tokens) / sum(times[name])
+            res[f"{name}_step_s"] = times[name]
+        res["moe_ratio"] = median([d / m for d, m in zip(times["dense"], times["moe"])])
+        Path(a.json).write_text(json.dumps(res))
+    dist.barrier()
+
+
+def parse_wps(text, skip):
+    wps = [float(m.group(1)) for m in re.finditer(r"train_inner \|.*?wps=([\d.]+)", text)]
+    return wps[skip:]
+
+
+def part_dist(a):
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    tmp = out / "dist_worker.json"
+    if tmp.exists():
+        tmp.unlink()
+    run_logged([torchrun, "--nproc_per_node", "2", "--master_port", free_port(), __file__,
+                "--worker", "dist", "--json", tmp, *passthrough(a)],
+               out / "dist_worker.log", env=cli_env(), timeout=a.timeout)
+    res = json.loads(tmp.read_text())
+    cli = {}
+    if a.cli:
+        for name, moe in (("dense", False), ("moe", True)):
+            text, wall = run_logged(
+                [torchrun, "--nproc_per_node", "2", "--master_port", free_port(),
+                 USER_DIR / "train.py", a.databin, *model_args(a, moe, a.dist_max_tokens, ep=2),
+                 "--ddp-backend", "legacy_ddp", "--max-update", str(a.warmup + a.cli_updates),
+                 "--no-save", "--disable-validation", "--log-interval", "1", "--log-format", "simple"],
+                out / f"dist_cli_{name}.log", env=cli_env(), timeout=a.timeout)
+            wps = parse_wps(text, a.warmup)
+            cli[name] = {"wps_median": median(wps), "updates": len(wps), "wall_s": wall, "load": loadavg()}
+            print(f"  torchrun user/train.py {name}: median {median(wps):.0f} wps over {len(wps)} "
+                  f"updates (load {loadavg()})", flush=True)
+        cli["moe_ratio"] = cli["moe"]["wps_median"] / cli["dense"]["wps_median"]
+    res["cli"] = cli
+    return res
+
+
+# ----------------------------------------------------------------------------- driver
+
+def passthrough(a):
+    keys = ("databin", "out", "dim", "ffn", "layers", "heads", "experts", "top_k", "max_tokens",
+            "dist_max_tokens", "updates", "dist_updates", "cli_updates", "warmup", "beam", "gen_len",
+            "gen_batch_size", "gen_sentences", "gen_reps", "cli_reps", "layer_reps", "timeout")
+    flags = []
+    for k in keys:
+        flags += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+    flags += ["--layer-tokens", ",".join(map(str, a.layer_tokens))]
+    if a.profile:
+        flags.append("--profile")
+    if not a.cli:
+        flags.append("--no-cli")
+    return flags
+
+
+def versions():
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg, name in (("torch", "torch"), ("deepspeed", "deepspeed"), ("fairseq", "fairseq")):
+        try:
+            out[name] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[name] = "?"
+    try:
+        out["fairseq"] = md.version("fairseq-fixed") + " (fairseq-fixed)"
+    except md.PackageNotFoundError:
+        pass
+    return out
+
+
+def fmt(x, spec=".0f"):
+    return "n/a" if x is None or x != x else format(x, spec)
+
+
+def report(a, results, info):
+    lines = []
+    w = lines.append
+    w("")
+    w("=" * 78)
+    w(f"MoE x{a.experts} top-{a.top_k} vs dense — {info['cpu']} ({info['cores']} cores), "
+      f"OMP_NUM_THREADS={info['omp_threads']}")
+    w("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    w(f"model: d={a.dim} ffn={a.ffn} layers={a.layers}+{a.layers} heads={a.heads}, MoE every layer "
+      f"(enc,dec), {a.experts} experts, top-{a.top_k}, capacity factor 1.0 (train), no drop (inference)")
+    w(f"load average: start {info['load_start']}, end {info['load_end']}")
+    w("'moe' = the plugin's default (local dispatch in one process), 'moe_ds' = DeepSpeed's "
+      "MOELayer path (FAIRSEQ_MOE_FAST_DISPATCH=0)")
+    if "layer" in results:
+        r = results["layer"]
+        w("")
+        w("[layer] one MoE layer vs a dense FFN, dense time / MoE time (median of "
+          f"{a.layer_reps} interleaved reps)")
+        w(f"  {'tokens':>7} {'fwd+bwd ds':>11} {'fwd+bwd':>8} {'eval ds':>8} {'eval':>6}  "
+          f"{'peak MB dense':>13} {'ds':>6} {'moe':>6}")
+        for row in r["rows"]:
+            w(f"  {row['tokens']:>7} {row['train_moe_ds_ratio']:>11.2f} {row['train_moe_ratio']:>8.2f} "
+              f"{row['eval_moe_ds_ratio']:>8.2f} {row['eval_moe_ratio']:>6.2f}  "
+              f"{row['peak_dense_bytes'] / 2**20:>13.1f} {row['peak_moe_ds_bytes'] / 2**20:>6.1f} "
+              f"{row['peak_moe_bytes'] / 2**20:>6.1f}")
+        lin = r["memory_linearity"]
+        w("  peak memory growth (fit over the token counts): " + ", ".join(
+            f"{k} {v['bytes_per_token'] / 1024:.1f} KiB/token, quadratic share "
+            + (f"{v['quadratic_share']:.0%} ({'linear' if v['linear'] else 'NOT linear'})"
+               if v["linear"] is not None else "n/a (needs 3 token counts)")
+            for k, v in lin.items()))
+    if "train" in results:
+        r = results["train"]
+        w("")
+        w(f"[train, 1 process] fairseq Trainer, --max-tokens {a.max_tokens}, {r['updates']} updates "
+          f"after {r['warmup_updates']} warm-up (median tokens/s; load at end {r['load_end']})")
+        w(f"  dense {fmt(r['dense_wps_median'])}   moe_ds {fmt(r['moe_ds_wps_median'])} "
+          f"({r['moe_ds_ratio']:.2f}x)   moe {fmt(r['moe_wps_median'])} ({r['moe_ratio']:.2f}x)   "
+          f"target >= {TARGETS['train']}: {'met' if r['moe_ratio'] >= TARGETS['train'] else 'MISSED'}")
+        w(f"  parameters: " + ", ".join(f"{k} {v:,}" for k, v in r["params"].items()))
+    if "generate" in results:
+        r = results["generate"]
+        w("")
+        w(f"[generate, 1 process] beam {a.beam}, {r['sentences']} test sentences in batches of "
+          f"{a.gen_batch_size}, every hypothesis {a.gen_len} tokens, {r['reps']} reps "
+          f"(median tokens/s; load at end {r['load_end']})")
+        w(f"  dense {fmt(r['dense_tps_median'])}   moe_ds {fmt(r['moe_ds_tps_median'])} "
+          f"({r['moe_ds_ratio']:.2f}x)   moe {fmt(r['moe_tps_median'])} ({r['moe_ratio']:.2f}x)   "
+          f"target >= {TARGETS['generate']}: "
+          f"{'met' if r['moe_ratio'] >= TARGETS['generate'] else 'MISSED'}")
+        w(f"  local vs DeepSpeed path, identical hypotheses: {r['local_vs_deepspeed_identical_hypotheses']}; "
+          f"busiest expert / even share per MoE call (median): {r.get('routing_imbalance_median', float('nan')):.2f}")
+        if r.get("cli"):
+            c = r["cli"]
+            w(f"  user/generate.py ({len(c['dense'])} runs each, alternating): dense "
+              f"{fmt(c['dense_tps_median'])}, moe {fmt(c['moe_tps_median'])} tokens/s "
+              f"(median ratio {c['moe_ratio']:.2f}x)")
+    if "dist" in results:
+        r = results["dist"]
+        w("")
+        w(f"[train, 2 processes, gloo] MoE EP=2 vs dense data parallel (legacy_ddp), --max-tokens "
+          f"{a.dist_max_tokens} per process, {r['updates']} updates (median global tokens/s; "
+          f"load at end {r['load_end']})")
+        w(f"  dense {fmt(r['dense_wps_median'])}   moe {fmt(r['moe_wps_median'])} "
+          f"({r['moe_ratio']:.2f}x)   target >= {TARGETS['dist']}: "
+          f"{'met' if r['moe_ratio'] >= TARGETS['dist'] else 'MISSED'}")
+        if r.get("cli"):
+            c = r["cli"]
+            w(f"  torchrun user/train.py (sequential runs): dense {fmt(c['dense']['wps_median'])}, moe "
+              f"{fmt(c['moe']['wps_median'])} ({c['moe_ratio']:.2f}x) wps")
+    w("=" * 78)
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    ap.add_argument("--databin", default=str(REPO / "workspace" / "demo_en_de" / "databin"))
+    ap.add_argument("--out", default=str(REPO / "workspace" / "bench_perf"))
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--ffn", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=1)
+    ap.add_argument("--max-tokens", type=int, default=4096, help="tokens per batch, one process")
+    ap.add_argument("--dist-max-tokens", type=int, default=4096, help="tokens per batch and process")
+    ap.add_argument("--updates", type=int, default=30, help="measured updates per model, one process")
+    ap.add_argument("--dist-updates", type=int, default=20, help="measured updates per model, 2 processes")
+    ap.add_argument("--cli-updates", type=int, default=15, help="measured updates of each torchrun run")
+    ap.add_argument("--warmup", type=int, default=3, help="updates not measured")
+    ap.add_argument("--beam", type=int, default=4)
+    ap.add_argument("--gen-len", type=int, default=30, help="tokens of every hypothesis")
+    ap.add_argument("--gen-batch-size", type=int, default=64)
+    ap.add_argument("--gen-sentences", type=int, default=256)
+    ap.add_argument("--gen-reps", type=int, default=2)
+    ap.add_argument("--cli-reps", type=int, default=2, help="user/generate.py runs per model")
+    ap.add_argument("--layer-tokens", default="1024,2048,4096,8192",
+                    type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--layer-reps", type=int, default=7)
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of train updates")
+    ap.add_argument("--no-cli", dest="cli", action="store_false",
+                    help="skip the user/generate.py and torchrun user/train.py runs")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per part")
+    ap.add_argument("--quick", action="store_true", help="few updates and sentences (a smoke test)")
+    ap.add_argument("--worker", choices=PARTS, help=argparse.SUPPRESS)
+    ap.add_argument("--json", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.updates, a.dist_updates, a.cli_updates, a.warmup = 4, 3, 3, 1
+        a.gen_sentences, a.gen_batch_size, a.gen_reps, a.gen_len, a.cli_reps = 32, 16, 1, 8, 1
+        a.layer_tokens, a.layer_reps, a.max_tokens, a.dist_max_tokens = [512, 1024], 2, 1024, 512
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if a.worker:
+        quiet()
+        import_plugin()
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        if a.worker == "dist":
+            part_dist_worker(a)
+            return
+        res = {"layer": part_layer, "train": part_train, "generate": part_generate,
+               "dist": part_dist}[a.worker](a)
+        Path(a.json).write_text(json.dumps(res))
+        return
+    if not (Path(a.databin) / "dict.en.txt").exists():
+        sys.exit(f"no databin at {a.databin}: run `python scripts/prepare_demo.py` first")
+    parts = [p for p in a.parts.split(",") if p]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        sys.exit(f"unknown part(s) {sorted(unknown)}; choose from {PARTS}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("checkpoint_dense.pt", "checkpoint_moe.pt"):
+        if "train" in parts and (out / stale).exists():
+            (out / stale).unlink()
+    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "omp_threads": os.environ["OMP_NUM_THREADS"],
+            "versions": versions(), "load_start": loadavg(), "settings": {
+                k: v for k, v in vars(a).items() if k not in ("worker", "json")}}
+    print(f"bench-perf: {info['cpu']}, {info['cores']} cores, load {info['load_start']}, "
+          f"OMP_NUM_THREADS={info['omp_threads']}; parts {parts}; output {out}", flush=True)
+    results, timing = {}, {}
+    for part in parts:
+        t0 = time.time()
+        load0 = loadavg()
+        print(f"-- {part} (load {load0})", flush=True)
+        tmp = out / f"{part}.json"
+        if part == "dist":
+            res = part_dist(a)
+        else:
+            proc = subprocess.run([sys.executable, __file__, "--worker", part, "--json", tmp,
+                                   *passthrough(a)], cwd=REPO, env=cli_env(), timeout=a.timeout)
+            if proc.returncode != 0:
+                sys.exit(f"part {part} failed ({proc.returncode})")
+            res = json.loads(tmp.read_text())
+        res["load_start"] = load0
+        results[part] = res
+        timing[part] = round(time.time() - t0, 1)
+        print(f"   {part}: {timing[part]} s (load {loadavg()})", flush=True)
+    info["load_end"] = loadavg()
+    info["part_seconds"] = timing
+    lines = report(a, results, info)
+    (out / "results.json").write_text(json.dumps({"info": info, "results": results,
+                                                  "table": lines}, indent=1, default=str))
+    print(f"results: {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
