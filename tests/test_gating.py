@@ -95,6 +95,49 @@ def test_padding_tokens_take_no_capacity():
     assert layer.exp_counts.tolist() == [2, 0, 0, 0]
 
 
+@pytest.mark.parametrize("fast_dispatch", [True, False], ids=["local", "deepspeed"])
+def test_top2_padding_tokens_take_no_capacity(fast_dispatch):
+    layer = make_layer(top_k=2, capacity_factor=1.0)
+    layer.fast_dispatch = fast_dispatch
+    # 8 tokens, capacity ceil(8 / 4 * 2) = 4; all prefer expert 0, then expert 1.
+    # The first four are padding: unmasked, they fill both experts' four slots
+    # and every real token is dropped.
+    x = tokens_for([0] * 8)
+    pad = torch.tensor([[True] * 4 + [False] * 4])
+    y = layer(x, pad)
+    p = F.softmax(x.reshape(-1, C) @ (torch.eye(E) * 3).t(), dim=-1)[4]
+    expected = (p[0] * 1 + p[1] * 2) / (p[0] + p[1]) * x[4, 0]
+    for i in range(4, 8):
+        torch.testing.assert_close(y[i, 0], expected)
+    assert (y[:4] == 0).all()
+    assert layer.exp_counts.tolist() == [4, 4, 0, 0]
+
+
+def test_top2gating_used_is_deepspeeds_gate_with_a_mask():
+    from deepspeed.moe import sharded_moe
+
+    torch.manual_seed(0)
+    logits = torch.randn(40, E)
+    for sampling in (False, True):
+        torch.manual_seed(1)
+        ours = ds_moe.top2gating_used(logits.clone(), 1.0, 2, True, None, sampling, True,
+                                      used_token=torch.ones(40))
+        torch.manual_seed(1)
+        theirs = sharded_moe.top2gating(logits.clone(), 1.0, 2, True, None, sampling, True)
+        for a, b in zip(ours, theirs):
+            assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    # masked tokens: no route, no slot; the others' slots close up
+    used = torch.ones(40)
+    used[::3] = 0
+    _, _, _, idx, loc, _, counts = ds_moe.top2gating_used(logits, 4.0, 2, True, None, False, True,
+                                                          used_token=used)
+    assert (idx[:, ::3] == -1).all() and (idx[:, used.bool()] >= 0).all()
+    assert counts.sum() == 2 * used.sum()
+    for e in range(E):
+        slots = sorted(loc[idx == e].tolist())
+        assert slots == list(range(len(slots)))
+
+
 def test_fewer_tokens_than_min_capacity():
     # one greedy decoding step: 1 token, DeepSpeed asserts tokens >= min_capacity
     opts = MoEOptions(sides=frozenset({"dec"}), num_experts=E, min_capacity=4)

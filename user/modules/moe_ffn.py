@@ -200,12 +200,21 @@ class MoEFeedForward(nn.Module):
 
     # -- forward ----------------------------------------------------------------------
 
+    def _used_tokens(self, padding_mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+        """``T*B`` mask, 1 for real tokens (``tokens``' order), when padding could take
+        expert capacity: top-1 or top-2 with token dropping. Padding then gets no route."""
+        if padding_mask is None or self.opts.top_k > 2 or not ds_moe.moe_gate(self.moe).drop_tokens:
+            return None
+        return (~padding_mask).t().reshape(-1).to(dtype)  # B x T -> T*B
+
+
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """
         Args:
             x (Tensor): ``T x B x C``.
             padding_mask (Tensor, optional): ``B x T``, True at padding; padding
-                tokens then take no expert capacity (top-1 with token dropping).
+                tokens then take no expert capacity (top-1 and top-2 with token
+                dropping) and their output is zero.
 
         Returns:
             Tensor of shape ``T x B x C``.
@@ -223,10 +232,7 @@ class MoEFeedForward(nn.Module):
                 self.stats.update(self._load_stats(tokens.size(0), drop))
             return out[: T * B].view(T, B, C)
 
-        used = None
-        if padding_mask is not None and self.opts.top_k == 1 and gate.drop_tokens:
-            # B x T -> T*B, in the same order as ``tokens``
-            used = (~padding_mask).t().reshape(-1).to(tokens.dtype)
+        used = self._used_tokens(padding_mask, tokens.dtype)
         short = self.opts.min_capacity - tokens.size(0) if self.opts.top_k == 1 else 0
         if short > 0:
             # DeepSpeed's top-1 gate asserts tokens >= min_capacity (e.g. one greedy step)
@@ -250,7 +256,8 @@ class MoEFeedForward(nn.Module):
         if self.collect_stats:
             self.stats = self._routing_stats(x.reshape(T * B, C), padding_mask)
         try:
-            out, self.l_aux, self.exp_counts = self.moe(tokens, used)
+            with ds_moe.padding_takes_no_capacity(self.moe, used):
+                out, self.l_aux, self.exp_counts = self.moe(tokens, used)
             if self.collect_stats:
                 self.stats.update(self._load_stats(tokens.size(0), drop))
         finally:
@@ -264,9 +271,7 @@ class MoEFeedForward(nn.Module):
         expert on exactly its kept tokens."""
         n, C = tokens.shape
         gate = ds_moe.moe_gate(self.moe)
-        used = None
-        if padding_mask is not None and self.opts.top_k == 1 and gate.drop_tokens:
-            used = (~padding_mask).t().reshape(-1).to(tokens.dtype)
+        used = self._used_tokens(padding_mask, tokens.dtype)
         routed = tokens
         short = self.opts.min_capacity - n if self.opts.top_k == 1 else 0
         if short > 0:
@@ -276,7 +281,8 @@ class MoEFeedForward(nn.Module):
                 used = torch.cat([used, used.new_zeros(short)])
         if self.collect_stats:
             self.stats = self._routing_stats(tokens, padding_mask)
-        l_aux, cap, E, indices, locations, gates, exp_counts = gate(routed, used, True)
+        with ds_moe.padding_takes_no_capacity(self.moe, used):
+            l_aux, cap, E, indices, locations, gates, exp_counts = gate(routed, used, True)
         self._set_gate_outputs(l_aux, exp_counts)
         # Kept routes in DeepSpeed's buffer order (expert, then slot); dropped ones
         # (negative expert index) sort last and are cut off.
