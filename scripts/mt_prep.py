@@ -19,6 +19,7 @@ The functions near the top are pure and unit tested.
 """
 
 import contextlib
+import glob
 import gzip
 import hashlib
 import html
@@ -178,12 +179,31 @@ def atomic_path(path):
     """
     tmp = f"{path}.tmp{os.getpid()}"
     _remove(tmp)
+    _remove_stale_tmp(path)
     try:
         yield tmp
         _remove(path)
         os.replace(tmp, path)
     finally:
         _remove(tmp)
+
+
+def _remove_stale_tmp(path):
+    """Remove ``path.tmp<pid>`` left by a killed run (a process that no longer exists)."""
+    for old in glob.glob(glob.escape(path) + ".tmp*"):
+        pid = old[len(path) + len(".tmp"):]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(old)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove(path):
@@ -584,7 +604,11 @@ def train_sentencepiece(inputs, model_prefix, vocab_size, model_type="bpe",
     """
     import sentencepiece as spm
 
-    tmp_prefix = f"{model_prefix}.tmp{os.getpid()}"
+    # The model records its prefix: a fixed temporary path keeps the output
+    # byte-identical from run to run (a killed run's leftovers are overwritten).
+    tmp_dir = os.path.join(os.path.dirname(os.path.abspath(model_prefix)), ".spm_tmp")
+    os.makedirs(tmp_dir, exist_ok=True)
+    tmp_prefix = os.path.join(tmp_dir, os.path.basename(model_prefix))
     spm.set_random_generator_seed(seed)
     spm.SentencePieceTrainer.train(
         input=",".join(inputs),
@@ -599,6 +623,7 @@ def train_sentencepiece(inputs, model_prefix, vocab_size, model_type="bpe",
     )
     for ext in (".vocab", ".model"):
         os.replace(tmp_prefix + ext, model_prefix + ext)
+    os.rmdir(tmp_dir)
 
 
 def encode_file(model, src_path, dest_path, batch=20000):

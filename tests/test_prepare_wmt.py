@@ -15,11 +15,14 @@ import html
 import io
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -252,6 +255,7 @@ class Mirror:
 
     ``plan[name]`` is a list of actions used by successive GETs of ``name``:
     ``"cut"`` sends the headers of the full body, half the body, then closes;
+    a ``threading.Event`` sends half the body and hangs until it is set;
     ``bytes`` serves those bytes instead of the file. ``log`` records
     ``(name, range header, status)``.
     """
@@ -283,6 +287,12 @@ class Mirror:
                     self.wfile.write(body[: len(body) // 2])
                     self.wfile.flush()
                     self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                elif isinstance(action, threading.Event):
+                    # stall: half the body, then hang until the test sets the event
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    action.wait(60)
                     self.close_connection = True
                 else:
                     self.wfile.write(body)
@@ -318,6 +328,30 @@ def run_prepare(workspace, mirror, timeout=150, **env):
         ["bash", str(REPO / "prepare-wmt16ende.sh")], cwd=REPO, env=full_env,
         capture_output=True, text=True, timeout=timeout,
     )
+
+
+def popen_prepare(workspace, mirror, **env):
+    """``prepare-wmt16ende.sh`` started in its own process group, stderr piped."""
+    full_env = dict(os.environ)
+    full_env.update({
+        "WORKSPACE": str(workspace), "WMT_MIRROR": mirror.url, "VOCAB_SIZE": "300",
+        "WORKERS": "2", "RETRY_WAIT": "0.05", "DOWNLOAD_TIMEOUT": "20", "PYTHON": sys.executable,
+    })
+    full_env.update({k: str(v) for k, v in env.items()})
+    return subprocess.Popen(["bash", str(REPO / "prepare-wmt16ende.sh")], cwd=REPO, env=full_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def kill_group(proc):
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    proc.stderr.close()
+
+
+def tree(root):
+    """``{relative path: bytes}`` of every file under ``root`` (markers included)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _ok(proc):
@@ -438,3 +472,58 @@ def test_checksum_mismatch_is_reported(tmp_path, mirror):
     proc = run_prepare(tmp_path, mirror, WMT_CHECKSUMS=sums, STOP_AFTER="fetch")
     assert proc.returncode == 1
     assert "sha256" in proc.stderr and "test-full.tgz" in proc.stderr
+
+
+@pytest.mark.timeout(420)
+def test_sigkill_mid_download_and_mid_steps_then_rerun_gives_identical_output(tmp_path, mirror, wmt):
+    # (same workspace path for both runs: spm.model records its input's path)
+    work = tmp_path / "ws"
+    _ok(run_prepare(work, mirror))
+    reference = tree(work)
+    shutil.rmtree(work)
+
+    # SIGKILL while an archive is half downloaded: the mirror stalls mid-body.
+    archive = "training-parallel-nc-v11.tgz"
+    stall = threading.Event()
+    mirror.plan[archive] = [stall]
+    proc = popen_prepare(work, mirror)
+    deadline = time.time() + 120
+    while not any(name == archive for name, _, _ in mirror.log[-1:]):
+        assert proc.poll() is None and time.time() < deadline, "the download never started"
+        time.sleep(0.05)
+    time.sleep(0.5)  # the client is reading the body the mirror holds back
+    assert proc.poll() is None
+    kill_group(proc)
+    stall.set()
+    assert not (work / "wmt16_downloads" / archive).exists()
+
+    # SIGKILL inside each of these steps; encode and binarize once their
+    # temporary outputs are half written (binarize: by fairseq-preprocess, a child).
+    out = work / "wmt16_en_de"
+    partial = {"encode": lambda: list((out / "encoded").glob("*.tmp*")),
+               "binarize": lambda: [p for d in out.glob("databin.tmp*") for p in d.glob("*.bin")]}
+    for step in ("extract", "clean", "spm_train", "encode", "binarize"):
+        proc = popen_prepare(work, mirror)
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if f"step {step}: running" in line:
+                break
+        else:
+            pytest.fail(f"step {step} never ran:\n{''.join(seen)[-3000:]}")
+        deadline = time.time() + 60
+        while step in partial and not partial[step]():
+            assert proc.poll() is None and time.time() < deadline, f"no partial output in step {step}"
+            time.sleep(0.01)
+        assert proc.poll() is None, f"the run ended before the kill in step {step}"
+        kill_group(proc)
+    assert list(out.glob("databin.tmp*")), "the kill in binarize left its temporary directory"
+
+    log = _ok(run_prepare(work, mirror))
+    assert "step binarize: running" in log
+    after = tree(work)
+    assert not [p for p in work.rglob("*") if ".tmp" in p.name or p.name == ".spm_tmp"]
+    assert sorted(after) == sorted(reference)
+    # preprocess.log names fairseq-preprocess's temporary directory (a process id)
+    differ = [name for name in after if after[name] != reference[name]]
+    assert differ in ([], ["wmt16_en_de/databin/preprocess.log"]), differ
