@@ -138,6 +138,59 @@ def test_top2gating_used_is_deepspeeds_gate_with_a_mask():
         assert slots == list(range(len(slots)))
 
 
+@pytest.mark.parametrize("fast_dispatch", [True, False], ids=["local", "deepspeed"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_experts_without_tokens_give_zero_gradients_not_nan(fast_dispatch, k):
+    layer = make_layer(top_k=k, capacity_factor=4.0)
+    layer.fast_dispatch = fast_dispatch
+    x = tokens_for([0] * 6).requires_grad_()  # top-1: experts 1-3 idle; top-2: 2-3 idle
+    for mode in ("train", "eval"):
+        layer.train(mode == "train")
+        layer.zero_grad()
+        y = layer(x)
+        (y.sum() + layer.l_aux).backward()
+        assert torch.isfinite(y).all() and torch.isfinite(layer.l_aux)
+        assert torch.isfinite(x.grad).all()
+        assert torch.isfinite(ds_moe.moe_gate(layer.moe).wg.weight.grad).all()
+        for e, expert in enumerate(ds_moe.local_experts(layer.moe)):
+            for p in expert.parameters():
+                if e >= k:  # no token: zero gradient (DeepSpeed's buffer or our empty batch)
+                    assert p.grad is None or (p.grad == 0).all()
+                else:
+                    assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fast_dispatch", [True, False], ids=["local", "deepspeed"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_router_runs_in_fp32_under_half_precision(monkeypatch, dtype, fast_dispatch, k):
+    """--fp16/--bf16 make the whole model half precision; the router's logits and
+    softmax stay fp32 (DeepSpeed's gate, and our inference routes)."""
+    from deepspeed.moe import sharded_moe
+    from user.modules import moe_ffn
+
+    seen = []
+
+    def spy(fn):
+        def wrapped(logits, *args, **kwargs):
+            seen.append(logits.dtype)
+            return fn(logits, *args, **kwargs)
+        return wrapped
+
+    for name in ("top1gating", "top2gating"):
+        monkeypatch.setattr(sharded_moe, name, spy(getattr(sharded_moe, name)))
+    monkeypatch.setattr(moe_ffn, "no_drop_routes", spy(moe_ffn.no_drop_routes))
+    layer = make_layer(top_k=k, capacity_factor=4.0).to(dtype)
+    layer.fast_dispatch = fast_dispatch
+    x = tokens_for([0, 1, 2, 3, 1, 0]).to(dtype)
+    for mode in (True, False):
+        layer.train(mode)
+        y = layer(x)
+        assert y.dtype == dtype and torch.isfinite(y).all()
+    assert seen and set(seen) == {torch.float32}
+    assert layer.l_aux.dtype == torch.float32
+
+
 def test_fewer_tokens_than_min_capacity():
     # one greedy decoding step: 1 token, DeepSpeed asserts tokens >= min_capacity
     opts = MoEOptions(sides=frozenset({"dec"}), num_experts=E, min_capacity=4)
