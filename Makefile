@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export DS_BUILD_OPS := 0
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-perf clean
 
 install: $(STAMP)
 
@@ -31,14 +31,13 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench.py
 
-clean:
-	rm -rf $(VENV) build *.egg-info
-
 # MoE x8 top-1 vs dense: train and generation tokens/s in one process, EP=2 vs
 # data-parallel training in two, the MoE layer alone (about 13 minutes on 2 cores).
 # Prepares the demo corpus first (a no-op once done). BENCH_PERF_ARGS: more flags,
 # e.g. --parts layer,train or --quick.
-.PHONY: bench-perf
 bench-perf: $(STAMP)
 	$(PY) scripts/prepare_demo.py --workspace workspace
 	$(PY) scripts/bench_perf.py $(BENCH_PERF_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -7,11 +7,13 @@
 scripts/fault_run.py. Not part of the plugin.
 
 Environment:
-    FAULT_MODE    forward | save | copy | shard | none
+    FAULT_MODE    forward | between | save | copy | shard | none
     FAULT_UPDATE  the update at which to strike: ``forward`` kills during the
-                  forward pass of that update; ``save`` half-way through writing
+                  forward pass of that update; ``between`` right after it (made,
+                  not yet logged or saved); ``save`` half-way through writing
                   the checkpoint of that update; ``copy`` half-way through
-                  copying it to its other names (checkpoint_last.pt); ``shard``
+                  the first copy of a checkpoint to its other names
+                  (checkpoint_last.pt) from that update on; ``shard``
                   (expert parallel) half-way through writing an expert shard
     FAULT_RANK    which rank strikes [0]
 """
@@ -58,7 +60,10 @@ def install(state):
                 return train_step(self, samples, *a, **kw)
             finally:
                 hook.remove()
-        return train_step(self, samples, *a, **kw)
+        out = train_step(self, samples, *a, **kw)
+        if MODE == "between" and state["updates"] == UPDATE and _mine():
+            _die()  # the update is made, not yet logged or saved
+        return out
 
     Trainer.train_step = counted_train_step
 
@@ -74,7 +79,9 @@ def install(state):
     copy = expert_checkpoint._AtomicCopyPathManager.copy
 
     def half_copy(self, src, dst, overwrite=False):
-        if MODE == "copy" and state["updates"] == UPDATE and _mine():
+        # (a save at the end of an epoch writes checkpoint_last.pt directly: no
+        # copy; strike at the first copy from that update on)
+        if MODE == "copy" and state["updates"] >= UPDATE and _mine():
             _die(f"{dst}.tmp.{os.getpid()}")
         return copy(self, src, dst, overwrite)
 

@@ -9,9 +9,9 @@
 
 Runs the same small MoE training twice: once uninterrupted, once killed with
 SIGKILL at least ``--kills`` times (a random mix of: during a forward pass,
-half-way through writing a checkpoint, half-way through copying it to
-checkpoint_last.pt, half-way through writing an expert shard (EP), and at a
-random moment from outside) and restarted each time from its
+right after an update, half-way through writing a checkpoint, half-way through copying it to
+checkpoint_last.pt, half-way through writing an expert shard (EP), and from
+outside at a random moment (0-0.5 s) after a chosen update is logged) and restarted each time from its
 checkpoint_last.pt. After every kill the checkpoint on disk must load (shared
 file and shards matching); at the end the interrupted run's losses and
 weights must equal the uninterrupted run's exactly (CPU, fp32, same seed).
@@ -26,6 +26,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -104,23 +105,61 @@ def consolidated(save: Path):
     return ec.gather(state, ec.read_all_shards(str(save), info)) if info else state
 
 
-def run(cmd, timeout, kill_after=None):
-    """Run ``cmd`` (its own process group); SIGKILL the group after ``kill_after`` s.
-    Its output is also kept in ``run.logdir``."""
+def kill_tree(pid):
+    """SIGKILL ``pid`` and all its descendants at once, as a crashed machine would.
+
+    torchrun starts each worker in a session of its own: killing torchrun's
+    process group alone would leave the workers training.
+    """
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        procs = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def run(cmd, timeout, kill_at_update=None, delay=0.0):
+    """Run ``cmd`` (its own process group). With ``kill_at_update``, SIGKILL the
+    group from outside ``delay`` seconds after it logs that update. Its output is
+    also kept in ``run.logdir``."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env(**run.extra), cwd=REPO, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=kill_after if kill_after is not None else timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        if kill_after is None:
-            raise RuntimeError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-3000:]}")
+    lines, reached = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if kill_at_update is not None and max(losses(line), default=0) >= kill_at_update:
+                reached.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.time() + timeout
+    while proc.poll() is None:
+        if reached.wait(0.05):
+            time.sleep(delay)
+            kill_tree(proc.pid)
+            break
+        if time.time() > deadline:
+            kill_tree(proc.pid)
+            proc.wait()
+            reader.join(10)
+            raise RuntimeError(f"timed out after {timeout}s: {' '.join(cmd)}\n{''.join(lines)[-3000:]}")
+    proc.wait()
+    reader.join(10)
+    out = "".join(lines)
     if run.logdir is not None:
         run.logdir.mkdir(parents=True, exist_ok=True)
         n = len(list(run.logdir.iterdir()))
         (run.logdir / f"{n:03d}.log").write_text(
-            f"# {run.extra} kill_after={kill_after} rc={proc.returncode}\n{out}")
+            f"# {run.extra} kill_at_update={kill_at_update} delay={delay:.2f} rc={proc.returncode}\n{out}")
     return proc.returncode, out
 
 
@@ -150,7 +189,7 @@ def main(argv=None):
         raise SystemExit(f"uninterrupted run failed ({rc}):\n{out[-3000:]}")
     want = losses(out)
 
-    modes = ["forward", "save", "copy", "time"] + (["shard"] if args.nproc > 1 else [])
+    modes = ["forward", "between", "save", "copy", "time"] + (["shard"] if args.nproc > 1 else [])
     kills, log, got, mismatched = 0, [], {}, []
 
     def record(text):
@@ -170,26 +209,39 @@ def main(argv=None):
             record(out)
             break
         mode = rng.choice(modes)
+        if mode == "time" and left <= 4:
+            mode = "between"  # the in-process faults strike for sure; see below
         # saves happen at even updates (--save-interval-updates 2)
         target = done + rng.randint(1, min(left, 6))
         if mode in ("save", "copy", "shard"):
             target += target % 2
             target = min(target, args.max_update - (args.max_update % 2))
+        if mode == "copy" and left <= 6:
+            mode = "save"  # the last saves may all be end-of-epoch ones, without a copy
         # fairseq writes the shared file from rank 0; each of the E ranks its shard
         rank = 0 if mode in ("save", "copy") else rng.randrange(args.nproc)
+        if mode == "time":
+            # from outside, 0-20 ms after an update is logged (an update takes
+            # ~30 ms here: the next forward/backward, a save, or between); never
+            # near the end, where the run could finish before the signal
+            target = min(target, args.max_update - 3)
         run.extra = {"FAULT_MODE": mode if mode != "time" else "none", "FAULT_UPDATE": target,
                      "FAULT_RANK": rank}
-        kill_after = rng.uniform(4.0, 12.0) if mode == "time" else None
         rc, out = run(command(args.databin, faulty, args.max_update, args.nproc, port + 1 + kills),
-                      args.timeout, kill_after=kill_after)
+                      args.timeout, kill_at_update=target if mode == "time" else None,
+                      delay=rng.uniform(0.0, 0.02))
         record(out)
         if rc == 0:  # the run finished before the fault struck: start over from there
             log.append({"mode": mode, "update": target, "killed": False})
             if checkpoint_updates(faulty) >= args.max_update and kills >= args.kills:
                 break
             continue
-        kills += 1
         after = checkpoint_updates(faulty)  # must load: never truncated or mismatched
+        if mode == "time" and after >= args.max_update:
+            # the signal came after the last checkpoint: it interrupted nothing
+            log.append({"mode": mode, "update": target, "killed": "after the end"})
+            continue
+        kills += 1
         log.append({"mode": mode, "update": target, "killed": True, "checkpoint_updates": after})
         print(f"kill {kills}: {mode} at update {target}; checkpoint_last.pt at {after}", flush=True)
 

@@ -2,11 +2,13 @@
 #
 # This source code is licensed under the MIT license found in the
 # LICENSE file in the root directory of this source tree.
-"""Training killed with SIGKILL again and again (during a forward pass, while
-writing or copying a checkpoint, while writing an expert shard, at random
-moments) and restarted ends exactly where an uninterrupted run ends, and the
-checkpoint on disk always loads. ``scripts/fault_run.py`` does the work; the
-README reports its 10-kill runs."""
+"""Training killed with SIGKILL again and again (during a forward pass, right
+after an update, while writing or copying a checkpoint, while writing an expert
+shard, from outside at a random moment) and restarted ends exactly where an
+uninterrupted run ends, and the checkpoint on disk always loads.
+``scripts/fault_run.py`` does the work: 10 kills in one process here; the
+2-process test kills twice (each launch costs more), the README reports the
+script's 10-kill 2-process runs."""
 
 import json
 
@@ -15,9 +17,9 @@ import pytest
 from conftest import REPO, run_cli
 
 
-def fault_run(databin, workdir, nproc, kills, seed):
+def fault_run(databin, workdir, nproc, kills, seed, max_update=10):
     proc = run_cli(["python", REPO / "scripts" / "fault_run.py", databin, "--workdir", workdir,
-                    "--nproc", nproc, "--kills", kills, "--max-update", "10", "--seed", seed],
+                    "--nproc", nproc, "--kills", kills, "--max-update", max_update, "--seed", seed],
                    timeout=900, check=False)
     summary = json.loads(proc.stdout[proc.stdout.index("{\n"):])
     assert proc.returncode == 0, summary
@@ -26,9 +28,9 @@ def fault_run(databin, workdir, nproc, kills, seed):
 
 @pytest.mark.timeout(900)
 def test_single_process_survives_repeated_kills(tiny_data, tmp_path):
-    s = fault_run(tiny_data["databin"], tmp_path, 1, 3, 11)
-    assert s["kills"] >= 3 and s["same_final_loss"] and s["every_logged_update_same"] and s["same_weights"]
-    assert all("checkpoint_updates" in f for f in s["faults"] if f["killed"])
+    s = fault_run(tiny_data["databin"], tmp_path, 1, 10, 5, max_update=30)
+    assert s["kills"] >= 10 and s["same_final_loss"] and s["every_logged_update_same"] and s["same_weights"]
+    assert all("checkpoint_updates" in f for f in s["faults"] if f["killed"] is True)
 
 
 @pytest.mark.timeout(900)
@@ -36,4 +38,4 @@ def test_expert_parallel_run_survives_repeated_kills(tiny_data, tmp_path):
     s = fault_run(tiny_data["databin"], tmp_path, 2, 2, 3)
     assert s["kills"] >= 2 and s["same_final_loss"] and s["every_logged_update_same"] and s["same_weights"]
     # every kill left a checkpoint whose shared file and shards load together
-    assert all("checkpoint_updates" in f for f in s["faults"] if f["killed"])
+    assert all("checkpoint_updates" in f for f in s["faults"] if f["killed"] is True)
