@@ -130,6 +130,13 @@ def build_trainer(databin, argv):
     return cfg, Trainer(cfg, task, model, criterion)
 
 
+def first_batches(trainer, n: int):
+    """The first ``n`` training batches of epoch 1 (every variant gets the same ones)."""
+    trainer.task.load_dataset("train")
+    itr = trainer.get_train_iterator(epoch=1, load_dataset=False).next_epoch_itr(shuffle=True)
+    return [next(itr) for _ in range(n)]
+
+
 def set_fast(model, on: bool):
     for m in model.modules():
         if hasattr(m, "uses_local_dispatch"):
@@ -298,10 +305,7 @@ def part_train(a):
         if fast is not None:
             set_fast(trainer.model, fast)
         variants[name] = trainer
-    dense = variants["dense"]
-    dense.task.load_dataset("train")
-    itr = dense.get_train_iterator(epoch=1, load_dataset=False).next_epoch_itr(shuffle=True)
-    batches = [next(itr) for _ in range(a.warmup + a.updates)]
+    batches = first_batches(variants["dense"], a.warmup + a.updates)
     names = list(variants)
     times = {k: [] for k in names}
     tokens = []
@@ -515,10 +519,7 @@ def part_dist_worker(a):
             distributed_utils.distributed_init(convert_namespace_to_omegaconf(args))
         _, trainers[name] = build_trainer(a.databin, cfg_argv)
     logging.disable(logging.WARNING)
-    dense = trainers["dense"]
-    dense.task.load_dataset("train")
-    itr = dense.get_train_iterator(epoch=1, load_dataset=False).next_epoch_itr(shuffle=True)
-    batches = [next(itr) for _ in range(a.warmup + a.dist_updates)]
+    batches = first_batches(trainers["dense"], a.warmup + a.dist_updates)
     names = list(trainers)
     times = {k: [] for k in names}
     tokens = []
