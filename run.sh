@@ -35,7 +35,7 @@
 #   MOE_FREQ       every MOE_FREQ-th layer is MoE [2 WMT, 1 tiny]
 #   TOP_K          experts per token [1]
 #   EP_WORLD_SIZE  --ep-world-size [NUM_GPUS if it divides NUM_EXPERTS, else 1]
-#   MAX_TOKENS     tokens per batch and process [4096 on GPUs, 2048 on CPU]
+#   MAX_TOKENS     tokens per batch and process [4096 on GPUs; on CPU 1024 tiny, else 2048]
 #   UPDATE_FREQ    batches per update [1]
 #   MAX_UPDATE     updates [300000 WMT, 2000 tiny]
 #   SEED           [43821]
@@ -47,7 +47,7 @@
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT
 #                  multi-node torchrun [1, 0, required when NNODES > 1, 29500];
 #                  on one node MASTER_PORT, when set, replaces torchrun --standalone
-#   BEAM, LENPEN   generate: beam size and length penalty [4, 0.6]
+#   BEAM, LENPEN   generate: beam size and length penalty [4, 0.6; 4, 1.0 tiny]
 #   REF            generate: plain-text reference [dirname($DATABIN)/raw/test.$TGT]
 #   BENCH_UPDATES  bench: updates per model [200 WMT, 30 tiny]
 #   DRY_RUN        1 = print the commands instead of running them [0]
@@ -139,20 +139,23 @@ DENSE="${DENSE:-0}"
 [[ $DENSE == 0 || $DENSE == 1 ]] || die "DENSE must be 0 or 1 (got '$DENSE')"
 if [[ $ARCH == transformer_ds_moe_tiny ]]; then
     # scripts/demo.sh's small model: trains to a useful BLEU on the demo corpus on a laptop
-    recipe=(--encoder-embed-dim 128 --decoder-embed-dim 128
-            --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512
+    # (the same settings as `make demo`: BLEU 13 on the demo test set after 2000 updates)
+    recipe=(--encoder-embed-dim 64 --decoder-embed-dim 64
+            --encoder-ffn-embed-dim 256 --decoder-ffn-embed-dim 256
             --encoder-layers 2 --decoder-layers 2
             --encoder-attention-heads 4 --decoder-attention-heads 4
             --encoder-normalize-before --decoder-normalize-before --share-all-embeddings
-            --dropout 0.1 --lr 0.003 --warmup-updates 150 --clip-norm 1.0)
+            --dropout 0.0 --attention-dropout 0.0 --lr 0.007 --warmup-updates 100 --clip-norm 1.0)
     NUM_EXPERTS="${NUM_EXPERTS:-4}"; MOE_FREQ="${MOE_FREQ:-1}"
     MAX_UPDATE="${MAX_UPDATE:-2000}"; BENCH_UPDATES="${BENCH_UPDATES:-30}"
+    tiny_max_tokens=1024; lenpen=1.0
     log_interval=10; save_interval=200
 else
     # the reference recipe (Vaswani et al. base, WMT16 en-de)
     recipe=(--dropout 0.3 --weight-decay 0.0001 --lr 5e-4 --warmup-updates 4000 --clip-norm 0.0)
     NUM_EXPERTS="${NUM_EXPERTS:-8}"; MOE_FREQ="${MOE_FREQ:-2}"
     MAX_UPDATE="${MAX_UPDATE:-300000}"; BENCH_UPDATES="${BENCH_UPDATES:-200}"
+    tiny_max_tokens=""; lenpen=0.6
     log_interval=100; save_interval=1000
 fi
 MOE_MODE="${MOE_MODE:-enc,dec}"
@@ -163,7 +166,7 @@ if [[ -z "${EP_WORLD_SIZE:-}" ]]; then
     if ((NUM_EXPERTS % NUM_GPUS == 0)); then EP_WORLD_SIZE=$NUM_GPUS; else EP_WORLD_SIZE=1; fi
 fi
 is_int EP_WORLD_SIZE "$EP_WORLD_SIZE"
-if [[ $DEVICE == cpu ]]; then MAX_TOKENS="${MAX_TOKENS:-2048}"; FP16="${FP16:-0}"; else MAX_TOKENS="${MAX_TOKENS:-4096}"; FP16="${FP16:-1}"; fi
+if [[ $DEVICE == cpu ]]; then MAX_TOKENS="${MAX_TOKENS:-${tiny_max_tokens:-2048}}"; FP16="${FP16:-0}"; else MAX_TOKENS="${MAX_TOKENS:-4096}"; FP16="${FP16:-1}"; fi
 UPDATE_FREQ="${UPDATE_FREQ:-1}"
 SEED="${SEED:-43821}"
 
@@ -237,7 +240,7 @@ do_generate() {
     cmd=("$PYTHON" "$repo/user/generate.py" "$DATABIN"
          --task translation_deepspeed --source-lang "$SRC" --target-lang "$TGT"
          --path "$ckpt" --gen-subset test
-         --beam "${BEAM:-4}" --lenpen "${LENPEN:-0.6}" --max-len-a 1.2 --max-len-b 10 --batch-size 64)
+         --beam "${BEAM:-4}" --lenpen "${LENPEN:-$lenpen}" --max-len-a 1.2 --max-len-b 10 --batch-size 64)
     if [[ -f "$DATABIN/spm.model" ]] || dry; then
         cmd+=(--bpe sentencepiece --sentencepiece-model "$DATABIN/spm.model")
     fi

@@ -63,7 +63,9 @@ def test_dry_run_picks_the_launcher_and_defaults():
     assert cmd[1].endswith("user/train.py") and cmd[2] == "/data/bin"
     assert flag(cmd, "--arch") == ARCH and flag(cmd, "--num-experts") == "4"
     assert flag(cmd, "--moe-freq") == "1" and flag(cmd, "--ep-world-size") == "1"
-    assert flag(cmd, "--max-tokens") == "2048" and "--cpu" in cmd and "--fp16" not in cmd
+    assert flag(cmd, "--max-tokens") == "1024" and "--cpu" in cmd and "--fp16" not in cmd
+    # the tiny recipe is make demo's model
+    assert flag(cmd, "--encoder-embed-dim") == "64" and flag(cmd, "--lr") == "0.007"
     assert flag(cmd, "--save-dir") == f"/out/checkpoints/{MOE_RUN}"
     assert flag(cmd, "--tensorboard-logdir") == f"/out/tb/{MOE_RUN}"
     assert flag(cmd, "--loss-weights") == '{"base_crit": 1, "experts_gate_loss": 0.01}'
