@@ -60,6 +60,10 @@ def test_train_loss_falls_and_checkpoint_is_written(trained):
     assert last < first - 0.5, f"loss did not fall: {first:.3f} -> {last:.3f}"
     assert (trained["save"] / "checkpoint_last.pt").exists()
     assert "loss_experts_gate_loss" in trained["log"] and "moe_imbalance" in trained["log"]
+    # what the model holds (fairseq's "num. expert model params" is 0 with EP=1)
+    m = re.search(r"MoE: (\d+) layers \(.*\), 4 experts each, top-1, --ep-world-size 1: "
+                  r"4 experts per layer in this process, ([\d,]+) expert parameters here", trained["log"])
+    assert m and int(m.group(1)) >= 2 and int(m.group(2).replace(",", "")) > 0, trained["log"][:3000]
 
 
 @pytest.mark.timeout(300)

@@ -26,6 +26,7 @@
 """
 
 import functools
+import logging
 import os
 import re
 import sys
@@ -41,6 +42,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from .. import ds_moe, expert_checkpoint, lockstep
 from ..moe_options import MoEArgumentError
 
+logger = logging.getLogger(__name__)
 
 # Set by ``user/generate.py`` (and recognised for ``fairseq-generate``): batch
 # iterators then yield a dummy batch instead of an empty one (see get_batch_iterator).
@@ -194,6 +196,15 @@ class TranslationDeepSpeedTask(TranslationTask):
                 )
             ds_moe.setup_expert_parallel(moe_layers, ep_size)
             self.expert_params = [p for m in moe_layers for p in ds_moe.expert_params(m)]
+            local = sum(p.numel() for p in self.expert_params)
+            opts = model.moe_opts
+            # fairseq's own "num. expert model params" counts only parameters marked
+            # rank-local, i.e. 0 with --ep-world-size 1: say what the model holds
+            logger.info(
+                f"MoE: {len(moe_layers)} layers ({', '.join(model.moe_ffn_layers())}), "
+                f"{opts.num_experts} experts each, top-{opts.top_k}, --ep-world-size {ep_size}: "
+                f"{opts.num_experts // ep_size} experts per layer in this process, "
+                f"{local:,} expert parameters here ({local * ep_size:,} in the model)")
             self.ep_size = ep_size
             self.num_experts = model.moe_opts.num_experts
             expert_checkpoint.set_current_layout(model)
