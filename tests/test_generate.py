@@ -40,12 +40,33 @@ def test_two_process_lockstep_generation_equals_one_process(tiny_data, ep2_run):
     one = run_cli(["python", USER_DIR / "generate.py", db, *GEN, "--path", ckpt, "--cpu"])
     # 40 sentences in batches of 8 over 2 ranks: rank 0 gets 3 batches, rank 1 two
     # and a dummy; every batch stops decoding at its own step: both lockstep paths
-    two = torchrun(USER_DIR / "generate.py", db, *GEN, "--path", ckpt)
+    # (no --task: user/generate.py uses the plugin's task by default)
+    two = torchrun(USER_DIR / "generate.py", db, *GEN[2:], "--path", ckpt)
     h1, h2 = hypotheses(one.stdout), hypotheses(two.stdout)
     assert len(h1) == 40
     assert h2 == h1
     ids = [int(m) for m in re.findall(r"^H-(\d+)\t", two.stdout, re.M)]
     assert ids == sorted(ids), "gathered output is in sentence order"
+
+
+@pytest.mark.timeout(60)
+def test_expert_parallel_model_under_fairseqs_default_task_is_refused(tiny_data):
+    """fairseq's ``translation`` task (``fairseq-generate`` without ``--task``) would
+    build an expert-parallel model without expert groups or lockstep: it failed
+    inside DeepSpeed's first all-to-all; now one clear error before any work."""
+    from fairseq import options, tasks
+
+    from moe_helpers import TINY
+    from user.moe_options import MoEArgumentError
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [
+        str(tiny_data["databin"]), "--task", "translation", "--arch", "transformer_ds_moe_tiny",
+        *TINY, "--deepspeed_moe", "enc,dec", "--num-experts", "4", "--ep-world-size", "2"])
+    task = tasks.setup_task(args)
+    with pytest.raises(MoEArgumentError, match="needs --task translation_deepspeed "
+                                               r"\(got TranslationTask\)"):
+        task.build_model(args)
 
 
 @pytest.mark.timeout(600)

@@ -27,6 +27,18 @@ def _given(argv: List[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
+def with_task(argv: List[str]) -> List[str]:
+    """``argv`` plus ``--task translation_deepspeed`` unless a task is given.
+
+    fairseq's default task is ``translation``, which neither sets up DeepSpeed's
+    expert groups nor keeps expert-parallel ranks in lockstep: an expert-parallel
+    model would fail inside its first all-to-all.
+    """
+    if _given(argv, "--task"):
+        return list(argv)
+    return [*argv, "--task", "translation_deepspeed"]
+
+
 def launcher_args(argv: List[str], env, cuda: bool) -> List[str]:
     """fairseq flags for a process started by torchrun (or any launcher that sets
     ``WORLD_SIZE``/``RANK``/``MASTER_ADDR``/``MASTER_PORT``), unless given.
@@ -212,7 +224,7 @@ def run(cli: str, argv: Optional[List[str]] = None) -> None:
 
     import torch
 
-    argv = with_user_dir(sys.argv[1:] if argv is None else argv)
+    argv = with_task(with_user_dir(sys.argv[1:] if argv is None else argv))
     argv += launcher_args(argv, os.environ, torch.cuda.is_available())
     try:
         check_argv(argv, torch.cuda.is_available())

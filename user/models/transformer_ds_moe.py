@@ -34,7 +34,7 @@ from ..modules.moe_transformer_layer import (
     MoETransformerDecoderLayer,
     MoETransformerEncoderLayer,
 )
-from ..moe_options import MoEOptions, add_moe_args, moe_defaults, options_from_args
+from ..moe_options import MoEArgumentError, MoEOptions, add_moe_args, moe_defaults, options_from_args
 
 GATE_LOSS = "experts_gate_loss"
 
@@ -132,7 +132,15 @@ class TransformerDSMoEModel(TransformerModel):
     @classmethod
     def build_model(cls, args, task):
         moe_defaults(args)
-        options_from_args(args)  # fail on bad flags before building anything
+        opts = options_from_args(args)  # fail on bad flags before building anything
+        from ..tasks.translation_deepspeed import TranslationDeepSpeedTask
+
+        if opts.sides and opts.ep_size > 1 and not isinstance(task, TranslationDeepSpeedTask):
+            raise MoEArgumentError(
+                f"a model with --ep-world-size {opts.ep_size} needs --task translation_deepspeed "
+                f"(got {type(task).__name__}): it creates DeepSpeed's expert groups and keeps "
+                "the ranks in step; add --task translation_deepspeed (user/train.py and "
+                "user/generate.py use it by default)")
         return super().build_model(args, task)
 
     @classmethod
