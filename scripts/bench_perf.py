@@ -537,6 +537,11 @@ def part_dist_worker(a):
         dist.all_reduce(n)
         if i >= a.warmup:
             tokens.append(float(n))
+    for trainer in trainers.values():
+        # a rank with no batch left validates this one and discards it (as fairseq's
+        # validate with the first batch it saw)
+        trainer._dummy_batch = batches[0]
+    valid = valid_times(trainers, reps=3)
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -556,8 +561,54 @@ def part_dist_worker(a):
             res[f"{name}_wps_total"] = sum(tokens) / sum(times[name])
             res[f"{name}_step_s"] = times[name]
         res["moe_ratio"] = median([d / m for d, m in zip(times["dense"], times["moe"])])
+        res["valid"] = valid
         Path(a.json).write_text(json.dumps(res))
     dist.barrier()
+
+
+def valid_times(trainers, reps):
+    """Validation (``trainer.valid_step``, no token dropped) on the valid split, each
+    rank its shard, ``reps`` times after one warm-up batch: dense, MoE with buffers
+    fit to the busiest expert (the default), MoE with room for every token in every
+    expert; a batch of each in turn."""
+    import torch
+    import torch.distributed as dist
+
+    def set_exact_fit(trainer, on):
+        for m in trainer.get_model().modules():
+            if hasattr(m, "uses_exact_fit"):
+                m.exact_fit = on
+
+    variants = {"dense": (trainers["dense"], None), "moe": (trainers["moe"], True),
+                "moe_no_fit": (trainers["moe"], False)}
+    trainers["dense"].task.load_dataset("valid")
+    itr = trainers["dense"].get_valid_iterator("valid").next_epoch_itr(shuffle=False)
+    batches = list(itr)
+    batches = batches[:1] + batches * reps
+    warmup = 1
+    times = {k: [] for k in variants}
+    tokens = []
+    names = list(variants)
+    for i, batch in enumerate(batches):
+        for name in names[i % 3:] + names[:i % 3]:
+            trainer, fit = variants[name]
+            if fit is not None:
+                set_exact_fit(trainer, fit)
+            sample = copy.deepcopy(batch)
+            dist.barrier()
+            t = time.perf_counter()
+            trainer.valid_step(sample)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t)
+        n = torch.tensor([float(batch.get("ntokens", 0) or 0)])
+        dist.all_reduce(n)
+        if i >= warmup:
+            tokens.append(float(n))
+    set_exact_fit(trainers["moe"], None)
+    return {"batches": len(tokens), "global_tokens": sum(tokens),
+            **{f"{k}_wps_total": sum(tokens) / sum(v) for k, v in times.items()},
+            "moe_ratio": median([d / m for d, m in zip(times["dense"], times["moe"])]),
+            "moe_no_fit_ratio": median([d / m for d, m in zip(times["dense"], times["moe_no_fit"])])}
 
 
 def parse_wps(text, skip):
@@ -697,6 +748,12 @@ def report(a, results, info):
         w(f"  dense {fmt(r['dense_wps_median'])}   moe {fmt(r['moe_wps_median'])} "
           f"({r['moe_ratio']:.2f}x)   target >= {TARGETS['dist']}: "
           f"{'met' if r['moe_ratio'] >= TARGETS['dist'] else 'MISSED'}")
+        v = r.get("valid")
+        if v:
+            w(f"  validation ({v['batches']} batches, no token dropped): dense "
+              f"{fmt(v['dense_wps_total'])}   moe {fmt(v['moe_wps_total'])} ({v['moe_ratio']:.2f}x)   "
+              f"moe without exact fit {fmt(v['moe_no_fit_wps_total'])} ({v['moe_no_fit_ratio']:.2f}x) "
+              f"tokens/s")
         if r.get("cli"):
             c = r["cli"]
             w(f"  torchrun user/train.py (sequential runs): dense {fmt(c['dense']['wps_median'])}, moe "

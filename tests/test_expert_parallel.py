@@ -269,13 +269,18 @@ class CollectiveCounter:
         return sum(v for k, v in self.counts.items() if k in ALL_TO_ALL)
 
 
-def forward_job(rank, world, databin, flags, steps):
+def forward_job(rank, world, databin, flags, steps, exact_fit=None):
     """Forward (train and eval mode) and backward on rank r's sentences ``steps[i][r]``.
 
     In one process (``world == 1``) every rank's sentences are run one after the other.
     Returns the outputs, the gate losses and the collectives each forward made.
+    ``exact_fit``: set on every MoE layer (None: the default; True: for every size).
     """
     task, model = build(_data(databin), "transformer_ds_moe", *flags, seed=1)
+    for m in model.moe_ffn_layers().values():
+        m.exact_fit = exact_fit
+        if exact_fit:
+            m.exact_fit_min_tokens = 0  # these batches are small
     task.load_dataset("valid")
     n_moe = len(model.moe_ffn_layers())
     results = []
@@ -421,23 +426,27 @@ def test_trainer_on_two_ranks_matches_one_process(tiny_data, extensions_dir, con
 
 
 @pytest.mark.timeout(RANKS_TIMEOUT + 120)
-@pytest.mark.parametrize("drop", ["drop", "no_drop"])
+@pytest.mark.parametrize("drop", ["drop", "no_drop", "no_drop_no_fit"])
 def test_uneven_batches_match_one_process_with_one_collective(tiny_data, extensions_dir, drop):
     """Ranks with different sentence and token counts every step: no hang, each
     rank's output and gate loss equal one process's on the same sentences, and a
-    forward pass makes at most one collective besides the all-to-alls."""
+    forward pass makes one collective besides the all-to-alls (plus, without
+    dropping, one per MoE layer to fit the buffers to the busiest expert, unless
+    that is turned off)."""
     flags = [*MOE, "--num-experts", "4", "--ep-world-size", "2", *NO_DROP_CAPACITY]
     if drop == "drop":  # DeepSpeed's capacity-limited routing, in evaluation too
         flags.append("--moe-eval-drop-tokens")
-    else:  # DeepSpeed's no-drop routing (evaluation's default)
+    else:  # no token dropped (evaluation's default)
         flags.append("--no-moe-drop-tokens")
+    exact_fit = {"drop": None, "no_drop": True, "no_drop_no_fit": False}[drop]
     task, _ = build(tiny_data, "transformer_ds_moe", *_one_process(flags))
     steps = _uneven_steps(task)
     databin = str(tiny_data["databin"])
 
     # one process runs, per update, rank 0's sentences, then rank 1's
     want = forward_job(0, 1, databin, _one_process(flags), steps)
-    got = run_ranks("forward", 2, extensions_dir, databin=databin, flags=flags, steps=steps)
+    got = run_ranks("forward", 2, extensions_dir, databin=databin, flags=flags, steps=steps,
+                    exact_fit=exact_fit)
 
     problems = []
     for i in range(len(steps)):
@@ -453,7 +462,8 @@ def test_uneven_batches_match_one_process_with_one_collective(tiny_data, extensi
                         problems.append(f"{where}: {key} differs: {str(e).splitlines()[-2:]}")
                 if res[mode]["all_to_all"] != 2 * res[mode]["n_moe"]:
                     problems.append(f"{where}: {res[mode]['all_to_all']} all-to-alls")
-                if sum(res[mode]["others"].values()) > 1:
+                fit = res[mode]["n_moe"] if drop == "no_drop" else 0
+                if sum(res[mode]["others"].values()) != 1 + fit:
                     problems.append(f"{where}: collectives besides all-to-all: "
-                                    f"{res[mode]['others']}")
+                                    f"{res[mode]['others']} (expected 1 + {fit})")
     assert not problems, "\n".join(problems)
