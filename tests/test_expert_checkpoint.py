@@ -86,6 +86,24 @@ def test_gather_refuses_missing_or_foreign_shards():
         ec.scatter(full, 3, "tok", names)
 
 
+def test_a_shard_is_read_once_per_checkpoint_load(tmp_path, monkeypatch):
+    """A resume needs a rank's shard for the weights, then for the optimizer state."""
+    full, names = _full_state()
+    shared, shards = ec.scatter(full, 2, "tok", names)
+    info = shared["extra_state"][ec.SHARD_KEY]
+    for r, shard in enumerate(shards):
+        torch.save(shard, ec.shard_file(str(tmp_path), "tok", r, 2))
+    reads = []
+    real = ec._torch_load
+    monkeypatch.setattr(ec, "_torch_load", lambda path, mmap=False: reads.append(path) or real(path, mmap))
+    with ec.reading_each_shard_once():
+        first = ec.read_shard(str(tmp_path), info, 1)
+        assert ec.read_shard(str(tmp_path), info, 1) is first
+    assert len(reads) == 1
+    ec.read_shard(str(tmp_path), info, 1)  # after the load nothing is kept
+    assert len(reads) == 2 and ec._shards_read[0] is None
+
+
 def test_prune_keeps_exactly_the_shards_a_checkpoint_names(tmp_path):
     for name, token in (("checkpoint_last.pt", "u9-b"), ("checkpoint_1_6.pt", "u6-a")):
         torch.save({"extra_state": {ec.SHARD_KEY: {"token": token}}}, tmp_path / name)

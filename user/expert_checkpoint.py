@@ -34,6 +34,7 @@ The state layouts are pure functions of names: :func:`gather` and
 :func:`scatter` are also what ``python -m user.reshard`` runs.
 """
 
+import contextlib
 import copy
 import glob
 import logging
@@ -325,9 +326,31 @@ def _torch_load(path: str, mmap: bool = False):
         raise ExpertCheckpointError(f"cannot read {path}: {e}") from e
 
 
+#: Shards already read in the current checkpoint load (path -> shard), or None
+#: outside one: a resume reads a rank's shard for the model's weights and then
+#: for the optimizer's state; the second read comes from here.
+_shards_read: List[Optional[dict]] = [None]
+
+
+@contextlib.contextmanager
+def reading_each_shard_once():
+    """Within this context, :func:`read_shard` reads a file once; memory is freed after."""
+    outer = _shards_read[0]
+    if outer is None:
+        _shards_read[0] = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _shards_read[0] = None
+
+
 def read_shard(directory: str, info: dict, rank: int) -> dict:
     """Load and check expert-parallel rank ``rank``'s shard of a checkpoint."""
     path = shard_file(directory, info["token"], rank, info["ep_size"])
+    cache = _shards_read[0]
+    if cache is not None and path in cache:
+        return cache[path]
     if not os.path.exists(path):
         raise ExpertCheckpointError(
             f"expert shard {path} is missing: a checkpoint trained with "
@@ -336,6 +359,8 @@ def read_shard(directory: str, info: dict, rank: int) -> dict:
         )
     shard = _torch_load(path)
     check_shard(shard, info, rank, path)
+    if cache is not None:
+        cache[path] = shard
     return shard
 
 
@@ -685,6 +710,10 @@ def wrap_load_checkpoint(original):
     """``checkpoint_utils.load_checkpoint`` that then gives every rank its experts."""
 
     def load_checkpoint(cfg, trainer, **passthrough):
+        with reading_each_shard_once():
+            return _load(cfg, trainer, **passthrough)
+
+    def _load(cfg, trainer, **passthrough):
         _training_load[0] = True
         try:
             extra_state, epoch_itr = original(cfg, trainer, **passthrough)
