@@ -180,15 +180,18 @@ class MoEFeedForward(nn.Module):
         return (bool(on) and self.opts.top_k <= 2 and self.agreed_tokens is not None
                 and self.agreed_tokens >= self.exact_fit_min_tokens)
 
+    def _router_logits(self, tokens: Tensor) -> Tensor:
+        """``S x E`` router logits in fp32, as DeepSpeed's gate computes them (no noise)."""
+        return F.linear(tokens.float(), ds_moe.moe_gate(self.moe).wg.weight.float())
+
     @torch.no_grad()
-    def _busiest_expert_in_group(self, tokens: Tensor) -> int:
+    def _busiest_expert_in_group(self, logits: Tensor) -> int:
         """Most routes any expert gets on any rank of the expert-parallel group.
 
-        The routes are DeepSpeed's (same fp32 router, same argmax): computed here
-        once more to size the buffers before DeepSpeed's gate runs. One all-reduce.
+        The routes are DeepSpeed's (same fp32 router ``logits``, same argmax):
+        computed here once more to size the buffers before DeepSpeed's gate runs.
+        One all-reduce.
         """
-        gate = ds_moe.moe_gate(self.moe)
-        logits = F.linear(tokens.float(), gate.wg.weight.float())
         counts = no_drop_routes(logits, self.opts.top_k)[3]
         busiest = int(counts.max()) if counts.numel() else 0
         return max(ds_moe.agree_on_token_counts([busiest], self.opts.ep_size)[0], 1)
@@ -210,7 +213,7 @@ class MoEFeedForward(nn.Module):
         """
         n = tokens.size(0)
         if logits is None:
-            logits = F.linear(tokens.float(), ds_moe.moe_gate(self.moe).wg.weight.float())
+            logits = self._router_logits(tokens)
         logp = torch.log_softmax(logits[:n], dim=-1)
         ent = -(logp.exp() * logp).sum(-1)  # n
         if padding_mask is not None:
@@ -237,13 +240,24 @@ class MoEFeedForward(nn.Module):
 
     # -- forward ----------------------------------------------------------------------
 
-    def _used_tokens(self, padding_mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-        """``T*B`` mask, 1 for real tokens (``tokens``' order), when padding could take
-        expert capacity: top-1 or top-2 with token dropping. Padding then gets no route."""
-        if padding_mask is None or self.opts.top_k > 2 or not ds_moe.moe_gate(self.moe).drop_tokens:
-            return None
-        return (~padding_mask).t().reshape(-1).to(dtype)  # B x T -> T*B
+    def _gate_inputs(self, tokens: Tensor, padding_mask: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        """``(routed, used)``: the tokens DeepSpeed's gate sees and their mask.
 
+        ``used`` (``T*B``, 1 for real tokens, ``tokens``' order) is given when padding
+        could take expert capacity, top-1 or top-2 with token dropping: padding then
+        gets no route. DeepSpeed's top-1 gate asserts tokens >= min_capacity (e.g. one
+        greedy step): ``routed`` then has zero rows appended (unused).
+        """
+        used = None
+        if padding_mask is not None and self.opts.top_k <= 2 and ds_moe.moe_gate(self.moe).drop_tokens:
+            used = (~padding_mask).t().reshape(-1).to(tokens.dtype)  # B x T -> T*B
+        short = self.opts.min_capacity - tokens.size(0) if self.opts.top_k == 1 else 0
+        if short <= 0:
+            return tokens, used
+        routed = torch.cat([tokens, tokens.new_zeros(short, tokens.size(1))])
+        if used is not None:
+            used = torch.cat([used, used.new_zeros(short)])
+        return routed, used
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """
@@ -269,13 +283,8 @@ class MoEFeedForward(nn.Module):
                 self.stats.update(self._load_stats(tokens.size(0), drop))
             return out[: T * B].view(T, B, C)
 
-        used = self._used_tokens(padding_mask, tokens.dtype)
-        short = self.opts.min_capacity - tokens.size(0) if self.opts.top_k == 1 else 0
-        if short > 0:
-            # DeepSpeed's top-1 gate asserts tokens >= min_capacity (e.g. one greedy step)
-            tokens = torch.cat([tokens, tokens.new_zeros(short, C)])
-            if used is not None:
-                used = torch.cat([used, used.new_zeros(short)])
+        routed, used = self._gate_inputs(tokens, padding_mask)
+        logits = None  # the router's, when computed here
         if self.agreed_tokens is not None:
             # Size the buffers alike on every rank, without padding (padding would
             # shift the gate loss): see ds_moe.capacity_factor_for. Dropping: the
@@ -287,20 +296,22 @@ class MoEFeedForward(nn.Module):
             if drop:
                 want = ds_moe.dispatch_capacity(self.agreed_tokens, self.opts, self.training)
             elif self.uses_exact_fit():
-                want = self._busiest_expert_in_group(tokens)
+                with torch.no_grad():  # sizes only; DeepSpeed's gate makes the routes
+                    logits = self._router_logits(routed)
+                want = self._busiest_expert_in_group(logits)
             else:
                 want = self.agreed_tokens
             gate.capacity_factor = gate.eval_capacity_factor = ds_moe.capacity_factor_for(
-                want, tokens.size(0), self.opts
+                want, routed.size(0), self.opts
             )
             gate.drop_tokens = True
         if self.collect_stats:
-            self.stats = self._routing_stats(x.reshape(T * B, C), padding_mask)
+            self.stats = self._routing_stats(tokens, padding_mask, logits)
         try:
             with ds_moe.padding_takes_no_capacity(self.moe, used):
-                out, self.l_aux, self.exp_counts = self.moe(tokens, used)
+                out, self.l_aux, self.exp_counts = self.moe(routed, used)
             if self.collect_stats:
-                self.stats.update(self._load_stats(tokens.size(0), drop))
+                self.stats.update(self._load_stats(routed.size(0), drop))
         finally:
             gate.drop_tokens = drop
             gate.capacity_factor = self.opts.capacity_factor
@@ -310,16 +321,9 @@ class MoEFeedForward(nn.Module):
     def _forward_local(self, tokens: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         """DeepSpeed's gate (capacity, random token selection, dropping), then each
         expert on exactly its kept tokens."""
-        n, C = tokens.shape
+        n = tokens.size(0)
         gate = ds_moe.moe_gate(self.moe)
-        used = self._used_tokens(padding_mask, tokens.dtype)
-        routed = tokens
-        short = self.opts.min_capacity - n if self.opts.top_k == 1 else 0
-        if short > 0:
-            # DeepSpeed's top-1 gate asserts tokens >= min_capacity (e.g. one greedy step)
-            routed = torch.cat([tokens, tokens.new_zeros(short, C)])
-            if used is not None:
-                used = torch.cat([used, used.new_zeros(short)])
+        routed, used = self._gate_inputs(tokens, padding_mask)
         if self.collect_stats:
             self.stats = self._routing_stats(tokens, padding_mask)
         with ds_moe.padding_takes_no_capacity(self.moe, used):
@@ -338,8 +342,7 @@ class MoEFeedForward(nn.Module):
     def _forward_no_drop(self, tokens: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
         """Inference without dropping, top-1 or top-2: DeepSpeed's routing formulas
         straight from the router's softmax (no capacity: nothing is dropped)."""
-        gate = ds_moe.moe_gate(self.moe)
-        logits = F.linear(tokens.float(), gate.wg.weight.float())
+        logits = self._router_logits(tokens)
         if self.collect_stats:
             self.stats = self._routing_stats(tokens, padding_mask, logits)
         indices, gates, l_aux, exp_counts = no_drop_routes(logits, self.opts.top_k)
