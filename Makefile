@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export DS_BUILD_OPS := 0
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install test demo bench bench-perf clean
+.PHONY: install test lint format demo bench bench-perf clean
 
 install: $(STAMP)
 
@@ -23,6 +23,15 @@ $(STAMP): setup.py
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q -rs
+
+# ruff (settings in ruff.toml): lint and formatting, as CI checks them
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 demo: $(STAMP)
 	bash scripts/demo.sh

@@ -33,7 +33,7 @@ setup(
         "tensorboard==2.21.0",
         "matplotlib==3.11.2",  # scripts/plot_experts.py and the benchmark plots
     ],
-    extras_require={"test": ["pytest==9.2.0", "pytest-timeout==2.4.0"]},
+    extras_require={"test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "ruff==0.17.6"]},
     entry_points={
         "console_scripts": [
             "fairseq-moe-train = user.train:main",
