@@ -47,7 +47,7 @@ def install(state):
     from fairseq import checkpoint_utils
     from fairseq.trainer import Trainer
 
-    from user import expert_checkpoint
+    from user.checkpoint import io as ckpt_io
 
     train_step = Trainer.train_step
 
@@ -76,25 +76,25 @@ def install(state):
 
     checkpoint_utils.torch_persistent_save = persistent_save
 
-    copy = expert_checkpoint._AtomicCopyPathManager.copy
+    copy = ckpt_io.atomic_copy
 
-    def half_copy(self, src, dst, overwrite=False):
+    def half_copy(src, dst):
         # (a save at the end of an epoch writes checkpoint_last.pt directly: no
         # copy; strike at the first copy from that update on)
         if MODE == "copy" and state["updates"] >= UPDATE and _mine():
             _die(f"{dst}.tmp.{os.getpid()}")
-        return copy(self, src, dst, overwrite)
+        return copy(src, dst)
 
-    expert_checkpoint._AtomicCopyPathManager.copy = half_copy
+    ckpt_io.atomic_copy = half_copy
 
-    atomic = expert_checkpoint.atomic_save
+    atomic = ckpt_io.atomic_save
 
     def half_shard(obj, path):
         if MODE == "shard" and state["updates"] == UPDATE and _mine():
             _die(f"{path}.tmp.{os.getpid()}")
         return atomic(obj, path)
 
-    expert_checkpoint.atomic_save = half_shard
+    ckpt_io.atomic_save = half_shard
 
 
 def main():

@@ -79,30 +79,19 @@ def env(**extra):
 
 def checkpoint_updates(save: Path) -> int:
     """Updates of checkpoint_last.pt, after checking that it and its shards load."""
-    sys.path.insert(0, str(REPO))
-    import torch
-
-    from user import expert_checkpoint as ec
+    from user.checkpoint import load_consolidated
 
     last = save / "checkpoint_last.pt"
     if not last.exists():
         return 0
-    state = torch.load(last, map_location="cpu", weights_only=False)  # raises if truncated
-    info = state["extra_state"].get(ec.SHARD_KEY)
-    if info:
-        ec.gather(state, ec.read_all_shards(str(save), info))  # every shard present and matching
-    return int(state["optimizer_history"][-1]["num_updates"])
+    # raises if the file is truncated or a shard is missing or foreign
+    return int(load_consolidated(str(last))["optimizer_history"][-1]["num_updates"])
 
 
 def consolidated(save: Path):
-    sys.path.insert(0, str(REPO))
-    import torch
+    from user.checkpoint import load_consolidated
 
-    from user import expert_checkpoint as ec
-
-    state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
-    info = state["extra_state"].get(ec.SHARD_KEY)
-    return ec.gather(state, ec.read_all_shards(str(save), info)) if info else state
+    return load_consolidated(str(save / "checkpoint_last.pt"))
 
 
 def kill_tree(pid):

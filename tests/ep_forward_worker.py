@@ -3,7 +3,7 @@
 # This source code is licensed under the MIT license found in the
 # LICENSE file in the root directory of this source tree.
 """Run under ``torchrun``: load an expert-parallel checkpoint into this rank's
-part of the model (``expert_checkpoint.load_for_rank``), run the model on the
+part of the model (``user.checkpoint.fairseq_hooks.load_for_rank``), run the model on the
 first validation sentences and save the output as ``OUT_DIR/rank<r>.pt``.
 
     torchrun --nproc_per_node 2 tests/ep_forward_worker.py CKPT OUT_DIR N
@@ -26,15 +26,16 @@ def main(ckpt: str, out_dir: str, n: int) -> None:
     from omegaconf import OmegaConf
 
     utils.import_user_module(Namespace(user_dir=str(USER_DIR)))
-    from user import expert_checkpoint as ec
+    from user.checkpoint import fairseq_hooks
+    from user.checkpoint.format import SHARD_KEY
 
     raw = torch.load(ckpt, map_location="cpu", weights_only=False)
     cfg = OmegaConf.create(raw["cfg"], flags={"allow_objects": True})
-    ep = raw["extra_state"][ec.SHARD_KEY]["ep_size"]
+    ep = raw["extra_state"][SHARD_KEY]["ep_size"]
     task = tasks.setup_task(cfg.task)
     model = task.build_model(cfg.model)
     model.eval()
-    ec.load_for_rank(ckpt, model, dist.get_rank() % ep, ep)
+    fairseq_hooks.load_for_rank(ckpt, model, dist.get_rank() % ep, ep)
     task.load_dataset("valid")
     ds = task.dataset("valid")
     sample = ds.collater([ds[i] for i in range(n)])

@@ -16,7 +16,8 @@ import torch
 
 from conftest import REPO, USER_DIR, run_cli
 from ep_helpers import torchrun, train2
-from user import expert_checkpoint as ec
+from user.checkpoint import format as fmt
+from user.checkpoint import io as ckpt_io
 
 E = "m.layers.0.moe_ffn.moe.deepspeed_moe.experts.deepspeed_experts"
 
@@ -26,16 +27,16 @@ E = "m.layers.0.moe_ffn.moe.deepspeed_moe.experts.deepspeed_experts"
 
 
 def test_expert_names_shift_between_local_and_global():
-    assert ec.expert_index(f"{E}.3.fc1.weight") == 3
-    assert ec.expert_index("m.layers.0.fc1.weight") is None
-    assert ec.shift_expert(f"{E}.1.fc2.bias", 4) == f"{E}.5.fc2.bias"
+    assert fmt.expert_index(f"{E}.3.fc1.weight") == 3
+    assert fmt.expert_index("m.layers.0.fc1.weight") is None
+    assert fmt.shift_expert(f"{E}.1.fc2.bias", 4) == f"{E}.5.fc2.bias"
 
 
 def test_relayout_names_rebuilds_each_expert_block_in_place():
     names = ["emb", f"{E}.0.fc1.weight", f"{E}.0.fc2.weight", f"{E}.1.fc1.weight",
              f"{E}.1.fc2.weight", "gate", "out"]
-    assert ec.relayout_names(names, 1) == ["emb", f"{E}.0.fc1.weight", f"{E}.0.fc2.weight", "gate", "out"]
-    four = ec.relayout_names(names, 4)
+    assert fmt.relayout_names(names, 1) == ["emb", f"{E}.0.fc1.weight", f"{E}.0.fc2.weight", "gate", "out"]
+    four = fmt.relayout_names(names, 4)
     assert four[0] == "emb" and four[-2:] == ["gate", "out"]
     assert four[1:9] == [f"{E}.{i}.fc{j}.weight" for i in range(4) for j in (1, 2)]
 
@@ -55,15 +56,15 @@ def _full_state(n_experts=4):
 
 def test_scatter_then_gather_gives_back_the_consolidated_checkpoint():
     full, names = _full_state()
-    shared, shards = ec.scatter(full, 2, "tok", names)
-    info = shared["extra_state"][ec.SHARD_KEY]
+    shared, shards = fmt.scatter(full, 2, "tok", names)
+    info = shared["extra_state"][fmt.SHARD_KEY]
     assert info["ep_size"] == 2 and info["num_experts"] == 4 and shared["cfg"]["model"]["ep_world_size"] == 2
     # rank 0's file holds its 2 experts under local names; rank 1's shard holds experts 2, 3
-    assert sorted(k for k in shared["model"] if ec.expert_index(k) is not None) == sorted(
+    assert sorted(k for k in shared["model"] if fmt.expert_index(k) is not None) == sorted(
         f"{E}.{i}.fc{j}.weight" for i in (0, 1) for j in (1, 2))
-    assert sorted(ec.expert_index(k) for k in shards[1]["model"]) == [2, 2, 3, 3]
+    assert sorted(fmt.expert_index(k) for k in shards[1]["model"]) == [2, 2, 3, 3]
     assert len(shared["last_optimizer_state"]["state"]) == 5
-    back = ec.gather(shared, list(reversed(shards)))
+    back = fmt.gather(shared, list(reversed(shards)))
     assert back["cfg"]["model"]["ep_world_size"] == 1
     assert back["model"].keys() == full["model"].keys()
     assert all(torch.equal(back["model"][k], full["model"][k]) for k in full["model"])
@@ -76,48 +77,53 @@ def test_scatter_then_gather_gives_back_the_consolidated_checkpoint():
 
 def test_gather_refuses_missing_or_foreign_shards():
     full, names = _full_state()
-    shared, shards = ec.scatter(full, 2, "tok", names)
-    with pytest.raises(ec.ExpertCheckpointError, match=r"ranks \[1\]"):
-        ec.gather(shared, shards[:1])
+    shared, shards = fmt.scatter(full, 2, "tok", names)
+    with pytest.raises(fmt.ExpertCheckpointError, match=r"ranks \[1\]"):
+        fmt.gather(shared, shards[:1])
     foreign = dict(shards[1], token="other")
-    with pytest.raises(ec.ExpertCheckpointError, match="does not belong"):
-        ec.gather(shared, [shards[0], foreign])
-    with pytest.raises(ec.ExpertCheckpointError, match="cannot be split"):
-        ec.scatter(full, 3, "tok", names)
+    with pytest.raises(fmt.ExpertCheckpointError, match="does not belong"):
+        fmt.gather(shared, [shards[0], foreign])
+    with pytest.raises(fmt.ExpertCheckpointError, match="cannot be split"):
+        fmt.scatter(full, 3, "tok", names)
 
 
 def test_a_shard_is_read_once_per_checkpoint_load(tmp_path, monkeypatch):
     """A resume needs a rank's shard for the weights, then for the optimizer state."""
     full, names = _full_state()
-    shared, shards = ec.scatter(full, 2, "tok", names)
-    info = shared["extra_state"][ec.SHARD_KEY]
+    shared, shards = fmt.scatter(full, 2, "tok", names)
+    info = shared["extra_state"][fmt.SHARD_KEY]
     for r, shard in enumerate(shards):
-        torch.save(shard, ec.shard_file(str(tmp_path), "tok", r, 2))
+        torch.save(shard, ckpt_io.shard_file(str(tmp_path), "tok", r, 2))
     reads = []
-    real = ec._torch_load
-    monkeypatch.setattr(ec, "_torch_load", lambda path, mmap=False: reads.append(path) or real(path, mmap))
-    with ec.reading_each_shard_once():
-        first = ec.read_shard(str(tmp_path), info, 1)
-        assert ec.read_shard(str(tmp_path), info, 1) is first
+    real = ckpt_io.read_checkpoint
+    monkeypatch.setattr(ckpt_io, "read_checkpoint",
+                        lambda path, mmap=False: reads.append(path) or real(path, mmap))
+    reader = ckpt_io.ShardReader({**info, "directory": str(tmp_path)}, 4)
+    first = reader(1)
+    assert reader(1) is first
     assert len(reads) == 1
-    ec.read_shard(str(tmp_path), info, 1)  # after the load nothing is kept
-    assert len(reads) == 2 and ec._shards_read[0] is None
+    reader.forget()  # after the load nothing is kept
+    assert reader(1) is not first and len(reads) == 2
+    # a reader sent to another rank (fairseq pickles the loaded checkpoint) carries no shard
+    import pickle
+
+    assert pickle.loads(pickle.dumps(reader))._memory == {}
 
 
 def test_prune_keeps_exactly_the_shards_a_checkpoint_names(tmp_path):
     for name, token in (("checkpoint_last.pt", "u9-b"), ("checkpoint_1_6.pt", "u6-a")):
-        torch.save({"extra_state": {ec.SHARD_KEY: {"token": token}}}, tmp_path / name)
+        torch.save({"extra_state": {fmt.SHARD_KEY: {"token": token}}}, tmp_path / name)
     for token in ("u3-z", "u6-a", "u9-b", "u12-new"):
         for r in range(2):
-            torch.save({}, ec.shard_file(str(tmp_path), token, r, 2))
-    removed = ec.prune_shards(str(tmp_path), keep=["u12-new"])
+            torch.save({}, ckpt_io.shard_file(str(tmp_path), token, r, 2))
+    removed = ckpt_io.prune_shards(str(tmp_path), keep=["u12-new"])
     assert sorted(os.path.basename(p) for p in removed) == ["experts.u3-z.0-of-2.pt", "experts.u3-z.1-of-2.pt"]
     left = sorted(p.name for p in tmp_path.glob("experts.*"))
     assert left == sorted(f"experts.{t}.{r}-of-2.pt" for t in ("u6-a", "u9-b", "u12-new") for r in range(2))
 
 
 def test_atomic_save_leaves_no_temp_file(tmp_path):
-    ec.atomic_save({"a": torch.ones(2)}, str(tmp_path / "x.pt"))
+    ckpt_io.atomic_save({"a": torch.ones(2)}, str(tmp_path / "x.pt"))
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
     assert torch.equal(torch.load(tmp_path / "x.pt")["a"], torch.ones(2))
 
@@ -128,7 +134,7 @@ def test_atomic_save_leaves_no_temp_file(tmp_path):
 def consolidated(path, out):
     """``python -m user.reshard path out --ep-size 1``, in this process (the CLI is
     run in the tests below)."""
-    from user.reshard import reshard
+    from user.checkpoint.reshard import reshard
 
     reshard(str(path), str(out), 1)
     return torch.load(out, map_location="cpu", weights_only=False)
@@ -165,17 +171,17 @@ def test_each_rank_writes_its_shard_and_pruning_follows_the_checkpoints(runs):
     tokens = {}
     for main in cut.glob("checkpoint*.pt"):
         state = torch.load(main, map_location="cpu", weights_only=False)
-        tokens[main.name] = state["extra_state"][ec.SHARD_KEY]["token"]
+        tokens[main.name] = state["extra_state"][fmt.SHARD_KEY]["token"]
     info = torch.load(cut / "checkpoint_last.pt", map_location="cpu",
-                      weights_only=False)["extra_state"][ec.SHARD_KEY]
+                      weights_only=False)["extra_state"][fmt.SHARD_KEY]
     assert info["ep_size"] == 2 and info["num_experts"] == 4 and info["num_updates"] == 9
     # exactly the shards some checkpoint names are left (those of updates 3 and 6 were pruned)
     shards = sorted(p.name for p in cut.glob("experts.*.pt"))
     assert shards == sorted(f"experts.{t}.{r}-of-2.pt" for t in set(tokens.values()) for r in range(2))
     assert not any(name.startswith("experts.u3-") for name in shards)
-    s0, s1 = (ec.read_shard(str(cut), info, r) for r in range(2))
-    assert sorted({ec.expert_index(k) for k in s0["model"]}) == [0, 1]
-    assert sorted({ec.expert_index(k) for k in s1["model"]}) == [2, 3]
+    s0, s1 = (ckpt_io.read_shard(str(cut), info, r) for r in range(2))
+    assert sorted({fmt.expert_index(k) for k in s0["model"]}) == [0, 1]
+    assert sorted({fmt.expert_index(k) for k in s1["model"]}) == [2, 3]
     assert s1["optimizer"], "rank 1's experts carry their Adam state"
     # rank 1's experts are not rank 0's: the shared file alone could not restore them
     k0 = next(k for k in s0["model"] if ".0.fc1.weight" in k)
@@ -196,8 +202,8 @@ def test_resumed_two_process_run_matches_the_uninterrupted_one(runs):
 def test_reshard_to_one_process_gives_the_expert_parallel_outputs(runs):
     cut, root = runs["cut"], runs["root"]
     cons = consolidated(cut / "checkpoint_last.pt", root / "cons.pt")
-    assert ec.SHARD_KEY not in cons["extra_state"]
-    assert sum(ec.expert_index(k) is not None for k in cons["model"]) == 2 * 4 * 4  # 2 layers x 4 experts x 4 tensors
+    assert fmt.SHARD_KEY not in cons["extra_state"]
+    assert sum(fmt.expert_index(k) is not None for k in cons["model"]) == 2 * 4 * 4  # 2 layers x 4 experts x 4 tensors
     out_dir = root / "outputs"
     out_dir.mkdir()
     torchrun(REPO / "tests" / "ep_forward_worker.py", cut / "checkpoint_last.pt", out_dir, 6)

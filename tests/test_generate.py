@@ -87,7 +87,7 @@ def test_eval_bleu_with_expert_parallel_training(tiny_data, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_interactive_and_hub_translate_with_a_consolidated_checkpoint(tiny_data, ep2_run, tmp_path):
-    from user.reshard import reshard
+    from user.checkpoint.reshard import reshard
 
     cons = tmp_path / "model.pt"
     reshard(str(ep2_run["save"] / "checkpoint_last.pt"), str(cons), 1)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from conftest import USER_DIR, run_cli
 from moe_helpers import build, sample_batch
-from user.upcycle import UpcycleError, upcycle_state
+from user.checkpoint.upcycle import UpcycleError, upcycle_state
 
 X = "enc.layers.0.moe_ffn.moe"
 

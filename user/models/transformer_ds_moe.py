@@ -15,6 +15,7 @@ The model returns the sum of its MoE layers' gate losses as
 the ``model_and_base`` criterion weighs with ``--loss-weights``.
 """
 
+import contextlib
 from typing import Dict, List, Optional
 
 import torch
@@ -28,15 +29,16 @@ from fairseq.models.transformer import transformer_legacy as tl
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from torch import Tensor
 
-from .. import ds_moe, expert_checkpoint, lockstep
+from .. import ds_moe, lockstep
+from ..checkpoint import fairseq_hooks
+from ..checkpoint.format import MODEL_KEY
+from ..losses import GATE_LOSS
 from ..modules.moe_ffn import MoEFeedForward
 from ..modules.moe_transformer_layer import (
     MoETransformerDecoderLayer,
     MoETransformerEncoderLayer,
 )
-from ..moe_options import MoEArgumentError, MoEOptions, add_moe_args, moe_defaults, options_from_args
-
-GATE_LOSS = "experts_gate_loss"
+from ..moe_options import MoEOptions, add_moe_args, moe_defaults, options_from_args, validate
 
 
 def _wrap(layer, cfg):
@@ -53,6 +55,7 @@ class MoETransformerEncoder(TransformerEncoder):
         self.moe_opts = opts
         self._layers_built = 0
         super().__init__(args, dictionary, embed_tokens)
+        self.moe_layers = [m for m in self.modules() if isinstance(m, MoEFeedForward)]
 
     def build_encoder_layer(self, cfg):
         index, self._layers_built = self._layers_built, self._layers_built + 1
@@ -83,6 +86,7 @@ class MoETransformerDecoder(TransformerDecoder):
         self.moe_opts = opts
         self._layers_built = 0
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
+        self.moe_layers = [m for m in self.modules() if isinstance(m, MoEFeedForward)]
 
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
         index, self._layers_built = self._layers_built, self._layers_built + 1
@@ -131,16 +135,12 @@ class TransformerDSMoEModel(TransformerModel):
 
     @classmethod
     def build_model(cls, args, task):
-        moe_defaults(args)
-        opts = options_from_args(args)  # fail on bad flags before building anything
         from ..tasks.translation_deepspeed import TranslationDeepSpeedTask
 
-        if opts.sides and opts.ep_size > 1 and not isinstance(task, TranslationDeepSpeedTask):
-            raise MoEArgumentError(
-                f"a model with --ep-world-size {opts.ep_size} needs --task translation_deepspeed "
-                f"(got {type(task).__name__}): it creates DeepSpeed's expert groups and keeps "
-                "the ranks in step; add --task translation_deepspeed (user/train.py and "
-                "user/generate.py use it by default)")
+        moe_defaults(args)
+        ours = isinstance(task, TranslationDeepSpeedTask)
+        # fail on bad flags before building anything (any task can build this model)
+        validate(args, task="translation_deepspeed" if ours else type(task).__name__)
         return super().build_model(args, task)
 
     @classmethod
@@ -175,42 +175,53 @@ class TransformerDSMoEModel(TransformerModel):
         alignment_layer: Optional[int] = None,
         alignment_heads: Optional[int] = None,
     ):
-        moe = self.moe_ffn_layers().values()
-        for m in moe:
-            m.l_aux = None  # a layer skipped by LayerDrop must not report a stale loss
-            m.stats = {}
-            m.collect_stats = True  # routing statistics for logging (not in decoding)
-        if moe and self.moe_opts.ep_size > 1:
-            # one collective per forward: the group's largest encoder/decoder token counts
-            enc, dec = ds_moe.agree_on_token_counts(
-                [src_tokens.numel(), prev_output_tokens.numel()], self.moe_opts.ep_size
+        moe = self.encoder.moe_layers + self.decoder.moe_layers
+        with self._moe_forward(src_tokens, prev_output_tokens):
+            x, extra = super().forward(
+                src_tokens,
+                src_lengths,
+                prev_output_tokens,
+                return_all_hiddens=return_all_hiddens,
+                features_only=features_only,
+                alignment_layer=alignment_layer,
+                alignment_heads=alignment_heads,
             )
-            for name, m in self.moe_ffn_layers().items():
-                m.agreed_tokens = enc if name.startswith("encoder.") else dec
-        x, extra = super().forward(
-            src_tokens,
-            src_lengths,
-            prev_output_tokens,
-            return_all_hiddens=return_all_hiddens,
-            features_only=features_only,
-            alignment_layer=alignment_layer,
-            alignment_heads=alignment_heads,
-        )
-        for m in moe:
-            m.agreed_tokens = None
-            m.collect_stats = False
         if moe:
             losses = [m.l_aux for m in moe if m.l_aux is not None]
             extra[GATE_LOSS] = torch.stack(losses).sum() if losses else x.new_zeros(())
         return x, extra
 
+    @contextlib.contextmanager
+    def _moe_forward(self, src_tokens, prev_output_tokens):
+        """The MoE layers' per-forward state, set for one forward and always cleared
+        (fairseq catches an out-of-memory error and skips the batch: nothing stale may
+        reach the next one)."""
+        enc, dec = self.encoder.moe_layers, self.decoder.moe_layers
+        for m in enc + dec:
+            m.l_aux = None  # a layer skipped by LayerDrop must not report a stale loss
+            m.stats = {}
+            m.collect_stats = True  # routing statistics for logging (not in decoding)
+        try:
+            if (enc or dec) and self.moe_opts.ep_size > 1:
+                # one collective per forward: the group's largest encoder/decoder token counts
+                agreed = ds_moe.agree_on_token_counts(
+                    [src_tokens.numel(), prev_output_tokens.numel()], self.moe_opts.ep_size)
+                for layers, tokens in ((enc, agreed[0]), (dec, agreed[1])):
+                    for m in layers:
+                        m.agreed_tokens = tokens
+            yield
+        finally:
+            for m in enc + dec:
+                m.agreed_tokens = None
+                m.collect_stats = False
+
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """fairseq's ``load_state_dict``; an expert-parallel rank then loads its own
-        experts from the checkpoint's shards (see :mod:`user.expert_checkpoint`)."""
-        source = state_dict.pop(expert_checkpoint.MODEL_KEY, None) if state_dict else None
+        experts from the checkpoint's shards (see :mod:`user.checkpoint`)."""
+        reader = state_dict.pop(MODEL_KEY, None) if state_dict else None
         result = super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
-        if source is not None:
-            expert_checkpoint.restore_model_experts(self, source)
+        if reader is not None:
+            fairseq_hooks.restore_model_experts(self, reader)
         return result
 
     def get_losses(self, net_output, sample) -> Dict[str, Tensor]:

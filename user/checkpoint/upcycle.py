@@ -16,10 +16,15 @@ Used by ``--upcycle-from DENSE.pt`` (task option): applied when training
 starts from scratch; a run that resumes from its own checkpoint ignores it.
 """
 
+import logging
 import re
 from typing import Dict, List, Tuple
 
 from torch import Tensor
+
+from . import io
+
+logger = logging.getLogger(__name__)
 
 # <layer>.moe_ffn.moe.deepspeed_moe.experts.deepspeed_experts.<i>.fc1.weight -> <layer>.fc1.weight
 _FROM_DENSE = re.compile(
@@ -73,3 +78,14 @@ def upcycle_state(dense: Dict[str, Tensor], moe: Dict[str, Tensor]) -> Tuple[Dic
 def is_dense_state(state: Dict[str, Tensor]) -> bool:
     """True when a model state dict has no MoE layer."""
     return not any(".moe_ffn." in k for k in state)
+
+
+def upcycle_model(model, path: str) -> None:
+    """Load the dense checkpoint ``path`` into the MoE ``model`` (see the module docstring)."""
+    dense = io.read_checkpoint(path)
+    if not is_dense_state(dense["model"]):
+        raise UpcycleError(f"--upcycle-from {path}: this checkpoint already has MoE layers")
+    state, fresh = upcycle_state(dense["model"], model.state_dict())
+    model.load_state_dict(state)
+    logger.info(f"upcycled from dense checkpoint {path}: experts copy its FFNs, "
+                f"{len(fresh)} router tensors start fresh")

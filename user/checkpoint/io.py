@@ -1,0 +1,191 @@
+# Copyright (c) the fairseq-moe plugin authors.
+#
+# This source code is licensed under the MIT license found in the
+# LICENSE file in the root directory of this source tree.
+"""Checkpoint files: atomic writes and copies, reads, expert shards, pruning.
+
+Every file is written to a temporary name and renamed, so a process killed at
+any moment leaves either the previous file or the new one, never half of one.
+Shards are written before the shared file that names them; a shard set is
+deleted once no shared file in the folder names it (:func:`prune_shards`).
+"""
+
+import glob
+import logging
+import os
+import re
+import shutil
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from . import format as fmt
+
+logger = logging.getLogger(__name__)
+
+_SHARD_FILE = re.compile(r"^experts\.([0-9A-Za-z-]+)\.(\d+)-of-(\d+)\.pt$")
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save`` to ``path`` through a temp file and a rename."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_copy(src: str, dst: str) -> None:
+    """Copy ``src`` to ``dst`` through a temp file and a rename."""
+    tmp = f"{dst}.tmp.{os.getpid()}"
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_checkpoint(path: str, mmap: bool = False) -> dict:
+    """A checkpoint file's contents on the CPU; :class:`ExpertCheckpointError` naming
+    the file when it cannot be read (a missing file raises ``FileNotFoundError``)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise fmt.ExpertCheckpointError(f"cannot read {path}: {e}") from e
+
+
+def shard_file(directory: str, token: str, rank: int, ep_size: int) -> str:
+    """Path of expert-parallel rank ``rank``'s shard of checkpoint ``token``."""
+    return os.path.join(directory, f"experts.{token}.{rank}-of-{ep_size}.pt")
+
+
+def read_shard(directory: str, info: dict, rank: int) -> dict:
+    """Load and check expert-parallel rank ``rank``'s shard of a checkpoint."""
+    path = shard_file(directory, info["token"], rank, info["ep_size"])
+    if not os.path.exists(path):
+        raise fmt.ExpertCheckpointError(
+            f"expert shard {path} is missing: a checkpoint trained with "
+            f"--ep-world-size {info['ep_size']} needs all its experts.{info['token']}.*.pt "
+            "files next to it (copy them with the checkpoint)"
+        )
+    shard = read_checkpoint(path)
+    fmt.check_shard(shard, info, rank, path)
+    return shard
+
+
+class ShardReader:
+    """The experts of one checkpoint, by expert-parallel rank, each file read once.
+
+    A resume needs a rank's shard twice (the model's weights, then the optimizer's
+    state): the second read comes from this reader's memory. The reader belongs to
+    the loaded checkpoint it was made for and is dropped with it; pickling it (fairseq
+    broadcasts a loaded checkpoint to the other ranks) leaves the memory behind.
+
+    Args:
+        source: the checkpoint's ``expert_shards`` record plus its ``directory``, or
+            ``{"consolidated": path}`` for a file that holds every expert.
+        num_experts (int): experts per MoE layer (for a consolidated file).
+        running: the running model's parameter names in optimizer order, for the
+            optimizer state of a consolidated file that does not record its order.
+        loaded: the consolidated file's state, when the caller has read it already.
+    """
+
+    def __init__(self, source: dict, num_experts: int,
+                 running: Optional[Sequence[str]] = None, loaded: Optional[dict] = None):
+        self.source = dict(source)
+        self._running = running
+        self._loaded = loaded
+        self._memory: Dict[int, dict] = {}
+        if "consolidated" in self.source:
+            self.info = {"ep_size": 1, "num_experts": num_experts}
+        else:
+            fmt.check_version(self.source, "the checkpoint's expert_shards record")
+            self.info = self.source
+
+    def __call__(self, rank: int) -> dict:
+        if rank not in self._memory:
+            self._memory[rank] = self._read(rank)
+        return self._memory[rank]
+
+    def _read(self, rank: int) -> dict:
+        if "consolidated" not in self.source:
+            return read_shard(self.source["directory"], self.source, rank)
+        full = self._loaded
+        if full is None:
+            full = read_checkpoint(self.source["consolidated"], mmap=True)
+        names = fmt.consolidated_param_names(full, self._running)
+        return {"model": full["model"],
+                "optimizer": fmt.optimizer_by_name(full.get("last_optimizer_state"), names)}
+
+    def read_all(self) -> List[dict]:
+        return [self(r) for r in range(self.info["ep_size"])]
+
+    def forget(self) -> None:
+        """Free what was read (the load is done)."""
+        self._memory.clear()
+
+    def __getstate__(self):
+        return {**self.__dict__, "_memory": {}, "_loaded": None}
+
+
+def load_consolidated(path: str) -> dict:
+    """A checkpoint this plugin wrote, any layout, as one consolidated (EP=1) state.
+
+    Reads the shared file and every expert shard beside it, checking that they belong
+    together; a consolidated file is returned as read.
+
+    Raises:
+        ExpertCheckpointError: unreadable file, missing or foreign shard.
+    """
+    state = read_checkpoint(path)
+    info = (state.get("extra_state") or {}).get(fmt.SHARD_KEY)
+    if info is None:
+        return state
+    source = {**info, "directory": os.path.dirname(os.path.abspath(path))}
+    return fmt.gather(state, ShardReader(source, info["num_experts"]).read_all())
+
+
+def referenced_tokens(directory: str) -> Optional[set]:
+    """Tokens named by the shared checkpoints in ``directory`` (None if one is unreadable)."""
+    tokens = set()
+    for path in glob.glob(os.path.join(directory, "*.pt")):
+        if _SHARD_FILE.match(os.path.basename(path)):
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as e:
+            logger.warning(f"not pruning expert shards: cannot read {path} ({e})")
+            return None
+        info = (state.get("extra_state") or {}).get(fmt.SHARD_KEY)
+        if info:
+            tokens.add(info["token"])
+    return tokens
+
+
+def prune_shards(directory: str, keep: Sequence[str] = ()) -> List[str]:
+    """Delete expert shards that no shared checkpoint in ``directory`` names.
+
+    Returns:
+        the deleted paths.
+    """
+    tokens = referenced_tokens(directory)
+    if tokens is None:
+        return []
+    tokens.update(keep)
+    removed = []
+    for path in glob.glob(os.path.join(directory, "experts.*.pt")):
+        m = _SHARD_FILE.match(os.path.basename(path))
+        if m and m.group(1) not in tokens:
+            os.remove(path)
+            removed.append(path)
+    return removed
