@@ -9,23 +9,23 @@ install torch 2.13.0 first, then ``pip install --no-build-isolation .`` so the
 fairseq build uses that torch instead of pulling a CUDA build.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="fairseq-deepspeed-moe",
     version="0.1.0",
     description="DeepSpeed Mixture-of-Experts Transformers for fairseq translation",
     license="MIT",
-    python_requires=">=3.8",
-    packages=["user", "user.models", "user.modules", "user.tasks", "user.criterions"],
+    # the versions user/patches.py is written against; fairseq 0.12.2 (Python < 3.11) differs
+    python_requires=">=3.11",
+    packages=find_packages(include=["user", "user.*"]),
     install_requires=[
         "torch==2.13.0",
         # fairseq 0.12.2 does not import on Python >= 3.11 (dataclass mutable defaults);
         # fairseq-fixed is upstream main with that fix, and needs hydra-core 1.3.
-        "fairseq==0.12.2; python_version < '3.11'",
-        "fairseq-fixed==0.12.3.1; python_version >= '3.11'",
-        "hydra-core==1.3.2; python_version >= '3.11'",
-        "omegaconf==2.3.0; python_version >= '3.11'",
+        "fairseq-fixed==0.12.3.1",
+        "hydra-core==1.3.2",
+        "omegaconf==2.3.0",
         "deepspeed==0.19.8",
         "sacremoses==0.2.0",
         "sacrebleu>=2.0,<3",

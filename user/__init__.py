@@ -9,14 +9,13 @@ the ``translation_deepspeed`` task, the ``transformer_ds_moe`` model with its
 ``transformer_ds_moe_*`` architectures and the ``model_and_base`` criterion.
 """
 
-from . import checkpoint_compat, clean_exit, entry, expert_checkpoint
-from . import ds_moe  # noqa: F401  picks DeepSpeed's accelerator before anything imports it
-from .criterions import model_and_base  # noqa: F401
-from .models import transformer_ds_moe  # noqa: F401
-from .tasks import translation_deepspeed  # noqa: F401
+from . import patches
 
-checkpoint_compat.install()
-clean_exit.install()
-ds_moe.install_grad_clip()
-expert_checkpoint.install()
-entry.install_error_hook()
+# First, before anything imports DeepSpeed: the patches every run of the plugin needs
+# (user/patches.py lists them all); each guard checks the installed versions.
+patches.install(patches.ALWAYS)
+patches.check_all()
+
+from .criterions import model_and_base  # noqa: E402, F401
+from .models import transformer_ds_moe  # noqa: E402, F401
+from .tasks import translation_deepspeed  # noqa: E402, F401

@@ -17,18 +17,15 @@ exit status then report a failed run.
 Here every prefetch thread stops at its next batch boundary once the process
 exits: an ``atexit`` handler (it runs after the main thread is done and before
 finalisation) sets their stop flags, empties the queues the threads may be blocked
-on and joins them.
+on and joins them. ``user/patches.py`` makes fairseq build these threads.
 """
 
-import atexit
 import queue
 import threading
 import time
-import weakref
 
 from fairseq.data import iterators
 
-_LIVE = weakref.WeakSet()
 _JOIN_SECONDS = 10.0
 
 
@@ -46,7 +43,6 @@ class StoppableConsumer(iterators.BackgroundConsumer):
     def __init__(self, queue, source, max_len, cuda_device):
         self.stop_event = threading.Event()
         super().__init__(queue, _until(self.stop_event, source), max_len, cuda_device)
-        _LIVE.add(self)
 
 
 def stop_consumers(timeout: float = _JOIN_SECONDS) -> int:
@@ -57,7 +53,7 @@ def stop_consumers(timeout: float = _JOIN_SECONDS) -> int:
             that is left as it was.
     """
     deadline = time.monotonic() + timeout
-    running = [t for t in list(_LIVE) if t.is_alive()]
+    running = [t for t in threading.enumerate() if isinstance(t, StoppableConsumer)]
     for thread in running:
         thread.stop_event.set()
     for thread in running:
@@ -70,9 +66,3 @@ def stop_consumers(timeout: float = _JOIN_SECONDS) -> int:
             thread.join(0.05)
     return len(running)
 
-
-def install() -> None:
-    """Make fairseq build :class:`StoppableConsumer` threads (idempotent)."""
-    if iterators.BackgroundConsumer is not StoppableConsumer:
-        iterators.BackgroundConsumer = StoppableConsumer
-        atexit.register(stop_consumers)

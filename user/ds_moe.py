@@ -2,11 +2,10 @@
 #
 # This source code is licensed under the MIT license found in the
 # LICENSE file in the root directory of this source tree.
-"""All of the plugin's contact with DeepSpeed lives here.
+"""The plugin's contact with DeepSpeed's MoE layers and expert process groups.
 
-Importing this module picks DeepSpeed's accelerator before DeepSpeed is
-imported (CPU when torch sees no CUDA device, so users need no
-``DS_ACCELERATOR`` variable), and provides:
+(The accelerator choice, before DeepSpeed is imported, is a patch in
+``user/patches.py``.) Provides:
 
 * :func:`build_moe`: a ``deepspeed.moe.layer.MoE`` whose experts each get their
   own initialisation, seeded by the expert's *global* index so that the same
@@ -14,31 +13,28 @@ imported (CPU when torch sees no CUDA device, so users need no
 * :func:`setup_expert_parallel`: DeepSpeed's communication backend and expert
   process groups, created once, after fairseq's distributed setup (or not at
   all in a single process with ``--ep-world-size 1``, where DeepSpeed's MoE
-  needs no collective).
+  needs no collective);
+* expert gradients: reduced over their expert-data-parallel group, and counted
+  once in ``--clip-norm``'s global norm.
 """
 
 import contextlib
 import functools
 import logging
-import os
 import zlib
 from typing import Iterable, List, Optional, Sequence
 
+import deepspeed
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from deepspeed.moe import sharded_moe
+from deepspeed.moe.layer import MoE
+from deepspeed.utils import groups
 from torch import nn
 
-if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-    # DeepSpeed probes for accelerators at import and warns on CPU; say it up front.
-    os.environ["DS_ACCELERATOR"] = "cpu"
-
-import deepspeed  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from deepspeed.moe import sharded_moe  # noqa: E402
-from deepspeed.moe.layer import MoE  # noqa: E402
-from deepspeed.utils import groups  # noqa: E402
-
-from .moe_options import MoEOptions, MoEArgumentError  # noqa: E402
+from . import patches
+from .moe_options import MoEArgumentError, MoEOptions
 
 logger = logging.getLogger(__name__)
 
@@ -332,39 +328,6 @@ def clip_grad_norm_(params, max_norm, aggregate_norm_fn=None, _fairseq=None) -> 
     return total
 
 
-def install_grad_clip() -> None:
-    """Route fairseq's ``clip_grad_norm_`` through :func:`clip_grad_norm_` (idempotent)."""
-    import functools
-
-    from fairseq import utils as fairseq_utils
-
-    if not getattr(fairseq_utils.clip_grad_norm_, "_moe_plugin", False):
-        wrapped = functools.partial(clip_grad_norm_, _fairseq=fairseq_utils.clip_grad_norm_)
-        wrapped._moe_plugin = True
-        fairseq_utils.clip_grad_norm_ = wrapped
-
-
-def _init_deepspeed_comm() -> None:
-    """``deepspeed.init_distributed`` over the existing process group.
-
-    On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op
-    at this point (25 s to minutes, and it needs a C++ compiler) that serves
-    only its inference all-reduce; MoE uses all-to-all, so the build is skipped.
-    """
-    import importlib
-
-    # (``import deepspeed.comm.torch as m`` would give the ``torch`` that
-    # deepspeed.comm imported, not its submodule)
-    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
-    build = ds_torch_comm.build_shm_op
-    if not torch.cuda.is_available():
-        ds_torch_comm.build_shm_op = lambda: None
-    try:
-        deepspeed.init_distributed(dist_backend=dist.get_backend())
-    finally:
-        ds_torch_comm.build_shm_op = build
-
-
 def setup_expert_parallel(moe_layers: Iterable[MoE], ep_size: int) -> None:
     """Create DeepSpeed's expert groups and attach them to the MoE layers.
 
@@ -390,9 +353,10 @@ def setup_expert_parallel(moe_layers: Iterable[MoE], ep_size: int) -> None:
         # Experts replicated on every rank: fairseq's DDP reduces them like any
         # parameter and DeepSpeed's MoE needs no process group.
         return
+    patches.install(patches.EXPERT_PARALLEL)
     if not deepspeed.comm.is_initialized():
         # Wraps the process group fairseq created; no second rendezvous.
-        _init_deepspeed_comm()
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
     for moe in moe_layers:
         if moe.ep_size != ep_size:
             raise ValueError(f"MoE layer built with ep_size {moe.ep_size}, expected {ep_size}")

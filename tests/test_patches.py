@@ -1,0 +1,137 @@
+# Copyright (c) the fairseq-moe plugin authors.
+#
+# This source code is licensed under the MIT license found in the
+# LICENSE file in the root directory of this source tree.
+"""``user/patches.py``: the one list of what the plugin changes upstream. Each guard
+stops with one line when the installed version or signature differs; a fairseq run
+that loads the user dir without the plugin's task gets only the harmless patches; the
+checkpoint hooks leave other tasks' trainers alone; ``user/`` keeps no module-level
+mutable state."""
+
+import ast
+import json
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+
+from conftest import REPO, cli_env
+from user import patches
+from user.checkpoint import fairseq_hooks
+
+
+def test_every_guard_passes_on_the_pinned_versions():
+    patches.check_all()
+    assert {p.scope for p in patches.PATCHES} == {patches.ALWAYS, patches.TASK,
+                                                    patches.EXPERT_PARALLEL}
+    for p in patches.PATCHES:
+        assert p.reason and p.target and p.written_against, p.name
+
+
+def test_a_changed_signature_stops_with_one_line(monkeypatch):
+    from fairseq import checkpoint_utils
+
+    (p,) = [p for p in patches.PATCHES if p.name == "checkpoints_load_in_any_layout"]
+    monkeypatch.setattr(checkpoint_utils, "load_checkpoint_to_cpu", lambda path, strict: None)
+    with pytest.raises(patches.PatchError) as e:
+        patches.check(p)
+    msg = str(e.value)
+    assert "\n" not in msg and "checkpoints_load_in_any_layout" in msg
+    assert "(path, strict)" in msg and "make install" in msg
+
+
+def test_another_version_stops_with_one_line(monkeypatch):
+    (p,) = [p for p in patches.PATCHES if p.name == "expert_shards_on_save"]
+    real = patches.importlib.metadata.version
+    monkeypatch.setattr(patches.importlib.metadata, "version",
+                        lambda d: "0.13.0" if d == "fairseq-fixed" else real(d))
+    with pytest.raises(patches.PatchError, match=r"written for fairseq-fixed 0\.12\.3\.1 .* "
+                                                 r"but fairseq-fixed 0\.13\.0"):
+        patches.check(p)
+
+
+# Run in a fresh process: which upstream functions are replaced at each stage.
+PROBE = """
+import json, sys
+from argparse import Namespace
+from fairseq import checkpoint_utils as cu, utils, tasks, options
+from fairseq.data import iterators
+sys.path.insert(0, {repo!r})
+utils.import_user_module(Namespace(user_dir={user!r}))
+from user import patches
+def replaced():
+    return sorted(p.name for p in patches.PATCHES
+                  if hasattr(patches._resolve(p.target)[2], patches._MARK))
+out = {{"import": replaced()}}
+args = options.parse_args_and_arch(options.get_training_parser(), [
+    {data!r}, "--task", "translation", "--arch", "transformer_tiny"])
+tasks.setup_task(args)
+out["translation"] = replaced()
+args = options.parse_args_and_arch(options.get_training_parser(), [
+    {data!r}, "--task", "translation_deepspeed", "--arch", "transformer_ds_moe_tiny"])
+tasks.setup_task(args)
+out["translation_deepspeed"] = replaced()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_each_patch_is_installed_only_when_its_scope_is_in_use(tiny_data):
+    code = PROBE.format(repo=str(REPO), user=str(REPO / "user"), data=str(tiny_data["databin"]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=cli_env(), cwd=REPO, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    always = sorted(p.name for p in patches.PATCHES if p.scope == patches.ALWAYS
+                    if p.name not in ("deepspeed_cpu_accelerator",))  # sets a variable only
+    task = sorted(p.name for p in patches.PATCHES if p.scope == patches.TASK)
+    # a plain fairseq run with the user dir loaded: fairseq's checkpoint functions untouched
+    assert got["import"] == got["translation"] == always
+    assert got["translation_deepspeed"] == sorted(always + task)
+    # expert-parallel patches wait for an expert-parallel model
+    assert not set(got["translation_deepspeed"]) & {
+        p.name for p in patches.PATCHES if p.scope == patches.EXPERT_PARALLEL}
+
+
+def test_checkpoint_hooks_pass_other_tasks_through():
+    """fairseq's own checkpoint tests drive load/save with mocked trainers of other
+    tasks: the hooks must call fairseq's function and touch nothing else."""
+    trainer = mock.MagicMock()
+    cfg = mock.MagicMock()
+    original = mock.MagicMock(return_value=("extra", "itr"))
+    assert fairseq_hooks.load_checkpoint(original, cfg, trainer, a=1) == ("extra", "itr")
+    original.assert_called_once_with(cfg, trainer, a=1)
+    saved = mock.MagicMock(return_value="saved")
+    assert fairseq_hooks.save_checkpoint(saved, cfg, trainer, "itr", 1.0) == "saved"
+    saved.assert_called_once_with(cfg, trainer, "itr", 1.0)
+    assert trainer.method_calls == [] and cfg.method_calls == []
+
+
+MUTABLE = {"dict", "list", "set", "defaultdict", "OrderedDict", "deque", "WeakSet",
+           "WeakKeyDictionary", "WeakValueDictionary", "Counter"}
+
+
+def module_level_state(path):
+    """Module-level names bound to mutable containers, and ``global`` statements."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in tree.body:
+        value = getattr(node, "value", None) if isinstance(node, (ast.Assign, ast.AnnAssign)) else None
+        targets = getattr(node, "targets", [getattr(node, "target", None)])
+        if all(isinstance(t, ast.Name) and t.id.startswith("__") for t in targets):
+            continue  # __all__ and other module metadata
+        if isinstance(value, (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp, ast.SetComp)):
+            found.append(f"{path.name}:{node.lineno}")
+        elif isinstance(value, ast.Call):
+            fn = value.func
+            name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+            if name in MUTABLE:
+                found.append(f"{path.name}:{node.lineno}")
+    found += [f"{path.name}:{n.lineno} global" for n in ast.walk(tree) if isinstance(n, ast.Global)]
+    return found
+
+
+def test_no_module_level_mutable_state_in_the_plugin():
+    found = [f for path in sorted((REPO / "user").rglob("*.py")) for f in module_level_state(path)]
+    assert found == [], f"module-level mutable state: {found}"
