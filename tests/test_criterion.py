@@ -110,3 +110,21 @@ def test_reduced_metrics_add_up(tiny_data):
 def test_bad_criterion_flags(tiny_data, extra, match):
     with pytest.raises(MoEArgumentError, match=match):
         setup(tiny_data, *extra)
+
+
+def test_two_criteria_reduce_their_own_base_metrics(tiny_data, monkeypatch):
+    """fairseq reduces metrics through the criterion's class: the base criterion is
+    named by the logging outputs, not by a class attribute the last instance set."""
+    from fairseq.criterions.cross_entropy import CrossEntropyCriterion
+
+    task, model, smoothed = setup(tiny_data, "--base-criterion", "label_smoothed_cross_entropy")
+    _, _, plain = setup(tiny_data, "--base-criterion", "cross_entropy")  # built second
+    calls = []
+    for cls in (LabelSmoothedCrossEntropyCriterion, CrossEntropyCriterion):
+        monkeypatch.setattr(cls, "reduce_metrics", classmethod(
+            lambda c, logs, cls=cls: calls.append(cls.__name__)))
+    batch = sample_batch(task)
+    for crit in (smoothed, plain):
+        _, _, log = crit(model, batch)
+        type(crit).reduce_metrics([log])
+    assert calls == ["LabelSmoothedCrossEntropyCriterion", "CrossEntropyCriterion"]

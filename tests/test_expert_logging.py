@@ -12,7 +12,7 @@ import torch
 
 from conftest import REPO, USER_DIR, run_cli
 from test_gating import E, make_layer, tokens_for
-from user.tasks.translation_deepspeed import expert_load_stats, layer_tag
+from user.expert_stats import expert_load_stats, layer_tag
 
 
 def test_dropped_tokens_are_the_tokens_whose_ffn_output_is_zero():
@@ -89,3 +89,32 @@ def test_a_run_writes_per_layer_scalars_to_tensorboard_and_the_plot_reads_them(t
     run_cli(["python", REPO / "scripts" / "plot_experts.py", tb, "-o", png])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot(str(tb), str(tmp_path / "v.png"), "valid") == 2
+
+
+def test_validation_logs_the_routing_of_the_loss_forward_not_of_bleu_decoding(tiny_data):
+    """With --eval-bleu, validation decodes after the loss forward; decoding collects
+    no routing statistics, so the logged ones are the loss forward's."""
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    from moe_helpers import TINY, sample_batch
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [
+        str(tiny_data["databin"]), "--task", "translation_deepspeed", "--arch",
+        "transformer_ds_moe_tiny", *TINY, "--deepspeed_moe", "enc,dec", "--num-experts", "4",
+        "--criterion", "model_and_base", "--eval-bleu", "--eval-bleu-detok", "space",
+        "--eval-bleu-args", '{"beam": 2, "max_len_b": 5}'])
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(1)
+    model = task.build_model(cfg.model).eval()
+    crit = task.build_criterion(cfg.criterion)
+    batch = sample_batch(task, 6)
+    with torch.no_grad():
+        crit(model, batch)
+        want = expert_load_stats(model)
+        _, _, log = task.valid_step(batch, model, crit)
+    assert "_bleu_sys_len" in log, "BLEU decoding ran"
+    got = {k: v for k, v in log.items() if k.startswith("_moe_")}
+    assert got == want and got

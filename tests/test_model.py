@@ -100,3 +100,23 @@ def test_ep_world_size_larger_than_the_world_is_refused(tiny_data):
     with pytest.raises(MoEArgumentError, match="--ep-world-size 2 must divide the number of processes"):
         build(tiny_data, "transformer_ds_moe_tiny", "--deepspeed_moe", "enc", "--num-experts", "4",
               "--ep-world-size", "2")
+
+
+def test_a_failed_forward_leaves_no_per_forward_state(tiny_data, monkeypatch):
+    """fairseq catches an out-of-memory error and skips the batch: the MoE layers'
+    per-forward state (agreed token counts, statistics switch) must not survive."""
+    import dataclasses
+
+    task, model = build(tiny_data, "transformer_ds_moe_tiny", "--deepspeed_moe", "enc,dec",
+                        "--num-experts", "4", "--moe-freq", "1")
+    # as with --ep-world-size 2: the forward first agrees on the group's token counts
+    model.moe_opts = dataclasses.replace(model.moe_opts, ep_size=2)
+    monkeypatch.setattr(ds_moe, "agree_on_token_counts", lambda counts, ep: list(counts))
+    layer = model.decoder.layers[1].moe_ffn
+    layer.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
+    batch = sample_batch(task, 2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        model(**batch["net_input"])
+    layers = list(model.moe_ffn_layers().values())
+    assert model.encoder.layers[0].moe_ffn.agreed_tokens is None  # it did run with a count
+    assert all(m.agreed_tokens is None and not m.collect_stats for m in layers)

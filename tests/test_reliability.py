@@ -130,3 +130,14 @@ def test_restarting_a_finished_run_changes_nothing(tiny_data, trained_once, tmp_
     assert "nothing to train" in proc.stdout + proc.stderr
     assert (save / "checkpoint_last.pt").read_bytes() == before
     assert '"num_updates": "3"' not in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_missing_data_directory_under_fairseq_train(tmp_path):
+    """``fairseq-train --user-dir user`` runs the same checks when the task is set up."""
+    proc = run_cli(["fairseq-train", tmp_path / "nope", "--user-dir", USER_DIR, *MODEL,
+                    "--save-dir", tmp_path / "ckpt"], check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "fairseq-train: error: data directory" in last and "does not exist" in last
+    assert "Traceback" not in proc.stderr

@@ -2,29 +2,28 @@
 #
 # This source code is licensed under the MIT license found in the
 # LICENSE file in the root directory of this source tree.
-"""What ``user/train.py`` and ``user/generate.py`` share: add ``--user-dir``,
-check the plugin's flags before any work, then hand over to fairseq's CLI."""
+"""What ``user/train.py`` and ``user/generate.py`` share: add ``--user-dir`` (and
+``--task translation_deepspeed``, and the flags a torchrun process needs), check the
+plugin's flags before any work, then hand over to fairseq's CLI."""
 
 import contextlib
-import copy
+import importlib
 import io
 import os
 import re
 import sys
 from typing import List, Optional
 
+from .moe_options import MoEArgumentError, flag_given, validate
+
 USER_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def with_user_dir(argv: List[str]) -> List[str]:
     """``argv`` plus ``--user-dir <this plugin>`` unless one is given."""
-    if any(a == "--user-dir" or a.startswith("--user-dir=") for a in argv):
+    if flag_given(argv, "--user-dir"):
         return list(argv)
     return [*argv, "--user-dir", USER_DIR]
-
-
-def _given(argv: List[str], flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
 def with_task(argv: List[str]) -> List[str]:
@@ -34,7 +33,7 @@ def with_task(argv: List[str]) -> List[str]:
     expert groups nor keeps expert-parallel ranks in lockstep: an expert-parallel
     model would fail inside its first all-to-all.
     """
-    if _given(argv, "--task"):
+    if flag_given(argv, "--task"):
         return list(argv)
     return [*argv, "--task", "translation_deepspeed"]
 
@@ -54,7 +53,7 @@ def launcher_args(argv: List[str], env, cuda: bool) -> List[str]:
     """
     if not all(k in env for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")):
         return []
-    if int(env["WORLD_SIZE"]) < 2 or _given(argv, "--distributed-init-method"):
+    if int(env["WORLD_SIZE"]) < 2 or flag_given(argv, "--distributed-init-method"):
         return []
     wanted = [
         ("--distributed-init-method", "env://"),
@@ -71,7 +70,7 @@ def launcher_args(argv: List[str], env, cuda: bool) -> List[str]:
         wanted.append(("--ddp-backend", "legacy_ddp"))
     extra = []
     for flag, value in wanted:
-        if not _given(argv, flag):
+        if not flag_given(argv, flag):
             extra += [flag] if value is None else [flag, value]
     return extra
 
@@ -125,91 +124,6 @@ def _gathering(main):
     return gathered_main
 
 
-def _value(argv: List[str], flag: str) -> Optional[str]:
-    for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
-
-
-def check_argv(argv: List[str], cuda: bool) -> None:
-    """Checks on the raw command line, before fairseq parses it.
-
-    Raises:
-        MoEArgumentError: naming the flag and the fix.
-    """
-    from .moe_options import MoEArgumentError
-
-    arch = _value(argv, "--arch") or _value(argv, "-a")
-    if _given(argv, "--deepspeed_moe") and arch and not arch.startswith("transformer_ds_moe"):
-        raise MoEArgumentError(
-            f"--deepspeed_moe needs a transformer_ds_moe_* architecture, not --arch {arch}: "
-            f"use --arch transformer_ds_moe{arch[len('transformer'):] if arch.startswith('transformer') else ''}"
-        )
-    half = [f for f in ("--fp16", "--memory-efficient-fp16") if _given(argv, f)]
-    if half and (not cuda or _given(argv, "--cpu")):
-        raise MoEArgumentError(
-            f"{half[0]} needs a CUDA GPU (fairseq's fp16 training does not run on the CPU): "
-            "drop it to train in fp32 on the CPU"
-        )
-
-
-def check_args(args) -> None:
-    """Check the MoE and ``model_and_base`` flags on parsed ``args``.
-
-    Raises:
-        MoEArgumentError: naming the flag and the fix.
-    """
-    from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
-
-    from .criterions.model_and_base import resolve_base_criterion
-    from .losses import check_loss_names, parse_loss_weights
-    from .models.transformer_ds_moe import GATE_LOSS, TransformerDSMoEModel
-    from .moe_options import options_from_args
-
-    produced = []
-    arch = getattr(args, "arch", None)
-    if arch in ARCH_MODEL_REGISTRY and ARCH_MODEL_REGISTRY[arch] is TransformerDSMoEModel:
-        filled = copy.copy(args)
-        ARCH_CONFIG_REGISTRY[arch](filled)
-        if options_from_args(filled).sides:
-            produced.append(GATE_LOSS)
-    data = getattr(args, "data", None)
-    if getattr(args, "task", None) == "translation_deepspeed" and data:
-        first = data.split(":")[0]
-        if not os.path.isdir(first):
-            from .moe_options import MoEArgumentError
-
-            raise MoEArgumentError(
-                f"data directory {first} does not exist: give the databin that "
-                "fairseq-preprocess wrote (e.g. bash prepare-wmt16ende.sh, or "
-                "python scripts/prepare_demo.py for the demo corpus)"
-            )
-        have = sorted(f[5:-4] for f in os.listdir(first) if f.startswith("dict.") and f.endswith(".txt"))
-        for flag, lang in (("--source-lang", args.source_lang), ("--target-lang", args.target_lang)):
-            if lang is not None and lang not in have:
-                from .moe_options import MoEArgumentError
-
-                raise MoEArgumentError(
-                    f"{flag} {lang}: {first} has no dict.{lang}.txt; its languages are "
-                    f"{', '.join(have) or 'none (no dict.*.txt)'}"
-                )
-    upcycle = getattr(args, "upcycle_from", None)
-    if upcycle is not None and not os.path.isfile(upcycle):
-        from .moe_options import MoEArgumentError
-
-        raise MoEArgumentError(
-            f"--upcycle-from {upcycle}: no such file; give a dense checkpoint "
-            "(e.g. checkpoint_best.pt of a run without --deepspeed_moe)"
-        )
-    if getattr(args, "criterion", None) == "model_and_base":
-        weights = parse_loss_weights(args.loss_weights)
-        resolve_base_criterion(args.base_criterion, args.base_criterion_config)
-        check_loss_names(weights, produced)
-
-
 def run(cli: str, argv: Optional[List[str]] = None) -> None:
     """Run fairseq's ``train``/``generate``/``interactive`` CLI with the plugin.
 
@@ -217,67 +131,28 @@ def run(cli: str, argv: Optional[List[str]] = None) -> None:
         cli (str): ``"train"``, ``"generate"`` or ``"interactive"``.
         argv: arguments (default ``sys.argv[1:]``).
     """
+    import torch
     from fairseq import distributed_utils, options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-
-    from .moe_options import MoEArgumentError
-
-    import torch
 
     argv = with_task(with_user_dir(sys.argv[1:] if argv is None else argv))
     argv += launcher_args(argv, os.environ, torch.cuda.is_available())
     try:
-        check_argv(argv, torch.cuda.is_available())
+        validate(argv=argv)  # what fairseq's parser would reject less clearly
     except MoEArgumentError as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         sys.exit(2)
-    if cli == "train":
-        import fairseq_cli.train as fairseq_cli_module
-
-        parser = options.get_training_parser()
-    elif cli == "generate":
-        import fairseq_cli.generate as fairseq_cli_module
-
-        from .tasks import translation_deepspeed
-
-        translation_deepspeed.GENERATING = True
-
-        parser = options.get_generation_parser()
-    else:
-        import fairseq_cli.interactive as fairseq_cli_module
-
-        parser = options.get_interactive_generation_parser()
+    parser = {"train": options.get_training_parser,
+              "generate": options.get_generation_parser,
+              "interactive": options.get_interactive_generation_parser}[cli]()
     args = options.parse_args_and_arch(parser, input_args=argv)
     try:
-        check_args(args)
+        validate(args, cuda=torch.cuda.is_available(), world=args.distributed_world_size,
+                 task=args.task)
     except MoEArgumentError as e:
         parser.error(str(e))
-    cfg = convert_namespace_to_omegaconf(args)
-    main = fairseq_cli_module.main
+    main = importlib.import_module(f"fairseq_cli.{cli}").main
     if cli == "generate":
         main = _gathering(main)
-    distributed_utils.call_main(cfg, main)
+    distributed_utils.call_main(convert_namespace_to_omegaconf(args), main)
 
-
-def install_error_hook() -> None:
-    """Print our flag errors as one line (``fairseq-train: error: ...``), no traceback.
-
-    For ``fairseq-train --user-dir user``, where the checks above run inside
-    fairseq (still before training starts). Other exceptions are untouched.
-    """
-    from .expert_checkpoint import ExpertCheckpointError
-    from .moe_options import MoEArgumentError
-    from .upcycle import UpcycleError
-
-    ours = (MoEArgumentError, ExpertCheckpointError, UpcycleError)
-    previous = sys.excepthook
-
-    def hook(exc_type, exc, tb):
-        if issubclass(exc_type, ours):
-            print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
-            return
-        previous(exc_type, exc, tb)
-
-    if not getattr(sys.excepthook, "_moe_plugin", False):
-        hook._moe_plugin = True
-        sys.excepthook = hook

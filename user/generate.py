@@ -3,7 +3,7 @@
 #
 # This source code is licensed under the MIT license found in the
 # LICENSE file in the root directory of this source tree.
-"""``fairseq-generate`` with this plugin loaded and its flags checked first.
+"""``fairseq-generate`` with this plugin loaded and its flags checked first (see :mod:`user.entry`).
 
 Usage: ``python user/generate.py DATABIN --path CHECKPOINT [fairseq-generate options]``
 """
@@ -13,15 +13,15 @@ import sys
 
 
 def main():
-    here = os.path.dirname(os.path.abspath(__file__))
-    # run as a script, Python puts user/ first on sys.path: import the package instead
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
-    sys.path.insert(0, os.path.dirname(here))
-    import fairseq_cli.generate  # noqa: F401  first, so logging is set up as fairseq-generate does
+    import fairseq_cli.generate  # noqa: F401  first: it sets up logging as fairseq-generate does
+
     from user.entry import run
 
     run("generate")
 
 
 if __name__ == "__main__":
+    # run as a script, Python puts user/ first on sys.path: import the package instead
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [os.path.dirname(here)] + [p for p in sys.path if os.path.abspath(p or ".") != here]
     main()

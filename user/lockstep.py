@@ -24,7 +24,6 @@ on the rank that made them, into buffer room sized for the largest rank.
 """
 
 import contextlib
-import weakref
 from typing import Iterable, List
 
 import torch
@@ -55,19 +54,10 @@ def agree(component, active: bool, tokens: int) -> bool:
     return bool(any_active)
 
 
-_MOE_LAYERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def moe_layers(component) -> List:
-    """The MoE blocks of ``component``, found once (a beam search calls this twice
-    per decoding step; walking every submodule each time is pure overhead)."""
-    from .modules.moe_ffn import MoEFeedForward
-
-    layers = _MOE_LAYERS.get(component)
-    if layers is None:
-        layers = [m for m in component.modules() if isinstance(m, MoEFeedForward)]
-        _MOE_LAYERS[component] = layers
-    return layers
+    """The MoE blocks of an encoder or decoder (found once, when it was built: a beam
+    search needs them twice per decoding step)."""
+    return component.moe_layers
 
 
 def release(component) -> None:

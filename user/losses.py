@@ -19,15 +19,21 @@ does the same). A weight of ``None`` (JSON ``null``) drops the term; a term
 without a weight weighs 1.0.
 """
 
-import json
 import math
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from torch import Tensor
 
-from .moe_options import MoEArgumentError
+from .moe_options import MoEArgumentError, parse_json_flag, parse_sides
 
 BASE = "base_crit"
+#: The loss an MoE model returns: the sum over its MoE layers of DeepSpeed's ``l_aux``.
+GATE_LOSS = "experts_gate_loss"
+
+
+def produced_by(args) -> List[str]:
+    """Names of the losses the model configured by ``args`` returns (besides ``base_crit``)."""
+    return [GATE_LOSS] if parse_sides(getattr(args, "deepspeed_moe", None)) else []
 
 
 def parse_loss_weights(text: Optional[str]) -> Dict[str, Optional[float]]:
@@ -38,15 +44,8 @@ def parse_loss_weights(text: Optional[str]) -> Dict[str, Optional[float]]:
     """
     if text is None or text.strip() == "":
         return {}
-    try:
-        weights = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise MoEArgumentError(
-            f"--loss-weights is not valid JSON ({e.msg} at character {e.pos}): {text!r}; "
-            f'expected e.g. \'{{"base_crit": 1, "experts_gate_loss": 0.01}}\''
-        ) from None
-    if not isinstance(weights, dict):
-        raise MoEArgumentError(f"--loss-weights must be a JSON object of name -> weight, got {text!r}")
+    weights = parse_json_flag("--loss-weights", text,
+                              '{"base_crit": 1, "experts_gate_loss": 0.01}')
     for name, w in weights.items():
         if w is not None and (
             isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)

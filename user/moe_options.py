@@ -2,30 +2,44 @@
 #
 # This source code is licensed under the MIT license found in the
 # LICENSE file in the root directory of this source tree.
-"""MoE command-line flags, their defaults and their validation.
+"""The MoE flags and every check on the plugin's flags: two tables.
 
-Pure Python (no DeepSpeed import), so the checks run, and fail with one clear
-message naming the flag, before anything is built or written.
-Our own flags are named after DeepSpeed's ``MoE`` arguments
+* :data:`FLAGS`, the MoE flag table: each row is one flag (or an on/off pair), the
+  :class:`MoEOptions` field it fills, its help and, where a value can be wrong on its
+  own, its check. ``add_moe_args``, ``moe_defaults`` and ``options_from_args`` are
+  generated from it; the defaults are :class:`MoEOptions`' field defaults.
+* :data:`RULES`, the checks that involve several flags or the run (processes, GPUs,
+  task, data directory, criterion). :func:`validate` runs them; the entry points
+  (``user/train.py``, ``user/generate.py``) call it before any work, the task when
+  fairseq sets it up and builds the model (so ``fairseq-train --user-dir user`` gets
+  the same checks). Each failed check is one line naming the flag and the fix.
+
+Pure Python at import (no DeepSpeed); the criterion checks import fairseq's registries
+when they run. Our own flags are named after DeepSpeed's ``MoE`` arguments
 (``capacity_factor`` -> ``--moe-capacity-factor``); ``--deepspeed_moe``,
 ``--num-experts``, ``--ep-world-size`` and ``--top-k`` follow the reference CLI.
+Adding an MoE flag: a field of :class:`MoEOptions`, a row of :data:`FLAGS`, its use,
+a test.
 """
 
 import argparse
-from dataclasses import dataclass, replace
-from typing import FrozenSet, Optional
+import json
+import math
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable, FrozenSet, Optional, Sequence, Tuple
 
 SIDES = ("enc", "dec")
 NOISY_GATE_POLICIES = ("None", "Jitter", "RSample")
 
 
 class MoEArgumentError(ValueError):
-    """A bad MoE flag value; the message names the flag and the fix."""
+    """A bad flag value; the message names the flag and the fix."""
 
 
 @dataclass(frozen=True)
 class MoEOptions:
-    """Validated options of every MoE layer in a model.
+    """Validated options of every MoE layer in a model (the defaults are the flags').
 
     Args:
         sides: subset of ``{"enc", "dec"}`` that gets MoE layers.
@@ -64,79 +78,6 @@ class MoEOptions:
         return side in self.sides and (index + 1) % self.freq == 0
 
 
-def add_moe_args(parser: argparse.ArgumentParser) -> None:
-    """Add the MoE flags. Defaults are set by the architectures (fairseq's model
-    flags are parsed with ``argparse.SUPPRESS``), see :func:`moe_defaults`."""
-    # fmt: off
-    parser.add_argument("--deepspeed_moe", "--deepspeed-moe", type=str, metavar="enc|dec|enc,dec",
-                        help="replace FFN blocks by DeepSpeed MoE layers in the encoder, decoder or "
-                             "both; absent or empty = dense model")
-    parser.add_argument("--num-experts", type=int, metavar="N",
-                        help="experts per MoE layer, all processes together (default 8)")
-    parser.add_argument("--ep-world-size", type=int, metavar="E",
-                        help="expert-parallel world size: experts are split over E processes; "
-                             "must divide --num-experts and the number of processes (default 1)")
-    parser.add_argument("--top-k", type=int, metavar="K",
-                        help="experts per token, 1 <= K <= --num-experts (default 1)")
-    parser.add_argument("--moe-freq", type=int, metavar="N",
-                        help="every N-th layer of an MoE side is MoE, 1 = every layer (default 2)")
-    parser.add_argument("--moe-capacity-factor", type=float, metavar="F",
-                        help="DeepSpeed capacity_factor: training capacity per expert is "
-                             "ceil(tokens / experts * F) (x2 for top-2) (default 1.0)")
-    parser.add_argument("--moe-eval-capacity-factor", type=float, metavar="F",
-                        help="DeepSpeed eval_capacity_factor, used in evaluation when "
-                             "--moe-eval-drop-tokens is set (default 1.0)")
-    parser.add_argument("--moe-min-capacity", type=int, metavar="N",
-                        help="DeepSpeed min_capacity: minimum slots per expert (default 4)")
-    parser.add_argument("--moe-noisy-gate-policy", choices=NOISY_GATE_POLICIES,
-                        help="DeepSpeed noisy_gate_policy (top-1 only) (default None)")
-    parser.add_argument("--moe-drop-tokens", dest="moe_drop_tokens", action="store_true",
-                        help="drop tokens over expert capacity in training (default)")
-    parser.add_argument("--no-moe-drop-tokens", dest="moe_drop_tokens", action="store_false",
-                        help="never drop tokens in training (capacity = largest expert load)")
-    parser.add_argument("--moe-eval-drop-tokens", dest="moe_eval_drop_tokens", action="store_true",
-                        help="drop tokens over capacity in evaluation and generation too")
-    parser.add_argument("--no-moe-eval-drop-tokens", dest="moe_eval_drop_tokens",
-                        action="store_false",
-                        help="never drop tokens in evaluation and generation (default)")
-    parser.add_argument("--moe-use-rts", dest="moe_use_rts", action="store_true",
-                        help="DeepSpeed use_rts: random token selection over capacity (default)")
-    parser.add_argument("--no-moe-use-rts", dest="moe_use_rts", action="store_false",
-                        help="keep the first tokens instead of a random selection")
-    parser.add_argument("--moe-use-residual", action="store_true",
-                        help="DeepSpeed use_residual: residual MoE (PR-MoE)")
-    parser.add_argument("--moe-top2-2nd-expert-sampling", dest="moe_top2_2nd_expert_sampling",
-                        action="store_true",
-                        help="DeepSpeed top2_2nd_expert_sampling: top-2 samples the second "
-                             "expert with Gumbel noise in training (default)")
-    parser.add_argument("--no-moe-top2-2nd-expert-sampling", dest="moe_top2_2nd_expert_sampling",
-                        action="store_false", help="top-2 takes the second-best expert")
-    # fmt: on
-
-
-def moe_defaults(args) -> None:
-    """Fill in MoE defaults on an architecture's ``args`` (keeps given values)."""
-    d = MoEOptions()
-    args.deepspeed_moe = getattr(args, "deepspeed_moe", None) or ""
-    args.num_experts = getattr(args, "num_experts", d.num_experts)
-    args.ep_world_size = getattr(args, "ep_world_size", d.ep_size)
-    args.top_k = getattr(args, "top_k", d.top_k)
-    args.moe_freq = getattr(args, "moe_freq", d.freq)
-    args.moe_capacity_factor = getattr(args, "moe_capacity_factor", d.capacity_factor)
-    args.moe_eval_capacity_factor = getattr(
-        args, "moe_eval_capacity_factor", d.eval_capacity_factor
-    )
-    args.moe_min_capacity = getattr(args, "moe_min_capacity", d.min_capacity)
-    args.moe_noisy_gate_policy = getattr(args, "moe_noisy_gate_policy", None)
-    args.moe_drop_tokens = getattr(args, "moe_drop_tokens", d.drop_tokens)
-    args.moe_eval_drop_tokens = getattr(args, "moe_eval_drop_tokens", d.eval_drop_tokens)
-    args.moe_use_rts = getattr(args, "moe_use_rts", d.use_rts)
-    args.moe_use_residual = getattr(args, "moe_use_residual", d.use_residual)
-    args.moe_top2_2nd_expert_sampling = getattr(
-        args, "moe_top2_2nd_expert_sampling", d.top2_2nd_expert_sampling
-    )
-
-
 def parse_sides(value: Optional[str]) -> FrozenSet[str]:
     """Parse ``--deepspeed_moe``: ``""``/None -> dense, else a comma list of enc/dec."""
     if value is None or value.strip() == "":
@@ -151,78 +92,382 @@ def parse_sides(value: Optional[str]) -> FrozenSet[str]:
     return frozenset(parts)
 
 
+def parse_json_flag(flag: str, text: Optional[str], example: str) -> dict:
+    """A flag whose value is a JSON object; one line naming the flag when it is not."""
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as e:
+        raise MoEArgumentError(
+            f"{flag} is not valid JSON ({e.msg} at character {e.pos}): {text!r}; "
+            f"expected e.g. '{example}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise MoEArgumentError(f"{flag} must be a JSON object, got {text!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- the flag table
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One row of the MoE flag table.
+
+    Args:
+        field (str): the :class:`MoEOptions` field it sets.
+        names (tuple): the flag and its aliases (``dest`` comes from the first).
+        help (str): the flag's help; for an on/off pair, the "on" flag's.
+        type: argparse type (``None`` for an on/off pair).
+        metavar, choices: as argparse's.
+        off (str, optional): the "off" flag of an on/off pair, with ``off_help``.
+        check: ``value -> problem`` for a value that is wrong on its own ("must be ...").
+        parse: turns the parsed value into the field's value (e.g. ``--deepspeed_moe``).
+    """
+
+    field: str
+    names: Tuple[str, ...]
+    help: str
+    type: Optional[Callable] = None
+    metavar: Optional[str] = None
+    choices: Optional[Tuple[str, ...]] = None
+    off: Optional[str] = None
+    off_help: Optional[str] = None
+    check: Optional[Callable[[Any], Optional[str]]] = None
+    parse: Optional[Callable[[Any], Any]] = None
+
+    @property
+    def dest(self) -> str:
+        return self.names[0].lstrip("-").replace("-", "_")
+
+    @property
+    def default(self):
+        return {f.name: f.default for f in fields(MoEOptions)}[self.field]
+
+
+def _at_least(n):
+    return lambda v: None if v >= n else f"must be {'at least 1' if n == 1 else f'>= {n}'}"
+
+
+def _positive(v):
+    return None if v > 0 and math.isfinite(v) else "must be a positive number"
+
+
+FLAGS: Tuple[Flag, ...] = (
+    Flag("sides", ("--deepspeed_moe", "--deepspeed-moe"), type=str, metavar="enc|dec|enc,dec",
+         help="replace FFN blocks by DeepSpeed MoE layers in the encoder, decoder or both; "
+              "absent or empty = dense model", parse=parse_sides),
+    Flag("num_experts", ("--num-experts",), type=int, metavar="N", check=_at_least(1),
+         help="experts per MoE layer, all processes together (default 8)"),
+    Flag("ep_size", ("--ep-world-size",), type=int, metavar="E", check=_at_least(1),
+         help="expert-parallel world size: experts are split over E processes; "
+              "must divide --num-experts and the number of processes (default 1)"),
+    Flag("top_k", ("--top-k",), type=int, metavar="K",
+         help="experts per token, 1 <= K <= --num-experts (default 1)"),
+    Flag("freq", ("--moe-freq",), type=int, metavar="N",
+         check=lambda v: None if v >= 1 else "must be at least 1 (1 = every layer)",
+         help="every N-th layer of an MoE side is MoE, 1 = every layer (default 2)"),
+    Flag("capacity_factor", ("--moe-capacity-factor",), type=float, metavar="F",
+         check=_positive, parse=float,
+         help="DeepSpeed capacity_factor: training capacity per expert is "
+              "ceil(tokens / experts * F) (x2 for top-2) (default 1.0)"),
+    Flag("eval_capacity_factor", ("--moe-eval-capacity-factor",), type=float, metavar="F",
+         check=_positive, parse=float,
+         help="DeepSpeed eval_capacity_factor, used in evaluation when "
+              "--moe-eval-drop-tokens is set (default 1.0)"),
+    Flag("min_capacity", ("--moe-min-capacity",), type=int, metavar="N", check=_at_least(0),
+         help="DeepSpeed min_capacity: minimum slots per expert (default 4)"),
+    Flag("noisy_gate_policy", ("--moe-noisy-gate-policy",), choices=NOISY_GATE_POLICIES,
+         parse=lambda v: None if v == "None" else v,
+         help="DeepSpeed noisy_gate_policy (top-1 only) (default None)"),
+    Flag("drop_tokens", ("--moe-drop-tokens",), off="--no-moe-drop-tokens", parse=bool,
+         help="drop tokens over expert capacity in training (default)",
+         off_help="never drop tokens in training (capacity = largest expert load)"),
+    Flag("eval_drop_tokens", ("--moe-eval-drop-tokens",), off="--no-moe-eval-drop-tokens",
+         parse=bool, help="drop tokens over capacity in evaluation and generation too",
+         off_help="never drop tokens in evaluation and generation (default)"),
+    Flag("use_rts", ("--moe-use-rts",), off="--no-moe-use-rts", parse=bool,
+         help="DeepSpeed use_rts: random token selection over capacity (default)",
+         off_help="keep the first tokens instead of a random selection"),
+    Flag("use_residual", ("--moe-use-residual",), parse=bool,
+         help="DeepSpeed use_residual: residual MoE (PR-MoE)"),
+    Flag("top2_2nd_expert_sampling", ("--moe-top2-2nd-expert-sampling",),
+         off="--no-moe-top2-2nd-expert-sampling", parse=bool,
+         help="DeepSpeed top2_2nd_expert_sampling: top-2 samples the second expert with "
+              "Gumbel noise in training (default)",
+         off_help="top-2 takes the second-best expert"),
+)
+
+
+def add_moe_args(parser: argparse.ArgumentParser) -> None:
+    """Add the MoE flags. Defaults are set by the architectures (fairseq's model
+    flags are parsed with ``argparse.SUPPRESS``), see :func:`moe_defaults`."""
+    for f in FLAGS:
+        if f.type is not None or f.choices is not None:
+            parser.add_argument(*f.names, type=f.type, metavar=f.metavar, choices=f.choices,
+                                help=f.help)
+        else:
+            parser.add_argument(*f.names, dest=f.dest, action="store_true", help=f.help)
+            if f.off is not None:
+                parser.add_argument(f.off, dest=f.dest, action="store_false", help=f.off_help)
+
+
+def moe_defaults(args) -> None:
+    """Fill in MoE defaults on an architecture's ``args`` (keeps given values)."""
+    for f in FLAGS:
+        if f.field == "sides":
+            args.deepspeed_moe = getattr(args, "deepspeed_moe", None) or ""
+        else:
+            setattr(args, f.dest, getattr(args, f.dest, f.default))
+
+
 def options_from_args(args) -> MoEOptions:
     """Validate the MoE flags on ``args`` and return them as :class:`MoEOptions`.
+
+    Runs each flag's own check, then the :data:`RULES` that need only the flags.
 
     Raises:
         MoEArgumentError: with a message naming the flag and the fix.
     """
-    sides = parse_sides(getattr(args, "deepspeed_moe", None))
-    d = MoEOptions()
-
-    def get(name, default):
-        v = getattr(args, name, None)
-        return default if v is None else v
-
-    opts = MoEOptions(
-        sides=sides,
-        num_experts=get("num_experts", d.num_experts),
-        ep_size=get("ep_world_size", d.ep_size),
-        top_k=get("top_k", d.top_k),
-        freq=get("moe_freq", d.freq),
-        capacity_factor=float(get("moe_capacity_factor", d.capacity_factor)),
-        eval_capacity_factor=float(get("moe_eval_capacity_factor", d.eval_capacity_factor)),
-        min_capacity=get("moe_min_capacity", d.min_capacity),
-        noisy_gate_policy=get("moe_noisy_gate_policy", None),
-        drop_tokens=bool(get("moe_drop_tokens", d.drop_tokens)),
-        eval_drop_tokens=bool(get("moe_eval_drop_tokens", d.eval_drop_tokens)),
-        use_rts=bool(get("moe_use_rts", d.use_rts)),
-        use_residual=bool(get("moe_use_residual", d.use_residual)),
-        top2_2nd_expert_sampling=bool(
-            get("moe_top2_2nd_expert_sampling", d.top2_2nd_expert_sampling)
-        ),
-    )
+    values = {}
+    for f in FLAGS:
+        v = getattr(args, f.dest, None)
+        if f.field == "sides" or v is not None:
+            values[f.field] = f.parse(v) if f.parse is not None else v
+    opts = MoEOptions(**values)
     if opts.noisy_gate_policy == "None":
         opts = replace(opts, noisy_gate_policy=None)
-    if not sides:
-        return opts
-    if opts.num_experts < 1:
-        raise MoEArgumentError(f"--num-experts {opts.num_experts}: must be at least 1")
-    if opts.ep_size < 1:
-        raise MoEArgumentError(f"--ep-world-size {opts.ep_size}: must be at least 1")
-    if opts.num_experts % opts.ep_size != 0:
-        raise MoEArgumentError(
-            f"--num-experts {opts.num_experts} is not divisible by --ep-world-size "
-            f"{opts.ep_size}: each expert-parallel rank holds num_experts / ep_world_size "
-            f"experts; use a multiple of {opts.ep_size} experts or a divisor of "
-            f"{opts.num_experts} as --ep-world-size"
-        )
+    if not opts.sides:
+        return opts  # dense: MoE values are not used, so not checked
+    for f in FLAGS:
+        problem = f.check(getattr(opts, f.field)) if f.check is not None else None
+        if problem:
+            raise MoEArgumentError(f"{f.names[0]} {getattr(opts, f.field)}: {problem}")
+    _run(RULES_ON_OPTIONS, opts, args)
+    return opts
+
+
+# --------------------------------------------------------------------------- the rules
+
+
+def _divisible(opts, args):
+    if opts.num_experts % opts.ep_size:
+        return (f"--num-experts {opts.num_experts} is not divisible by --ep-world-size "
+                f"{opts.ep_size}: each expert-parallel rank holds num_experts / ep_world_size "
+                f"experts; use a multiple of {opts.ep_size} experts or a divisor of "
+                f"{opts.num_experts} as --ep-world-size")
+
+
+def _top_k_range(opts, args):
     if not 1 <= opts.top_k <= opts.num_experts:
-        raise MoEArgumentError(
-            f"--top-k {opts.top_k} is out of range: it must be between 1 and "
-            f"--num-experts ({opts.num_experts})"
-        )
-    if opts.freq < 1:
-        raise MoEArgumentError(f"--moe-freq {opts.freq}: must be at least 1 (1 = every layer)")
-    if opts.capacity_factor <= 0 or opts.eval_capacity_factor <= 0:
-        raise MoEArgumentError(
-            "--moe-capacity-factor and --moe-eval-capacity-factor must be positive"
-        )
-    if opts.min_capacity < 0:
-        raise MoEArgumentError(f"--moe-min-capacity {opts.min_capacity}: must be >= 0")
+        return (f"--top-k {opts.top_k} is out of range: it must be between 1 and "
+                f"--num-experts ({opts.num_experts})")
+
+
+def _noisy_gate_top1(opts, args):
     if opts.noisy_gate_policy is not None and opts.top_k != 1:
-        raise MoEArgumentError(
-            f"--moe-noisy-gate-policy {opts.noisy_gate_policy} works with --top-k 1 only "
-            f"(DeepSpeed ignores it for top-{opts.top_k}); drop the flag or use --top-k 1"
-        )
+        return (f"--moe-noisy-gate-policy {opts.noisy_gate_policy} works with --top-k 1 only "
+                f"(DeepSpeed ignores it for top-{opts.top_k}); drop the flag or use --top-k 1")
+
+
+def _placement(opts, args):
     for side, flag in (("enc", "--encoder-layers"), ("dec", "--decoder-layers")):
         layers = getattr(args, "encoder_layers" if side == "enc" else "decoder_layers", 0)
-        if side in sides and layers and not any(
-            opts.is_moe_layer(side, i) for i in range(layers)
-        ):
-            raise MoEArgumentError(
-                f"--deepspeed_moe {args.deepspeed_moe} with --moe-freq {opts.freq} and "
-                f"{flag} {layers} places no MoE layer in the "
-                f"{'encoder' if side == 'enc' else 'decoder'}; use --moe-freq 1 or more layers"
-            )
-    return opts
+        if side in opts.sides and layers and not any(
+                opts.is_moe_layer(side, i) for i in range(layers)):
+            return (f"--deepspeed_moe {args.deepspeed_moe} with --moe-freq {opts.freq} and "
+                    f"{flag} {layers} places no MoE layer in the "
+                    f"{'encoder' if side == 'enc' else 'decoder'}; use --moe-freq 1 or more layers")
+
+
+#: Rules on the MoE options alone (checked whenever a model is built).
+RULES_ON_OPTIONS = (_divisible, _top_k_range, _noisy_gate_top1, _placement)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the context rules may know about the run; ``None`` = not known here.
+
+    Args:
+        argv (list): the raw command line (before fairseq parses it).
+        cuda (bool): whether a GPU is used.
+        world (int): processes in the run.
+        task (str): the task's registered name.
+    """
+
+    argv: Optional[Sequence[str]] = None
+    cuda: Optional[bool] = None
+    world: Optional[int] = None
+    task: Optional[str] = None
+
+
+def flag_given(argv: Sequence[str], flag: str) -> bool:
+    """Whether a raw command line has ``flag`` (as ``--flag`` or ``--flag=...``)."""
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def flag_value(argv: Sequence[str], flag: str) -> Optional[str]:
+    """The value of ``flag`` on a raw command line (None when absent)."""
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _moe_arch(args, run):
+    """(argv) fairseq would reject --deepspeed_moe as unknown for a dense architecture."""
+    arch = flag_value(run.argv, "--arch") or flag_value(run.argv, "-a")
+    if flag_given(run.argv, "--deepspeed_moe") and arch and not arch.startswith("transformer_ds_moe"):
+        twin = arch[len("transformer"):] if arch.startswith("transformer") else ""
+        return (f"--deepspeed_moe needs a transformer_ds_moe_* architecture, not --arch {arch}: "
+                f"use --arch transformer_ds_moe{twin}")
+
+
+def _half_needs_gpu(args, run):
+    """(cuda) fairseq's fp16 training does not run on the CPU."""
+    half = [f for f, dest in (("--fp16", "fp16"), ("--memory-efficient-fp16",
+                                                    "memory_efficient_fp16"))
+            if getattr(args, dest, False)]
+    if half and (not run.cuda or getattr(args, "cpu", False)):
+        return (f"{half[0]} needs a CUDA GPU (fairseq's fp16 training does not run on the "
+                "CPU): drop it to train in fp32 on the CPU")
+
+
+def _data_directory(args, run):
+    """(task) the databin exists and has the languages' dictionaries."""
+    data = getattr(args, "data", None)
+    if run.task != "translation_deepspeed" or not data:
+        return None
+    first = data.split(":")[0]
+    if not os.path.isdir(first):
+        return (f"data directory {first} does not exist: give the databin that "
+                "fairseq-preprocess wrote (e.g. bash prepare-wmt16ende.sh, or "
+                "python scripts/prepare_demo.py for the demo corpus)")
+    have = sorted(f[5:-4] for f in os.listdir(first) if f.startswith("dict.") and f.endswith(".txt"))
+    for flag, dest in (("--source-lang", "source_lang"), ("--target-lang", "target_lang")):
+        lang = getattr(args, dest, None)
+        if lang is not None and lang not in have:
+            return (f"{flag} {lang}: {first} has no dict.{lang}.txt; its languages are "
+                    f"{', '.join(have) or 'none (no dict.*.txt)'}")
+
+
+def _upcycle_source(args, run):
+    """(task) --upcycle-from names a file."""
+    path = getattr(args, "upcycle_from", None)
+    if path is not None and not os.path.isfile(path):
+        return (f"--upcycle-from {path}: no such file; give a dense checkpoint "
+                "(e.g. checkpoint_best.pt of a run without --deepspeed_moe)")
+
+
+def _criterion(args, run):
+    """(task) --loss-weights, --base-criterion and --base-criterion-config of model_and_base."""
+    if getattr(args, "criterion", None) != "model_and_base" or not hasattr(args, "loss_weights"):
+        return None
+    from . import losses
+    from .criterions.model_and_base import resolve_base_criterion
+
+    weights = losses.parse_loss_weights(args.loss_weights)
+    resolve_base_criterion(args.base_criterion, args.base_criterion_config)
+    losses.check_loss_names(weights, losses.produced_by(args))
+
+
+def _processes(args, run):
+    """(world) the expert-parallel size divides the processes."""
+    opts = _moe(args)
+    if opts is not None and run.world % opts.ep_size:
+        return (f"--ep-world-size {opts.ep_size} must divide the number of processes "
+                f"({run.world}); use --ep-world-size {run.world} (expert parallel across all "
+                f"processes) or a divisor of it")
+
+
+def _legacy_ddp(args, run):
+    """(args) rank-local experts must not be averaged by fairseq's DDP wrapper."""
+    opts = _moe(args)
+    backend = getattr(args, "ddp_backend", "legacy_ddp")
+    wrapped = getattr(args, "distributed_world_size", 1) > 1  # fairseq wraps the model in DDP
+    if opts is not None and opts.ep_size > 1 and wrapped and backend != "legacy_ddp":
+        return (f"--ep-world-size {opts.ep_size} needs --ddp-backend legacy_ddp (got "
+                f"{backend}): other backends would average the rank-local experts "
+                f"over all processes")
+
+
+def _half_keeps_experts_apart(args, run):
+    """(args) fairseq's FP16Optimizer keeps one flat fp32 copy of all parameters."""
+    opts = _moe(args)
+    half = getattr(args, "fp16", False) or getattr(args, "bf16", False)
+    mem_eff = (getattr(args, "memory_efficient_fp16", False)
+               or getattr(args, "memory_efficient_bf16", False))
+    if opts is not None and opts.ep_size > 1 and half and not mem_eff:
+        return (f"--ep-world-size {opts.ep_size} with --fp16/--bf16 needs "
+                "--memory-efficient-fp16 / --memory-efficient-bf16: fairseq's "
+                "FP16Optimizer keeps one flat fp32 copy of all parameters, so "
+                "each rank's experts could not be saved and restored on their own")
+
+
+def _task_keeps_ranks_in_step(args, run):
+    """(task) only translation_deepspeed sets up expert groups and lockstep decoding."""
+    opts = _moe(args)
+    if opts is not None and opts.ep_size > 1 and run.task != "translation_deepspeed":
+        return (f"a model with --ep-world-size {opts.ep_size} needs --task translation_deepspeed "
+                f"(got {run.task}): it creates DeepSpeed's expert groups and keeps "
+                "the ranks in step; add --task translation_deepspeed (user/train.py and "
+                "user/generate.py use it by default)")
+
+
+def _moe_flags(args, run):
+    """(args) the MoE flag table's own checks and :data:`RULES_ON_OPTIONS`."""
+    _moe(args)
+
+
+def _moe(args) -> Optional[MoEOptions]:
+    """The MoE options of ``args`` when it configures an MoE model, else None."""
+    if not getattr(args, "deepspeed_moe", None) or not hasattr(args, "num_experts"):
+        return None
+    opts = options_from_args(args)
+    return opts if opts.sides else None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One check of :data:`RULES`: runs when everything in ``needs`` is known."""
+
+    check: Callable[[Any, Run], Optional[str]]
+    needs: Tuple[str, ...]
+
+
+#: Checks beyond single MoE flags, in the order they run.
+RULES: Tuple[Rule, ...] = (
+    Rule(_moe_arch, ("argv",)),
+    Rule(_half_needs_gpu, ("args", "cuda")),
+    Rule(_data_directory, ("args", "task")),
+    Rule(_upcycle_source, ("args",)),
+    Rule(_moe_flags, ("args",)),
+    Rule(_criterion, ("args",)),
+    Rule(_task_keeps_ranks_in_step, ("args", "task")),
+    Rule(_processes, ("args", "world")),
+    Rule(_legacy_ddp, ("args",)),
+    Rule(_half_keeps_experts_apart, ("args",)),
+)
+
+
+def _run(rules, first, second) -> None:
+    for rule in rules:
+        problem = rule(first, second)
+        if problem:
+            raise MoEArgumentError(problem)
+
+
+def validate(args=None, **known) -> None:
+    """Run every rule of :data:`RULES` whose inputs are known.
+
+    Args:
+        args: parsed flags (a Namespace or fairseq config); ``None`` before parsing.
+        **known: what :class:`Run` fields are known (``argv``, ``cuda``, ``world``, ``task``).
+
+    Raises:
+        MoEArgumentError: the first failed check, naming the flag and the fix.
+    """
+    run = Run(**known)
+    have = {k for k, v in known.items() if v is not None} | ({"args"} if args is not None else set())
+    _run([r.check for r in RULES if set(r.needs) <= have], args, run)

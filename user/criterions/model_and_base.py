@@ -18,7 +18,6 @@ same unit (base 2, per sample-size unit), so ``loss = sum of loss_<name>``.
 
 import argparse
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 
@@ -33,7 +32,11 @@ from fairseq.dataclass import FairseqDataclass
 from omegaconf import OmegaConf
 
 from .. import losses
-from ..moe_options import MoEArgumentError
+from ..moe_options import MoEArgumentError, parse_json_flag
+
+
+# logging-output key naming the base criterion (summable: its value is 1 per output)
+BASE_KEY = "_base_criterion:"
 
 
 @dataclass
@@ -100,15 +103,7 @@ def resolve_base_criterion(name: str, config_json: str, root_cfg=None):
             f"--base-criterion {name!r} is not a registered fairseq criterion; "
             f"choose one of: {', '.join(sorted(set(CRITERION_REGISTRY) - {'model_and_base'}))}"
         )
-    try:
-        options = json.loads(config_json or "{}")
-    except json.JSONDecodeError as e:
-        raise MoEArgumentError(
-            f"--base-criterion-config is not valid JSON ({e.msg} at character {e.pos}): "
-            f"{config_json!r}; expected e.g. '{{\"label_smoothing\": 0.1}}'"
-        ) from None
-    if not isinstance(options, dict):
-        raise MoEArgumentError(f"--base-criterion-config must be a JSON object, got {config_json!r}")
+    options = parse_json_flag("--base-criterion-config", config_json, '{"label_smoothing": 0.1}')
 
     cls = CRITERION_REGISTRY[name]
     dc = CRITERION_DATACLASS_REGISTRY.get(name)
@@ -152,8 +147,6 @@ class ModelAndBaseCriterion(FairseqCriterion):
         cfg (ModelAndBaseCriterionConfig): criterion options.
     """
 
-    _base_class = None  # for the class-level reduce_metrics fairseq calls
-
     def __init__(self, task, cfg: ModelAndBaseCriterionConfig):
         super().__init__(task)
         self.weights = losses.parse_loss_weights(cfg.loss_weights)
@@ -162,7 +155,9 @@ class ModelAndBaseCriterion(FairseqCriterion):
             cfg.base_criterion, cfg.base_criterion_config, root
         )
         self.base = base_cls.build_criterion(base_cfg, task)
-        type(self)._base_class = type(self.base)
+        # fairseq reduces metrics through the class (no instance): the logging outputs
+        # name the base criterion instead of a class attribute set by the last instance
+        self._base_key = BASE_KEY + cfg.base_criterion
         self._checked = False
 
     def check_loss_names(self, model_loss_names):
@@ -181,6 +176,7 @@ class ModelAndBaseCriterion(FairseqCriterion):
             self.check_loss_names(model_losses.keys())
         total, terms = losses.combine_losses(base_loss, model_losses, self.weights, sample_size)
         logging_output = dict(logging_output)
+        logging_output[self._base_key] = 1
         logging_output["loss"] = total.data
         for name, value in terms.items():
             logging_output[f"loss_{name}"] = value.data
@@ -188,9 +184,9 @@ class ModelAndBaseCriterion(FairseqCriterion):
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
-        base = cls._base_class
-        if base is not None:
-            base.reduce_metrics(logging_outputs)
+        names = {k[len(BASE_KEY):] for log in logging_outputs for k in log if k.startswith(BASE_KEY)}
+        for name in sorted(names):
+            CRITERION_REGISTRY[name].reduce_metrics(logging_outputs)
         sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
         if sample_size == 0:
             return

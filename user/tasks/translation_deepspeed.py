@@ -13,54 +13,52 @@
   losses the model returns before training starts;
 * a resumed run sees the same batches as an uninterrupted one (see
   :meth:`TranslationDeepSpeedTask.can_reuse_epoch_itr`);
-* ``--upcycle-from DENSE.pt`` starts an MoE model from a trained dense one
-  (see :mod:`user.upcycle`); expert-parallel checkpoints are saved as shards
-  (see :mod:`user.expert_checkpoint`);
+* ``--upcycle-from DENSE.pt`` starts an MoE model from a trained dense one;
+  expert-parallel checkpoints are saved as shards (see :mod:`user.checkpoint`);
+* the plugin's flags are checked when fairseq sets the task up and builds the model
+  (the same checks ``user/train.py`` runs first, see :func:`user.moe_options.validate`);
 * with ``--ep-world-size`` > 1 on several processes, beam search (generation
   and ``--eval-bleu``) runs in lockstep across the expert-parallel ranks (see
   :mod:`user.lockstep`); a rank whose share of the data is exhausted gets
   dummy batches so it keeps serving its experts;
-* expert load is logged: ``moe_imbalance`` = (tokens of the busiest expert) /
-  (tokens per expert if perfectly balanced), averaged over MoE layers:
-  1.0 is balanced, ``--num-experts`` means every token went to one expert.
+* expert load is logged (see :mod:`user.expert_stats`).
 """
 
-import functools
 import logging
-import os
-import re
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-from fairseq import metrics
+from fairseq.data import BaseWrapperDataset
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from .. import ds_moe, expert_checkpoint, lockstep
-from ..moe_options import MoEArgumentError
+from .. import ds_moe, expert_stats, lockstep, patches
+from ..checkpoint import ExpertLayout
+from ..checkpoint.format import SHARD_KEY
+from ..moe_options import validate
 
 logger = logging.getLogger(__name__)
 
-# Set by ``user/generate.py`` (and recognised for ``fairseq-generate``): batch
-# iterators then yield a dummy batch instead of an empty one (see get_batch_iterator).
-GENERATING = False
 DUMMY = "lockstep_dummy"
 
 
-def generating() -> bool:
-    return GENERATING or os.path.basename(sys.argv[0]) == "fairseq-generate"
+class DummyWhenEmpty(BaseWrapperDataset):
+    """A dataset whose empty batch is a dummy batch instead of nothing.
 
+    fairseq gives a rank whose share of the data has run out an empty batch, which
+    ``fairseq-generate`` skips; an expert-parallel rank must keep serving its experts
+    to the others, so it gets a batch marked :data:`DUMMY` (see ``inference_step``).
+    """
 
-def _collate_or_dummy(collate, samples):
-    if samples:
-        return collate(samples)
-    none = torch.zeros(0, 1, dtype=torch.long)
-    return {"id": torch.zeros(0, dtype=torch.long), "nsentences": 0, "ntokens": 0,
-            "net_input": {"src_tokens": none, "src_lengths": torch.zeros(0, dtype=torch.long)},
-            "target": None, DUMMY: True}
+    def collater(self, samples):
+        if samples:
+            return self.dataset.collater(samples)
+        none = torch.zeros(0, 1, dtype=torch.long)
+        return {"id": torch.zeros(0, dtype=torch.long), "nsentences": 0, "ntokens": 0,
+                "net_input": {"src_tokens": none, "src_lengths": torch.zeros(0, dtype=torch.long)},
+                "target": None, DUMMY: True}
 
 
 @dataclass
@@ -78,77 +76,13 @@ class TranslationDeepSpeedConfig(TranslationConfig):
     )
 
 
-def unwrap_model(model):
-    """The fairseq model inside DDP/FSDP wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
-def layer_tag(name: str) -> str:
-    """Short name of an MoE block: ``encoder.layers.1.moe_ffn`` -> ``enc1``."""
-    m = re.search(r"(encoder|decoder)\.layers\.(\d+)\.", name)
-    return f"{m.group(1)[:3]}{m.group(2)}" if m else name
-
-
-def expert_load_stats(model) -> dict:
-    """Summable routing statistics of the last forward, for fairseq's logging outputs.
-
-    Returns (empty for a dense model), with ``L`` each MoE layer's tag (``enc1``):
-        ``_moe_L_n<i>``: tokens sent to expert ``i``; ``_moe_L_drop``: tokens over
-        capacity; ``_moe_L_routed``: token-expert assignments; ``_moe_L_tok``: real
-        tokens; ``_moe_L_ent``: summed gate entropy; ``_moe_L_aux``, ``_moe_L_calls``:
-        gate loss and forwards (for its mean); ``_moe_load_max``/``_moe_load_tot``:
-        sums over layers of (busiest expert's tokens x E) and of routed tokens.
-    """
-    stats = getattr(unwrap_model(model), "routing_stats", lambda: {})()
-    if not stats:
-        return {}
-    out = {"_moe_load_max": 0.0, "_moe_load_tot": 0.0}
-    for name, st in stats.items():
-        tag, counts = layer_tag(name), st["counts"]
-        out["_moe_load_max"] += float(counts.max()) * counts.numel()
-        out["_moe_load_tot"] += float(counts.sum())
-        for i, c in enumerate(counts.tolist()):
-            out[f"_moe_{tag}_n{i}"] = c
-        out[f"_moe_{tag}_drop"] = st["dropped"]
-        out[f"_moe_{tag}_routed"] = st["routed"]
-        out[f"_moe_{tag}_tok"] = st["tokens"]
-        out[f"_moe_{tag}_ent"] = st["entropy"]
-        out[f"_moe_{tag}_aux"] = st["aux"]
-        out[f"_moe_{tag}_calls"] = 1.0
-    return out
-
-
-def log_routing_metrics(logging_outputs) -> None:
-    """Per MoE layer: ``moe_L_e<i>`` (fraction of tokens routed to expert i),
-    ``moe_L_drop`` (fraction of token-expert assignments dropped), ``moe_L_ent``
-    (mean gate entropy, nats; ln E = uniform), ``moe_L_aux`` (mean gate loss);
-    all summed over ranks and micro-batches before dividing."""
-    keys = sorted({k for log in logging_outputs for k in log if k.startswith("_moe_") and
-                   k not in ("_moe_load_max", "_moe_load_tot")})
-    tot = {k: sum(log.get(k, 0) for log in logging_outputs) for k in keys}
-    tags = sorted({k[len("_moe_"):].rsplit("_", 1)[0] for k in keys})
-    for tag in tags:
-        routed = tot.get(f"_moe_{tag}_routed", 0)
-        if routed <= 0:
-            continue
-        i = 0
-        while f"_moe_{tag}_n{i}" in tot:
-            metrics.log_scalar(f"moe_{tag}_e{i}", tot[f"_moe_{tag}_n{i}"] / routed, routed, round=3)
-            i += 1
-        metrics.log_scalar(f"moe_{tag}_drop", tot[f"_moe_{tag}_drop"] / routed, routed, round=4)
-        if tot.get(f"_moe_{tag}_tok", 0) > 0:
-            metrics.log_scalar(f"moe_{tag}_ent", tot[f"_moe_{tag}_ent"] / tot[f"_moe_{tag}_tok"],
-                               tot[f"_moe_{tag}_tok"], round=3)
-        calls = tot.get(f"_moe_{tag}_calls", 0)
-        if calls > 0:
-            metrics.log_scalar(f"moe_{tag}_aux", tot[f"_moe_{tag}_aux"] / calls, calls, round=3)
-
-
 @register_task("translation_deepspeed", dataclass=TranslationDeepSpeedConfig)
 class TranslationDeepSpeedTask(TranslationTask):
     """Translation with DeepSpeed MoE models (any ``transformer_ds_moe_*`` arch).
+
+    Owns what the run knows about its experts: :attr:`expert_layout` (how the model
+    holds them; checkpoints are converted to it), :attr:`expert_params` (this
+    process's expert parameters) and, during a save, :attr:`pending_expert_shards`.
 
     Args:
         cfg (TranslationDeepSpeedConfig): task options.
@@ -158,56 +92,43 @@ class TranslationDeepSpeedTask(TranslationTask):
 
     cfg: TranslationDeepSpeedConfig
 
+    @classmethod
+    def setup_task(cls, cfg, **kwargs):
+        validate(cfg, task="translation_deepspeed")  # before fairseq reads the data directory
+        patches.install(patches.TASK)
+        return super().setup_task(cfg, **kwargs)
+
     def __init__(self, cfg, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
-        if cfg.upcycle_from is not None and not os.path.isfile(cfg.upcycle_from):
-            raise MoEArgumentError(
-                f"--upcycle-from {cfg.upcycle_from}: no such file; give a dense checkpoint "
-                "(e.g. checkpoint_best.pt of a run without --deepspeed_moe)"
-            )
         self.model_loss_names: Optional[list] = None
+        self.expert_layout: Optional[ExpertLayout] = None  # an MoE model was built
         self.expert_params: list = []
-        self.ep_size = 1
-        self.num_experts = 0
-        self.pending_expert_shards: Optional[dict] = None  # set while saving (expert_checkpoint)
+        self.pending_expert_shards: Optional[dict] = None  # set while saving
+        # generation with an expert-parallel model on several processes: exhausted
+        # ranks get dummy batches (see get_batch_iterator)
+        self.lockstep_dummies = False
 
     def build_model(self, cfg, from_checkpoint=False):
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        validate(cfg, cuda=torch.cuda.is_available() and not getattr(cfg, "cpu", False),
+                 world=world, task="translation_deepspeed")
         model = super().build_model(cfg, from_checkpoint)
         moe_layers = [m.moe for m in getattr(model, "moe_ffn_layers", dict)().values()]
         if moe_layers:
-            ep_size = model.moe_opts.ep_size
-            ddp_backend = getattr(cfg, "ddp_backend", "legacy_ddp")
-            world = getattr(cfg, "distributed_world_size", 1)
-            if ep_size > 1 and world > 1 and ddp_backend != "legacy_ddp":
-                raise MoEArgumentError(
-                    f"--ep-world-size {ep_size} needs --ddp-backend legacy_ddp (got "
-                    f"{ddp_backend}): other backends would average the rank-local experts "
-                    f"over all processes"
-                )
-            fp16 = getattr(cfg, "fp16", False) or getattr(cfg, "bf16", False)
-            mem_eff = getattr(cfg, "memory_efficient_fp16", False) or getattr(
-                cfg, "memory_efficient_bf16", False)
-            if ep_size > 1 and fp16 and not mem_eff:
-                raise MoEArgumentError(
-                    f"--ep-world-size {ep_size} with --fp16/--bf16 needs "
-                    "--memory-efficient-fp16 / --memory-efficient-bf16: fairseq's "
-                    "FP16Optimizer keeps one flat fp32 copy of all parameters, so "
-                    "each rank's experts could not be saved and restored on their own"
-                )
-            ds_moe.setup_expert_parallel(moe_layers, ep_size)
+            opts = model.moe_opts
+            ds_moe.setup_expert_parallel(moe_layers, opts.ep_size)
             self.expert_params = [p for m in moe_layers for p in ds_moe.expert_params(m)]
             local = sum(p.numel() for p in self.expert_params)
-            opts = model.moe_opts
             # fairseq's own "num. expert model params" counts only parameters marked
             # rank-local, i.e. 0 with --ep-world-size 1: say what the model holds
             logger.info(
                 f"MoE: {len(moe_layers)} layers ({', '.join(model.moe_ffn_layers())}), "
-                f"{opts.num_experts} experts each, top-{opts.top_k}, --ep-world-size {ep_size}: "
-                f"{opts.num_experts // ep_size} experts per layer in this process, "
-                f"{local:,} expert parameters here ({local * ep_size:,} in the model)")
-            self.ep_size = ep_size
-            self.num_experts = model.moe_opts.num_experts
-            expert_checkpoint.set_current_layout(model)
+                f"{opts.num_experts} experts each, top-{opts.top_k}, --ep-world-size {opts.ep_size}: "
+                f"{opts.num_experts // opts.ep_size} experts per layer in this process, "
+                f"{local:,} expert parameters here ({local * opts.ep_size:,} in the model)")
+            self.expert_layout = ExpertLayout.of(model)
+            # fairseq builds a model from a checkpoint for generation, interactive and hub
+            self.lockstep_dummies = from_checkpoint and world > 1 and opts.ep_size > 1
         self.model_loss_names = list(getattr(model, "loss_names", list)())
         return model
 
@@ -220,12 +141,13 @@ class TranslationDeepSpeedTask(TranslationTask):
     def get_checkpoint_dict(self) -> dict:
         """Merged into the checkpoint's ``extra_state`` by fairseq's save_checkpoint:
         the expert shards of this save (``--ep-world-size`` > 1, see
-        :mod:`user.expert_checkpoint`) or the parameter order (so a consolidated
+        :mod:`user.checkpoint`) or the parameter order (so a consolidated
         checkpoint can be resharded without building the model)."""
         if self.pending_expert_shards is not None:
-            return {expert_checkpoint.SHARD_KEY: dict(self.pending_expert_shards)}
-        names = expert_checkpoint._current.get("param_names")
-        return {"param_names": list(names)} if self.num_experts and names else {}
+            return {SHARD_KEY: dict(self.pending_expert_shards)}
+        if self.expert_layout is not None:
+            return {"param_names": list(self.expert_layout.param_names)}
+        return {}
 
     def can_reuse_epoch_itr(self, dataset):
         """Never reuse an epoch's batches for the next epoch.
@@ -242,10 +164,11 @@ class TranslationDeepSpeedTask(TranslationTask):
         loss, sample_size, logging_output = super().train_step(
             sample, model, criterion, optimizer, update_num, ignore_grad
         )
+        ep = self.expert_layout.ep_size if self.expert_layout is not None else 1
         # fairseq's legacy_ddp reduces on the micro-batch that is not under no_sync()
-        if self.ep_size > 1 and not getattr(model, "accumulate_grads", False):
-            ds_moe.reduce_expert_grads(self.expert_params, self.ep_size)
-        logging_output.update(expert_load_stats(model))
+        if ep > 1 and not getattr(model, "accumulate_grads", False):
+            ds_moe.reduce_expert_grads(self.expert_params, ep)
+        logging_output.update(expert_stats.expert_load_stats(model))
         return loss, sample_size, logging_output
 
     def get_batch_iterator(self, dataset, *args, **kwargs):
@@ -253,15 +176,13 @@ class TranslationDeepSpeedTask(TranslationTask):
         on several processes, a rank whose shard has run out gets a dummy batch
         (instead of an empty one, which fairseq-generate skips) so that it keeps
         taking part in the other ranks' all-to-alls."""
-        itr = super().get_batch_iterator(dataset, *args, **kwargs)
-        multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if generating() and multi and self.ep_size > 1 and hasattr(itr, "collate_fn"):
-            itr.collate_fn = functools.partial(_collate_or_dummy, itr.collate_fn)
-        return itr
+        if self.lockstep_dummies:
+            dataset = DummyWhenEmpty(dataset)
+        return super().get_batch_iterator(dataset, *args, **kwargs)
 
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
         """fairseq's beam search, in lockstep across expert-parallel ranks (EP > 1)."""
-        inner = [unwrap_model(m) for m in models]
+        inner = [expert_stats.unwrap_model(m) for m in models]
         if not any(lockstep.needs_lockstep(m) for m in inner):
             return super().inference_step(generator, models, sample, prefix_tokens, constraints)
         with lockstep.active(inner) as (model,):
@@ -274,31 +195,12 @@ class TranslationDeepSpeedTask(TranslationTask):
         return hypos
 
     def valid_step(self, sample, model, criterion):
-        if not self.cfg.eval_bleu:
-            loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
-            logging_output.update(expert_load_stats(model))
-            return loss, sample_size, logging_output
-        # the loss forward's routing, not that of the BLEU decoding that follows
-        stats = {}
-        forward = criterion.forward
-
-        def forward_and_record(*args, **kwargs):
-            result = forward(*args, **kwargs)
-            stats.update(expert_load_stats(model))
-            return result
-
-        criterion.forward = forward_and_record
-        try:
-            loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
-        finally:
-            del criterion.forward
-        logging_output.update(stats)
+        """fairseq's validation step (loss, and BLEU with ``--eval-bleu``) plus the routing
+        statistics of the loss forward (decoding for BLEU collects none)."""
+        loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+        logging_output.update(expert_stats.expert_load_stats(model))
         return loss, sample_size, logging_output
 
     def reduce_metrics(self, logging_outputs, criterion):
         super().reduce_metrics(logging_outputs, criterion)
-        load_tot = sum(log.get("_moe_load_tot", 0) for log in logging_outputs)
-        if load_tot > 0:
-            load_max = sum(log.get("_moe_load_max", 0) for log in logging_outputs)
-            metrics.log_scalar("moe_imbalance", load_max / load_tot, load_tot, round=3)
-        log_routing_metrics(logging_outputs)
+        expert_stats.log_routing_metrics(logging_outputs)
