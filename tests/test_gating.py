@@ -2,7 +2,8 @@
 #
 # This source code is licensed under the MIT license found in the
 # LICENSE file in the root directory of this source tree.
-"""Routing through real DeepSpeed MoE layers, checked by hand.
+"""Routing through real DeepSpeed MoE layers, checked by hand, and the gating
+functions (``user/modules/gating.py``) against DeepSpeed's, bit for bit.
 
 Experts are made rank-scaled identities (expert e computes ``(e + 1) * x`` on
 positive inputs) and the router weights are set by hand, so each token's
@@ -14,8 +15,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from deepspeed.moe import sharded_moe
 
 from user import ds_moe
+from user.modules import gating
 from user.modules.moe_ffn import ExpertFFN, MoEFeedForward
 from user.moe_options import MoEOptions
 
@@ -229,3 +232,152 @@ def test_gradients_reach_router_and_chosen_experts():
     grads = [e.fc2.weight.grad for e in ds_moe.local_experts(layer.moe)]
     assert grads[0].abs().sum() > 0 and grads[1].abs().sum() > 0
     assert grads[2] is None or grads[2].abs().sum() == 0
+
+
+# -- the gating functions against DeepSpeed's ------------------------------------------
+
+
+def test_capacity_is_deepspeeds():
+    factors = [0.01, 0.1, 0.3, 0.5, 0.7, 1.0, 1.1, 1.25, 4 / 3, 1.5, 2.0, 2.5, 3.7, 8.0]
+    for S in [*range(0, 70), 127, 128, 129, 1000, 1023, 1024, 4095, 4096, 8191, 12345, 65536]:
+        for num_experts in (1, 3, 4, 8, 64):
+            for f in factors:
+                for k in (1, 2, 3):
+                    for min_cap in (0, 4):
+                        want = sharded_moe._capacity(torch.empty(S, num_experts),
+                                                     torch.tensor(f * k), torch.tensor(min_cap))
+                        got = gating.expert_capacity(S, num_experts, f, k, min_cap)
+                        assert got == int(want), (S, num_experts, f, k, min_cap)
+
+
+def routed_logits(S=40, num_experts=E, seed=0):
+    torch.manual_seed(seed)
+    logits = torch.randn(S, num_experts)
+    logits[:, 0] += 1.0  # a favourite expert: over capacity
+    logits[3] = logits[4]  # a tie between tokens
+    logits[5, 1:3] = 5.0  # a tie between experts: the first wins
+    return logits
+
+
+def assert_same_routes(ours, theirs):
+    """Our :class:`gating.Routes` against DeepSpeed's sparse routes, bit for bit (DeepSpeed's
+    counts are float when it is given a mask: compared by value)."""
+    theirs = without_num_experts(theirs)
+    for name, a, b in zip(gating.Routes._fields, ours, theirs, strict=True):
+        a, b = torch.as_tensor(a), torch.as_tensor(b)
+        if name == "counts":
+            b = b.to(a.dtype)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("drop", [True, False], ids=["drop", "no_drop"])
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "used"])
+@pytest.mark.parametrize("noise", [None, "RSample"])
+@pytest.mark.parametrize("use_rts", [False, True], ids=["first", "rts"])
+def test_top1gating_is_deepspeeds_bit_for_bit(use_rts, noise, masked, drop):
+    logits = routed_logits()
+    used = None
+    if masked:
+        used = torch.ones(40)
+        used[::3] = 0
+    capacity = gating.expert_capacity(40, E, 0.5, 1, 4) if drop else None
+    torch.manual_seed(1)
+    ours = gating.top1gating(logits.clone(), capacity, used, noisy_gate_policy=noise,
+                             use_rts=use_rts)
+    ours_rng = torch.get_rng_state()
+    torch.manual_seed(1)
+    if masked and not drop:
+        # DeepSpeed's no-drop top-1 gate fails with a mask (topk's k a tensor): compare
+        # with room for every token, which drops nothing either
+        theirs = sharded_moe.top1gating(logits.clone(), E, 4, used, noise, use_rts=use_rts,
+                                        sparse_routes=True)
+        assert int(theirs[1]) == 40 and ours.capacity == int(ours.counts.max())
+        ours = ours._replace(capacity=40)
+    else:
+        theirs = sharded_moe.top1gating(logits.clone(), 0.5, 4, used, noise, drop_tokens=drop,
+                                        use_rts=use_rts, sparse_routes=True)
+    assert torch.equal(ours_rng, torch.get_rng_state()), "other random numbers drawn"
+    assert_same_routes(ours, theirs)
+    assert bool((ours.indices >= 0).sum() < ours.counts.sum()) == drop  # dropped, or not
+
+
+@pytest.mark.parametrize("drop", [True, False], ids=["drop", "no_drop"])
+@pytest.mark.parametrize("masked", [False, True], ids=["none", "ones"])
+@pytest.mark.parametrize("sampling", [False, True])
+def test_top2gating_is_deepspeeds_bit_for_bit(sampling, masked, drop):
+    logits = routed_logits()
+    capacity = gating.expert_capacity(40, E, 0.5, 2, 4) if drop else None
+    torch.manual_seed(1)
+    ours = gating.top2gating(logits.clone(), capacity, torch.ones(40) if masked else None,
+                             top2_2nd_expert_sampling=sampling)
+    ours_rng = torch.get_rng_state()
+    torch.manual_seed(1)
+    theirs = sharded_moe.top2gating(logits.clone(), 0.5, 4, drop, None, sampling, True)
+    assert torch.equal(ours_rng, torch.get_rng_state()), "other random numbers drawn"
+    assert_same_routes(ours, theirs)
+    assert bool((ours.indices >= 0).sum() < ours.counts.sum()) == drop
+
+
+@pytest.mark.parametrize("drop", [True, False], ids=["drop", "no_drop"])
+@pytest.mark.parametrize("masked", [False, True], ids=["none", "ones"])
+@pytest.mark.parametrize("k", [3, 4])
+def test_topkgating_is_deepspeeds_bit_for_bit(k, masked, drop):
+    logits = routed_logits(num_experts=6)
+    capacity = gating.expert_capacity(40, 6, 0.5, k, 4) if drop else None
+    ours = gating.topkgating(logits.clone(), capacity, torch.ones(40) if masked else None, k=k)
+    theirs = sharded_moe.topkgating(logits.clone(), k, 0.5, 4, drop, sparse_routes=True)
+    assert_same_routes(ours, theirs)
+    assert bool((ours.indices >= 0).sum() < ours.counts.sum()) == drop
+
+
+def test_topkgating_padding_takes_no_route_and_no_slot():
+    logits = routed_logits(num_experts=6)
+    used = torch.ones(40)
+    used[::3] = 0
+    l_aux, cap, idx, loc, gates, counts = gating.topkgating(logits, 200, used, k=3)
+    assert (idx[:, ::3] == -1).all() and (idx[:, used.bool()] >= 0).all()
+    assert (gates[:, ::3] == 0).all() and counts.sum() == 3 * used.sum()
+    for e in range(6):
+        slots = sorted(loc[idx == e].tolist())
+        assert slots == list(range(len(slots)))
+    # over capacity, padding takes no slot: the kept routes are the most probable real ones
+    _, _, idx, _, _, counts = gating.topkgating(logits, 5, used, k=3)
+    assert (idx[:, ::3] == -1).all() and (idx >= 0).sum() == 6 * 5  # every expert full
+    probs = F.softmax(logits, dim=1)
+    for e in range(6):
+        kept = (idx == e).any(0)
+        assert kept.sum() == 5
+        ranked = probs[:, e].masked_fill(~(used.bool() & (torch.topk(probs, 3).indices == e)
+                                           .any(1)), -1)
+        assert set(torch.nonzero(kept).flatten().tolist()) == set(ranked.topk(5).indices.tolist())
+
+
+def without_num_experts(deepspeed_routes):
+    """DeepSpeed's sparse routes ``(l_aux, capacity, E, indices, locations, gates, counts)``
+    in the order of :class:`gating.Routes`."""
+    l_aux, capacity, _, *rest = deepspeed_routes
+    return (l_aux, capacity, *rest)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_no_drop_routes_are_deepspeeds_bit_for_bit(k):
+    torch.manual_seed(0)
+    logits = torch.randn(37, 6)
+    logits[3] = logits[4]  # a tie between tokens
+    logits[5, :2] = 1.5  # a tie between experts: the first wins
+    if k == 1:
+        l_aux, cap, _, idx, _, gates, counts = sharded_moe.top1gating(
+            logits.clone(), 1.0, 0, None, None, drop_tokens=False, use_rts=False, sparse_routes=True)
+    else:
+        l_aux, cap, _, idx, _, gates, counts = sharded_moe.top2gating(
+            logits.clone(), 1.0, 0, drop_tokens=False, top2_2nd_expert_sampling=False,
+            sparse_routes=True)
+    routes = gating.no_drop_routes(logits, k)
+    i2, g2, a2, c2 = routes.indices, routes.gates, routes.l_aux, routes.counts
+    assert torch.equal(i2.to(idx.dtype), idx) and torch.equal(g2, gates)
+    assert torch.equal(a2, l_aux) and torch.equal(c2, counts)
+    assert int(cap) == int(counts.max())  # DeepSpeed's capacity: nothing dropped
+    assert routes.capacity == int(cap) and routes.locations is None
+    # the gating function without a capacity: the same routes
+    full = gating.GATING[gating.policy_for(k)](logits.clone(), None, k=k)
+    assert torch.equal(full.indices, idx) and torch.equal(full.gates, gates)
