@@ -433,8 +433,10 @@ def public_state(module):
 @pytest.mark.parametrize("path", ["local", "buffers", "agreed", "agreed_exact_fit"])
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_forward_changes_no_gate_attribute_and_nothing_in_deepspeed(k, path, mode, drop):
-    layer = make_layer(top_k=k, capacity_factor=0.5, drop_tokens=drop, eval_drop_tokens=drop,
-                       use_rts=True)
+    train = mode == "train"
+    # drops in this mode only: a gate rewritten for the mode would show
+    layer = make_layer(top_k=k, capacity_factor=0.5, drop_tokens=drop == train,
+                       eval_drop_tokens=drop != train, use_rts=True, top2_2nd_expert_sampling=True)
     gate = ds_moe.moe_gate(layer.moe)
     built, module = public_state(gate), dict(vars(sharded_moe))
 
@@ -445,7 +447,7 @@ def test_forward_changes_no_gate_attribute_and_nothing_in_deepspeed(k, path, mod
 
     during = []
     gate.register_forward_pre_hook(lambda *_: during.append(unchanged()))
-    layer.train(mode == "train")
+    layer.train(train)
     layer.fast_dispatch = path == "local"
     x = tokens_for([0, 1, 0, 2, 0, 3, 0, 0])
     pad = torch.tensor([[False] * 6 + [True] * 2])
