@@ -381,7 +381,8 @@ def test_no_drop_routes_are_deepspeeds_bit_for_bit(k):
     logits[5, :2] = 1.5  # a tie between experts: the first wins
     if k == 1:
         l_aux, cap, _, idx, _, gates, counts = sharded_moe.top1gating(
-            logits.clone(), 1.0, 0, None, None, drop_tokens=False, use_rts=False, sparse_routes=True)
+            logits.clone(), 1.0, 0, None, None, drop_tokens=False, use_rts=False,
+            sparse_routes=True)
     else:
         l_aux, cap, _, idx, _, gates, counts = sharded_moe.top2gating(
             logits.clone(), 1.0, 0, drop_tokens=False, top2_2nd_expert_sampling=False,
@@ -414,9 +415,11 @@ def test_gate_is_deepspeeds_topkgate_with_its_router():
     assert torch.equal(after_ours, torch.get_rng_state()), "building the gate drew random numbers"
     gate = ds_moe.moe_gate(ours)
     assert isinstance(gate, gating.Gate) and isinstance(gate, sharded_moe.TopKGate)
-    assert [n for n, _ in ours.named_parameters() if "gate" in n] == ["deepspeed_moe.gate.wg.weight"]
+    gate_params = [n for n, _ in ours.named_parameters() if "gate" in n]
+    assert gate_params == ["deepspeed_moe.gate.wg.weight"]
     assert torch.equal(gate.wg.weight, theirs.deepspeed_moe.gate.wg.weight)
-    assert (gate.k, gate.capacity_factor, gate.eval_capacity_factor, gate.min_capacity) == (2, 1.5, 3.0, 2)
+    assert (gate.k, gate.capacity_factor, gate.eval_capacity_factor, gate.min_capacity) == \
+        (2, 1.5, 3.0, 2)
     assert (gate.drop_tokens, gate.eval_drop_tokens, gate.use_rts, gate.top2_2nd_expert_sampling,
             gate.noisy_gate_policy, gate.policy) == (False, True, False, False, None, "top2")
     assert gate.drops() is False and gate.eval().drops() is True
@@ -499,7 +502,8 @@ def reference_moe(layer):
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["moe", "residual"])
-@pytest.mark.parametrize("k,noise", [(1, None), (1, "RSample"), (1, "Jitter"), (2, None), (3, None)])
+@pytest.mark.parametrize("k,noise",
+                         [(1, None), (1, "RSample"), (1, "Jitter"), (2, None), (3, None)])
 def test_buffer_path_is_deepspeeds_moe_forward_bit_for_bit(k, noise, residual):
     """Training, tokens dropped: the buffer path (DeepSpeed's dispatch helpers called by
     MoEFeedForward, then the PR-MoE mix) gives DeepSpeed's ``MoE.forward`` values exactly."""
@@ -560,3 +564,28 @@ def test_fewer_tokens_than_min_capacity_when_dropping(fast_dispatch):
         y = layer(torch.randn(1, 1, C))
         assert y.shape == (1, 1, C) and torch.isfinite(y).all() and (y != 0).any()
         assert layer.exp_counts.sum() == 1 and layer.stats["dropped"] == 0
+
+
+@pytest.mark.parametrize("k,noise", [(1, "RSample"), (1, "Jitter"), (2, None)])
+def test_exact_fit_sizes_the_buffers_for_the_noisy_routes_taken(k, noise):
+    """Expert parallelism without dropping, in training: the agreed capacity is the
+    busiest count of the routes the gate takes (noise and second-expert sampling
+    included), so no route is dropped and the output is the local path's."""
+    layer = make_layer(top_k=k, drop_tokens=False, noisy_gate_policy=noise,
+                       top2_2nd_expert_sampling=True)
+    layer.collect_stats = True
+    local = copy.deepcopy(layer)
+    # without noise, balanced routes: token i's first choice i % E, its second i + 1;
+    # the other logits are close enough for the noise to unbalance them
+    x = torch.full((96, 2, C), 0.99)
+    for i in range(96):
+        x[i, :, i % E], x[i, :, (i + 1) % E] = 1.0, 0.995
+    layer.agreed_tokens = x.shape[0] * x.shape[1]  # the buffers path, in one process
+    layer.exact_fit, layer.exact_fit_min_tokens = True, 0
+    outs = []
+    for mdl in (layer, local):
+        torch.manual_seed(3)
+        outs.append(mdl(x))
+    assert layer.stats["dropped"] == 0 and layer.exp_counts.sum() == k * x.shape[0] * x.shape[1]
+    assert (outs[0].abs().sum(-1) > 0).all(), "a route was dropped"
+    torch.testing.assert_close(outs[0], outs[1])
