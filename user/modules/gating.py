@@ -13,6 +13,10 @@ top-k gates take the ``used`` mask DeepSpeed's top-1 gate takes (padding takes n
 route and no capacity). Given the capacity DeepSpeed would compute, each returns
 DeepSpeed's sparse routes bit for bit and draws the same random numbers in the
 same order (tests/test_gating.py). Every gating function returns :class:`Routes`.
+Also unlike DeepSpeed: counts and slots are integers whatever the mask's dtype
+(DeepSpeed's top-1 computes them in the mask's dtype: wrong beyond 256 tokens per
+expert in bf16), and top-1 without a capacity keeps every route (DeepSpeed's still
+runs its random selection, which can drop a route whose random number is 0.0).
 
 :class:`Gate` is the router module: DeepSpeed's ``TopKGate`` (same ``wg`` weight,
 same attributes) whose ``forward`` takes the padding mask and the capacity as
