@@ -11,6 +11,7 @@ expert, gate probability and output are known (as fairscale's MoE tests do).
 """
 
 import copy
+from types import MappingProxyType
 
 import pytest
 import torch
@@ -182,8 +183,8 @@ def test_router_runs_in_fp32_under_half_precision(monkeypatch, dtype, fast_dispa
             return fn(logits, *args, **kwargs)
         return wrapped
 
-    for name, fn in list(gating.GATING.items()):
-        monkeypatch.setitem(gating.GATING, name, spy(fn))
+    monkeypatch.setattr(gating, "GATING",
+                        MappingProxyType({n: spy(fn) for n, fn in gating.GATING.items()}))
     monkeypatch.setattr(gating, "no_drop_routes", spy(gating.no_drop_routes))
     layer = make_layer(top_k=k, capacity_factor=4.0).to(dtype)
     layer.fast_dispatch = fast_dispatch
@@ -472,7 +473,8 @@ def test_a_policy_in_the_table_routes_the_layer(monkeypatch):
         return gating.Routes(logits.sum() * 0, S, idx, torch.arange(S).unsqueeze(0).int(),
                              torch.ones(1, S), torch.bincount(idx[0], minlength=num_experts))
 
-    monkeypatch.setitem(gating.GATING, "last_expert", last_expert)
+    monkeypatch.setattr(gating, "GATING", MappingProxyType({**gating.GATING,
+                                                            "last_expert": last_expert}))
     for fast_dispatch in (True, False):
         layer = make_layer(top_k=1)
         layer.fast_dispatch = fast_dispatch

@@ -40,7 +40,8 @@ The dispatch (local or through buffers and all-to-alls), the capacity, the
 statistics and the checkpoints work on :class:`Routes` and need no change.
 """
 
-from typing import Callable, Dict, NamedTuple, Optional
+from types import MappingProxyType
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -285,12 +286,13 @@ def no_drop_routes(logits: Tensor, k: int) -> Routes:
 #: (``user/moe_options.py`` refuses combinations that would need them).
 GatingFn = Callable[..., Routes]
 
-#: The gating policies, by name: :class:`Gate` calls ``GATING[gate.policy]``.
-GATING: Dict[str, GatingFn] = {
+#: The gating policies, by name: :class:`Gate` calls ``GATING[gate.policy]``. Read-only
+#: (no module-level mutable state): a policy is added here, in the source.
+GATING: Mapping[str, GatingFn] = MappingProxyType({
     "top1": top1gating,
     "top2": top2gating,
     "topk": topkgating,
-}
+})
 
 #: Policies with a cheaper inference path without dropping (:func:`no_drop_routes`).
 NO_DROP_POLICIES = frozenset({"top1", "top2"})
