@@ -3,26 +3,28 @@
 # This source code is licensed under the MIT license found in the
 # LICENSE file in the root directory of this source tree.
 """The local dispatch (each expert on exactly its tokens, in one process) against
-DeepSpeed's ``MOELayer`` path: same routes, same dropped tokens, same gate loss and
-counts, same outputs and gradients (up to the rounding of differently sized
-matrix products), same translations. No timing here: see scripts/bench_perf.py."""
+the buffer path (DeepSpeed's ``experts x capacity`` dispatch, as in ``MOELayer``,
+which tests/test_gating.py checks against DeepSpeed's ``MoE.forward``): same routes,
+same dropped tokens, same gate loss and counts, same outputs and gradients (up to
+the rounding of differently sized matrix products), same translations. No timing
+here: see scripts/bench_perf.py. The inference routes themselves
+(``gating.no_drop_routes``) are checked against DeepSpeed's in tests/test_gating.py."""
 
 import copy
 
 import pytest
 import torch
-from deepspeed.moe import sharded_moe
 
 from moe_helpers import build, sample_batch
 from user import ds_moe
-from user.modules.moe_ffn import ExpertFFN, MoEFeedForward, no_drop_routes
+from user.modules.moe_ffn import ExpertFFN, MoEFeedForward
 from user.moe_options import MoEOptions
 
 D, E = 16, 4
 
 
 def pair(**kw):
-    """The same MoE layer twice: DeepSpeed's path and the local path."""
+    """The same MoE layer twice: the buffer path and the local path."""
     opts = MoEOptions(sides=frozenset({"enc"}), num_experts=E, min_capacity=4,
                       top2_2nd_expert_sampling=False, **kw)
     torch.manual_seed(0)
@@ -48,13 +50,16 @@ CASES = [
     (dict(top_k=1), True, True),  # padding takes no capacity
     (dict(top_k=1, capacity_factor=0.5), True, True),  # tokens dropped
     (dict(top_k=1, noisy_gate_policy="RSample"), True, False),
+    (dict(top_k=1, noisy_gate_policy="Jitter"), True, True),
     (dict(top_k=1, drop_tokens=False), True, False),
     (dict(top_k=1), False, True),  # inference: no dropping
     (dict(top_k=1, eval_drop_tokens=True, eval_capacity_factor=0.5), False, False),
     (dict(top_k=2), True, False),
     (dict(top_k=2, capacity_factor=0.5), True, False),
     (dict(top_k=2), False, False),
+    (dict(top_k=2, drop_tokens=False), True, True),
     (dict(top_k=3), True, False),
+    (dict(top_k=3, capacity_factor=0.5), True, True),  # padding takes no capacity
     (dict(top_k=3), False, False),
 ]
 
@@ -87,28 +92,9 @@ def test_local_path_equals_deepspeeds(opts, train, padded):
         torch.testing.assert_close(g[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_no_drop_routes_are_deepspeeds_bit_for_bit(k):
-    torch.manual_seed(0)
-    logits = torch.randn(37, 6)
-    logits[3] = logits[4]  # a tie between tokens
-    logits[5, :2] = 1.5  # a tie between experts: the first wins
-    if k == 1:
-        l_aux, cap, _, idx, _, gates, counts = sharded_moe.top1gating(
-            logits.clone(), 1.0, 0, None, None, drop_tokens=False, use_rts=False, sparse_routes=True)
-    else:
-        l_aux, cap, _, idx, _, gates, counts = sharded_moe.top2gating(
-            logits.clone(), 1.0, 0, drop_tokens=False, top2_2nd_expert_sampling=False,
-            sparse_routes=True)
-    i2, g2, a2, c2 = no_drop_routes(logits, k)
-    assert torch.equal(i2.to(idx.dtype), idx) and torch.equal(g2, gates)
-    assert torch.equal(a2, l_aux) and torch.equal(c2, counts)
-    assert int(cap) == int(counts.max())  # DeepSpeed's capacity: nothing dropped
-
-
 def test_local_path_only_where_every_expert_is_local():
     ds, local = pair(top_k=1)
-    local.agreed_tokens = 10  # expert-parallel forward: DeepSpeed's all-to-all path
+    local.agreed_tokens = 10  # expert-parallel forward: the buffers and all-to-alls
     assert not local.uses_local_dispatch()
     opts = MoEOptions(sides=frozenset({"enc"}), num_experts=E, ep_size=2)
     ep = ds_moe.build_moe(D, ExpertFFN(D, 24), opts, "encoder.0", 1)

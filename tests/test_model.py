@@ -6,6 +6,7 @@
 
 import pytest
 import torch
+from deepspeed.moe.sharded_moe import TopKGate
 from fairseq import utils
 from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY
 
@@ -76,8 +77,10 @@ def test_gate_options_reach_deepspeed(tiny_data):
                      "--moe-use-residual")
     moe = model.encoder.layers[1].moe_ffn.moe
     gate = ds_moe.moe_gate(moe)
+    assert isinstance(gate, TopKGate)  # DeepSpeed's gate class, the plugin's routing
     assert (gate.k, gate.capacity_factor, gate.eval_capacity_factor, gate.min_capacity) == (2, 1.5, 3.0, 2)
     assert gate.drop_tokens is False and gate.use_rts is False and moe.use_residual
+    assert gate.eval_drop_tokens is False and gate.top2_2nd_expert_sampling is True
 
 
 def test_gate_loss_is_the_sum_over_moe_layers(tiny_data):

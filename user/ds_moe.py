@@ -2,10 +2,11 @@
 #
 # This source code is licensed under the MIT license found in the
 # LICENSE file in the root directory of this source tree.
-"""The plugin's contact with DeepSpeed's MoE layers and expert process groups.
+"""DeepSpeed's MoE layers and expert process groups, as the plugin builds and uses them.
 
-(The accelerator choice, before DeepSpeed is imported, is a patch in
-``user/patches.py``.) Provides:
+Routing (``modules/gating.py``) and dispatch (``modules/moe_ffn.py``) call
+``deepspeed.moe.sharded_moe`` helpers directly; the accelerator choice, before DeepSpeed
+is imported, is a patch in ``user/patches.py``. Provides:
 
 * :func:`build_moe`: a ``deepspeed.moe.layer.MoE`` whose experts each get their
   own initialisation, seeded by the expert's *global* index so that the same
@@ -18,22 +19,19 @@
   once in ``--clip-norm``'s global norm.
 """
 
-import contextlib
-import functools
 import logging
 import zlib
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Sequence
 
 import deepspeed
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from deepspeed.moe import sharded_moe
 from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 from torch import nn
 
 from . import patches
+from .modules.gating import Gate
 from .moe_options import MoEArgumentError, MoEOptions
 
 logger = logging.getLogger(__name__)
@@ -51,89 +49,6 @@ def expert_seed(base_seed: int, layer_key: str, expert_index: int) -> int:
         expert_index (int): global expert index in ``[0, num_experts)``.
     """
     return zlib.crc32(f"{base_seed}/{layer_key}/{expert_index}".encode()) & 0x7FFFFFFF
-
-
-def top2gating_used(logits: torch.Tensor, capacity_factor: float, min_capacity: int,
-                     drop_tokens: bool = True, ep_group=None, top2_2nd_expert_sampling: bool = True,
-                     sparse_routes: bool = False, *, used_token: torch.Tensor):
-    """DeepSpeed's top-2 gate in which tokens with ``used_token == 0`` (padding)
-    take no route and no expert capacity.
-
-    DeepSpeed's top-1 gate takes such a mask; its top-2 gate takes none, so a
-    padded batch's padding tokens fill expert slots in token order like real
-    ones and push real tokens' routes past the capacity (dropped). This is
-    ``sharded_moe.top2gating`` (token dropping, sparse routes, DeepSpeed 0.19.8)
-    with the mask applied to both choices before slots are assigned: with an
-    all-ones mask it gives DeepSpeed's values bit for bit, including the random
-    numbers drawn for second-expert sampling. As in DeepSpeed's top-1 gate, the
-    capacity and the mean gate probability in ``l_aux`` count every token, the
-    routed fraction only the used ones.
-
-    Args:
-        logits (Tensor): ``S x E`` fp32 router logits.
-        capacity_factor, min_capacity, drop_tokens, ep_group, top2_2nd_expert_sampling,
-            sparse_routes: as DeepSpeed's ``top2gating`` (only ``drop_tokens`` and
-            ``sparse_routes`` true are supported: without dropping no token can take
-            another's slot).
-        used_token (Tensor): ``S``, 1 for real tokens, 0 for padding.
-
-    Returns:
-        ``(l_aux, capacity, E, indices 2 x S, locations 2 x S, gates 2 x S, exp_counts E)``;
-        a route not taken (padding, over capacity) has expert index -1.
-    """
-    if not (drop_tokens and sparse_routes):
-        raise ValueError("top2gating_used handles token dropping with sparse routes only")
-    S, num_experts = logits.shape
-    gates = F.softmax(logits, dim=1)  # S x E, fp32
-    used = used_token.to(torch.int64).unsqueeze(1)  # S x 1
-    idx1 = torch.argmax(gates, dim=1)
-    first = F.one_hot(idx1, num_classes=num_experts)
-    if top2_2nd_expert_sampling:
-        logits = logits + sharded_moe.gumbel_rsample(logits.shape, device=logits.device)
-    idx2 = torch.argmax(logits.masked_fill(first.bool(), float("-inf")), dim=1)
-    mask1 = first * used
-    mask2 = F.one_hot(idx2, num_classes=num_experts) * used
-    # slots: first choices in token order, then second choices after all first ones
-    loc1 = torch.cumsum(mask1, dim=0) - 1
-    loc2 = torch.cumsum(mask2, dim=0) - 1 + torch.sum(mask1, dim=0, keepdim=True)
-    l_aux = torch.mean(torch.mean(gates, dim=0) * torch.mean(mask1.float(), dim=0)) * num_experts * num_experts
-    exp_counts = torch.sum(mask1 + mask2, dim=0).detach()
-    capacity = sharded_moe._capacity(gates, torch.tensor(capacity_factor * 2), torch.tensor(min_capacity))
-    mask1 = mask1 * torch.lt(loc1, capacity)
-    mask2 = mask2 * torch.lt(loc2, capacity)
-    g1 = torch.sum(gates * mask1.float(), dim=1)
-    g2 = torch.sum(gates * mask2.float(), dim=1)
-    denom = torch.clamp(g1 + g2, min=torch.finfo(g1.dtype).eps)
-    idx1 = torch.where(mask1.any(dim=1), idx1, torch.full_like(idx1, -1))
-    idx2 = torch.where(mask2.any(dim=1), idx2, torch.full_like(idx2, -1))
-    locations = torch.stack([torch.sum(loc1 * mask1, dim=1), torch.sum(loc2 * mask2, dim=1)])
-    return (l_aux, capacity, num_experts, torch.stack([idx1, idx2]).to(torch.int32),
-            locations.to(torch.int32), torch.stack([g1 / denom, g2 / denom]), exp_counts)
-
-
-@contextlib.contextmanager
-def padding_takes_no_capacity(moe: MoE, used: Optional[torch.Tensor]):
-    """Within this context, ``moe``'s top-2 gate routes no token whose ``used`` is 0.
-
-    DeepSpeed's ``TopKGate`` hands its ``used_token`` argument to the top-1 gate
-    only; for top-2 this swaps :func:`top2gating_used` in for DeepSpeed's
-    ``top2gating`` during the call (fairseq runs one forward at a time per process).
-    A no-op for other ``k``, without a mask, or without token dropping.
-
-    Args:
-        moe: the DeepSpeed ``MoE`` about to be called.
-        used (Tensor, optional): ``S``, 1 for real tokens, 0 for padding.
-    """
-    gate = moe_gate(moe)
-    if used is None or gate.k != 2 or not gate.drop_tokens:
-        yield
-        return
-    original = sharded_moe.top2gating
-    sharded_moe.top2gating = functools.partial(top2gating_used, used_token=used)
-    try:
-        yield
-    finally:
-        sharded_moe.top2gating = original
 
 
 def expert_parallel_rank(ep_size: int) -> int:
@@ -164,6 +79,10 @@ def build_moe(
 ) -> MoE:
     """Build a DeepSpeed MoE layer around ``expert`` with every gate option set.
 
+    Its gate is the plugin's :class:`~user.modules.gating.Gate`, in place of
+    DeepSpeed's ``TopKGate`` and holding that gate's router (``deepspeed_moe.gate.wg``):
+    same parameter name, same initial weights, same random numbers drawn.
+
     Args:
         hidden_size (int): model dimension (input and output of the layer).
         expert (nn.Module): one expert; DeepSpeed deep-copies it per local expert.
@@ -186,6 +105,19 @@ def build_moe(
         use_rts=opts.use_rts,
         top2_2nd_expert_sampling=opts.top2_2nd_expert_sampling,
     )
+    ds_gate = moe.deepspeed_moe.gate
+    moe.deepspeed_moe.gate = Gate(
+        ds_gate.wg,
+        k=opts.top_k,
+        capacity_factor=opts.capacity_factor,
+        eval_capacity_factor=opts.eval_capacity_factor,
+        min_capacity=opts.min_capacity,
+        noisy_gate_policy=opts.noisy_gate_policy,
+        drop_tokens=opts.drop_tokens,
+        eval_drop_tokens=opts.eval_drop_tokens,
+        use_rts=opts.use_rts,
+        top2_2nd_expert_sampling=opts.top2_2nd_expert_sampling,
+    )
     # DeepSpeed deep-copies one expert: without this every expert starts equal.
     local = moe.deepspeed_moe.experts.deepspeed_experts
     first = expert_parallel_rank(opts.ep_size) * len(local)
@@ -194,8 +126,8 @@ def build_moe(
     return moe
 
 
-def moe_gate(moe: MoE) -> nn.Module:
-    """The router (``TopKGate``) of a DeepSpeed MoE layer."""
+def moe_gate(moe: MoE) -> Gate:
+    """The router of a DeepSpeed MoE layer built by :func:`build_moe`."""
     return moe.deepspeed_moe.gate
 
 
@@ -223,27 +155,6 @@ def local_dispatch_supported(moe: MoE) -> bool:
 def is_expert_param(param: torch.nn.Parameter) -> bool:
     """True for parameters DeepSpeed keeps rank-local (experts, not the router)."""
     return getattr(param, "allreduce", True) is False
-
-
-def dispatch_capacity(num_tokens: int, opts: MoEOptions, training: bool) -> int:
-    """The expert capacity DeepSpeed's gate computes for ``num_tokens`` tokens.
-
-    Same expression and float32 arithmetic as ``deepspeed.moe.sharded_moe._capacity``
-    (top-k multiplies the factor by k), so the value matches DeepSpeed's bit for bit.
-    """
-    factor = opts.capacity_factor if training else opts.eval_capacity_factor
-    cap = torch.ceil((num_tokens / opts.num_experts) * torch.tensor(factor * opts.top_k))
-    return max(int(cap.to(torch.int64)), opts.min_capacity)
-
-
-def capacity_factor_for(capacity: int, num_tokens: int, opts: MoEOptions) -> float:
-    """A capacity factor that makes DeepSpeed's gate compute exactly ``capacity``
-    (or its min_capacity, if larger) for ``num_tokens`` tokens.
-
-    DeepSpeed computes ``ceil(num_tokens / E * factor * k)`` in float32; aiming
-    at ``capacity - 0.5`` leaves half a slot of room for rounding either way.
-    """
-    return (capacity - 0.5) * opts.num_experts / (num_tokens * opts.top_k)
 
 
 def agree_on_token_counts(counts: Sequence[int], ep_size: int) -> List[int]:

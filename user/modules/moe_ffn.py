@@ -4,20 +4,25 @@
 # LICENSE file in the root directory of this source tree.
 """The MoE feed-forward block: DeepSpeed's ``MoE`` over fairseq-style experts.
 
-Two ways through a layer, with the same results:
+The gate (:class:`~user.modules.gating.Gate`) routes the tokens within the capacity
+this block gives it: when tokens are dropped, DeepSpeed's capacity for the token
+count (with expert parallelism, the group's largest count); otherwise the busiest
+expert's count (with expert parallelism, the group's busiest, or room for all of
+the group's largest token count, see :data:`EXACT_FIT`). The tokens then take one
+of two ways, with the same results:
 
-* DeepSpeed's ``MOELayer``: its gate, a ``experts x capacity`` dispatch buffer,
-  the all-to-alls and its combine. Always used with expert parallelism
-  (``--ep-world-size`` > 1), tensor-parallel experts, ``--moe-use-residual``.
+* through DeepSpeed's buffers: its ``experts x capacity`` dispatch buffer
+  (``sharded_moe._sparse_encode``), the all-to-alls over the expert-parallel
+  group, the experts and its combine (``_sparse_decode``), then the residual MLP of
+  ``--moe-use-residual`` as in DeepSpeed's ``MoE.forward``. Always used with
+  expert parallelism (``--ep-world-size`` > 1) and ``--moe-use-residual``.
 * the *local* path (``fast_dispatch``, on by default when every expert lives in
-  this process): DeepSpeed's gate decides the routes (``TopKGate`` with its
-  capacity, random token selection and dropping), then each expert runs on
-  exactly the tokens it kept, without the buffer's padding slots; DeepSpeed's
-  combine (gate value times expert output, summed in fp32) puts them back. In
-  inference without token dropping (validation, beam search) top-1 and top-2
-  routes are computed directly from the router's fp32 softmax, with DeepSpeed's
-  formulas but without the capacity machinery (capacity = busiest expert's count
-  drops nothing), so an incremental decoding step costs a dozen small ops.
+  this process): each expert runs on exactly the tokens it kept, without the
+  buffer's padding slots; DeepSpeed's combine (gate value times expert output,
+  summed in fp32) puts them back. In inference without token dropping
+  (validation, beam search) top-1 and top-2 routes come from
+  :func:`~user.modules.gating.no_drop_routes` (DeepSpeed's formulas without the
+  capacity machinery), so an incremental decoding step costs a dozen small ops.
 
 Turn the local path off with ``FAIRSEQ_MOE_FAST_DISPATCH=0`` (all layers) or
 ``layer.fast_dispatch = False`` (one layer): tests compare the two.
@@ -28,6 +33,8 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from deepspeed.moe import sharded_moe
+from deepspeed.utils import groups
 from fairseq import utils
 from fairseq.modules import FairseqDropout
 from fairseq.modules.quant_noise import quant_noise
@@ -35,6 +42,8 @@ from torch import Tensor, nn
 
 from .. import ds_moe
 from ..moe_options import MoEOptions
+from . import gating
+from .gating import Routes
 
 
 class ExpertFFN(nn.Module):
@@ -115,9 +124,9 @@ FAST_DISPATCH = _env_flag("FAIRSEQ_MOE_FAST_DISPATCH", True)
 
 #: Default of :attr:`MoEFeedForward.exact_fit` (``FAIRSEQ_MOE_EXACT_FIT=0`` turns it off).
 #: Expert parallelism without token dropping (validation and generation by default,
-#: training with ``--no-moe-drop-tokens``), top-1/top-2: every rank's all-to-all
-#: buffers need one size. On: the group's busiest expert count, agreed with one
-#: small all-reduce per MoE layer. Off: room for all of the group's largest token
+#: training with ``--no-moe-drop-tokens``): every rank's all-to-all buffers need one
+#: size. On: the group's busiest expert count (from the gate's routes), agreed with
+#: one small all-reduce per MoE layer. Off: room for all of the group's largest token
 #: count in every expert (no per-layer collective, but the experts compute and the
 #: all-to-alls carry ``num_experts`` times the tokens). On pays off with many tokens
 #: (validation: 0.38-0.41x -> 0.58-0.63x dense on 2 CPU processes); an incremental decoding
@@ -162,44 +171,52 @@ class MoEFeedForward(nn.Module):
         self.collect_stats = False
         self.stats: dict = {}
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        # Inference drops no token unless asked: a dropped token silently
-        # degrades a translation.
-        gate = ds_moe.moe_gate(self.moe)
-        gate.drop_tokens = self.opts.drop_tokens if mode else self.opts.eval_drop_tokens
-        # DeepSpeed samples top-2's second expert in eval too: keep inference deterministic.
-        gate.top2_2nd_expert_sampling = self.opts.top2_2nd_expert_sampling and mode
-        return self
-
     def uses_exact_fit(self) -> bool:
         """Whether an expert-parallel forward without token dropping sizes its buffers
         for the group's busiest expert (see :data:`EXACT_FIT`). Every rank decides
         alike: the decision depends only on the agreed token count."""
         on = EXACT_FIT if self.exact_fit is None else self.exact_fit
-        return (bool(on) and self.opts.top_k <= 2 and self.agreed_tokens is not None
+        return (bool(on) and self.agreed_tokens is not None
                 and self.agreed_tokens >= self.exact_fit_min_tokens)
-
-    def _router_logits(self, tokens: Tensor) -> Tensor:
-        """``S x E`` router logits in fp32, as DeepSpeed's gate computes them (no noise)."""
-        return F.linear(tokens.float(), ds_moe.moe_gate(self.moe).wg.weight.float())
-
-    @torch.no_grad()
-    def _busiest_expert_in_group(self, logits: Tensor) -> int:
-        """Most routes any expert gets on any rank of the expert-parallel group.
-
-        The routes are DeepSpeed's (same fp32 router ``logits``, same argmax):
-        computed here once more to size the buffers before DeepSpeed's gate runs.
-        One all-reduce.
-        """
-        counts = no_drop_routes(logits, self.opts.top_k)[3]
-        busiest = int(counts.max()) if counts.numel() else 0
-        return max(ds_moe.agree_on_token_counts([busiest], self.opts.ep_size)[0], 1)
 
     def uses_local_dispatch(self) -> bool:
         """Whether the next forward takes the local path (see the module docstring)."""
         on = FAST_DISPATCH if self.fast_dispatch is None else self.fast_dispatch
         return bool(on) and self.agreed_tokens is None and ds_moe.local_dispatch_supported(self.moe)
+
+    # -- routing ----------------------------------------------------------------------
+
+    def _route(self, tokens: Tensor, padding_mask: Optional[Tensor],
+               local: bool) -> Tuple[Routes, Optional[Tensor]]:
+        """The gate's routes of ``tokens`` (``T*B x C``, ``T``-major) within the capacity
+        this forward needs, and the router's un-noised fp32 logits when computed here."""
+        gate = ds_moe.moe_gate(self.moe)
+        if gate.drops():
+            # DeepSpeed's capacity for the token count; with expert parallelism the
+            # group's largest count, so that every rank's buffers have one size
+            n = tokens.size(0) if self.agreed_tokens is None else self.agreed_tokens
+            used = None if padding_mask is None else (~padding_mask).t().reshape(-1)  # T*B
+            return gate(tokens, used, capacity=gate.capacity(n)), None
+        if local and not self.training and gate.policy in gating.NO_DROP_POLICIES:
+            logits = gate.router_logits(tokens)
+            return gating.no_drop_routes(logits, gate.k), logits
+        routes = gate(tokens)  # capacity: the busiest expert's count, nothing dropped
+        if self.agreed_tokens is None:
+            return routes, None
+        # Expert parallelism: one buffer size on every rank of the group (never the
+        # rank's own busiest count: ranks with uneven batches would disagree), at least
+        # min_capacity as DeepSpeed's: the group's busiest expert (exact fit, one small
+        # all-reduce) or room for all of the largest rank's tokens in every expert.
+        if self.uses_exact_fit():
+            cap = self._busiest_in_group(routes.capacity)
+        else:
+            cap = self.agreed_tokens
+        return routes._replace(capacity=max(cap, gate.min_capacity)), None
+
+    def _busiest_in_group(self, busiest: int) -> int:
+        """Most routes any expert gets on any rank of the expert-parallel group (at
+        least 1), from this rank's busiest count. One all-reduce."""
+        return max(ds_moe.agree_on_token_counts([busiest], self.opts.ep_size)[0], 1)
 
     # -- routing statistics ---------------------------------------------------------
 
@@ -208,159 +225,112 @@ class MoEFeedForward(nn.Module):
                        logits: Optional[Tensor] = None) -> dict:
         """Gate entropy over the real (non-padding) tokens, from the router's fp32 softmax.
 
-        ``tokens`` is ``T*B x C`` in ``T``-major order; ``logits`` (``>= T*B x E``), when
+        ``tokens`` is ``T*B x C`` in ``T``-major order; ``logits`` (``T*B x E``), when
         the forward already has the router's un-noised fp32 logits, are reused.
         """
-        n = tokens.size(0)
         if logits is None:
-            logits = self._router_logits(tokens)
-        logp = torch.log_softmax(logits[:n], dim=-1)
-        ent = -(logp.exp() * logp).sum(-1)  # n
+            logits = ds_moe.moe_gate(self.moe).router_logits(tokens)
+        logp = torch.log_softmax(logits, dim=-1)
+        ent = -(logp.exp() * logp).sum(-1)  # T*B
         if padding_mask is not None:
             real = ~padding_mask.t().reshape(-1)
             return {"tokens": float(real.sum()), "entropy": float(ent[real].sum())}
-        return {"tokens": float(n), "entropy": float(ent.sum())}
+        return {"tokens": float(tokens.size(0)), "entropy": float(ent.sum())}
 
     @torch.no_grad()
-    def _load_stats(self, n: int, drop: bool) -> dict:
+    def _load_stats(self, routes: Routes) -> dict:
         """Tokens per expert and tokens over capacity (dropped) in the last forward.
 
-        DeepSpeed fills each expert's ``capacity`` slots in order and drops the
-        rest, so an expert that was sent ``c`` tokens drops ``max(c - capacity, 0)``.
+        An expert keeps at most ``routes.capacity`` of its routes (the capacity the
+        gate used), so an expert that was sent ``c`` routes drops ``max(c - capacity, 0)``.
         """
-        counts = self.exp_counts.detach().float().cpu()
-        if drop:
-            cap = ds_moe.dispatch_capacity(
-                self.agreed_tokens if self.agreed_tokens is not None else n, self.opts, self.training)
-            dropped = float((counts - cap).clamp_min(0).sum())
-        else:
-            dropped = 0.0
+        counts = routes.counts.detach().float().cpu()
+        dropped = float((counts - routes.capacity).clamp_min(0).sum())
         return {"counts": counts, "dropped": dropped, "routed": float(counts.sum()),
-                "aux": float(self.l_aux.detach()) if self.l_aux is not None else 0.0}
+                "aux": float(routes.l_aux.detach())}
 
     # -- forward ----------------------------------------------------------------------
-
-    def _gate_inputs(self, tokens: Tensor, padding_mask: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
-        """``(routed, used)``: the tokens DeepSpeed's gate sees and their mask.
-
-        ``used`` (``T*B``, 1 for real tokens, ``tokens``' order) is given when padding
-        could take expert capacity, top-1 or top-2 with token dropping: padding then
-        gets no route. DeepSpeed's top-1 gate asserts tokens >= min_capacity (e.g. one
-        greedy step): ``routed`` then has zero rows appended (unused).
-        """
-        used = None
-        if padding_mask is not None and self.opts.top_k <= 2 and ds_moe.moe_gate(self.moe).drop_tokens:
-            used = (~padding_mask).t().reshape(-1).to(tokens.dtype)  # B x T -> T*B
-        short = self.opts.min_capacity - tokens.size(0) if self.opts.top_k == 1 else 0
-        if short <= 0:
-            return tokens, used
-        routed = torch.cat([tokens, tokens.new_zeros(short, tokens.size(1))])
-        if used is not None:
-            used = torch.cat([used, used.new_zeros(short)])
-        return routed, used
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """
         Args:
             x (Tensor): ``T x B x C``.
-            padding_mask (Tensor, optional): ``B x T``, True at padding; padding
-                tokens then take no expert capacity (top-1 and top-2 with token
-                dropping) and their output is zero.
+            padding_mask (Tensor, optional): ``B x T``, True at padding; when tokens
+                are dropped, padding takes no route and no expert capacity (its
+                output is then zero).
 
         Returns:
             Tensor of shape ``T x B x C``.
         """
         T, B, C = x.shape
         tokens = x.reshape(T * B, C)
-        gate = ds_moe.moe_gate(self.moe)
-        drop = gate.drop_tokens
-        if self.uses_local_dispatch():
-            if not self.training and not drop and self.opts.top_k <= 2:
-                out = self._forward_no_drop(tokens, padding_mask)
-            else:
-                out = self._forward_local(tokens, padding_mask)
-            if self.collect_stats:
-                self.stats.update(self._load_stats(tokens.size(0), drop))
-            return out[: T * B].view(T, B, C)
-
-        routed, used = self._gate_inputs(tokens, padding_mask)
-        logits = None  # the router's, when computed here
-        if self.agreed_tokens is not None:
-            # Size the buffers alike on every rank, without padding (padding would
-            # shift the gate loss): see ds_moe.capacity_factor_for. Dropping: the
-            # capacity of the group's largest token count. Without dropping: the
-            # group's busiest expert (exact fit, one all-reduce here) or room for all
-            # of the largest rank's tokens in every expert; never DeepSpeed's no-drop
-            # path, whose capacity is capped by each rank's own token count (shapes
-            # would differ between ranks with uneven batches).
-            if drop:
-                want = ds_moe.dispatch_capacity(self.agreed_tokens, self.opts, self.training)
-            elif self.uses_exact_fit():
-                with torch.no_grad():  # sizes only; DeepSpeed's gate makes the routes
-                    logits = self._router_logits(routed)
-                want = self._busiest_expert_in_group(logits)
-            else:
-                want = self.agreed_tokens
-            gate.capacity_factor = gate.eval_capacity_factor = ds_moe.capacity_factor_for(
-                want, routed.size(0), self.opts
-            )
-            gate.drop_tokens = True
-        if self.collect_stats:
-            self.stats = self._routing_stats(tokens, padding_mask, logits)
-        try:
-            with ds_moe.padding_takes_no_capacity(self.moe, used):
-                out, self.l_aux, self.exp_counts = self.moe(routed, used)
-            if self.collect_stats:
-                self.stats.update(self._load_stats(routed.size(0), drop))
-        finally:
-            gate.drop_tokens = drop
-            gate.capacity_factor = self.opts.capacity_factor
-            gate.eval_capacity_factor = self.opts.eval_capacity_factor
-        return out[: T * B].view(T, B, C)
-
-    def _forward_local(self, tokens: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
-        """DeepSpeed's gate (capacity, random token selection, dropping), then each
-        expert on exactly its kept tokens."""
-        n = tokens.size(0)
-        gate = ds_moe.moe_gate(self.moe)
-        routed, used = self._gate_inputs(tokens, padding_mask)
-        if self.collect_stats:
-            self.stats = self._routing_stats(tokens, padding_mask)
-        with ds_moe.padding_takes_no_capacity(self.moe, used):
-            l_aux, cap, E, indices, locations, gates, exp_counts = gate(routed, used, True)
-        self._set_gate_outputs(l_aux, exp_counts)
-        # Kept routes in DeepSpeed's buffer order (expert, then slot); dropped ones
-        # (negative expert index) sort last and are cut off.
-        flat = indices.reshape(-1).long()
-        cap = int(cap)
-        key = torch.where(flat >= 0, flat * cap + locations.reshape(-1).long(), E * cap)
-        counts = torch.bincount(flat + 1, minlength=E + 1)[1:]
-        sizes = counts.tolist()
-        order = torch.argsort(key)[: sum(sizes)]
-        return self._run_experts(routed, order, sizes, gates)[:n]
-
-    def _forward_no_drop(self, tokens: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
-        """Inference without dropping, top-1 or top-2: DeepSpeed's routing formulas
-        straight from the router's softmax (no capacity: nothing is dropped)."""
-        logits = self._router_logits(tokens)
-        if self.collect_stats:
-            self.stats = self._routing_stats(tokens, padding_mask, logits)
-        indices, gates, l_aux, exp_counts = no_drop_routes(logits, self.opts.top_k)
-        self._set_gate_outputs(l_aux, exp_counts)
-        if self.opts.top_k == 1:
-            # tokens grouped by expert, in token order (DeepSpeed's slot order)
-            order = torch.argsort(indices[0], stable=True)
-            return self._run_experts(tokens, order, exp_counts.tolist(), gates, complete=True)
-        flat = indices.reshape(-1)
-        # by expert, then 1st choices in token order, then 2nd choices (DeepSpeed's order)
-        order = torch.argsort(flat, stable=True)
-        sizes = torch.bincount(flat, minlength=logits.size(1)).tolist()
-        return self._run_experts(tokens, order, sizes, gates)
-
-    def _set_gate_outputs(self, l_aux: Tensor, exp_counts: Tensor) -> None:
-        self.l_aux, self.exp_counts = l_aux, exp_counts
+        local = self.uses_local_dispatch()
+        # DeepSpeed's MoE.forward routes a view of its input (MOELayer's reshape) and runs
+        # the residual MLP on the input itself: so do the buffers, and the input's
+        # gradient sums its parts in DeepSpeed's order, bit for bit
+        routed = tokens if local else tokens.reshape(-1, C)
+        routes, logits = self._route(routed, padding_mask, local)
+        self.l_aux, self.exp_counts = routes.l_aux, routes.counts
         # as after DeepSpeed's MOELayer.forward
-        self.moe.deepspeed_moe.l_aux, self.moe.deepspeed_moe.exp_counts = l_aux, exp_counts
+        layer = self.moe.deepspeed_moe
+        layer.l_aux, layer.exp_counts = routes.l_aux, routes.counts
+        if self.collect_stats:
+            self.stats = self._routing_stats(tokens, padding_mask, logits)
+        if local:
+            out = self._forward_local(tokens, routes)
+        else:
+            out = self._forward_buffers(routed, tokens, routes)
+        if self.collect_stats:
+            self.stats.update(self._load_stats(routes))
+        return out.view(T, B, C)
+
+    def _forward_buffers(self, routed: Tensor, tokens: Tensor, routes: Routes) -> Tensor:
+        """DeepSpeed's dispatch (``MOELayer.forward`` after its gate) of ``routed`` and
+        ``MoE.forward``'s residual mix with ``tokens`` (the same ``S x C`` values), for
+        the given routes: ``S x C`` -> ``S x C``."""
+        moe, layer = self.moe, self.moe.deepspeed_moe
+        if layer.use_tutel or groups.mpu is not None:
+            raise NotImplementedError("MoEFeedForward supports neither Tutel nor tensor-parallel "
+                                      "experts")
+        S, M = routed.shape
+        E, cap = self.opts.num_experts, routes.capacity
+        slots = sharded_moe._route_slots(routes.indices, routes.locations, E, cap)  # k x S
+        dispatched = self._all_to_all(sharded_moe._sparse_encode(routed, slots, E, cap))  # ecm
+        # ecm -> gecm: this rank's experts, the slots of every rank of the group
+        expert_out = layer.experts(dispatched.reshape(moe.ep_size, layer.num_local_experts, -1, M))
+        expert_out = self._all_to_all(expert_out.reshape(E, -1, M))  # gecm -> ecm
+        out = sharded_moe._sparse_decode(expert_out.view(E * cap, M), slots, routes.gates, S)
+        if moe.use_residual:
+            # PR-MoE: a dense MLP beside the experts, mixed per token by a learned softmax
+            mlp = moe.mlp(tokens)
+            if isinstance(mlp, tuple):
+                mlp = mlp[0]
+            coef = F.softmax(moe.coefficient(tokens), dim=-1)  # S x 2
+            out = out * coef[..., 0:1] + mlp * coef[..., 1:]
+        return out
+
+    def _all_to_all(self, x: Tensor) -> Tensor:
+        """DeepSpeed's all-to-all over the layer's expert-parallel group (none at EP=1)."""
+        if self.moe.ep_size > 1:
+            return sharded_moe._AllToAll.apply(self.moe.deepspeed_moe.ep_group, x)
+        return x.contiguous()
+
+    def _forward_local(self, tokens: Tensor, routes: Routes) -> Tensor:
+        """Each expert on exactly its kept routes, in DeepSpeed's slot order:
+        ``S x C`` -> ``S x C``."""
+        E = self.opts.num_experts
+        flat = routes.indices.reshape(-1).long()  # k*S, choice-major
+        if routes.locations is None:
+            # every route kept, each expert's slots in (choice, token) order
+            order = torch.argsort(flat, stable=True)
+            return self._run_experts(tokens, order, routes.counts.tolist(), routes.gates,
+                                     complete=routes.gates.size(0) == 1)
+        # kept routes by expert, then slot; dropped ones (expert -1) sort last and are cut off
+        cap = routes.capacity
+        key = torch.where(flat >= 0, flat * cap + routes.locations.reshape(-1).long(), E * cap)
+        sizes = torch.bincount(flat + 1, minlength=E + 1)[1:].tolist()
+        order = torch.argsort(key)[: sum(sizes)]
+        return self._run_experts(tokens, order, sizes, routes.gates)
 
     def _run_experts(self, tokens: Tensor, order: Tensor, sizes: List[int], gates: Tensor,
                      complete: bool = False) -> Tensor:
@@ -398,40 +368,3 @@ class MoEFeedForward(nn.Module):
         padded = torch.cat([y, y.new_zeros(1, C)])
         routed = padded.index_select(0, position).view(k, n, C)
         return (routed * gates.unsqueeze(-1)).sum(0).to(y.dtype)
-
-
-def no_drop_routes(logits: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """DeepSpeed's top-1/top-2 routes without token dropping, for inference.
-
-    The same formulas as ``deepspeed.moe.sharded_moe.top1gating``/``top2gating``
-    (fp32 softmax, argmax of the gate probabilities, for top-2 the second expert as
-    the argmax of the other logits and both weights normalised, ``l_aux`` and the
-    counts), without what only matters when tokens can be dropped: with capacity
-    = the busiest expert's count every route is kept. Bit-identical to DeepSpeed's
-    values (a one-hot mean is the count over S, a masked sum the gathered value).
-
-    Args:
-        logits (Tensor): ``S x E`` fp32 router logits.
-        k (int): 1 or 2 (no noise, no sampling: inference).
-
-    Returns:
-        ``(indices k x S, gates k x S, l_aux, exp_counts E)``.
-    """
-    S, num_experts = logits.shape
-    gates = torch.softmax(logits, dim=1)
-    g1, idx1 = torch.max(gates, dim=1)  # the first maximum, as argmax
-    me = torch.mean(gates, dim=0)
-    if k == 1:
-        counts = torch.bincount(idx1, minlength=num_experts)
-        l_aux = torch.sum(me * (counts.float() / S)) * num_experts
-        return idx1.unsqueeze(0), g1.unsqueeze(0), l_aux, counts
-    if k != 2:
-        raise ValueError(f"no_drop_routes handles top-1 and top-2, not top-{k}")
-    mask1 = F.one_hot(idx1, num_classes=num_experts)
-    idx2 = torch.argmax(logits.masked_fill(mask1.bool(), float("-inf")), dim=1)
-    mask2 = F.one_hot(idx2, num_classes=num_experts)
-    l_aux = torch.mean(me * torch.mean(mask1.float(), dim=0)) * num_experts * num_experts
-    g2 = gates.gather(1, idx2.unsqueeze(1)).squeeze(1)
-    denom = torch.clamp(g1 + g2, min=torch.finfo(g1.dtype).eps)
-    return (torch.stack([idx1, idx2]), torch.stack([g1 / denom, g2 / denom]), l_aux,
-            torch.sum(mask1 + mask2, dim=0))
