@@ -135,3 +135,15 @@ def module_level_state(path):
 def test_no_module_level_mutable_state_in_the_plugin():
     found = [f for path in sorted((REPO / "user").rglob("*.py")) for f in module_level_state(path)]
     assert found == [], f"module-level mutable state: {found}"
+
+
+def test_a_changed_deepspeed_internal_stops_with_one_line(monkeypatch):
+    """The private DeepSpeed functions routing and dispatch call are guarded too."""
+    from deepspeed.moe import sharded_moe
+
+    monkeypatch.setattr(sharded_moe, "_sparse_encode", lambda x, slots: x)
+    (dep,) = [d for d in patches.DEPENDENCIES if d.target.endswith("._sparse_encode")]
+    with pytest.raises(patches.PatchError, match=r"_sparse_encode\(x, slots\)"):
+        patches.check(dep)
+    with pytest.raises(patches.PatchError):
+        patches.check_all()

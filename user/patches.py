@@ -22,6 +22,8 @@ entry is a function that installs one patch, with
   another task gets only the first kind.
 
 Installing is idempotent: a patch whose replacement is already in place is skipped.
+:data:`DEPENDENCIES` lists the private DeepSpeed functions the plugin calls without
+patching them, guarded the same way.
 """
 
 import functools
@@ -112,8 +114,9 @@ def _installed_version(dist: str) -> Optional[str]:
         return None
 
 
-def check(p: Patch) -> None:
-    """The guard: stop with one line if ``p`` no longer fits what is installed."""
+def check(p) -> None:
+    """The guard: stop with one line if a :class:`Patch` or :class:`Dependency` no longer
+    fits what is installed."""
     dist, want = p.written_against
     have = _installed_version(dist)
     fix = "install the versions setup.py pins (make install), or update user/patches.py"
@@ -375,6 +378,60 @@ PATCHES: Tuple[Patch, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class Dependency:
+    """A private upstream function the plugin calls without patching it: guarded like a
+    patch, so an upgrade that changes it stops at import instead of misrouting tokens.
+
+    Args:
+        target (str): dotted path of the function or class.
+        written_against (tuple): ``(distribution, version)``.
+        signature (str): ``str(inspect.signature(target))`` when written.
+        used_by (str): where the plugin calls it.
+    """
+
+    target: str
+    written_against: Tuple[str, str]
+    signature: str
+    used_by: str
+
+    @property
+    def name(self) -> str:
+        return self.target
+
+
+_T = "torch.Tensor"
+#: DeepSpeed internals the routing and dispatch call (user/modules/gating.py, moe_ffn.py).
+DEPENDENCIES: Tuple[Dependency, ...] = (
+    Dependency("deepspeed.moe.sharded_moe.TopKGate.__init__", DEEPSPEED,
+               "(self, model_dim: int, num_experts: int, k: int = 1, capacity_factor: float = "
+               "1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 8, noisy_gate_policy:"
+               " Optional[str] = None, drop_tokens: bool = True, use_rts: bool = True, ep_group: "
+               "Optional[torch.distributed.distributed_c10d.ProcessGroup] = None, "
+               "top2_2nd_expert_sampling: bool = True) -> None", "gating.Gate"),
+    Dependency("deepspeed.moe.sharded_moe.gumbel_rsample", DEEPSPEED,
+               f"(shape: Tuple, device: torch.device) -> {_T}", "gating: top-2 sampling, RSample"),
+    Dependency("deepspeed.moe.sharded_moe.multiplicative_jitter", DEEPSPEED,
+               "(x, device: torch.device, epsilon=0.01)", "gating.Gate: Jitter"),
+    Dependency("deepspeed.moe.sharded_moe._route_slots", DEEPSPEED,
+               f"(indices: {_T}, locations: {_T}, num_experts: int, capacity: int) -> {_T}",
+               "moe_ffn: buffer dispatch"),
+    Dependency("deepspeed.moe.sharded_moe._sparse_encode", DEEPSPEED,
+               f"(reshaped_input: {_T}, slots: {_T}, num_experts: int, capacity: int) -> {_T}",
+               "moe_ffn: buffer dispatch"),
+    Dependency("deepspeed.moe.sharded_moe._sparse_decode", DEEPSPEED,
+               f"(expert_output: {_T}, slots: {_T}, gates: {_T}, num_tokens: int) -> {_T}",
+               "moe_ffn: buffer dispatch"),
+    Dependency("deepspeed.moe.sharded_moe._AllToAll.forward", DEEPSPEED,
+               f"(ctx: Any, group: deepspeed.comm.comm.ProcessGroup, input: {_T}) -> {_T}",
+               "moe_ffn: expert-parallel all-to-all"),
+    Dependency("deepspeed.utils.groups._get_expert_parallel_group", DEEPSPEED, "(group_name)",
+               "ds_moe: expert groups"),
+    Dependency("deepspeed.utils.groups._get_expert_data_parallel_group", DEEPSPEED,
+               "(group_name)", "ds_moe: expert gradients"),
+)
+
+
 def install(scope: str) -> None:
     """Check and install every patch of ``scope`` (idempotent)."""
     for p in PATCHES:
@@ -384,6 +441,7 @@ def install(scope: str) -> None:
 
 
 def check_all() -> None:
-    """Run every patch's guard (the plugin's import does, so a wrong version stops at once)."""
-    for p in PATCHES:
+    """Run every patch's and dependency's guard (the plugin's import does, so a wrong
+    version stops at once)."""
+    for p in PATCHES + DEPENDENCIES:
         check(p)
