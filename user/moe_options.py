@@ -149,7 +149,7 @@ def _at_least(n):
 
 
 def _positive(v):
-    return None if v > 0 and math.isfinite(v) else "must be a positive number"
+    return None if v > 0 and math.isfinite(v) else "must be a finite positive number"
 
 
 FLAGS: Tuple[Flag, ...] = (
