@@ -2,7 +2,8 @@
 #
 # This source code is licensed under the MIT license found in the
 # LICENSE file in the root directory of this source tree.
-"""Install the fairseq DeepSpeed-MoE plugin (package ``user``) and its entry points.
+"""Install the fairseq DeepSpeed-MoE plugin (package ``user``), its entry points, and the
+tooling of its scripts (package ``mt_prep``: data preparation).
 
 Versions are pinned to the set this repository is tested with (see README):
 install torch 2.13.0 first, then ``pip install --no-build-isolation .`` so the
@@ -17,7 +18,11 @@ setup(
     description="DeepSpeed Mixture-of-Experts Transformers for fairseq translation",
     license="MIT",
     python_requires=">=3.8",
-    packages=["user", "user.models", "user.modules", "user.tasks", "user.criterions"],
+    packages=[
+        "user", "user.models", "user.modules", "user.tasks", "user.criterions",
+        # the tooling scripts/ and the tests import: data preparation
+        "mt_prep",
+    ],
     install_requires=[
         "torch==2.13.0",
         # fairseq 0.12.2 does not import on Python >= 3.11 (dataclass mutable defaults);
