@@ -55,8 +55,8 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$repo/scripts/lib.sh"  # PYTHON, die
 
-die() { echo "run.sh: error: $*" >&2; exit 2; }
 note() { echo "run.sh: $*" >&2; }
 
 MODE=train
@@ -68,9 +68,6 @@ if [[ $# -gt 0 && $1 != -* ]]; then
     esac
 fi
 
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "$repo/.venv/bin/python" ]]; then PYTHON="$repo/.venv/bin/python"; else PYTHON=python3; fi
-fi
 export DS_BUILD_OPS="${DS_BUILD_OPS:-0}" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
 
 is_int() { [[ $2 =~ ^[0-9]+$ ]] || die "$1 must be a whole number (got '$2')"; }

@@ -33,11 +33,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def python() -> str:
-    venv = REPO / ".venv" / "bin" / "python"
-    return str(venv) if venv.exists() else sys.executable
-
-
 def parse_log(text: str) -> dict:
     """fairseq json log lines -> {"train_inner": [...], "valid": [...], "train": [...]}."""
     out = {"train_inner": [], "valid": [], "train": []}
@@ -90,7 +85,7 @@ def _mean(values):
 
 def train(name: str, args, moe: bool) -> dict:
     save = Path(args.out) / name
-    cmd = [python(), str(REPO / "user" / "train.py"), args.databin,
+    cmd = [sys.executable, str(REPO / "user" / "train.py"), args.databin,
            "--task", "translation_deepspeed", "--source-lang", args.src, "--target-lang", args.tgt,
            "--arch", args.arch, "--share-all-embeddings",
            "--encoder-embed-dim", str(args.dim), "--decoder-embed-dim", str(args.dim),
@@ -225,7 +220,7 @@ def main(argv=None):
                    help="more fairseq options for both runs (last)")
     args = p.parse_args(argv)
     if args.databin is None:
-        subprocess.run([python(), str(REPO / "scripts" / "prepare_demo.py"), "--workspace",
+        subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_demo.py"), "--workspace",
                         args.workspace], check=True, cwd=REPO)
         args.databin = str(Path(args.workspace) / f"demo_{args.src}_{args.tgt}" / "databin")
     args.out = args.out or str(Path(args.workspace) / "bench")

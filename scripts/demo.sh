@@ -60,10 +60,8 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
+source scripts/lib.sh  # PYTHON, die
 
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
 WORKSPACE="${WORKSPACE:-./workspace}"
 ARCH="${ARCH:-transformer_ds_moe_tiny}"
 DIM="${DIM:-64}"

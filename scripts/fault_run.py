@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PY = REPO / ".venv" / "bin" / "python"
 
 MODEL = [
     "--task", "translation_deepspeed", "--arch", "transformer_ds_moe_tiny",
@@ -48,16 +47,12 @@ MODEL = [
 ]
 
 
-def python() -> str:
-    return str(PY) if PY.exists() else sys.executable
-
-
 def command(databin, save, max_update, nproc, port):
     args = [str(databin), *MODEL, "--save-dir", str(save), "--max-update", str(max_update)]
     script = str(REPO / "scripts" / "fault_inject.py")
     if nproc == 1:
-        return [python(), script, *args]
-    return [python(), "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        return [sys.executable, script, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
             "--master_port", str(port), script, *args, "--ep-world-size", str(nproc)]
 
 
