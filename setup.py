@@ -3,7 +3,7 @@
 # This source code is licensed under the MIT license found in the
 # LICENSE file in the root directory of this source tree.
 """Install the fairseq DeepSpeed-MoE plugin (package ``user``), its entry points, and the
-tooling of its scripts (package ``mt_prep``: data preparation).
+tooling of its scripts (packages ``mt_prep``: data preparation, ``mt_run``: recipes, logs).
 
 Versions are pinned to the set this repository is tested with (see README):
 install torch 2.13.0 first, then ``pip install --no-build-isolation .`` so the
@@ -20,8 +20,8 @@ setup(
     python_requires=">=3.8",
     packages=[
         "user", "user.models", "user.modules", "user.tasks", "user.criterions",
-        # the tooling scripts/ and the tests import: data preparation
-        "mt_prep",
+        # the tooling scripts/, run.sh and the tests import: data preparation; recipes and logs
+        "mt_prep", "mt_run",
     ],
     install_requires=[
         "torch==2.13.0",

@@ -24,36 +24,18 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from mt_run import fairseq_log
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def parse_log(text: str) -> dict:
-    """fairseq json log lines -> {"train_inner": [...], "valid": [...], "train": [...]}."""
-    out = {"train_inner": [], "valid": [], "train": []}
-    for line in text.splitlines():
-        m = re.search(r"\| (train_inner|valid|train) \| (\{.*\})$", line)
-        if m:
-            kind = m.group(1)
-            out[kind].append({(k[len(kind) + 1:] if k.startswith(kind + "_") else k): _num(v)
-                              for k, v in json.loads(m.group(2)).items()})
-    return out
-
-
-def _num(v):
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return v
-
-
 def summarize(log: dict, comparable: float = None) -> dict:
-    """One row of the table from a parsed log."""
+    """One row of the table from a parsed log (``mt_run.fairseq_log.parse``)."""
     inner = log["train_inner"]
     steady = inner[1:] or inner  # the first interval includes start-up
     valid = [v for v in log["valid"] if "bleu" in v]
@@ -125,7 +107,7 @@ def train(name: str, args, moe: bool) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed ({proc.returncode}); see {args.out}/{name}.log\n"
                          f"{proc.stderr[-2000:]}")
-    log = parse_log(proc.stdout + proc.stderr)
+    log = fairseq_log.parse(proc.stdout + proc.stderr)
     print(f"[bench] {name}: done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     return log
 

@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -43,6 +42,8 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+
+from mt_run import fairseq_log
 
 REPO = Path(__file__).resolve().parents[1]
 USER_DIR = REPO / "user"
@@ -477,9 +478,8 @@ def part_generate(a):
             text, _ = run_logged([sys.executable, USER_DIR / "generate.py", sub,
                                   "--path", out / f"checkpoint_{name}.pt", *gen_flags(a)],
                                  out / f"generate_{name}_{rep}.log", env=cli_env())
-            m = re.search(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s", text)
-            sent, tok, secs = (int(m.group(1).replace(",", "")), int(m.group(2).replace(",", "")),
-                               float(m.group(3)))
+            done = fairseq_log.translated(text)
+            sent, tok, secs = done["sentences"], done["tokens"], done["seconds"]
             cli[name].append({"sentences": sent, "tokens": tok, "seconds": secs, "tps": tok / secs,
                               "load": loadavg()})
             print(f"  user/generate.py {name}: {tok / secs:.0f} tokens/s ({sent} sentences, "
@@ -611,11 +611,6 @@ def valid_times(trainers, reps):
             "moe_no_fit_ratio": median([d / m for d, m in zip(times["dense"], times["moe_no_fit"])])}
 
 
-def parse_wps(text, skip):
-    wps = [float(m.group(1)) for m in re.finditer(r"train_inner \|.*?wps=([\d.]+)", text)]
-    return wps[skip:]
-
-
 def part_dist(a):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -636,7 +631,7 @@ def part_dist(a):
                  "--ddp-backend", "legacy_ddp", "--max-update", str(a.warmup + a.cli_updates),
                  "--no-save", "--disable-validation", "--log-interval", "1", "--log-format", "simple"],
                 out / f"dist_cli_{name}.log", env=cli_env(), timeout=a.timeout)
-            wps = parse_wps(text, a.warmup)
+            wps = fairseq_log.wps(text, skip=a.warmup)
             cli[name] = {"wps_median": median(wps), "updates": len(wps), "wall_s": wall, "load": loadavg()}
             print(f"  torchrun user/train.py {name}: median {median(wps):.0f} wps over {len(wps)} "
                   f"updates (load {loadavg()})", flush=True)

@@ -60,7 +60,7 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-source scripts/lib.sh  # PYTHON, die
+source scripts/lib.sh  # PYTHON, die, run_tool, read_values
 
 WORKSPACE="${WORKSPACE:-./workspace}"
 ARCH="${ARCH:-transformer_ds_moe_tiny}"
@@ -132,17 +132,14 @@ t0=$SECONDS
     --save-dir "$SAVE_DIR" --save-interval-updates "$SAVE_INTERVAL" --keep-interval-updates 1 \
     --no-epoch-checkpoints 2>&1 | tee -a "$log"
 t_train=$((SECONDS - t0))
-# this run's part of the log: updates reached, updates done, fairseq's training seconds
-run_log="$(tail -n "+$log_from" "$log")"
-updates="$(grep -oE 'num_updates[= ][0-9]+' <<<"$run_log" | tail -1 | grep -oE '[0-9]+$' || true)"
-resumed="$(grep -oE 'Loaded checkpoint .* @ [0-9]+ updates' <<<"$run_log" | grep -oE '[0-9]+ updates' | grep -oE '[0-9]+' || true)"
-secs="$(grep -oE 'done training in [0-9.]+' <<<"$run_log" | grep -oE '[0-9.]+$' || true)"
-updates="${updates:-${resumed:-0}}"
-done_now=$((updates - ${resumed:-0}))
-if [[ -n "$secs" && "$done_now" -gt 0 ]]; then
-    rate="$("$PYTHON" -c "import sys; print(f'{int(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$done_now" "$secs")"
-    echo "trained to update $updates of $MAX_UPDATE: $done_now updates in $secs s = $rate updates/s"
-elif [[ -n "$resumed" ]]; then
+# this run's part of the log: updates reached (run_updates), resumed from (run_resumed),
+# done (run_trained), fairseq's training seconds (run_seconds) and updates/s (run_rate)
+read_values run mt_run.fairseq_log summary - <<< "$(tail -n "+$log_from" "$log")"
+updates=$run_updates
+if [[ -n "$run_seconds" && "$run_trained" -gt 0 ]]; then
+    echo "trained to update $updates of $MAX_UPDATE: $run_trained updates in $run_seconds s" \
+        "= $run_rate updates/s"
+elif [[ -n "$run_resumed" ]]; then
     echo "resumed at update $updates: nothing left to train"
 fi
 if [[ "$updates" -lt "$MAX_UPDATE" ]]; then

@@ -22,13 +22,14 @@ import argparse
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from mt_run import fairseq_log
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,16 +55,6 @@ def command(databin, save, max_update, nproc, port):
         return [sys.executable, script, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
             "--master_port", str(port), script, *args, "--ep-world-size", str(nproc)]
-
-
-def losses(text):
-    found = {}
-    for line in text.splitlines():
-        m = re.search(r"\| train_inner \| (\{.*\})$", line)
-        if m:
-            rec = json.loads(m.group(1))
-            found[int(rec["num_updates"])] = rec["loss"]
-    return found
 
 
 def env(**extra):
@@ -131,7 +122,8 @@ def run(cmd, timeout, kill_at_update=None, delay=0.0):
     def read():
         for line in proc.stdout:
             lines.append(line)
-            if kill_at_update is not None and max(losses(line), default=0) >= kill_at_update:
+            logged = fairseq_log.losses_by_update(line)
+            if kill_at_update is not None and max(logged, default=0) >= kill_at_update:
                 reached.set()
 
     reader = threading.Thread(target=read, daemon=True)
@@ -182,13 +174,14 @@ def main(argv=None):
     rc, out = run(command(args.databin, ref, args.max_update, args.nproc, port), args.timeout)
     if rc != 0:
         raise SystemExit(f"uninterrupted run failed ({rc}):\n{out[-3000:]}")
-    want = losses(out)
+    want = fairseq_log.losses_by_update(out)
 
     modes = ["forward", "between", "save", "copy", "time"] + (["shard"] if args.nproc > 1 else [])
     kills, log, got, mismatched = 0, [], {}, []
 
     def record(text):
-        for u, v in losses(text).items():  # replayed updates must repeat exactly
+        # replayed updates must repeat exactly
+        for u, v in fairseq_log.losses_by_update(text).items():
             if u in got and got[u] != v:
                 mismatched.append((u, got[u], v))
             got[u] = v

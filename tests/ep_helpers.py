@@ -7,7 +7,8 @@
 import os
 
 from conftest import USER_DIR, run_cli
-from test_cli import losses_by_update
+
+from mt_run.fairseq_log import losses_by_update
 
 MODEL = [
     "--task", "translation_deepspeed", "--arch", "transformer_ds_moe_tiny",
