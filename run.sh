@@ -55,7 +55,7 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-source "$repo/scripts/lib.sh"  # PYTHON, die
+source "$repo/scripts/lib.sh"  # PYTHON, die, run_tool
 
 note() { echo "run.sh: $*" >&2; }
 
@@ -258,8 +258,9 @@ do_generate() {
 
 do_bench() {
     prepare_data
-    local kind dense logs=() names=()
+    local kind dense runs=() dir
     mkdir -p "$OUT_DIR/bench"
+    dir="$(cd "$OUT_DIR/bench" && pwd)"
     for kind in dense moe; do
         if [[ $kind == dense ]]; then dense=1; else dense=0; fi
         train_cmd "$dense" "$OUT_DIR/bench/$ARCH-$kind" ""
@@ -268,36 +269,12 @@ do_bench() {
         local log="$OUT_DIR/bench/$ARCH-$kind.log"
         note "bench: $kind, $BENCH_UPDATES updates -> $log"
         "${cmd[@]}" > "$log" 2>&1 || { tail -n 30 "$log" >&2; die "bench: the $kind run failed (log: $log)"; }
-        logs+=("$log"); names+=("$kind")
+        runs+=("$kind" "$dir/${log##*/}")
     done
     dry && return
     echo "bench: $ARCH on $DEVICE, $WORLD process(es), MAX_TOKENS $MAX_TOKENS, UPDATE_FREQ $UPDATE_FREQ, $BENCH_UPDATES updates;"
     echo "       MoE: $MOE_MODE, $NUM_EXPERTS experts, top-$TOP_K, MOE_FREQ $MOE_FREQ, EP $EP_WORLD_SIZE"
-    "$PYTHON" - "${names[@]}" "${logs[@]}" <<'EOF'
-import re, statistics, sys
-n = (len(sys.argv) - 1) // 2
-names, logs = sys.argv[1:1 + n], sys.argv[1 + n:]
-rows = []
-for name, path in zip(names, logs):
-    total, inner = None, []
-    for line in open(path, encoding="utf-8", errors="replace"):
-        # fairseq's simple log: "| train_inner | ... wps=N, ..." per interval, "| train | ... | wps N |" at the end
-        m = re.search(r"\| train_inner \|.*\bwps=([0-9.]+)", line)
-        if m:
-            inner.append(float(m.group(1)))
-        m = re.search(r"\| train \|.*\| wps ([0-9.]+) \|", line)
-        if m:
-            total = float(m.group(1))
-    steady = statistics.median(inner[1:]) if len(inner) > 1 else None
-    rows.append((name, total, steady))
-fmt = lambda v: "-" if v is None else f"{v:,.0f}"
-print(f"{'model':<8}{'wps (all updates)':>20}{'wps (median, from update 2)':>30}")
-for name, total, steady in rows:
-    print(f"{name:<8}{fmt(total):>20}{fmt(steady):>30}")
-d, m = rows[0], rows[1]
-if d[1] and m[1]:
-    print(f"moe/dense: {m[1] / d[1]:.2f}x (all updates)")
-EOF
+    run_tool mt_run.wps_table "${runs[@]}"  # the table, from the logs
 }
 
 case "$MODE" in

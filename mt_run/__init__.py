@@ -3,7 +3,8 @@
 """What the training scripts share: the one reader of fairseq's logs.
 
 - ``fairseq_log``: fairseq's json and simple logs (records, losses by update,
-  tokens/s, resume point, training time, generation speed).
+  tokens/s, resume point, training time, generation speed);
+- ``wps_table``: ``run.sh bench``'s table.
 
 A sibling of ``mt_prep`` rather than a part of it: ``mt_prep`` turns corpora into
 binarized data and needs neither fairseq's training nor the plugin; this package
