@@ -82,7 +82,8 @@ def quiet():
 
 
 def import_plugin():
-    sys.path.insert(0, str(REPO))
+    """The plugin, imported as ``--user-dir`` imports it (fairseq puts the repository first
+    on ``sys.path``, so ``user`` is this checkout's)."""
     from argparse import Namespace
 
     from fairseq import utils
