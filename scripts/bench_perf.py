@@ -43,12 +43,17 @@ import time
 import warnings
 from pathlib import Path
 
-from mt_run import fairseq_log
+from mt_run import fairseq_log, recipes
 
 REPO = Path(__file__).resolve().parents[1]
 USER_DIR = REPO / "user"
 PARTS = ("layer", "train", "generate", "dist")
 TARGETS = {"train": 0.95, "generate": 0.9, "dist": 0.8}
+# the benchmarked model: make demo's (the tiny recipe), twice as wide (d=128, FFN/expert
+# 512: --dim, --ffn), with 8 experts (--experts), dropout 0.1 and lr 0.002; dense: the
+# same criterion (model_and_base) without gate loss
+MODEL = {"dim": 128, "ffn": 512, "experts": 8, "dropout": 0.1, "lr": 0.002,
+         "dense_criterion": "model_and_base"}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -92,30 +97,13 @@ def import_plugin():
 
 
 def model_args(a, moe: bool, max_tokens: int, ep: int = 1):
-    """fairseq-train flags of the benchmarked model (dense: the same without --deepspeed_moe)."""
-    d, f = str(a.dim), str(a.ffn)
-    args = [
-        "--task", "translation_deepspeed", "-s", "en", "-t", "de",
-        "--arch", "transformer_ds_moe_tiny", "--share-all-embeddings",
-        "--encoder-embed-dim", d, "--decoder-embed-dim", d,
-        "--encoder-ffn-embed-dim", f, "--decoder-ffn-embed-dim", f,
-        "--encoder-layers", str(a.layers), "--decoder-layers", str(a.layers),
-        "--encoder-attention-heads", str(a.heads), "--decoder-attention-heads", str(a.heads),
-        "--encoder-normalize-before", "--decoder-normalize-before",
-        "--dropout", "0.1", "--attention-dropout", "0.0",
-        "--criterion", "model_and_base",
-        "--loss-weights", '{"base_crit": 1, "experts_gate_loss": 0.01}' if moe else '{"base_crit": 1}',
-        "--base-criterion", "label_smoothed_cross_entropy",
-        "--base-criterion-config", '{"label_smoothing": 0.1}',
-        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0",
-        "--lr", "0.002", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "100",
-        "--warmup-init-lr", "1e-07", "--max-tokens", str(max_tokens), "--seed", "1",
-        "--cpu", "--num-workers", "0",
-    ]
-    if moe:
-        args += ["--deepspeed_moe", "enc,dec", "--num-experts", str(a.experts),
-                 "--top-k", str(a.top_k), "--moe-freq", "1", "--ep-world-size", str(ep)]
-    return args
+    """fairseq-train flags of the benchmarked model (``MODEL``; dense: the same without
+    --deepspeed_moe)."""
+    s = recipes.settings("tiny", **{**MODEL, "dim": a.dim, "ffn": a.ffn, "layers": a.layers,
+                                    "heads": a.heads, "experts": a.experts, "top_k": a.top_k,
+                                    "ep_world_size": ep})
+    return [*recipes.train_flags(s, moe=moe), "-s", "en", "-t", "de",
+            "--max-tokens", str(max_tokens), "--seed", "1", "--cpu", "--num-workers", "0"]
 
 
 def build_trainer(databin, argv):
@@ -764,12 +752,12 @@ def parse_args(argv=None):
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     ap.add_argument("--databin", default=str(REPO / "workspace" / "demo_en_de" / "databin"))
     ap.add_argument("--out", default=str(REPO / "workspace" / "bench_perf"))
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--ffn", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=1)
+    ap.add_argument("--dim", type=int, default=MODEL["dim"])
+    ap.add_argument("--ffn", type=int, default=MODEL["ffn"])
+    ap.add_argument("--layers", type=int, default=recipes.TINY["layers"])
+    ap.add_argument("--heads", type=int, default=recipes.TINY["heads"])
+    ap.add_argument("--experts", type=int, default=MODEL["experts"])
+    ap.add_argument("--top-k", type=int, default=recipes.TINY["top_k"])
     ap.add_argument("--max-tokens", type=int, default=4096, help="tokens per batch, one process")
     ap.add_argument("--dist-max-tokens", type=int, default=4096, help="tokens per batch and process")
     ap.add_argument("--updates", type=int, default=30, help="measured updates per model, one process")

@@ -30,22 +30,13 @@ import time
 from pathlib import Path
 
 from mt_run import fairseq_log
+from mt_run.recipes import MICRO
 
 REPO = Path(__file__).resolve().parents[1]
 
-MODEL = [
-    "--task", "translation_deepspeed", "--arch", "transformer_ds_moe_tiny",
-    "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
-    "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "24",
-    "--encoder-layers", "1", "--decoder-layers", "1",
-    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
-    "--deepspeed_moe", "enc,dec", "--num-experts", "4", "--moe-freq", "1",
-    "--criterion", "model_and_base", "--loss-weights", '{"base_crit": 1, "experts_gate_loss": 0.1}',
-    "--optimizer", "adam", "--lr", "0.003", "--max-tokens", "400", "--seed", "7", "--dropout", "0.1",
-    "--log-format", "json", "--log-interval", "1", "--no-progress-bar", "--num-workers", "0",
-    "--save-interval-updates", "2", "--keep-interval-updates", "2", "--no-epoch-checkpoints",
-    "--disable-validation",
-]
+# the micro model (mt_run.recipes), a checkpoint every 2 updates, the last 2 kept
+MODEL = [*MICRO, "--seed", "7", "--save-interval-updates", "2", "--keep-interval-updates", "2",
+         "--disable-validation"]
 
 
 def command(databin, save, max_update, nproc, port):
