@@ -299,7 +299,6 @@ def part_train(a):
     names = list(variants)
     times = {k: [] for k in names}
     tokens = []
-    prof = None
     for i, batch in enumerate(batches):
         order = names[i % 3:] + names[:i % 3]
         for name in order:
@@ -396,7 +395,6 @@ def part_generate(a):
     out = Path(a.out)
     sub = subset_databin(Path(a.databin), out / "databin_test", a.gen_sentences)
     models, task = {}, None
-    gens = {}
     for name, ck in (("dense", "dense"), ("moe_ds", "moe"), ("moe", "moe")):
         parser = options.get_generation_parser()
         args = options.parse_args_and_arch(
@@ -666,83 +664,111 @@ def fmt(x, spec=".0f"):
     return "n/a" if x is None or x != x else format(x, spec)
 
 
+def versus(r, key, part, variants=("moe_ds", "moe")):
+    """A part's row of medians: ``dense N   moe_ds N (0.96x)   moe N (0.98x)   target >= T: met``.
+
+    Args:
+        r: the part's results (``dense_<key>``, ``<variant>_<key>``, ``<variant>_ratio``).
+        key: which measurement (``wps_median``, ``tps_median``).
+        part: the part, for its target (``TARGETS``), met by the ``moe`` ratio.
+        variants: the MoE variants measured.
+    """
+    line = f"  dense {fmt(r[f'dense_{key}'])}"
+    for name in variants:
+        line += f"   {name} {fmt(r[f'{name}_{key}'])} ({r[f'{name}_ratio']:.2f}x)"
+    target = TARGETS[part]
+    return line + f"   target >= {target}: {'met' if r['moe_ratio'] >= target else 'MISSED'}"
+
+
+def cli_row(what, dense, moe, tail):
+    """A row of the command-line runs: ``  WHAT: dense N, moe N TAIL``."""
+    return f"  {what}: dense {fmt(dense)}, moe {fmt(moe)} {tail}"
+
+
+def layer_section(a, r):
+    lines = ["[layer] one MoE layer vs a dense FFN, dense time / MoE time (median of "
+             f"{a.layer_reps} interleaved reps)",
+             f"  {'tokens':>7} {'fwd+bwd ds':>11} {'fwd+bwd':>8} {'eval ds':>8} {'eval':>6}  "
+             f"{'peak MB dense':>13} {'ds':>6} {'moe':>6}"]
+    for row in r["rows"]:
+        lines.append(
+            f"  {row['tokens']:>7} {row['train_moe_ds_ratio']:>11.2f} {row['train_moe_ratio']:>8.2f} "
+            f"{row['eval_moe_ds_ratio']:>8.2f} {row['eval_moe_ratio']:>6.2f}  "
+            f"{row['peak_dense_bytes'] / 2**20:>13.1f} {row['peak_moe_ds_bytes'] / 2**20:>6.1f} "
+            f"{row['peak_moe_bytes'] / 2**20:>6.1f}")
+    lines.append("  peak memory growth (fit over the token counts): " + ", ".join(
+        f"{k} {v['bytes_per_token'] / 1024:.1f} KiB/token, quadratic share "
+        + (f"{v['quadratic_share']:.0%} ({'linear' if v['linear'] else 'NOT linear'})"
+           if v["linear"] is not None else "n/a (needs 3 token counts)")
+        for k, v in r["memory_linearity"].items()))
+    return lines
+
+
+def train_section(a, r):
+    return [f"[train, 1 process] fairseq Trainer, --max-tokens {a.max_tokens}, {r['updates']} "
+            f"updates after {r['warmup_updates']} warm-up (median tokens/s; load at end "
+            f"{r['load_end']})",
+            versus(r, "wps_median", "train"),
+            "  parameters: " + ", ".join(f"{k} {v:,}" for k, v in r["params"].items())]
+
+
+def generate_section(a, r):
+    lines = [f"[generate, 1 process] beam {a.beam}, {r['sentences']} test sentences in batches of "
+             f"{a.gen_batch_size}, every hypothesis {a.gen_len} tokens, {r['reps']} reps "
+             f"(median tokens/s; load at end {r['load_end']})",
+             versus(r, "tps_median", "generate"),
+             "  local vs DeepSpeed path, identical hypotheses: "
+             f"{r['local_vs_deepspeed_identical_hypotheses']}; busiest expert / even share per MoE "
+             f"call (median): {r.get('routing_imbalance_median', float('nan')):.2f}"]
+    c = r.get("cli")
+    if c:
+        lines.append(cli_row(f"user/generate.py ({len(c['dense'])} runs each, alternating)",
+                             c["dense_tps_median"], c["moe_tps_median"],
+                             f"tokens/s (median ratio {c['moe_ratio']:.2f}x)"))
+    return lines
+
+
+def dist_section(a, r):
+    lines = [f"[train, 2 processes, gloo] MoE EP=2 vs dense data parallel (legacy_ddp), "
+             f"--max-tokens {a.dist_max_tokens} per process, {r['updates']} updates (median "
+             f"global tokens/s; load at end {r['load_end']})",
+             versus(r, "wps_median", "dist", variants=("moe",))]
+    v = r.get("valid")
+    if v:
+        lines.append(f"  validation ({v['batches']} batches, no token dropped): dense "
+                     f"{fmt(v['dense_wps_total'])}   moe {fmt(v['moe_wps_total'])} "
+                     f"({v['moe_ratio']:.2f}x)   moe without exact fit "
+                     f"{fmt(v['moe_no_fit_wps_total'])} ({v['moe_no_fit_ratio']:.2f}x) tokens/s")
+    c = r.get("cli")
+    if c:
+        lines.append(cli_row("torchrun user/train.py (sequential runs)", c["dense"]["wps_median"],
+                             c["moe"]["wps_median"], f"({c['moe_ratio']:.2f}x) wps"))
+    return lines
+
+
+SECTIONS = {"layer": layer_section, "train": train_section, "generate": generate_section,
+            "dist": dist_section}
+
+
 def report(a, results, info):
-    lines = []
-    w = lines.append
-    w("")
-    w("=" * 78)
-    w(f"MoE x{a.experts} top-{a.top_k} vs dense — {info['cpu']} ({info['cores']} cores), "
-      f"OMP_NUM_THREADS={info['omp_threads']}")
-    w("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
-    w(f"model: d={a.dim} ffn={a.ffn} layers={a.layers}+{a.layers} heads={a.heads}, MoE every layer "
-      f"(enc,dec), {a.experts} experts, top-{a.top_k}, capacity factor 1.0 (train), no drop (inference)")
-    w(f"load average: start {info['load_start']}, end {info['load_end']}")
-    w("'moe' = the plugin's default (local dispatch in one process), 'moe_ds' = DeepSpeed's "
-      "MOELayer path (FAIRSEQ_MOE_FAST_DISPATCH=0)")
-    if "layer" in results:
-        r = results["layer"]
-        w("")
-        w("[layer] one MoE layer vs a dense FFN, dense time / MoE time (median of "
-          f"{a.layer_reps} interleaved reps)")
-        w(f"  {'tokens':>7} {'fwd+bwd ds':>11} {'fwd+bwd':>8} {'eval ds':>8} {'eval':>6}  "
-          f"{'peak MB dense':>13} {'ds':>6} {'moe':>6}")
-        for row in r["rows"]:
-            w(f"  {row['tokens']:>7} {row['train_moe_ds_ratio']:>11.2f} {row['train_moe_ratio']:>8.2f} "
-              f"{row['eval_moe_ds_ratio']:>8.2f} {row['eval_moe_ratio']:>6.2f}  "
-              f"{row['peak_dense_bytes'] / 2**20:>13.1f} {row['peak_moe_ds_bytes'] / 2**20:>6.1f} "
-              f"{row['peak_moe_bytes'] / 2**20:>6.1f}")
-        lin = r["memory_linearity"]
-        w("  peak memory growth (fit over the token counts): " + ", ".join(
-            f"{k} {v['bytes_per_token'] / 1024:.1f} KiB/token, quadratic share "
-            + (f"{v['quadratic_share']:.0%} ({'linear' if v['linear'] else 'NOT linear'})"
-               if v["linear"] is not None else "n/a (needs 3 token counts)")
-            for k, v in lin.items()))
-    if "train" in results:
-        r = results["train"]
-        w("")
-        w(f"[train, 1 process] fairseq Trainer, --max-tokens {a.max_tokens}, {r['updates']} updates "
-          f"after {r['warmup_updates']} warm-up (median tokens/s; load at end {r['load_end']})")
-        w(f"  dense {fmt(r['dense_wps_median'])}   moe_ds {fmt(r['moe_ds_wps_median'])} "
-          f"({r['moe_ds_ratio']:.2f}x)   moe {fmt(r['moe_wps_median'])} ({r['moe_ratio']:.2f}x)   "
-          f"target >= {TARGETS['train']}: {'met' if r['moe_ratio'] >= TARGETS['train'] else 'MISSED'}")
-        w(f"  parameters: " + ", ".join(f"{k} {v:,}" for k, v in r["params"].items()))
-    if "generate" in results:
-        r = results["generate"]
-        w("")
-        w(f"[generate, 1 process] beam {a.beam}, {r['sentences']} test sentences in batches of "
-          f"{a.gen_batch_size}, every hypothesis {a.gen_len} tokens, {r['reps']} reps "
-          f"(median tokens/s; load at end {r['load_end']})")
-        w(f"  dense {fmt(r['dense_tps_median'])}   moe_ds {fmt(r['moe_ds_tps_median'])} "
-          f"({r['moe_ds_ratio']:.2f}x)   moe {fmt(r['moe_tps_median'])} ({r['moe_ratio']:.2f}x)   "
-          f"target >= {TARGETS['generate']}: "
-          f"{'met' if r['moe_ratio'] >= TARGETS['generate'] else 'MISSED'}")
-        w(f"  local vs DeepSpeed path, identical hypotheses: {r['local_vs_deepspeed_identical_hypotheses']}; "
-          f"busiest expert / even share per MoE call (median): {r.get('routing_imbalance_median', float('nan')):.2f}")
-        if r.get("cli"):
-            c = r["cli"]
-            w(f"  user/generate.py ({len(c['dense'])} runs each, alternating): dense "
-              f"{fmt(c['dense_tps_median'])}, moe {fmt(c['moe_tps_median'])} tokens/s "
-              f"(median ratio {c['moe_ratio']:.2f}x)")
-    if "dist" in results:
-        r = results["dist"]
-        w("")
-        w(f"[train, 2 processes, gloo] MoE EP=2 vs dense data parallel (legacy_ddp), --max-tokens "
-          f"{a.dist_max_tokens} per process, {r['updates']} updates (median global tokens/s; "
-          f"load at end {r['load_end']})")
-        w(f"  dense {fmt(r['dense_wps_median'])}   moe {fmt(r['moe_wps_median'])} "
-          f"({r['moe_ratio']:.2f}x)   target >= {TARGETS['dist']}: "
-          f"{'met' if r['moe_ratio'] >= TARGETS['dist'] else 'MISSED'}")
-        v = r.get("valid")
-        if v:
-            w(f"  validation ({v['batches']} batches, no token dropped): dense "
-              f"{fmt(v['dense_wps_total'])}   moe {fmt(v['moe_wps_total'])} ({v['moe_ratio']:.2f}x)   "
-              f"moe without exact fit {fmt(v['moe_no_fit_wps_total'])} ({v['moe_no_fit_ratio']:.2f}x) "
-              f"tokens/s")
-        if r.get("cli"):
-            c = r["cli"]
-            w(f"  torchrun user/train.py (sequential runs): dense {fmt(c['dense']['wps_median'])}, moe "
-              f"{fmt(c['moe']['wps_median'])} ({c['moe_ratio']:.2f}x) wps")
-    w("=" * 78)
+    """The table: the run's machine and settings, then a section per part measured."""
+    lines = [
+        "",
+        "=" * 78,
+        f"MoE x{a.experts} top-{a.top_k} vs dense — {info['cpu']} ({info['cores']} cores), "
+        f"OMP_NUM_THREADS={info['omp_threads']}",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
+        f"model: d={a.dim} ffn={a.ffn} layers={a.layers}+{a.layers} heads={a.heads}, MoE every "
+        f"layer (enc,dec), {a.experts} experts, top-{a.top_k}, capacity factor 1.0 (train), no "
+        "drop (inference)",
+        f"load average: start {info['load_start']}, end {info['load_end']}",
+        "'moe' = the plugin's default (local dispatch in one process), 'moe_ds' = DeepSpeed's "
+        "MOELayer path (FAIRSEQ_MOE_FAST_DISPATCH=0)",
+    ]
+    for part in PARTS:
+        if part in results:
+            lines += ["", *SECTIONS[part](a, results[part])]
+    lines.append("=" * 78)
     print("\n".join(lines), flush=True)
     return lines
 
