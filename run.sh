@@ -17,7 +17,7 @@
 # (e.g. `bash run.sh train --max-update 50 --lr 0.001`).
 #
 # Environment (defaults in brackets; "tiny" is the ARCH=transformer_ds_moe_tiny
-# recipe, "WMT" every other ARCH; see README.md, section run.sh):
+# recipe, "WMT" every other ARCH, both in mt_run/recipes.py; see README.md, section run.sh):
 #   WORKSPACE      data root [<repo>/workspace]
 #   DATABIN        fairseq-preprocess output [the bundled demo corpus, prepared by
 #                  scripts/prepare_demo.py in $WORKSPACE/demo_${SRC}_${TGT}/databin]
@@ -55,8 +55,8 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$repo/scripts/lib.sh"  # PYTHON, die, run_tool, read_values, read_lines
 
-die() { echo "run.sh: error: $*" >&2; exit 2; }
 note() { echo "run.sh: $*" >&2; }
 
 MODE=train
@@ -68,9 +68,6 @@ if [[ $# -gt 0 && $1 != -* ]]; then
     esac
 fi
 
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "$repo/.venv/bin/python" ]]; then PYTHON="$repo/.venv/bin/python"; else PYTHON=python3; fi
-fi
 export DS_BUILD_OPS="${DS_BUILD_OPS:-0}" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
 
 is_int() { [[ $2 =~ ^[0-9]+$ ]] || die "$1 must be a whole number (got '$2')"; }
@@ -134,39 +131,33 @@ fi
 OUT_DIR="${OUT_DIR:-$WORKSPACE/train_artifacts}"
 
 # ---------------------------------------------------------------- model and recipe
-if [[ $DEVICE == cuda ]]; then ARCH="${ARCH:-transformer_ds_moe_wmt_en_de}"; else ARCH="${ARCH:-transformer_ds_moe_tiny}"; fi
+# mt_run/recipes.py: the tiny recipe (make demo's model) for transformer_ds_moe_tiny, the
+# CPU default; the WMT recipe (the reference's, Vaswani et al. base) for every other ARCH.
+# Its settings (recipe_<name>) are the defaults below; its flags come from train_cmd.
+recipe=wmt
+if [[ ${ARCH:-} == transformer_ds_moe_tiny || (-z ${ARCH:-} && $DEVICE == cpu) ]]; then
+    recipe=tiny
+fi
+read_values recipe mt_run.recipes "$recipe"
+ARCH="${ARCH:-$recipe_arch}"
 DENSE="${DENSE:-0}"
 [[ $DENSE == 0 || $DENSE == 1 ]] || die "DENSE must be 0 or 1 (got '$DENSE')"
-if [[ $ARCH == transformer_ds_moe_tiny ]]; then
-    # scripts/demo.sh's small model: trains to a useful BLEU on the demo corpus on a laptop
-    # (the same settings as `make demo`: BLEU 13 on the demo test set after 2000 updates)
-    recipe=(--encoder-embed-dim 64 --decoder-embed-dim 64
-            --encoder-ffn-embed-dim 256 --decoder-ffn-embed-dim 256
-            --encoder-layers 2 --decoder-layers 2
-            --encoder-attention-heads 4 --decoder-attention-heads 4
-            --encoder-normalize-before --decoder-normalize-before --share-all-embeddings
-            --dropout 0.0 --attention-dropout 0.0 --lr 0.007 --warmup-updates 100 --clip-norm 1.0)
-    NUM_EXPERTS="${NUM_EXPERTS:-4}"; MOE_FREQ="${MOE_FREQ:-1}"
-    MAX_UPDATE="${MAX_UPDATE:-2000}"; BENCH_UPDATES="${BENCH_UPDATES:-30}"
-    tiny_max_tokens=1024; lenpen=1.0
-    log_interval=10; save_interval=200
-else
-    # the reference recipe (Vaswani et al. base, WMT16 en-de)
-    recipe=(--dropout 0.3 --weight-decay 0.0001 --lr 5e-4 --warmup-updates 4000 --clip-norm 0.0)
-    NUM_EXPERTS="${NUM_EXPERTS:-8}"; MOE_FREQ="${MOE_FREQ:-2}"
-    MAX_UPDATE="${MAX_UPDATE:-300000}"; BENCH_UPDATES="${BENCH_UPDATES:-200}"
-    tiny_max_tokens=""; lenpen=0.6
-    log_interval=100; save_interval=1000
-fi
-MOE_MODE="${MOE_MODE:-enc,dec}"
-TOP_K="${TOP_K:-1}"
+NUM_EXPERTS="${NUM_EXPERTS:-$recipe_experts}"; MOE_FREQ="${MOE_FREQ:-$recipe_moe_freq}"
+MAX_UPDATE="${MAX_UPDATE:-$recipe_max_update}"
+BENCH_UPDATES="${BENCH_UPDATES:-$recipe_bench_updates}"
+MOE_MODE="${MOE_MODE:-$recipe_moe_sides}"
+TOP_K="${TOP_K:-$recipe_top_k}"
 is_int NUM_EXPERTS "$NUM_EXPERTS"; is_int TOP_K "$TOP_K"
 ((NUM_EXPERTS >= 1)) || die "NUM_EXPERTS must be at least 1"
 if [[ -z "${EP_WORLD_SIZE:-}" ]]; then
     if ((NUM_EXPERTS % NUM_GPUS == 0)); then EP_WORLD_SIZE=$NUM_GPUS; else EP_WORLD_SIZE=1; fi
 fi
 is_int EP_WORLD_SIZE "$EP_WORLD_SIZE"
-if [[ $DEVICE == cpu ]]; then MAX_TOKENS="${MAX_TOKENS:-${tiny_max_tokens:-2048}}"; FP16="${FP16:-0}"; else MAX_TOKENS="${MAX_TOKENS:-4096}"; FP16="${FP16:-1}"; fi
+if [[ $DEVICE == cpu ]]; then
+    MAX_TOKENS="${MAX_TOKENS:-$recipe_max_tokens_cpu}"; FP16="${FP16:-0}"
+else
+    MAX_TOKENS="${MAX_TOKENS:-$recipe_max_tokens_gpu}"; FP16="${FP16:-1}"
+fi
 UPDATE_FREQ="${UPDATE_FREQ:-1}"
 SEED="${SEED:-43821}"
 
@@ -185,26 +176,17 @@ fi
 # train_cmd DENSE SAVE_DIR TB_DIR: the training command line in the array `cmd`
 # (no tensorboard logs when TB_DIR is empty)
 train_cmd() {
-    local dense="$1" save_dir="$2" tb_dir="$3" model_args
-    if [[ $dense == 1 ]]; then
-        model_args=(--criterion label_smoothed_cross_entropy --label-smoothing 0.1)
-    else
-        model_args=(--deepspeed_moe "$MOE_MODE" --num-experts "$NUM_EXPERTS" --top-k "$TOP_K"
-                    --moe-freq "$MOE_FREQ" --ep-world-size "$EP_WORLD_SIZE"
-                    --criterion model_and_base
-                    --loss-weights '{"base_crit": 1, "experts_gate_loss": 0.01}'
-                    --base-criterion label_smoothed_cross_entropy
-                    --base-criterion-config '{"label_smoothing": 0.1}')
-    fi
-    cmd=("${launch[@]}" "$repo/user/train.py" "$DATABIN"
-         --task translation_deepspeed --source-lang "$SRC" --target-lang "$TGT"
-         --arch "$ARCH" "${model_args[@]}"
-         --optimizer adam --adam-betas '(0.9, 0.98)'
-         --lr-scheduler inverse_sqrt --warmup-init-lr 1e-07 "${recipe[@]}"
+    local dense="$1" save_dir="$2" tb_dir="$3" variant=() recipe_flags
+    if [[ $dense == 1 ]]; then variant=(--dense); fi
+    read_lines recipe_flags mt_run.recipes "$recipe" --flags \
+        ${variant[@]+"${variant[@]}"} arch="$ARCH" moe_sides="$MOE_MODE" experts="$NUM_EXPERTS" \
+        top_k="$TOP_K" moe_freq="$MOE_FREQ" ep_world_size="$EP_WORLD_SIZE"
+    cmd=("${launch[@]}" "$repo/user/train.py" "$DATABIN" "${recipe_flags[@]}"
+         --source-lang "$SRC" --target-lang "$TGT"
          --max-tokens "$MAX_TOKENS" --update-freq "$UPDATE_FREQ" --max-update "$MAX_UPDATE"
          --seed "$SEED" --ddp-backend legacy_ddp ${device_args[@]+"${device_args[@]}"}
-         --log-format simple --log-interval "$log_interval"
-         --save-dir "$save_dir" --save-interval-updates "$save_interval"
+         --log-format simple --log-interval "$recipe_log_interval"
+         --save-dir "$save_dir" --save-interval-updates "$recipe_save_interval"
          --keep-interval-updates 1 --no-epoch-checkpoints)
     if [[ -n $tb_dir ]]; then cmd+=(--tensorboard-logdir "$tb_dir"); fi
 }
@@ -240,7 +222,8 @@ do_generate() {
     cmd=("$PYTHON" "$repo/user/generate.py" "$DATABIN"
          --task translation_deepspeed --source-lang "$SRC" --target-lang "$TGT"
          --path "$ckpt" --gen-subset test
-         --beam "${BEAM:-4}" --lenpen "${LENPEN:-$lenpen}" --max-len-a 1.2 --max-len-b 10 --batch-size 64)
+         --beam "${BEAM:-$recipe_beam}" --lenpen "${LENPEN:-$recipe_lenpen}"
+         --max-len-a "$recipe_max_len_a" --max-len-b "$recipe_max_len_b" --batch-size 64)
     if [[ -f "$DATABIN/spm.model" ]] || dry; then
         cmd+=(--bpe sentencepiece --sentencepiece-model "$DATABIN/spm.model")
     fi
@@ -261,8 +244,9 @@ do_generate() {
 
 do_bench() {
     prepare_data
-    local kind dense logs=() names=()
+    local kind dense runs=() dir
     mkdir -p "$OUT_DIR/bench"
+    dir="$(cd "$OUT_DIR/bench" && pwd)"
     for kind in dense moe; do
         if [[ $kind == dense ]]; then dense=1; else dense=0; fi
         train_cmd "$dense" "$OUT_DIR/bench/$ARCH-$kind" ""
@@ -271,36 +255,12 @@ do_bench() {
         local log="$OUT_DIR/bench/$ARCH-$kind.log"
         note "bench: $kind, $BENCH_UPDATES updates -> $log"
         "${cmd[@]}" > "$log" 2>&1 || { tail -n 30 "$log" >&2; die "bench: the $kind run failed (log: $log)"; }
-        logs+=("$log"); names+=("$kind")
+        runs+=("$kind" "$dir/${log##*/}")
     done
     dry && return
     echo "bench: $ARCH on $DEVICE, $WORLD process(es), MAX_TOKENS $MAX_TOKENS, UPDATE_FREQ $UPDATE_FREQ, $BENCH_UPDATES updates;"
     echo "       MoE: $MOE_MODE, $NUM_EXPERTS experts, top-$TOP_K, MOE_FREQ $MOE_FREQ, EP $EP_WORLD_SIZE"
-    "$PYTHON" - "${names[@]}" "${logs[@]}" <<'EOF'
-import re, statistics, sys
-n = (len(sys.argv) - 1) // 2
-names, logs = sys.argv[1:1 + n], sys.argv[1 + n:]
-rows = []
-for name, path in zip(names, logs):
-    total, inner = None, []
-    for line in open(path, encoding="utf-8", errors="replace"):
-        # fairseq's simple log: "| train_inner | ... wps=N, ..." per interval, "| train | ... | wps N |" at the end
-        m = re.search(r"\| train_inner \|.*\bwps=([0-9.]+)", line)
-        if m:
-            inner.append(float(m.group(1)))
-        m = re.search(r"\| train \|.*\| wps ([0-9.]+) \|", line)
-        if m:
-            total = float(m.group(1))
-    steady = statistics.median(inner[1:]) if len(inner) > 1 else None
-    rows.append((name, total, steady))
-fmt = lambda v: "-" if v is None else f"{v:,.0f}"
-print(f"{'model':<8}{'wps (all updates)':>20}{'wps (median, from update 2)':>30}")
-for name, total, steady in rows:
-    print(f"{name:<8}{fmt(total):>20}{fmt(steady):>30}")
-d, m = rows[0], rows[1]
-if d[1] and m[1]:
-    print(f"moe/dense: {m[1] / d[1]:.2f}x (all updates)")
-EOF
+    run_tool mt_run.wps_table "${runs[@]}"  # the table, from the logs
 }
 
 case "$MODE" in

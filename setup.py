@@ -2,7 +2,8 @@
 #
 # This source code is licensed under the MIT license found in the
 # LICENSE file in the root directory of this source tree.
-"""Install the fairseq DeepSpeed-MoE plugin (package ``user``) and its entry points.
+"""Install the fairseq DeepSpeed-MoE plugin (package ``user``), its entry points, and the
+tooling of its scripts (packages ``mt_prep``: data preparation, ``mt_run``: recipes, logs).
 
 Versions are pinned to the set this repository is tested with (see README):
 install torch 2.13.0 first, then ``pip install --no-build-isolation .`` so the
@@ -18,7 +19,9 @@ setup(
     license="MIT",
     # the versions user/patches.py is written against; fairseq 0.12.2 (Python < 3.11) differs
     python_requires=">=3.11",
-    packages=find_packages(include=["user", "user.*"]),
+    # the plugin, and the tooling scripts/, run.sh and the tests import: data preparation
+    # (mt_prep); training recipes and the fairseq log reader (mt_run)
+    packages=find_packages(include=["user", "user.*", "mt_prep", "mt_run"]),
     install_requires=[
         "torch==2.13.0",
         # fairseq 0.12.2 does not import on Python >= 3.11 (dataclass mutable defaults);

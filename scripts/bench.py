@@ -24,41 +24,19 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from mt_run import fairseq_log, recipes
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def python() -> str:
-    venv = REPO / ".venv" / "bin" / "python"
-    return str(venv) if venv.exists() else sys.executable
-
-
-def parse_log(text: str) -> dict:
-    """fairseq json log lines -> {"train_inner": [...], "valid": [...], "train": [...]}."""
-    out = {"train_inner": [], "valid": [], "train": []}
-    for line in text.splitlines():
-        m = re.search(r"\| (train_inner|valid|train) \| (\{.*\})$", line)
-        if m:
-            kind = m.group(1)
-            out[kind].append({(k[len(kind) + 1:] if k.startswith(kind + "_") else k): _num(v)
-                              for k, v in json.loads(m.group(2)).items()})
-    return out
-
-
-def _num(v):
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return v
+TINY = recipes.TINY  # the defaults: make demo's model
 
 
 def summarize(log: dict, comparable: float = None) -> dict:
-    """One row of the table from a parsed log."""
+    """One row of the table from a parsed log (``mt_run.fairseq_log.parse``)."""
     inner = log["train_inner"]
     steady = inner[1:] or inner  # the first interval includes start-up
     valid = [v for v in log["valid"] if "bleu" in v]
@@ -88,39 +66,29 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
+def train_command(name: str, args, moe: bool) -> list:
+    """The ``user/train.py`` command of one run: the tiny recipe (``mt_run.recipes``)
+    with this benchmark's sizes, dense (the same criterion, without gate loss) or MoE."""
+    s = recipes.settings("tiny", arch=args.arch, dim=args.dim, ffn=args.ffn, layers=args.layers,
+                         experts=args.experts, lr=args.lr, warmup=args.warmup,
+                         dense_criterion="model_and_base")
+    decoding = {k: s[k] for k in ("beam", "max_len_a", "max_len_b")}
+    return [sys.executable, str(REPO / "user" / "train.py"), args.databin,
+            *recipes.train_flags(s, moe=moe), "--source-lang", args.src, "--target-lang", args.tgt,
+            "--max-tokens", str(args.max_tokens),
+            "--max-update", str(args.updates), "--seed", "1", "--num-workers", "0",
+            "--log-format", "json", "--log-interval", "10", "--no-progress-bar",
+            "--validate-interval-updates", str(args.valid_interval), "--validate-interval", "1000",
+            "--max-valid-steps", str(args.valid_steps), "--batch-size-valid", "64",
+            "--eval-bleu", "--eval-bleu-args", json.dumps(decoding),
+            "--eval-bleu-remove-bpe", "sentencepiece", "--eval-bleu-detok", "moses",
+            "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric",
+            "--save-dir", str(Path(args.out) / name), "--no-save",
+            *([] if args.gpu else ["--cpu"]), *args.extra]
+
+
 def train(name: str, args, moe: bool) -> dict:
-    save = Path(args.out) / name
-    cmd = [python(), str(REPO / "user" / "train.py"), args.databin,
-           "--task", "translation_deepspeed", "--source-lang", args.src, "--target-lang", args.tgt,
-           "--arch", args.arch, "--share-all-embeddings",
-           "--encoder-embed-dim", str(args.dim), "--decoder-embed-dim", str(args.dim),
-           "--encoder-ffn-embed-dim", str(args.ffn), "--decoder-ffn-embed-dim", str(args.ffn),
-           "--encoder-layers", str(args.layers), "--decoder-layers", str(args.layers),
-           "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
-           "--encoder-normalize-before", "--decoder-normalize-before",
-           "--dropout", "0.0", "--attention-dropout", "0.0",
-           "--criterion", "model_and_base",
-           "--loss-weights",
-           '{"base_crit": 1, "experts_gate_loss": 0.01}' if moe else '{"base_crit": 1}',
-           "--base-criterion", "label_smoothed_cross_entropy",
-           "--base-criterion-config", '{"label_smoothing": 0.1}',
-           "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0",
-           "--lr", str(args.lr), "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(args.warmup),
-           "--warmup-init-lr", "1e-07", "--max-tokens", str(args.max_tokens),
-           "--max-update", str(args.updates), "--seed", "1", "--num-workers", "0",
-           "--log-format", "json", "--log-interval", "10", "--no-progress-bar",
-           "--validate-interval-updates", str(args.valid_interval), "--validate-interval", "1000",
-           "--max-valid-steps", str(args.valid_steps), "--batch-size-valid", "64",
-           "--eval-bleu", "--eval-bleu-args",
-           json.dumps({"beam": 4, "max_len_a": 1.2, "max_len_b": 10}),
-           "--eval-bleu-remove-bpe", "sentencepiece", "--eval-bleu-detok", "moses",
-           "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric",
-           "--save-dir", str(save), "--no-save", *args.extra]
-    if moe:
-        cmd += ["--deepspeed_moe", "enc,dec", "--num-experts", str(args.experts), "--top-k", "1",
-                "--moe-freq", "1"]
-    if not args.gpu:
-        cmd.append("--cpu")
+    cmd = train_command(name, args, moe)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.setdefault("OMP_NUM_THREADS", "1")
     print(f"[bench] {name}: {args.updates} updates ...", file=sys.stderr, flush=True)
@@ -130,7 +98,7 @@ def train(name: str, args, moe: bool) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed ({proc.returncode}); see {args.out}/{name}.log\n"
                          f"{proc.stderr[-2000:]}")
-    log = parse_log(proc.stdout + proc.stderr)
+    log = fairseq_log.parse(proc.stdout + proc.stderr)
     print(f"[bench] {name}: done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     return log
 
@@ -201,7 +169,7 @@ def plot(rows: dict, meta: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--databin", default=None,
                    help="binarized data [the demo corpus, prepared if needed]")
@@ -209,23 +177,27 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="output folder [WORKSPACE/bench]")
     p.add_argument("--src", default="en")
     p.add_argument("--tgt", default="de")
-    p.add_argument("--arch", default="transformer_ds_moe_tiny")
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--ffn", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--experts", type=int, default=4)
-    p.add_argument("--lr", type=float, default=0.007)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--arch", default=TINY["arch"])
+    p.add_argument("--dim", type=int, default=TINY["dim"])
+    p.add_argument("--ffn", type=int, default=TINY["ffn"])
+    p.add_argument("--layers", type=int, default=TINY["layers"])
+    p.add_argument("--experts", type=int, default=TINY["experts"])
+    p.add_argument("--lr", type=float, default=TINY["lr"])
+    p.add_argument("--warmup", type=int, default=TINY["warmup"])
+    p.add_argument("--max-tokens", type=int, default=TINY["max_tokens_cpu"])
     p.add_argument("--updates", type=int, default=1000)
     p.add_argument("--valid-interval", type=int, default=200)
     p.add_argument("--valid-steps", type=int, default=4, help="validation batches (of 64 sentences)")
     p.add_argument("--gpu", action="store_true", help="train on the GPU (default: CPU)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="more fairseq options for both runs (last)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.databin is None:
-        subprocess.run([python(), str(REPO / "scripts" / "prepare_demo.py"), "--workspace",
+        subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_demo.py"), "--workspace",
                         args.workspace], check=True, cwd=REPO)
         args.databin = str(Path(args.workspace) / f"demo_{args.src}_{args.tgt}" / "databin")
     args.out = args.out or str(Path(args.workspace) / "bench")

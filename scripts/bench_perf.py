@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -44,10 +43,17 @@ import time
 import warnings
 from pathlib import Path
 
+from mt_run import fairseq_log, recipes
+
 REPO = Path(__file__).resolve().parents[1]
 USER_DIR = REPO / "user"
 PARTS = ("layer", "train", "generate", "dist")
 TARGETS = {"train": 0.95, "generate": 0.9, "dist": 0.8}
+# the benchmarked model: make demo's (the tiny recipe), twice as wide (d=128, FFN/expert
+# 512: --dim, --ffn), with 8 experts (--experts), dropout 0.1 and lr 0.002; dense: the
+# same criterion (model_and_base) without gate loss
+MODEL = {"dim": 128, "ffn": 512, "experts": 8, "dropout": 0.1, "lr": 0.002,
+         "dense_criterion": "model_and_base"}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -81,7 +87,8 @@ def quiet():
 
 
 def import_plugin():
-    sys.path.insert(0, str(REPO))
+    """The plugin, imported as ``--user-dir`` imports it (fairseq puts the repository first
+    on ``sys.path``, so ``user`` is this checkout's)."""
     from argparse import Namespace
 
     from fairseq import utils
@@ -90,30 +97,13 @@ def import_plugin():
 
 
 def model_args(a, moe: bool, max_tokens: int, ep: int = 1):
-    """fairseq-train flags of the benchmarked model (dense: the same without --deepspeed_moe)."""
-    d, f = str(a.dim), str(a.ffn)
-    args = [
-        "--task", "translation_deepspeed", "-s", "en", "-t", "de",
-        "--arch", "transformer_ds_moe_tiny", "--share-all-embeddings",
-        "--encoder-embed-dim", d, "--decoder-embed-dim", d,
-        "--encoder-ffn-embed-dim", f, "--decoder-ffn-embed-dim", f,
-        "--encoder-layers", str(a.layers), "--decoder-layers", str(a.layers),
-        "--encoder-attention-heads", str(a.heads), "--decoder-attention-heads", str(a.heads),
-        "--encoder-normalize-before", "--decoder-normalize-before",
-        "--dropout", "0.1", "--attention-dropout", "0.0",
-        "--criterion", "model_and_base",
-        "--loss-weights", '{"base_crit": 1, "experts_gate_loss": 0.01}' if moe else '{"base_crit": 1}',
-        "--base-criterion", "label_smoothed_cross_entropy",
-        "--base-criterion-config", '{"label_smoothing": 0.1}',
-        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0",
-        "--lr", "0.002", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "100",
-        "--warmup-init-lr", "1e-07", "--max-tokens", str(max_tokens), "--seed", "1",
-        "--cpu", "--num-workers", "0",
-    ]
-    if moe:
-        args += ["--deepspeed_moe", "enc,dec", "--num-experts", str(a.experts),
-                 "--top-k", str(a.top_k), "--moe-freq", "1", "--ep-world-size", str(ep)]
-    return args
+    """fairseq-train flags of the benchmarked model (``MODEL``; dense: the same without
+    --deepspeed_moe)."""
+    s = recipes.settings("tiny", **{**MODEL, "dim": a.dim, "ffn": a.ffn, "layers": a.layers,
+                                    "heads": a.heads, "experts": a.experts, "top_k": a.top_k,
+                                    "ep_world_size": ep})
+    return [*recipes.train_flags(s, moe=moe), "-s", "en", "-t", "de",
+            "--max-tokens", str(max_tokens), "--seed", "1", "--cpu", "--num-workers", "0"]
 
 
 def build_trainer(databin, argv):
@@ -309,7 +299,6 @@ def part_train(a):
     names = list(variants)
     times = {k: [] for k in names}
     tokens = []
-    prof = None
     for i, batch in enumerate(batches):
         order = names[i % 3:] + names[:i % 3]
         for name in order:
@@ -406,7 +395,6 @@ def part_generate(a):
     out = Path(a.out)
     sub = subset_databin(Path(a.databin), out / "databin_test", a.gen_sentences)
     models, task = {}, None
-    gens = {}
     for name, ck in (("dense", "dense"), ("moe_ds", "moe"), ("moe", "moe")):
         parser = options.get_generation_parser()
         args = options.parse_args_and_arch(
@@ -477,9 +465,8 @@ def part_generate(a):
             text, _ = run_logged([sys.executable, USER_DIR / "generate.py", sub,
                                   "--path", out / f"checkpoint_{name}.pt", *gen_flags(a)],
                                  out / f"generate_{name}_{rep}.log", env=cli_env())
-            m = re.search(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s", text)
-            sent, tok, secs = (int(m.group(1).replace(",", "")), int(m.group(2).replace(",", "")),
-                               float(m.group(3)))
+            done = fairseq_log.translated(text)
+            sent, tok, secs = done["sentences"], done["tokens"], done["seconds"]
             cli[name].append({"sentences": sent, "tokens": tok, "seconds": secs, "tps": tok / secs,
                               "load": loadavg()})
             print(f"  user/generate.py {name}: {tok / secs:.0f} tokens/s ({sent} sentences, "
@@ -611,11 +598,6 @@ def valid_times(trainers, reps):
             "moe_no_fit_ratio": median([d / m for d, m in zip(times["dense"], times["moe_no_fit"])])}
 
 
-def parse_wps(text, skip):
-    wps = [float(m.group(1)) for m in re.finditer(r"train_inner \|.*?wps=([\d.]+)", text)]
-    return wps[skip:]
-
-
 def part_dist(a):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -636,7 +618,7 @@ def part_dist(a):
                  "--ddp-backend", "legacy_ddp", "--max-update", str(a.warmup + a.cli_updates),
                  "--no-save", "--disable-validation", "--log-interval", "1", "--log-format", "simple"],
                 out / f"dist_cli_{name}.log", env=cli_env(), timeout=a.timeout)
-            wps = parse_wps(text, a.warmup)
+            wps = fairseq_log.wps(text, skip=a.warmup)
             cli[name] = {"wps_median": median(wps), "updates": len(wps), "wall_s": wall, "load": loadavg()}
             print(f"  torchrun user/train.py {name}: median {median(wps):.0f} wps over {len(wps)} "
                   f"updates (load {loadavg()})", flush=True)
@@ -682,83 +664,111 @@ def fmt(x, spec=".0f"):
     return "n/a" if x is None or x != x else format(x, spec)
 
 
+def versus(r, key, part, variants=("moe_ds", "moe")):
+    """A part's row of medians: ``dense N   moe_ds N (0.96x)   moe N (0.98x)   target >= T: met``.
+
+    Args:
+        r: the part's results (``dense_<key>``, ``<variant>_<key>``, ``<variant>_ratio``).
+        key: which measurement (``wps_median``, ``tps_median``).
+        part: the part, for its target (``TARGETS``), met by the ``moe`` ratio.
+        variants: the MoE variants measured.
+    """
+    line = f"  dense {fmt(r[f'dense_{key}'])}"
+    for name in variants:
+        line += f"   {name} {fmt(r[f'{name}_{key}'])} ({r[f'{name}_ratio']:.2f}x)"
+    target = TARGETS[part]
+    return line + f"   target >= {target}: {'met' if r['moe_ratio'] >= target else 'MISSED'}"
+
+
+def cli_row(what, dense, moe, tail):
+    """A row of the command-line runs: ``  WHAT: dense N, moe N TAIL``."""
+    return f"  {what}: dense {fmt(dense)}, moe {fmt(moe)} {tail}"
+
+
+def layer_section(a, r):
+    lines = ["[layer] one MoE layer vs a dense FFN, dense time / MoE time (median of "
+             f"{a.layer_reps} interleaved reps)",
+             f"  {'tokens':>7} {'fwd+bwd ds':>11} {'fwd+bwd':>8} {'eval ds':>8} {'eval':>6}  "
+             f"{'peak MB dense':>13} {'ds':>6} {'moe':>6}"]
+    for row in r["rows"]:
+        lines.append(
+            f"  {row['tokens']:>7} {row['train_moe_ds_ratio']:>11.2f} {row['train_moe_ratio']:>8.2f} "
+            f"{row['eval_moe_ds_ratio']:>8.2f} {row['eval_moe_ratio']:>6.2f}  "
+            f"{row['peak_dense_bytes'] / 2**20:>13.1f} {row['peak_moe_ds_bytes'] / 2**20:>6.1f} "
+            f"{row['peak_moe_bytes'] / 2**20:>6.1f}")
+    lines.append("  peak memory growth (fit over the token counts): " + ", ".join(
+        f"{k} {v['bytes_per_token'] / 1024:.1f} KiB/token, quadratic share "
+        + (f"{v['quadratic_share']:.0%} ({'linear' if v['linear'] else 'NOT linear'})"
+           if v["linear"] is not None else "n/a (needs 3 token counts)")
+        for k, v in r["memory_linearity"].items()))
+    return lines
+
+
+def train_section(a, r):
+    return [f"[train, 1 process] fairseq Trainer, --max-tokens {a.max_tokens}, {r['updates']} "
+            f"updates after {r['warmup_updates']} warm-up (median tokens/s; load at end "
+            f"{r['load_end']})",
+            versus(r, "wps_median", "train"),
+            "  parameters: " + ", ".join(f"{k} {v:,}" for k, v in r["params"].items())]
+
+
+def generate_section(a, r):
+    lines = [f"[generate, 1 process] beam {a.beam}, {r['sentences']} test sentences in batches of "
+             f"{a.gen_batch_size}, every hypothesis {a.gen_len} tokens, {r['reps']} reps "
+             f"(median tokens/s; load at end {r['load_end']})",
+             versus(r, "tps_median", "generate"),
+             "  local vs DeepSpeed path, identical hypotheses: "
+             f"{r['local_vs_deepspeed_identical_hypotheses']}; busiest expert / even share per MoE "
+             f"call (median): {r.get('routing_imbalance_median', float('nan')):.2f}"]
+    c = r.get("cli")
+    if c:
+        lines.append(cli_row(f"user/generate.py ({len(c['dense'])} runs each, alternating)",
+                             c["dense_tps_median"], c["moe_tps_median"],
+                             f"tokens/s (median ratio {c['moe_ratio']:.2f}x)"))
+    return lines
+
+
+def dist_section(a, r):
+    lines = [f"[train, 2 processes, gloo] MoE EP=2 vs dense data parallel (legacy_ddp), "
+             f"--max-tokens {a.dist_max_tokens} per process, {r['updates']} updates (median "
+             f"global tokens/s; load at end {r['load_end']})",
+             versus(r, "wps_median", "dist", variants=("moe",))]
+    v = r.get("valid")
+    if v:
+        lines.append(f"  validation ({v['batches']} batches, no token dropped): dense "
+                     f"{fmt(v['dense_wps_total'])}   moe {fmt(v['moe_wps_total'])} "
+                     f"({v['moe_ratio']:.2f}x)   moe without exact fit "
+                     f"{fmt(v['moe_no_fit_wps_total'])} ({v['moe_no_fit_ratio']:.2f}x) tokens/s")
+    c = r.get("cli")
+    if c:
+        lines.append(cli_row("torchrun user/train.py (sequential runs)", c["dense"]["wps_median"],
+                             c["moe"]["wps_median"], f"({c['moe_ratio']:.2f}x) wps"))
+    return lines
+
+
+SECTIONS = {"layer": layer_section, "train": train_section, "generate": generate_section,
+            "dist": dist_section}
+
+
 def report(a, results, info):
-    lines = []
-    w = lines.append
-    w("")
-    w("=" * 78)
-    w(f"MoE x{a.experts} top-{a.top_k} vs dense — {info['cpu']} ({info['cores']} cores), "
-      f"OMP_NUM_THREADS={info['omp_threads']}")
-    w("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
-    w(f"model: d={a.dim} ffn={a.ffn} layers={a.layers}+{a.layers} heads={a.heads}, MoE every layer "
-      f"(enc,dec), {a.experts} experts, top-{a.top_k}, capacity factor 1.0 (train), no drop (inference)")
-    w(f"load average: start {info['load_start']}, end {info['load_end']}")
-    w("'moe' = the plugin's default (local dispatch in one process), 'moe_ds' = DeepSpeed's "
-      "MOELayer path (FAIRSEQ_MOE_FAST_DISPATCH=0)")
-    if "layer" in results:
-        r = results["layer"]
-        w("")
-        w("[layer] one MoE layer vs a dense FFN, dense time / MoE time (median of "
-          f"{a.layer_reps} interleaved reps)")
-        w(f"  {'tokens':>7} {'fwd+bwd ds':>11} {'fwd+bwd':>8} {'eval ds':>8} {'eval':>6}  "
-          f"{'peak MB dense':>13} {'ds':>6} {'moe':>6}")
-        for row in r["rows"]:
-            w(f"  {row['tokens']:>7} {row['train_moe_ds_ratio']:>11.2f} {row['train_moe_ratio']:>8.2f} "
-              f"{row['eval_moe_ds_ratio']:>8.2f} {row['eval_moe_ratio']:>6.2f}  "
-              f"{row['peak_dense_bytes'] / 2**20:>13.1f} {row['peak_moe_ds_bytes'] / 2**20:>6.1f} "
-              f"{row['peak_moe_bytes'] / 2**20:>6.1f}")
-        lin = r["memory_linearity"]
-        w("  peak memory growth (fit over the token counts): " + ", ".join(
-            f"{k} {v['bytes_per_token'] / 1024:.1f} KiB/token, quadratic share "
-            + (f"{v['quadratic_share']:.0%} ({'linear' if v['linear'] else 'NOT linear'})"
-               if v["linear"] is not None else "n/a (needs 3 token counts)")
-            for k, v in lin.items()))
-    if "train" in results:
-        r = results["train"]
-        w("")
-        w(f"[train, 1 process] fairseq Trainer, --max-tokens {a.max_tokens}, {r['updates']} updates "
-          f"after {r['warmup_updates']} warm-up (median tokens/s; load at end {r['load_end']})")
-        w(f"  dense {fmt(r['dense_wps_median'])}   moe_ds {fmt(r['moe_ds_wps_median'])} "
-          f"({r['moe_ds_ratio']:.2f}x)   moe {fmt(r['moe_wps_median'])} ({r['moe_ratio']:.2f}x)   "
-          f"target >= {TARGETS['train']}: {'met' if r['moe_ratio'] >= TARGETS['train'] else 'MISSED'}")
-        w(f"  parameters: " + ", ".join(f"{k} {v:,}" for k, v in r["params"].items()))
-    if "generate" in results:
-        r = results["generate"]
-        w("")
-        w(f"[generate, 1 process] beam {a.beam}, {r['sentences']} test sentences in batches of "
-          f"{a.gen_batch_size}, every hypothesis {a.gen_len} tokens, {r['reps']} reps "
-          f"(median tokens/s; load at end {r['load_end']})")
-        w(f"  dense {fmt(r['dense_tps_median'])}   moe_ds {fmt(r['moe_ds_tps_median'])} "
-          f"({r['moe_ds_ratio']:.2f}x)   moe {fmt(r['moe_tps_median'])} ({r['moe_ratio']:.2f}x)   "
-          f"target >= {TARGETS['generate']}: "
-          f"{'met' if r['moe_ratio'] >= TARGETS['generate'] else 'MISSED'}")
-        w(f"  local vs DeepSpeed path, identical hypotheses: {r['local_vs_deepspeed_identical_hypotheses']}; "
-          f"busiest expert / even share per MoE call (median): {r.get('routing_imbalance_median', float('nan')):.2f}")
-        if r.get("cli"):
-            c = r["cli"]
-            w(f"  user/generate.py ({len(c['dense'])} runs each, alternating): dense "
-              f"{fmt(c['dense_tps_median'])}, moe {fmt(c['moe_tps_median'])} tokens/s "
-              f"(median ratio {c['moe_ratio']:.2f}x)")
-    if "dist" in results:
-        r = results["dist"]
-        w("")
-        w(f"[train, 2 processes, gloo] MoE EP=2 vs dense data parallel (legacy_ddp), --max-tokens "
-          f"{a.dist_max_tokens} per process, {r['updates']} updates (median global tokens/s; "
-          f"load at end {r['load_end']})")
-        w(f"  dense {fmt(r['dense_wps_median'])}   moe {fmt(r['moe_wps_median'])} "
-          f"({r['moe_ratio']:.2f}x)   target >= {TARGETS['dist']}: "
-          f"{'met' if r['moe_ratio'] >= TARGETS['dist'] else 'MISSED'}")
-        v = r.get("valid")
-        if v:
-            w(f"  validation ({v['batches']} batches, no token dropped): dense "
-              f"{fmt(v['dense_wps_total'])}   moe {fmt(v['moe_wps_total'])} ({v['moe_ratio']:.2f}x)   "
-              f"moe without exact fit {fmt(v['moe_no_fit_wps_total'])} ({v['moe_no_fit_ratio']:.2f}x) "
-              f"tokens/s")
-        if r.get("cli"):
-            c = r["cli"]
-            w(f"  torchrun user/train.py (sequential runs): dense {fmt(c['dense']['wps_median'])}, moe "
-              f"{fmt(c['moe']['wps_median'])} ({c['moe_ratio']:.2f}x) wps")
-    w("=" * 78)
+    """The table: the run's machine and settings, then a section per part measured."""
+    lines = [
+        "",
+        "=" * 78,
+        f"MoE x{a.experts} top-{a.top_k} vs dense — {info['cpu']} ({info['cores']} cores), "
+        f"OMP_NUM_THREADS={info['omp_threads']}",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
+        f"model: d={a.dim} ffn={a.ffn} layers={a.layers}+{a.layers} heads={a.heads}, MoE every "
+        f"layer (enc,dec), {a.experts} experts, top-{a.top_k}, capacity factor 1.0 (train), no "
+        "drop (inference)",
+        f"load average: start {info['load_start']}, end {info['load_end']}",
+        "'moe' = the plugin's default (local dispatch in one process), 'moe_ds' = DeepSpeed's "
+        "MOELayer path (FAIRSEQ_MOE_FAST_DISPATCH=0)",
+    ]
+    for part in PARTS:
+        if part in results:
+            lines += ["", *SECTIONS[part](a, results[part])]
+    lines.append("=" * 78)
     print("\n".join(lines), flush=True)
     return lines
 
@@ -768,12 +778,12 @@ def parse_args(argv=None):
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     ap.add_argument("--databin", default=str(REPO / "workspace" / "demo_en_de" / "databin"))
     ap.add_argument("--out", default=str(REPO / "workspace" / "bench_perf"))
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--ffn", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=1)
+    ap.add_argument("--dim", type=int, default=MODEL["dim"])
+    ap.add_argument("--ffn", type=int, default=MODEL["ffn"])
+    ap.add_argument("--layers", type=int, default=recipes.TINY["layers"])
+    ap.add_argument("--heads", type=int, default=recipes.TINY["heads"])
+    ap.add_argument("--experts", type=int, default=MODEL["experts"])
+    ap.add_argument("--top-k", type=int, default=recipes.TINY["top_k"])
     ap.add_argument("--max-tokens", type=int, default=4096, help="tokens per batch, one process")
     ap.add_argument("--dist-max-tokens", type=int, default=4096, help="tokens per batch and process")
     ap.add_argument("--updates", type=int, default=30, help="measured updates per model, one process")

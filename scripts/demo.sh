@@ -17,7 +17,8 @@
 # TRAIN_MINUTES only caps a run on a slow or busy machine (the log then says
 # so, and the BLEU is lower: 10.8 after 1438 updates on a busy 2-core machine).
 #
-# Environment overrides (defaults in brackets):
+# Environment overrides (defaults in brackets; the model's and its training's are
+# the tiny recipe's, in mt_run/recipes.py, also run.sh's CPU default):
 #   WORKSPACE      output root [./workspace]; data in $WORKSPACE/demo_en_de
 #   ARCH           transformer_ds_moe_* architecture [transformer_ds_moe_tiny]
 #   DIM            embedding size, shared by encoder and decoder [64]
@@ -60,33 +61,36 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
+source scripts/lib.sh  # PYTHON, die, run_tool, read_values, read_lines
 
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
+read_values tiny mt_run.recipes tiny
 WORKSPACE="${WORKSPACE:-./workspace}"
-ARCH="${ARCH:-transformer_ds_moe_tiny}"
-DIM="${DIM:-64}"
-FFN_DIM="${FFN_DIM:-256}"
-LAYERS="${LAYERS:-2}"
-HEADS="${HEADS:-4}"
-MOE_SIDES="${MOE_SIDES:-enc,dec}"
-NUM_EXPERTS="${NUM_EXPERTS:-4}"
-TOP_K="${TOP_K:-1}"
-MOE_FREQ="${MOE_FREQ:-1}"
-GATE_WEIGHT="${GATE_WEIGHT:-0.01}"
-LR="${LR:-0.007}"
-WARMUP="${WARMUP:-100}"
-DROPOUT="${DROPOUT:-0.0}"
-LABEL_SMOOTHING="${LABEL_SMOOTHING:-0.1}"
-MAX_TOKENS="${MAX_TOKENS:-1024}"
-MAX_UPDATE="${MAX_UPDATE:-2000}"
+ARCH="${ARCH:-$tiny_arch}"
+DIM="${DIM:-$tiny_dim}"
+FFN_DIM="${FFN_DIM:-$tiny_ffn}"
+LAYERS="${LAYERS:-$tiny_layers}"
+HEADS="${HEADS:-$tiny_heads}"
+MOE_SIDES="${MOE_SIDES:-$tiny_moe_sides}"
+NUM_EXPERTS="${NUM_EXPERTS:-$tiny_experts}"
+TOP_K="${TOP_K:-$tiny_top_k}"
+MOE_FREQ="${MOE_FREQ:-$tiny_moe_freq}"
+GATE_WEIGHT="${GATE_WEIGHT:-$tiny_gate_weight}"
+LR="${LR:-$tiny_lr}"
+WARMUP="${WARMUP:-$tiny_warmup}"
+DROPOUT="${DROPOUT:-$tiny_dropout}"
+LABEL_SMOOTHING="${LABEL_SMOOTHING:-$tiny_label_smoothing}"
+MAX_TOKENS="${MAX_TOKENS:-$tiny_max_tokens_cpu}"
+MAX_UPDATE="${MAX_UPDATE:-$tiny_max_update}"
 TRAIN_MINUTES="${TRAIN_MINUTES:-9}"
 SAVE_INTERVAL="${SAVE_INTERVAL:-500}"
-BEAM="${BEAM:-4}"
-LENPEN="${LENPEN:-1.0}"
-MAX_LEN_A="${MAX_LEN_A:-1.2}"
-MAX_LEN_B="${MAX_LEN_B:-10}"
+BEAM="${BEAM:-$tiny_beam}"
+LENPEN="${LENPEN:-$tiny_lenpen}"
+MAX_LEN_A="${MAX_LEN_A:-$tiny_max_len_a}"
+MAX_LEN_B="${MAX_LEN_B:-$tiny_max_len_b}"
+read_lines model mt_run.recipes tiny --flags arch="$ARCH" dim="$DIM" ffn="$FFN_DIM" \
+    layers="$LAYERS" heads="$HEADS" moe_sides="$MOE_SIDES" experts="$NUM_EXPERTS" \
+    top_k="$TOP_K" moe_freq="$MOE_FREQ" gate_weight="$GATE_WEIGHT" lr="$LR" warmup="$WARMUP" \
+    dropout="$DROPOUT" label_smoothing="$LABEL_SMOOTHING"
 THREADS="${THREADS:-${OMP_NUM_THREADS:-1}}"
 
 export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
@@ -112,39 +116,21 @@ log="$SAVE_DIR/train.log"
 touch "$log"
 log_from=$(($(wc -l < "$log") + 1))
 t0=$SECONDS
-"$PYTHON" user/train.py "$databin" \
-    --task translation_deepspeed --source-lang en --target-lang de \
-    --arch "$ARCH" --share-all-embeddings \
-    --encoder-embed-dim "$DIM" --decoder-embed-dim "$DIM" \
-    --encoder-ffn-embed-dim "$FFN_DIM" --decoder-ffn-embed-dim "$FFN_DIM" \
-    --encoder-layers "$LAYERS" --decoder-layers "$LAYERS" \
-    --encoder-attention-heads "$HEADS" --decoder-attention-heads "$HEADS" \
-    --encoder-normalize-before --decoder-normalize-before \
-    --dropout "$DROPOUT" --attention-dropout 0.0 \
-    --deepspeed_moe "$MOE_SIDES" --num-experts "$NUM_EXPERTS" --top-k "$TOP_K" --moe-freq "$MOE_FREQ" \
-    --criterion model_and_base \
-    --loss-weights "{\"base_crit\": 1, \"experts_gate_loss\": $GATE_WEIGHT}" \
-    --base-criterion label_smoothed_cross_entropy \
-    --base-criterion-config "{\"label_smoothing\": $LABEL_SMOOTHING}" \
-    --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 1.0 \
-    --lr "$LR" --lr-scheduler inverse_sqrt --warmup-updates "$WARMUP" --warmup-init-lr 1e-7 \
+"$PYTHON" user/train.py "$databin" "${model[@]}" --source-lang en --target-lang de \
     --max-tokens "$MAX_TOKENS" --max-update "$MAX_UPDATE" --stop-time-hours "$stop_hours" \
     --num-workers 0 --seed 1 --cpu \
     --log-format simple --log-interval 50 \
     --save-dir "$SAVE_DIR" --save-interval-updates "$SAVE_INTERVAL" --keep-interval-updates 1 \
     --no-epoch-checkpoints 2>&1 | tee -a "$log"
 t_train=$((SECONDS - t0))
-# this run's part of the log: updates reached, updates done, fairseq's training seconds
-run_log="$(tail -n "+$log_from" "$log")"
-updates="$(grep -oE 'num_updates[= ][0-9]+' <<<"$run_log" | tail -1 | grep -oE '[0-9]+$' || true)"
-resumed="$(grep -oE 'Loaded checkpoint .* @ [0-9]+ updates' <<<"$run_log" | grep -oE '[0-9]+ updates' | grep -oE '[0-9]+' || true)"
-secs="$(grep -oE 'done training in [0-9.]+' <<<"$run_log" | grep -oE '[0-9.]+$' || true)"
-updates="${updates:-${resumed:-0}}"
-done_now=$((updates - ${resumed:-0}))
-if [[ -n "$secs" && "$done_now" -gt 0 ]]; then
-    rate="$("$PYTHON" -c "import sys; print(f'{int(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$done_now" "$secs")"
-    echo "trained to update $updates of $MAX_UPDATE: $done_now updates in $secs s = $rate updates/s"
-elif [[ -n "$resumed" ]]; then
+# this run's part of the log: updates reached (run_updates), resumed from (run_resumed),
+# done (run_trained), fairseq's training seconds (run_seconds) and updates/s (run_rate)
+read_values run mt_run.fairseq_log summary - <<< "$(tail -n "+$log_from" "$log")"
+updates=$run_updates
+if [[ -n "$run_seconds" && "$run_trained" -gt 0 ]]; then
+    echo "trained to update $updates of $MAX_UPDATE: $run_trained updates in $run_seconds s" \
+        "= $run_rate updates/s"
+elif [[ -n "$run_resumed" ]]; then
     echo "resumed at update $updates: nothing left to train"
 fi
 if [[ "$updates" -lt "$MAX_UPDATE" ]]; then

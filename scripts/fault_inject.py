@@ -20,11 +20,10 @@ Environment:
 
 import os
 import signal
-import sys
+from argparse import Namespace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 MODE = os.environ.get("FAULT_MODE", "none")
 UPDATE = int(os.environ.get("FAULT_UPDATE", "0"))
@@ -99,7 +98,11 @@ def install(state):
 
 def main():
     import fairseq_cli.train  # noqa: F401  (fairseq's logging setup, as user/train.py)
+    from fairseq import utils
 
+    # this checkout's plugin, loaded as --user-dir loads it (fairseq puts the repository
+    # first on sys.path), before install() patches it
+    utils.import_user_module(Namespace(user_dir=str(REPO / "user")))
     from user.entry import run
 
     install({"updates": 0})

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -30,45 +29,23 @@ import threading
 import time
 from pathlib import Path
 
+from mt_run import fairseq_log
+from mt_run.recipes import MICRO
+
 REPO = Path(__file__).resolve().parents[1]
-PY = REPO / ".venv" / "bin" / "python"
 
-MODEL = [
-    "--task", "translation_deepspeed", "--arch", "transformer_ds_moe_tiny",
-    "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
-    "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "24",
-    "--encoder-layers", "1", "--decoder-layers", "1",
-    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
-    "--deepspeed_moe", "enc,dec", "--num-experts", "4", "--moe-freq", "1",
-    "--criterion", "model_and_base", "--loss-weights", '{"base_crit": 1, "experts_gate_loss": 0.1}',
-    "--optimizer", "adam", "--lr", "0.003", "--max-tokens", "400", "--seed", "7", "--dropout", "0.1",
-    "--log-format", "json", "--log-interval", "1", "--no-progress-bar", "--num-workers", "0",
-    "--save-interval-updates", "2", "--keep-interval-updates", "2", "--no-epoch-checkpoints",
-    "--disable-validation",
-]
-
-
-def python() -> str:
-    return str(PY) if PY.exists() else sys.executable
+# the micro model (mt_run.recipes), a checkpoint every 2 updates, the last 2 kept
+MODEL = [*MICRO, "--seed", "7", "--save-interval-updates", "2", "--keep-interval-updates", "2",
+         "--disable-validation"]
 
 
 def command(databin, save, max_update, nproc, port):
     args = [str(databin), *MODEL, "--save-dir", str(save), "--max-update", str(max_update)]
     script = str(REPO / "scripts" / "fault_inject.py")
     if nproc == 1:
-        return [python(), script, *args]
-    return [python(), "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        return [sys.executable, script, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
             "--master_port", str(port), script, *args, "--ep-world-size", str(nproc)]
-
-
-def losses(text):
-    found = {}
-    for line in text.splitlines():
-        m = re.search(r"\| train_inner \| (\{.*\})$", line)
-        if m:
-            rec = json.loads(m.group(1))
-            found[int(rec["num_updates"])] = rec["loss"]
-    return found
 
 
 def env(**extra):
@@ -125,7 +102,8 @@ def run(cmd, timeout, kill_at_update=None, delay=0.0):
     def read():
         for line in proc.stdout:
             lines.append(line)
-            if kill_at_update is not None and max(losses(line), default=0) >= kill_at_update:
+            logged = fairseq_log.losses_by_update(line)
+            if kill_at_update is not None and max(logged, default=0) >= kill_at_update:
                 reached.set()
 
     reader = threading.Thread(target=read, daemon=True)
@@ -176,13 +154,14 @@ def main(argv=None):
     rc, out = run(command(args.databin, ref, args.max_update, args.nproc, port), args.timeout)
     if rc != 0:
         raise SystemExit(f"uninterrupted run failed ({rc}):\n{out[-3000:]}")
-    want = losses(out)
+    want = fairseq_log.losses_by_update(out)
 
     modes = ["forward", "between", "save", "copy", "time"] + (["shard"] if args.nproc > 1 else [])
     kills, log, got, mismatched = 0, [], {}, []
 
     def record(text):
-        for u, v in losses(text).items():  # replayed updates must repeat exactly
+        # replayed updates must repeat exactly
+        for u, v in fairseq_log.losses_by_update(text).items():
             if u in got and got[u] != v:
                 mismatched.append((u, got[u], v))
             got[u] = v

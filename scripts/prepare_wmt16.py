@@ -20,9 +20,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import mt_prep  # noqa: E402
+import mt_prep
 
 logger = mt_prep.logger
 

@@ -7,21 +7,13 @@
 import os
 
 from conftest import USER_DIR, run_cli
-from test_cli import losses_by_update
 
-MODEL = [
-    "--task", "translation_deepspeed", "--arch", "transformer_ds_moe_tiny",
-    "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
-    "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "24",
-    "--encoder-layers", "1", "--decoder-layers", "1",
-    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
-    "--deepspeed_moe", "enc,dec", "--num-experts", "4", "--moe-freq", "1",
-    "--moe-capacity-factor", "2",
-    "--criterion", "model_and_base", "--loss-weights", '{"base_crit": 1, "experts_gate_loss": 0.1}',
-    "--optimizer", "adam", "--lr", "0.003", "--max-tokens", "400", "--seed", "5", "--dropout", "0.1",
-    "--log-format", "json", "--log-interval", "1", "--no-progress-bar", "--num-workers", "0",
-    "--save-interval-updates", "3", "--keep-interval-updates", "1", "--no-epoch-checkpoints",
-]
+from mt_run.fairseq_log import losses_by_update
+from mt_run.recipes import MICRO
+
+# the micro model (mt_run.recipes) with room for every token, a checkpoint every 3 updates
+MODEL = [*MICRO, "--moe-capacity-factor", "2", "--seed", "5", "--save-interval-updates", "3",
+         "--keep-interval-updates", "1"]
 
 _port = [20000 + os.getpid() % 20000]
 

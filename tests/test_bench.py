@@ -4,7 +4,8 @@
 # LICENSE file in the root directory of this source tree.
 """The benchmark table is computed from fairseq's own log lines."""
 
-from scripts.bench import markdown, parse_log, summarize
+from mt_run.fairseq_log import parse
+from scripts.bench import markdown, summarize
 
 
 def log_text(bleus, wps):
@@ -20,8 +21,8 @@ def log_text(bleus, wps):
 
 
 def test_rows_come_from_the_logs():
-    dense = parse_log(log_text([1.0, 3.0, 2.0], [500, 200, 400]))
-    moe = parse_log(log_text([0.5, 2.5, 3.5], [400, 100, 300]))
+    dense = parse(log_text([1.0, 3.0, 2.0], [500, 200, 400]))
+    moe = parse(log_text([0.5, 2.5, 3.5], [400, 100, 300]))
     assert dense["valid"][0]["bleu"] == 1.0 and dense["train"][0]["wall"] == 30.0
     d = summarize(dense)
     assert d["best_valid_bleu"] == 3.0 and d["updates_to_best"] == 20 and d["epochs_to_best"] == 2
@@ -29,7 +30,7 @@ def test_rows_come_from_the_logs():
     assert d["seconds_per_update"] == 1.0 and d["valid_tokens_per_sec"] == 50
     m = summarize(moe, comparable=d["best_valid_bleu"])
     assert m["updates_to_comparable"] == 30 and m["best_valid_bleu"] == 3.5
-    never = summarize(parse_log(log_text([1.0], [1, 2])), comparable=3.0)
+    never = summarize(parse(log_text([1.0], [1, 2])), comparable=3.0)
     assert never["updates_to_comparable"] is None
     table = markdown({"dense": {**summarize(dense, 3.0), "experts": "–"}, "moe": {**m, "experts": 4}},
                      {"hardware": "h", "settings": "s", "versions": "v", "date": "d"})

@@ -6,7 +6,8 @@
 linearity check and the log parsing. No timing here: the benchmark itself
 measures."""
 
-from scripts.bench_perf import median, memory_fit, parse_wps
+from mt_run.fairseq_log import wps
+from scripts.bench_perf import median, memory_fit
 
 
 def test_memory_fit_calls_linear_growth_linear():
@@ -27,5 +28,5 @@ def test_parse_wps_skips_warmup_lines():
     log = "\n".join(
         f"2026-11-25 | INFO | train_inner | epoch 001: {i} / 9 loss=9.1, wps={w}, ups=1.0"
         for i, w in enumerate([100.0, 2000.5, 2100.0, 1900.0], 1))
-    assert parse_wps(log, skip=1) == [2000.5, 2100.0, 1900.0]
-    assert median(parse_wps(log, skip=1)) == 2000.5
+    assert wps(log, skip=1) == [2000.5, 2100.0, 1900.0]
+    assert median(wps(log, skip=1)) == 2000.5

@@ -6,13 +6,14 @@
 MoE model on CPU, resumes exactly, fairseq-generate translates, sacrebleu scores;
 bad flags fail before any work with one clear line."""
 
-import json
 import re
 
 import pytest
 import sacrebleu
 
 from conftest import USER_DIR, run_cli
+
+from mt_run import fairseq_log
 
 MODEL = [
     "--task", "translation_deepspeed", "--arch", "transformer_ds_moe_tiny",
@@ -35,14 +36,8 @@ def train(databin, save_dir, max_update, cli="fairseq-train"):
 
 
 def losses_by_update(output):
-    """{num_updates: loss} from fairseq's json train_inner log lines."""
-    found = {}
-    for line in output.splitlines():
-        m = re.search(r"\| train_inner \| (\{.*\})$", line)
-        if m:
-            rec = json.loads(m.group(1))
-            found[int(rec["num_updates"])] = float(rec["loss"])
-    return found
+    """{num_updates: loss} from fairseq's train_inner log lines."""
+    return fairseq_log.losses_by_update(output)
 
 
 @pytest.fixture(scope="module")

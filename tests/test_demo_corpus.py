@@ -2,19 +2,16 @@
 # Copyright (c) the fairseq-moe plugin authors
 """Tests of the bundled LibreOffice demo corpus and of its prepare entry point."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+import mt_prep
+from scripts import build_demo_corpus, prepare_demo
 
-import build_demo_corpus  # noqa: E402
-import mt_prep  # noqa: E402
-import prepare_demo  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SPLITS = ("train", "valid", "test")
 

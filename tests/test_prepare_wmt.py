@@ -7,7 +7,7 @@ Tiny archives are built in the exact WMT16 layouts (tgz member paths,
 bundled demo corpus, served by ``http.server`` on 127.0.0.1, and the real
 bash script is run against them. The mirror can cut a response midway or
 serve a damaged archive, to exercise resume and integrity checks. Unit tests
-of the pure helpers of ``scripts/mt_prep.py`` come first.
+of the pure helpers of ``mt_prep`` come first.
 """
 
 import gzip
@@ -28,10 +28,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+import mt_prep
 
-import mt_prep  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 STEPS = ["fetch", "extract", "raw", "normalize", "clean", "spm_train", "encode", "binarize"]
 N_EVAL = 100  # segments in the fake newstest sets

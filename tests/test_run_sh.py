@@ -16,6 +16,8 @@ import torch
 
 from conftest import REPO, cli_env
 
+from mt_run import fairseq_log
+
 RUN_SH = REPO / "run.sh"
 ARCH = "transformer_ds_moe_tiny"
 MOE_RUN = f"{ARCH}-moe_g1_ep1_ex4_k1_encdec"
@@ -147,7 +149,7 @@ def first(env):
 
 def num_updates(output):
     """Update numbers of fairseq's per-interval log lines (simple format)."""
-    return [int(n) for n in re.findall(r"\| train_inner \|.*\bnum_updates=(\d+)", output)]
+    return [int(r["num_updates"]) for r in fairseq_log.parse(output)["train_inner"]]
 
 
 @pytest.mark.timeout(120)

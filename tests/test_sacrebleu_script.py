@@ -1,6 +1,6 @@
 # MIT License
 # Copyright (c) the fairseq-moe plugin authors
-"""Tests of ``scripts/sacrebleu.sh`` and its helper ``scripts/gen_to_text.py``:
+"""Tests of ``scripts/sacrebleu.sh`` and of ``mt_prep.bleu`` behind it:
 parsing a hand-written ``fairseq-generate`` output, and the script end to end
 on a plain reference file against ``sacrebleu.corpus_bleu`` computed directly."""
 
@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import sacrebleu
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+from mt_prep import bleu
 
-import gen_to_text  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # ids shuffled (as generate prints them, by batch), S-/T-/H-/P- lines and logs
 # mixed in, hypotheses still in sentencepiece pieces, one empty hypothesis
@@ -49,33 +48,33 @@ def run_script(*args, **kwargs):
 
 @pytest.mark.timeout(10)
 def test_parse_sorts_by_id_prefers_d_lines_and_joins_pieces():
-    hyps = gen_to_text.parse_generate_output(GEN_OUTPUT.splitlines(keepends=True))
+    hyps = bleu.parse_generate_output(GEN_OUTPUT.splitlines(keepends=True))
     assert len(hyps) == 4 and hyps[3] == ""
     assert hyps[0].startswith("\u2581Klicken")
-    assert gen_to_text.detokenize(hyps) == EXPECTED
+    assert bleu.detokenize(hyps) == EXPECTED
 
 
 @pytest.mark.timeout(10)
 def test_parse_falls_back_to_h_lines_and_keeps_first_nbest():
     text = "H-1\t-0.2\tzwei\nH-0\t-0.1\teins\nH-0\t-0.9\tnicht das beste\n"
-    assert gen_to_text.parse_generate_output(text.splitlines()) == ["eins", "zwei"]
+    assert bleu.parse_generate_output(text.splitlines()) == ["eins", "zwei"]
 
 
 @pytest.mark.timeout(10)
 def test_already_decoded_text_is_left_as_is():
     # generate --bpe sentencepiece: D- lines are plain text, spaces must stay
     text = "D-0\t-0.1\tKlicken Sie auf OK.\nH-0\t-0.1\t\u2581Klicken \u2581Sie \u2581auf \u2581OK .\n"
-    hyps = gen_to_text.parse_generate_output(text.splitlines())
-    assert gen_to_text.detokenize(hyps) == ["Klicken Sie auf OK."]
-    assert gen_to_text.join_pieces("\u2581Hal lo \u2581Welt .") == "Hallo Welt."
+    hyps = bleu.parse_generate_output(text.splitlines())
+    assert bleu.detokenize(hyps) == ["Klicken Sie auf OK."]
+    assert bleu.join_pieces("\u2581Hal lo \u2581Welt .") == "Hallo Welt."
 
 
 @pytest.mark.timeout(10)
 def test_parse_rejects_missing_ids_and_non_generate_files():
-    with pytest.raises(gen_to_text.ScoringError, match="first missing id: 1"):
-        gen_to_text.parse_generate_output(["D-0\t-0.1\ta", "D-2\t-0.1\tc"])
-    with pytest.raises(gen_to_text.ScoringError, match="no D-<id> or H-<id>"):
-        gen_to_text.parse_generate_output(["just text", "S-0\tsource"])
+    with pytest.raises(bleu.ScoringError, match="first missing id: 1"):
+        bleu.parse_generate_output(["D-0\t-0.1\ta", "D-2\t-0.1\tc"])
+    with pytest.raises(bleu.ScoringError, match="no D-<id> or H-<id>"):
+        bleu.parse_generate_output(["just text", "S-0\tsource"])
 
 
 @pytest.mark.timeout(60)

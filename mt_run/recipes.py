@@ -1,0 +1,225 @@
+# MIT License
+# Copyright (c) the fairseq-moe plugin authors
+"""The training recipes, defined once for every script that trains.
+
+- ``tiny``: ``make demo``'s model, the CPU default of ``run.sh``
+  (``ARCH=transformer_ds_moe_tiny``), ``make bench``'s model, and with documented
+  overrides ``make bench-perf``'s (wider, 8 experts). A 64-wide model whose
+  embeddings are shared by encoder, decoder and output (the softmax over the
+  demo's 7.9k pieces, not the layers, dominates its cost), 2 pre-norm layers a
+  side, 4 experts top-1 in every layer; no dropout, a high learning rate with a
+  short warmup: BLEU 13 on the demo test set after 2000 updates on 2 CPU cores.
+- ``wmt``: the reference recipe (Vaswani et al. base on WMT16 en-de), every other
+  ``ARCH`` of ``run.sh``; the architecture keeps its own sizes.
+- ``MICRO``: not a training recipe: the smallest MoE model, trained in seconds by
+  ``scripts/fault_run.py`` and the expert-parallel tests (``tests/ep_helpers.py``).
+
+A recipe is a dict of settings (model size, regularization, optimization, MoE
+layout and loss, batch size, update budget, decoding, and ``run.sh``'s logging,
+saving and benchmark cadence for it). ``settings(name, **overrides)`` copies one
+with overrides; ``train_flags(settings, moe)`` turns settings into the
+recipe's ``fairseq-train`` flags: task, architecture and sizes, dropout, MoE
+layers and criterion (or the dense criterion), optimizer and schedule. A caller
+adds what is its own: data, languages, batch size, budget, seed, device,
+logging, checkpoints, validation, and user options last.
+
+Why a Python module: the recipes are parameterized (``make demo``'s sizes come
+from environment variables, ``bench.py``'s and ``bench_perf.py``'s from their
+options, the gate-loss weight goes inside a JSON value), which a flat flag file
+could not express without a template language of its own; the Python scripts
+import it, and the bash scripts read it through its command line, one value a
+line (so values with spaces, quotes or JSON need no quoting; ``read_values`` and
+``read_lines`` in ``scripts/lib.sh``), at the cost of a Python start-up (about
+0.05 s: nothing heavy is imported)::
+
+    python -m mt_run.recipes tiny [SETTING=VALUE ...]            # name=value lines
+    python -m mt_run.recipes tiny [SETTING=VALUE ...] --flags [--dense]
+
+An empty ``VALUE`` means "not passed" (the architecture's or fairseq's default).
+"""
+
+import argparse
+import sys
+
+# what both recipes share
+_COMMON = {
+    # MoE layers (--deepspeed_moe, --num-experts, --top-k, --moe-freq, --ep-world-size;
+    # None: the plugin's default) and the criterion: model_and_base, the gate loss
+    # weighted by gate_weight (0.01, not the reference's 10: see README, "Choosing the
+    # gate-loss weight") over label-smoothed cross-entropy
+    "moe_sides": "enc,dec",
+    "top_k": 1,
+    "ep_world_size": None,
+    "gate_weight": 0.01,
+    "label_smoothing": 0.1,
+    # the dense baseline's criterion: label_smoothed_cross_entropy (the reference's
+    # baseline), or model_and_base without gate loss (the same criterion code as MoE)
+    "dense_criterion": "label_smoothed_cross_entropy",
+    # batch tokens per process on GPUs (max_tokens_cpu: on CPU)
+    "max_tokens_gpu": 4096,
+    # decoding (generate, BLEU during training)
+    "beam": 4,
+    "max_len_a": 1.2,
+    "max_len_b": 10,
+}
+
+TINY = {
+    "arch": "transformer_ds_moe_tiny",
+    "dim": 64,
+    "ffn": 256,
+    "layers": 2,
+    "heads": 4,
+    "share_all_embeddings": 1,
+    "pre_norm": 1,
+    "dropout": 0.0,
+    "attention_dropout": 0.0,
+    "experts": 4,
+    "moe_freq": 1,
+    "lr": 0.007,
+    "warmup": 100,
+    "clip_norm": 1.0,
+    "weight_decay": None,
+    "max_tokens_cpu": 1024,
+    "max_update": 2000,
+    "lenpen": 1.0,
+    # run.sh: --log-interval, --save-interval-updates, BENCH_UPDATES
+    "log_interval": 10,
+    "save_interval": 200,
+    "bench_updates": 30,
+    **_COMMON,
+}
+
+WMT = {
+    "arch": "transformer_ds_moe_wmt_en_de",
+    "dim": None,
+    "ffn": None,
+    "layers": None,
+    "heads": None,
+    "share_all_embeddings": 0,
+    "pre_norm": 0,
+    "dropout": 0.3,
+    "attention_dropout": None,
+    "experts": 8,
+    "moe_freq": 2,
+    "lr": "5e-4",  # spelled as the reference spells it
+    "warmup": 4000,
+    "clip_norm": 0.0,
+    "weight_decay": 0.0001,
+    "max_tokens_cpu": 2048,
+    "max_update": 300000,
+    "lenpen": 0.6,
+    "log_interval": 100,
+    "save_interval": 1000,
+    "bench_updates": 200,
+    **_COMMON,
+}
+
+RECIPES = {"tiny": TINY, "wmt": WMT}
+
+# the smallest MoE model (1 layer a side, 16 wide, 4 experts in every layer), json logs
+# at every update; callers add --seed, checkpoint intervals and what else they test
+MICRO = [
+    "--task", "translation_deepspeed", "--arch", "transformer_ds_moe_tiny",
+    "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
+    "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "24",
+    "--encoder-layers", "1", "--decoder-layers", "1",
+    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+    "--deepspeed_moe", "enc,dec", "--num-experts", "4", "--moe-freq", "1",
+    "--criterion", "model_and_base",
+    "--loss-weights", '{"base_crit": 1, "experts_gate_loss": 0.1}',
+    "--optimizer", "adam", "--lr", "0.003", "--max-tokens", "400", "--dropout", "0.1",
+    "--log-format", "json", "--log-interval", "1", "--no-progress-bar", "--num-workers", "0",
+    "--no-epoch-checkpoints",
+]
+
+
+def settings(name, **overrides):
+    """A copy of recipe ``name`` with ``overrides``.
+
+    Args:
+        name: ``tiny`` or ``wmt``.
+        overrides: settings to replace; ``None`` (or ``""``) means "not passed".
+
+    Raises:
+        KeyError: an unknown recipe or setting (its message names the known ones).
+    """
+    if name not in RECIPES:
+        raise KeyError(f"unknown recipe {name!r}: choose from {sorted(RECIPES)}")
+    out = dict(RECIPES[name])
+    unknown = sorted(set(overrides) - set(out))
+    if unknown:
+        raise KeyError(f"recipe {name!r} has no setting {unknown}: known are {sorted(out)}")
+    out.update({k: None if v == "" else v for k, v in overrides.items()})
+    return out
+
+
+def train_flags(s, moe=True):
+    """The recipe's ``fairseq-train`` flags for settings ``s`` (from ``settings``).
+
+    Args:
+        s: the settings.
+        moe: MoE layers and the gate loss; False: the same architecture, dense,
+            with ``s["dense_criterion"]``.
+    """
+
+    def given(*pairs):
+        return [str(x) for flag, value in pairs if value is not None for x in (flag, value)]
+
+    flags = ["--task", "translation_deepspeed", "--arch", str(s["arch"])]
+    if str(s["share_all_embeddings"]) == "1":
+        flags.append("--share-all-embeddings")
+    for part, key in (("embed-dim", "dim"), ("ffn-embed-dim", "ffn"), ("layers", "layers"),
+                      ("attention-heads", "heads")):
+        if s[key] is not None:
+            flags += [f"--encoder-{part}", str(s[key]), f"--decoder-{part}", str(s[key])]
+    if str(s["pre_norm"]) == "1":
+        flags += ["--encoder-normalize-before", "--decoder-normalize-before"]
+    flags += given(("--dropout", s["dropout"]), ("--attention-dropout", s["attention_dropout"]))
+    base = ["--base-criterion", "label_smoothed_cross_entropy",
+            "--base-criterion-config", f'{{"label_smoothing": {s["label_smoothing"]}}}']
+    if moe:
+        flags += given(("--deepspeed_moe", s["moe_sides"]), ("--num-experts", s["experts"]),
+                       ("--top-k", s["top_k"]), ("--moe-freq", s["moe_freq"]),
+                       ("--ep-world-size", s["ep_world_size"]))
+        flags += ["--criterion", "model_and_base", "--loss-weights",
+                  f'{{"base_crit": 1, "experts_gate_loss": {s["gate_weight"]}}}', *base]
+    elif s["dense_criterion"] == "model_and_base":
+        flags += ["--criterion", "model_and_base", "--loss-weights", '{"base_crit": 1}', *base]
+    elif s["dense_criterion"] == "label_smoothed_cross_entropy":
+        flags += ["--criterion", "label_smoothed_cross_entropy",
+                  "--label-smoothing", str(s["label_smoothing"])]
+    else:
+        raise ValueError(f"dense_criterion {s['dense_criterion']!r}: use "
+                         "label_smoothed_cross_entropy or model_and_base")
+    flags += ["--optimizer", "adam", "--adam-betas", "(0.9, 0.98)"]
+    flags += given(("--weight-decay", s["weight_decay"]), ("--clip-norm", s["clip_norm"]),
+                   ("--lr", s["lr"]))
+    flags += ["--lr-scheduler", "inverse_sqrt", *given(("--warmup-updates", s["warmup"])),
+              "--warmup-init-lr", "1e-07"]
+    return flags
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m mt_run.recipes",
+        description="Print a recipe's settings (name=value lines) or, with --flags, its "
+        "fairseq-train flags (one a line).")
+    p.add_argument("recipe", choices=sorted(RECIPES))
+    p.add_argument("overrides", nargs="*", metavar="SETTING=VALUE")
+    p.add_argument("--flags", action="store_true", help="print the flags, not the settings")
+    p.add_argument("--dense", action="store_true", help="with --flags: the dense model")
+    args = p.parse_intermixed_args(argv)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        p.error(f"overrides are SETTING=VALUE, not {bad}")
+    try:
+        s = settings(args.recipe, **dict(o.split("=", 1) for o in args.overrides))
+        lines = (train_flags(s, moe=not args.dense) if args.flags
+                 else [f"{k}={'' if v is None else v}" for k, v in s.items()])
+    except (KeyError, ValueError) as e:
+        p.error(str(e).strip("'\""))
+    sys.stdout.write("".join(line + "\n" for line in lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+# MIT License
+# Copyright (c) the fairseq-moe plugin authors
+"""One source per recipe: ``run.sh``, ``scripts/demo.sh``, ``scripts/bench.py`` and
+``scripts/bench_perf.py`` train with ``mt_run.recipes``' flags, and follow it when it
+changes (a copy of the repository's scripts with an edited recipe)."""
+
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, cli_env
+
+from mt_run import recipes
+from scripts import bench, bench_perf
+
+
+def contains(cmd, flags):
+    """Whether ``flags`` stand in ``cmd`` in a row."""
+    return any(cmd[i:i + len(flags)] == flags for i in range(len(cmd) - len(flags) + 1))
+
+
+def follows_the_edit(cmd):
+    """Whether ``cmd`` has the edited tiny recipe's attention dropout and layers."""
+    return (contains(cmd, ["--attention-dropout", "0.25"])
+            and contains(cmd, ["--encoder-layers", "3"]))
+
+
+def run_sh_dry(repo, **env):
+    """The training commands ``bash REPO/run.sh`` prints with DRY_RUN=1, from ``repo``."""
+    env = cli_env(DRY_RUN="1", DATABIN="/data/bin", OUT_DIR="/out", PYTHON=sys.executable,
+                  **{k: str(v) for k, v in env.items()})
+    proc = subprocess.run(["bash", str(repo / "run.sh")], capture_output=True, text=True,
+                          timeout=60, env=env, cwd=repo, check=True)
+    return [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+
+
+@pytest.mark.timeout(60)
+def test_run_sh_trains_with_the_recipes():
+    (cmd,) = run_sh_dry(REPO, DEVICE="cpu")
+    assert contains(cmd, recipes.train_flags(recipes.settings("tiny", ep_world_size=1)))
+    (cmd,) = run_sh_dry(REPO, DEVICE="cpu", DENSE=1)
+    assert contains(cmd, recipes.train_flags(recipes.settings("tiny"), moe=False))
+    (cmd,) = run_sh_dry(REPO, DEVICE="cuda", NUM_GPUS=8)
+    assert contains(cmd, recipes.train_flags(recipes.settings("wmt", ep_world_size=8)))
+    # run.sh's own defaults for a recipe come from it too
+    assert cmd[cmd.index("--log-interval") + 1] == str(recipes.WMT["log_interval"])
+
+
+@pytest.mark.timeout(30)
+def test_bench_scripts_build_the_tiny_recipe(monkeypatch):
+    args = bench.parse_args(["--databin", "/data/bin", "--out", "/out"])
+    tiny = recipes.settings("tiny", dense_criterion="model_and_base")
+    assert contains(bench.train_command("moe", args, moe=True), recipes.train_flags(tiny))
+    assert contains(bench.train_command("dense", args, moe=False),
+                    recipes.train_flags(tiny, moe=False))
+    perf = bench_perf.parse_args([])
+    wide = recipes.settings("tiny", **bench_perf.MODEL, ep_world_size=2)
+    assert contains(bench_perf.model_args(perf, True, 4096, ep=2), recipes.train_flags(wide))
+    # an edited recipe reaches both
+    monkeypatch.setitem(recipes.TINY, "attention_dropout", 0.25)
+    monkeypatch.setitem(recipes.TINY, "layers", 3)
+    cmd = bench.train_command("moe", bench.parse_args(["--databin", "/d", "--out", "/o"]), True)
+    assert follows_the_edit(cmd)
+    cmd = bench_perf.model_args(bench_perf.parse_args([]), False, 4096)
+    assert follows_the_edit(cmd)
+
+
+@pytest.fixture
+def edited_copy(tmp_path):
+    """run.sh, scripts/{demo,lib,sacrebleu}.sh and mt_run copied, the tiny recipe edited
+    (attention dropout 0.25, 3 layers): the bash scripts, run from the copy, read its recipe."""
+    (tmp_path / "scripts").mkdir()
+    for path in ("run.sh", "scripts/demo.sh", "scripts/lib.sh", "scripts/sacrebleu.sh"):
+        shutil.copy(REPO / path, tmp_path / path)
+    shutil.copytree(REPO / "mt_run", tmp_path / "mt_run",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    source = (tmp_path / "mt_run" / "recipes.py").read_text()
+    tiny = source.index("TINY = {")
+    edited = (source[tiny:].replace('"attention_dropout": 0.0,', '"attention_dropout": 0.25,', 1)
+              .replace('"layers": 2,', '"layers": 3,', 1))
+    assert edited != source[tiny:]
+    (tmp_path / "mt_run" / "recipes.py").write_text(source[:tiny] + edited)
+    return tmp_path
+
+
+@pytest.mark.timeout(60)
+def test_run_sh_follows_an_edited_recipe(edited_copy):
+    (cmd,) = run_sh_dry(edited_copy, DEVICE="cpu")
+    assert follows_the_edit(cmd)
+
+
+@pytest.mark.timeout(60)
+def test_demo_sh_follows_an_edited_recipe(edited_copy):
+    # a stand-in interpreter: runs Python's -c and -m, records user/train.py's arguments and
+    # does nothing for the other scripts (data preparation, translation, scoring)
+    record = edited_copy / "train_args"
+    fake = edited_copy / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+case "$1" in
+    -c | -m) exec {shlex.quote(sys.executable)} "$@" ;;
+    user/train.py) shift; printf '%s\\n' "$@" > {shlex.quote(str(record))} ;;
+esac
+""")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    env = cli_env(PYTHON=str(fake), WORKSPACE=str(edited_copy / "ws"), MAX_UPDATE="7")
+    env.pop("OMP_NUM_THREADS", None)
+    proc = subprocess.run(["bash", "scripts/demo.sh"], capture_output=True, text=True, timeout=60,
+                          env=env, cwd=edited_copy)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cmd = record.read_text().splitlines()
+    assert follows_the_edit(cmd)
+    assert "_l3_" in proc.stdout  # the run's name (layers) from the recipe too
+    edited = recipes.train_flags({**recipes.TINY, "attention_dropout": 0.25, "layers": 3})
+    assert contains(cmd, edited) and contains(cmd, ["--max-update", "7"])
+    assert os.path.basename(cmd[0]) == "databin"
