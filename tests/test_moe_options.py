@@ -4,6 +4,7 @@
 # LICENSE file in the root directory of this source tree.
 """Pure tests of the MoE flags: parsing, defaults, validation messages."""
 
+import re
 from argparse import Namespace
 
 import pytest
@@ -82,3 +83,18 @@ def test_every_nth_layer_is_moe(freq, layers, expected):
     opts = MoEOptions(sides=frozenset({"enc"}), freq=freq)
     assert [i for i in range(layers) if opts.is_moe_layer("enc", i)] == expected
     assert not any(opts.is_moe_layer("dec", i) for i in range(layers))
+
+
+def test_the_readme_flag_table_documents_every_flag():
+    """README's MoE flag table and the flag table in the code stay one list."""
+    from conftest import REPO
+
+    from user.moe_options import FLAGS
+
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## MoE flags"):]
+    table = table[:table.index("\n\n", table.index("| flag |"))]
+    documented = {f for f in re.findall(r"`(--[a-z0-9_-]+)", table) if not f.endswith("-")}
+    in_code = {f.names[0] for f in FLAGS}
+    assert in_code - documented == set(), "flags missing from README's table"
+    assert documented - in_code - {f.off for f in FLAGS} == set(), "README documents unknown flags"
