@@ -38,6 +38,7 @@ def parse_checksums(text):
             sums[os.path.basename(name.lstrip("*"))] = digest.lower()
     return sums
 
+
 class DownloadError(RuntimeError):
     """A file could not be downloaded."""
 
@@ -100,7 +101,11 @@ def download(url, dest, attempts=5, timeout=60.0, backoff=1.0):
             wait = backoff * 2 ** (attempt - 1)
             logger.warning(
                 "download of %s interrupted (%s); retry %d/%d in %.1fs",
-                url, last_error, attempt, attempts - 1, wait,
+                url,
+                last_error,
+                attempt,
+                attempts - 1,
+                wait,
             )
             time.sleep(wait)
     raise DownloadError(f"{url}: giving up after {attempts} attempts: {last_error}")

@@ -35,7 +35,7 @@ def atomic_path(path):
 def _remove_stale_tmp(path):
     """Remove ``path.tmp<pid>`` left by a killed run (a process that no longer exists)."""
     for old in glob.glob(glob.escape(path) + ".tmp*"):
-        pid = old[len(path) + len(".tmp"):]
+        pid = old[len(path) + len(".tmp") :]
         if pid.isdigit() and not _alive(int(pid)):
             remove_path(old)
 

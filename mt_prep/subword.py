@@ -10,8 +10,16 @@ from .files import atomic_path, read_lines
 logger = logging.getLogger("mt_prep")
 
 
-def train_sentencepiece(inputs, model_prefix, vocab_size, model_type="bpe",
-                        character_coverage=1.0, input_sentence_size=10000000, seed=1, threads=1):
+def train_sentencepiece(
+    inputs,
+    model_prefix,
+    vocab_size,
+    model_type="bpe",
+    character_coverage=1.0,
+    input_sentence_size=10000000,
+    seed=1,
+    threads=1,
+):
     """Train one joint sentencepiece model on the given files.
 
     Writes ``model_prefix.model`` and ``.vocab`` atomically.
@@ -66,8 +74,12 @@ def encode_file(model, src_path, dest_path, batch=20000):
     with atomic_path(dest_path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for i in range(0, len(lines), batch):
-                for pieces in sp.encode(lines[i:i + batch], out_type=str):
+                for pieces in sp.encode(lines[i : i + batch], out_type=str):
                     f.write(" ".join(pieces) + "\n")
                 if len(lines) > batch:
-                    logger.info("encode %s: %d/%d lines", os.path.basename(src_path),
-                                min(i + batch, len(lines)), len(lines))
+                    logger.info(
+                        "encode %s: %d/%d lines",
+                        os.path.basename(src_path),
+                        min(i + batch, len(lines)),
+                        len(lines),
+                    )

@@ -95,6 +95,7 @@ def heldout_split(n_lines, every=100):
     held = set(valid)
     return [i for i in range(n_lines) if i not in held], valid
 
+
 _NORMALIZERS = {}
 
 

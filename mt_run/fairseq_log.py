@@ -44,8 +44,10 @@ def _value(v):
 
 def _record(kind, message):
     if message.startswith("{"):  # json
-        return {(k[len(kind) + 1:] if k.startswith(kind + "_") else k): _value(v)
-                for k, v in json.loads(message).items()}
+        return {
+            (k[len(kind) + 1 :] if k.startswith(kind + "_") else k): _value(v)
+            for k, v in json.loads(message).items()
+        }
     rec = {}
     m = _EPOCH.match(message)
     if m:
@@ -81,8 +83,11 @@ def losses_by_update(text):
     Args:
         text: the log.
     """
-    return {int(r["num_updates"]): r["loss"] for r in parse(text)["train_inner"]
-            if "num_updates" in r and "loss" in r}
+    return {
+        int(r["num_updates"]): r["loss"]
+        for r in parse(text)["train_inner"]
+        if "num_updates" in r and "loss" in r
+    }
 
 
 def wps(text, kind="train_inner", skip=0):
@@ -118,8 +123,11 @@ def translated(text):
     if not found:
         return None
     sentences, tokens, seconds = found[-1]
-    return {"sentences": int(sentences.replace(",", "")), "tokens": int(tokens.replace(",", "")),
-            "seconds": float(seconds)}
+    return {
+        "sentences": int(sentences.replace(",", "")),
+        "tokens": int(tokens.replace(",", "")),
+        "seconds": float(seconds),
+    }
 
 
 def summary(text):
@@ -138,15 +146,22 @@ def summary(text):
     trained = updates - (resumed or 0)
     seconds = training_seconds(text)
     rate = f"{trained / float(seconds):.2f}" if seconds and trained > 0 else None
-    return {"updates": updates, "resumed": resumed, "trained": trained, "seconds": seconds,
-            "rate": rate}
+    return {
+        "updates": updates,
+        "resumed": resumed,
+        "trained": trained,
+        "seconds": seconds,
+        "rate": rate,
+    }
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mt_run.fairseq_log",
-                                description="Read a fairseq log.")
-    p.add_argument("what", choices=["summary"],
-                   help="summary: a training run's progress, name=value lines")
+    p = argparse.ArgumentParser(
+        prog="python -m mt_run.fairseq_log", description="Read a fairseq log."
+    )
+    p.add_argument(
+        "what", choices=["summary"], help="summary: a training run's progress, name=value lines"
+    )
     p.add_argument("log", help="the log file; - for stdin")
     args = p.parse_args(argv)
     if args.log == "-":

@@ -118,6 +118,7 @@ RECIPES = {"tiny": TINY, "wmt": WMT}
 
 # the smallest MoE model (1 layer a side, 16 wide, 4 experts in every layer), json logs
 # at every update; callers add --seed, checkpoint intervals and what else they test
+# fmt: off
 MICRO = [
     "--task", "translation_deepspeed", "--arch", "transformer_ds_moe_tiny",
     "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
@@ -131,6 +132,7 @@ MICRO = [
     "--log-format", "json", "--log-interval", "1", "--no-progress-bar", "--num-workers", "0",
     "--no-epoch-checkpoints",
 ]
+# fmt: on
 
 
 def settings(name, **overrides):
@@ -168,34 +170,63 @@ def train_flags(s, moe=True):
     flags = ["--task", "translation_deepspeed", "--arch", str(s["arch"])]
     if str(s["share_all_embeddings"]) == "1":
         flags.append("--share-all-embeddings")
-    for part, key in (("embed-dim", "dim"), ("ffn-embed-dim", "ffn"), ("layers", "layers"),
-                      ("attention-heads", "heads")):
+    for part, key in (
+        ("embed-dim", "dim"),
+        ("ffn-embed-dim", "ffn"),
+        ("layers", "layers"),
+        ("attention-heads", "heads"),
+    ):
         if s[key] is not None:
             flags += [f"--encoder-{part}", str(s[key]), f"--decoder-{part}", str(s[key])]
     if str(s["pre_norm"]) == "1":
         flags += ["--encoder-normalize-before", "--decoder-normalize-before"]
     flags += given(("--dropout", s["dropout"]), ("--attention-dropout", s["attention_dropout"]))
-    base = ["--base-criterion", "label_smoothed_cross_entropy",
-            "--base-criterion-config", f'{{"label_smoothing": {s["label_smoothing"]}}}']
+    base = [
+        "--base-criterion",
+        "label_smoothed_cross_entropy",
+        "--base-criterion-config",
+        f'{{"label_smoothing": {s["label_smoothing"]}}}',
+    ]
     if moe:
-        flags += given(("--deepspeed_moe", s["moe_sides"]), ("--num-experts", s["experts"]),
-                       ("--top-k", s["top_k"]), ("--moe-freq", s["moe_freq"]),
-                       ("--ep-world-size", s["ep_world_size"]))
-        flags += ["--criterion", "model_and_base", "--loss-weights",
-                  f'{{"base_crit": 1, "experts_gate_loss": {s["gate_weight"]}}}', *base]
+        flags += given(
+            ("--deepspeed_moe", s["moe_sides"]),
+            ("--num-experts", s["experts"]),
+            ("--top-k", s["top_k"]),
+            ("--moe-freq", s["moe_freq"]),
+            ("--ep-world-size", s["ep_world_size"]),
+        )
+        flags += [
+            "--criterion",
+            "model_and_base",
+            "--loss-weights",
+            f'{{"base_crit": 1, "experts_gate_loss": {s["gate_weight"]}}}',
+            *base,
+        ]
     elif s["dense_criterion"] == "model_and_base":
         flags += ["--criterion", "model_and_base", "--loss-weights", '{"base_crit": 1}', *base]
     elif s["dense_criterion"] == "label_smoothed_cross_entropy":
-        flags += ["--criterion", "label_smoothed_cross_entropy",
-                  "--label-smoothing", str(s["label_smoothing"])]
+        flags += [
+            "--criterion",
+            "label_smoothed_cross_entropy",
+            "--label-smoothing",
+            str(s["label_smoothing"]),
+        ]
     else:
-        raise ValueError(f"dense_criterion {s['dense_criterion']!r}: use "
-                         "label_smoothed_cross_entropy or model_and_base")
+        raise ValueError(
+            f"dense_criterion {s['dense_criterion']!r}: use "
+            "label_smoothed_cross_entropy or model_and_base"
+        )
     flags += ["--optimizer", "adam", "--adam-betas", "(0.9, 0.98)"]
-    flags += given(("--weight-decay", s["weight_decay"]), ("--clip-norm", s["clip_norm"]),
-                   ("--lr", s["lr"]))
-    flags += ["--lr-scheduler", "inverse_sqrt", *given(("--warmup-updates", s["warmup"])),
-              "--warmup-init-lr", "1e-07"]
+    flags += given(
+        ("--weight-decay", s["weight_decay"]), ("--clip-norm", s["clip_norm"]), ("--lr", s["lr"])
+    )
+    flags += [
+        "--lr-scheduler",
+        "inverse_sqrt",
+        *given(("--warmup-updates", s["warmup"])),
+        "--warmup-init-lr",
+        "1e-07",
+    ]
     return flags
 
 
@@ -203,7 +234,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m mt_run.recipes",
         description="Print a recipe's settings (name=value lines) or, with --flags, its "
-        "fairseq-train flags (one a line).")
+        "fairseq-train flags (one a line).",
+    )
     p.add_argument("recipe", choices=sorted(RECIPES))
     p.add_argument("overrides", nargs="*", metavar="SETTING=VALUE")
     p.add_argument("--flags", action="store_true", help="print the flags, not the settings")
@@ -214,8 +246,11 @@ def main(argv=None):
         p.error(f"overrides are SETTING=VALUE, not {bad}")
     try:
         s = settings(args.recipe, **dict(o.split("=", 1) for o in args.overrides))
-        lines = (train_flags(s, moe=not args.dense) if args.flags
-                 else [f"{k}={'' if v is None else v}" for k, v in s.items()])
+        lines = (
+            train_flags(s, moe=not args.dense)
+            if args.flags
+            else [f"{k}={'' if v is None else v}" for k, v in s.items()]
+        )
     except (KeyError, ValueError) as e:
         p.error(str(e).strip("'\""))
     sys.stdout.write("".join(line + "\n" for line in lines))

@@ -46,8 +46,9 @@ def table(rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mt_run.wps_table",
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m mt_run.wps_table", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("runs", nargs="+", metavar="NAME LOG")
     args = p.parse_args(argv)
     if len(args.runs) % 2:

@@ -49,10 +49,14 @@ def summarize(log: dict, comparable: float = None) -> dict:
         "best_valid_bleu": best.get("bleu"),
         "updates_to_best": int(best["num_updates"]) if best else None,
         "epochs_to_best": int(best["epoch"]) if best else None,
-        "seconds_per_update": (sum(v.get("wall", 0) for v in log["train"])
-                               / max(1, int(inner[-1]["num_updates"]) if inner else 1)),
-        "valid_curve": [(int(v["num_updates"]), v.get("bleu"), v.get("nll_loss", v.get("loss")))
-                        for v in log["valid"]],
+        "seconds_per_update": (
+            sum(v.get("wall", 0) for v in log["train"])
+            / max(1, int(inner[-1]["num_updates"]) if inner else 1)
+        ),
+        "valid_curve": [
+            (int(v["num_updates"]), v.get("bleu"), v.get("nll_loss", v.get("loss")))
+            for v in log["valid"]
+        ],
     }
     if comparable is not None:
         reached = [v for v in valid if v["bleu"] >= comparable]
@@ -69,10 +73,19 @@ def _mean(values):
 def train_command(name: str, args, moe: bool) -> list:
     """The ``user/train.py`` command of one run: the tiny recipe (``mt_run.recipes``)
     with this benchmark's sizes, dense (the same criterion, without gate loss) or MoE."""
-    s = recipes.settings("tiny", arch=args.arch, dim=args.dim, ffn=args.ffn, layers=args.layers,
-                         experts=args.experts, lr=args.lr, warmup=args.warmup,
-                         dense_criterion="model_and_base")
+    s = recipes.settings(
+        "tiny",
+        arch=args.arch,
+        dim=args.dim,
+        ffn=args.ffn,
+        layers=args.layers,
+        experts=args.experts,
+        lr=args.lr,
+        warmup=args.warmup,
+        dense_criterion="model_and_base",
+    )
     decoding = {k: s[k] for k in ("beam", "max_len_a", "max_len_b")}
+    # fmt: off
     return [sys.executable, str(REPO / "user" / "train.py"), args.databin,
             *recipes.train_flags(s, moe=moe), "--source-lang", args.src, "--target-lang", args.tgt,
             "--max-tokens", str(args.max_tokens),
@@ -85,6 +98,7 @@ def train_command(name: str, args, moe: bool) -> list:
             "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric",
             "--save-dir", str(Path(args.out) / name), "--no-save",
             *([] if args.gpu else ["--cpu"]), *args.extra]
+    # fmt: on
 
 
 def train(name: str, args, moe: bool) -> dict:
@@ -96,8 +110,9 @@ def train(name: str, args, moe: bool) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     (Path(args.out) / f"{name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        raise SystemExit(f"{name} failed ({proc.returncode}); see {args.out}/{name}.log\n"
-                         f"{proc.stderr[-2000:]}")
+        raise SystemExit(
+            f"{name} failed ({proc.returncode}); see {args.out}/{name}.log\n{proc.stderr[-2000:]}"
+        )
     log = fairseq_log.parse(proc.stdout + proc.stderr)
     print(f"[bench] {name}: done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     return log
@@ -123,22 +138,29 @@ def markdown(rows: dict, meta: dict) -> str:
     def f(v, fmt="{:.2f}"):
         return "–" if v is None else (fmt.format(v) if isinstance(v, float) else str(v))
 
-    cols = [("train ntokens/batch", "train_tokens_per_batch", "{:.0f}"),
-            ("train tokens/sec", "train_tokens_per_sec", "{:.0f}"),
-            ("valid tokens/sec", "valid_tokens_per_sec", "{:.0f}"),
-            ("best valid BLEU", "best_valid_bleu", "{:.2f}"),
-            ("updates to best", "updates_to_best", "{}"),
-            ("epochs to best", "epochs_to_best", "{}"),
-            ("comparable valid BLEU", "comparable_bleu", "{:.2f}"),
-            ("updates to comparable", "updates_to_comparable", "{}"),
-            ("N experts", "experts", "{}"),
-            ("seconds/update", "seconds_per_update", "{:.3f}")]
+    cols = [
+        ("train ntokens/batch", "train_tokens_per_batch", "{:.0f}"),
+        ("train tokens/sec", "train_tokens_per_sec", "{:.0f}"),
+        ("valid tokens/sec", "valid_tokens_per_sec", "{:.0f}"),
+        ("best valid BLEU", "best_valid_bleu", "{:.2f}"),
+        ("updates to best", "updates_to_best", "{}"),
+        ("epochs to best", "epochs_to_best", "{}"),
+        ("comparable valid BLEU", "comparable_bleu", "{:.2f}"),
+        ("updates to comparable", "updates_to_comparable", "{}"),
+        ("N experts", "experts", "{}"),
+        ("seconds/update", "seconds_per_update", "{:.3f}"),
+    ]
     lines = ["| | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
     for label, key, fmt in cols:
         lines.append(f"| {label} | " + " | ".join(f(r.get(key), fmt) for r in rows.values()) + " |")
-    ratio = (rows["moe"]["train_tokens_per_sec"] or 0) / max(1e-9, rows["dense"]["train_tokens_per_sec"] or 0)
-    lines += ["", f"MoE/dense train tokens/s: {ratio:.2f}×. {meta['hardware']}; {meta['settings']}; "
-              f"{meta['versions']}; {meta['date']}."]
+    ratio = (rows["moe"]["train_tokens_per_sec"] or 0) / max(
+        1e-9, rows["dense"]["train_tokens_per_sec"] or 0
+    )
+    lines += [
+        "",
+        f"MoE/dense train tokens/s: {ratio:.2f}×. {meta['hardware']}; {meta['settings']}; "
+        f"{meta['versions']}; {meta['date']}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -156,10 +178,12 @@ def plot(rows: dict, meta: dict, path: Path) -> None:
     axes[0].set(title="valid BLEU (detok.)", xlabel="updates")
     axes[1].set(title="valid nll loss", xlabel="updates")
     names = list(rows)
-    axes[2].bar(names + [n + " (valid)" for n in names],
-                [rows[n]["train_tokens_per_sec"] or 0 for n in names]
-                + [rows[n]["valid_tokens_per_sec"] or 0 for n in names],
-                color=["C0", "C1", "C0", "C1"])
+    axes[2].bar(
+        names + [n + " (valid)" for n in names],
+        [rows[n]["train_tokens_per_sec"] or 0 for n in names]
+        + [rows[n]["valid_tokens_per_sec"] or 0 for n in names],
+        color=["C0", "C1", "C0", "C1"],
+    )
     axes[2].set(title="tokens/s (train; valid incl. beam search)")
     for ax in axes[:2]:
         ax.legend()
@@ -171,8 +195,9 @@ def plot(rows: dict, meta: dict, path: Path) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--databin", default=None,
-                   help="binarized data [the demo corpus, prepared if needed]")
+    p.add_argument(
+        "--databin", default=None, help="binarized data [the demo corpus, prepared if needed]"
+    )
     p.add_argument("--workspace", default=str(REPO / "workspace"))
     p.add_argument("--out", default=None, help="output folder [WORKSPACE/bench]")
     p.add_argument("--src", default="en")
@@ -187,26 +212,42 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=TINY["max_tokens_cpu"])
     p.add_argument("--updates", type=int, default=1000)
     p.add_argument("--valid-interval", type=int, default=200)
-    p.add_argument("--valid-steps", type=int, default=4, help="validation batches (of 64 sentences)")
+    p.add_argument(
+        "--valid-steps", type=int, default=4, help="validation batches (of 64 sentences)"
+    )
     p.add_argument("--gpu", action="store_true", help="train on the GPU (default: CPU)")
-    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
-                   help="more fairseq options for both runs (last)")
+    p.add_argument(
+        "--extra",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="more fairseq options for both runs (last)",
+    )
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.databin is None:
-        subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_demo.py"), "--workspace",
-                        args.workspace], check=True, cwd=REPO)
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "scripts" / "prepare_demo.py"),
+                "--workspace",
+                args.workspace,
+            ],
+            check=True,
+            cwd=REPO,
+        )
         args.databin = str(Path(args.workspace) / f"demo_{args.src}_{args.tgt}" / "databin")
     args.out = args.out or str(Path(args.workspace) / "bench")
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
     logs = {"dense": train("dense", args, moe=False), "moe": train("moe", args, moe=True)}
     dense = summarize(logs["dense"])
-    rows = {"dense": summarize(logs["dense"], dense["best_valid_bleu"]),
-            "moe": summarize(logs["moe"], dense["best_valid_bleu"])}
+    rows = {
+        "dense": summarize(logs["dense"], dense["best_valid_bleu"]),
+        "moe": summarize(logs["moe"], dense["best_valid_bleu"]),
+    }
     rows["dense"]["experts"], rows["moe"]["experts"] = "–", args.experts
     import deepspeed
     import fairseq
@@ -214,10 +255,12 @@ def main(argv=None):
 
     meta = {
         "hardware": hardware(args.gpu),
-        "settings": (f"{args.arch} d{args.dim}/ffn{args.ffn}/{args.layers}+{args.layers} layers, "
-                     f"MoE every layer enc+dec, {args.experts} experts top-1, max-tokens "
-                     f"{args.max_tokens}, {args.updates} updates, valid every {args.valid_interval} "
-                     f"({args.valid_steps}x64 sentences, beam 4), data {args.databin}"),
+        "settings": (
+            f"{args.arch} d{args.dim}/ffn{args.ffn}/{args.layers}+{args.layers} layers, "
+            f"MoE every layer enc+dec, {args.experts} experts top-1, max-tokens "
+            f"{args.max_tokens}, {args.updates} updates, valid every {args.valid_interval} "
+            f"({args.valid_steps}x64 sentences, beam 4), data {args.databin}"
+        ),
         "versions": f"torch {torch.__version__}, fairseq {fairseq.__version__}, deepspeed {deepspeed.__version__}",
         "date": time.strftime("%Y-%m-%d"),
     }

@@ -52,11 +52,18 @@ TARGETS = {"train": 0.95, "generate": 0.9, "dist": 0.8}
 # the benchmarked model: make demo's (the tiny recipe), twice as wide (d=128, FFN/expert
 # 512: --dim, --ffn), with 8 experts (--experts), dropout 0.1 and lr 0.002; dense: the
 # same criterion (model_and_base) without gate loss
-MODEL = {"dim": 128, "ffn": 512, "experts": 8, "dropout": 0.1, "lr": 0.002,
-         "dense_criterion": "model_and_base"}
+MODEL = {
+    "dim": 128,
+    "ffn": 512,
+    "experts": 8,
+    "dropout": 0.1,
+    "lr": 0.002,
+    "dense_criterion": "model_and_base",
+}
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def loadavg() -> str:
     try:
@@ -99,11 +106,23 @@ def import_plugin():
 def model_args(a, moe: bool, max_tokens: int, ep: int = 1):
     """fairseq-train flags of the benchmarked model (``MODEL``; dense: the same without
     --deepspeed_moe)."""
-    s = recipes.settings("tiny", **{**MODEL, "dim": a.dim, "ffn": a.ffn, "layers": a.layers,
-                                    "heads": a.heads, "experts": a.experts, "top_k": a.top_k,
-                                    "ep_world_size": ep})
+    s = recipes.settings(
+        "tiny",
+        **{
+            **MODEL,
+            "dim": a.dim,
+            "ffn": a.ffn,
+            "layers": a.layers,
+            "heads": a.heads,
+            "experts": a.experts,
+            "top_k": a.top_k,
+            "ep_world_size": ep,
+        },
+    )
+    # fmt: off
     return [*recipes.train_flags(s, moe=moe), "-s", "en", "-t", "de",
             "--max-tokens", str(max_tokens), "--seed", "1", "--cpu", "--num-workers", "0"]
+    # fmt: on
 
 
 def build_trainer(databin, argv):
@@ -152,12 +171,20 @@ def run_logged(cmd, log, env=None, timeout=600):
     """Run a command, output to ``log``; returns its output text."""
     t0 = time.time()
     with open(log, "w") as fh:
-        proc = subprocess.run([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
-                              env=env, timeout=timeout)
+        proc = subprocess.run(
+            [str(c) for c in cmd],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
+            timeout=timeout,
+        )
     text = Path(log).read_text(errors="replace")
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} ... failed ({proc.returncode}), "
-                           f"see {log}:\n{text[-3000:]}")
+        raise RuntimeError(
+            f"{' '.join(map(str, cmd[:4]))} ... failed ({proc.returncode}), "
+            f"see {log}:\n{text[-3000:]}"
+        )
     return text, time.time() - t0
 
 
@@ -179,6 +206,7 @@ def free_port() -> int:
 
 # ----------------------------------------------------------------------------- layer
 
+
 def part_layer(a):
     import torch
 
@@ -186,7 +214,9 @@ def part_layer(a):
     from user.moe_options import MoEOptions
 
     torch.manual_seed(1)
-    opts = MoEOptions(sides=frozenset({"enc"}), num_experts=a.experts, top_k=a.top_k, min_capacity=4)
+    opts = MoEOptions(
+        sides=frozenset({"enc"}), num_experts=a.experts, top_k=a.top_k, min_capacity=4
+    )
     moe = MoEFeedForward(a.dim, ExpertFFN(a.dim, a.ffn), opts, "encoder.0", seed=1)
     dense = ExpertFFN(a.dim, a.ffn)
     variants = {"dense": dense, "moe_ds": moe, "moe": moe}
@@ -221,7 +251,10 @@ def part_layer(a):
         from torch.profiler import ProfilerActivity, profile
 
         with tempfile.TemporaryDirectory() as tmp:
-            with no_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with (
+                no_stderr(),
+                profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+            ):
                 fwd_bwd(name, x)
             trace = os.path.join(tmp, "trace.json")
             prof.export_chrome_trace(trace)
@@ -239,7 +272,7 @@ def part_layer(a):
         times = {("train", k): [] for k in names}
         times.update({("eval", k): [] for k in names})
         for rep in range(a.layer_reps):
-            order = names[rep % 3:] + names[:rep % 3]
+            order = names[rep % 3 :] + names[: rep % 3]
             for name in order:
                 times[("train", name)].append(fwd_bwd(name, x))
             for name in order:
@@ -255,11 +288,13 @@ def part_layer(a):
         for name in names:
             row[f"peak_{name}_bytes"] = mem[name]
         rows.append(row)
-        print(f"  layer {n:>6} tokens: train ratio ds {row['train_moe_ds_ratio']:.2f} "
-              f"local {row['train_moe_ratio']:.2f}; eval ratio ds {row['eval_moe_ds_ratio']:.2f} "
-              f"local {row['eval_moe_ratio']:.2f}; peak MB dense {mem['dense'] / 2**20:.1f} "
-              f"ds {mem['moe_ds'] / 2**20:.1f} local {mem['moe'] / 2**20:.1f}  (load {row['load']})",
-              flush=True)
+        print(
+            f"  layer {n:>6} tokens: train ratio ds {row['train_moe_ds_ratio']:.2f} "
+            f"local {row['train_moe_ratio']:.2f}; eval ratio ds {row['eval_moe_ds_ratio']:.2f} "
+            f"local {row['eval_moe_ratio']:.2f}; peak MB dense {mem['dense'] / 2**20:.1f} "
+            f"ds {mem['moe_ds'] / 2**20:.1f} local {mem['moe'] / 2**20:.1f}  (load {row['load']})",
+            flush=True,
+        )
     linear = {}
     ns = [float(r["tokens"]) for r in rows]
     for name in names:
@@ -277,14 +312,23 @@ def memory_fit(ns, peaks):
 
     n, p = np.array(ns), np.array(peaks)
     if len(n) < 3:
-        return {"bytes_per_token": float(p[-1] / n[-1]), "quadratic_share": float("nan"), "linear": None}
+        return {
+            "bytes_per_token": float(p[-1] / n[-1]),
+            "quadratic_share": float("nan"),
+            "linear": None,
+        }
     b, a = np.polyfit(n, p, 1)
     c = np.polyfit(n, p, 2)[0]
     share = c * n[-1] ** 2 / p[-1]  # > 0: growing faster than linearly
-    return {"bytes_per_token": float(b), "quadratic_share": float(share), "linear": bool(share <= 0.1)}
+    return {
+        "bytes_per_token": float(b),
+        "quadratic_share": float(share),
+        "linear": bool(share <= 0.1),
+    }
 
 
 # ----------------------------------------------------------------------------- train
+
 
 def part_train(a):
     databin = a.databin
@@ -300,7 +344,7 @@ def part_train(a):
     times = {k: [] for k in names}
     tokens = []
     for i, batch in enumerate(batches):
-        order = names[i % 3:] + names[:i % 3]
+        order = names[i % 3 :] + names[: i % 3]
         for name in order:
             sample = copy.deepcopy(batch)
             t = time.perf_counter()
@@ -310,8 +354,13 @@ def part_train(a):
                 times[name].append(dt)
         if i >= a.warmup:
             tokens.append(batch["ntokens"])
-    out = {"load_end": loadavg(), "updates": a.updates, "warmup_updates": a.warmup,
-           "tokens": sum(tokens), "params": {}}
+    out = {
+        "load_end": loadavg(),
+        "updates": a.updates,
+        "warmup_updates": a.warmup,
+        "tokens": sum(tokens),
+        "params": {},
+    }
     for name in names:
         tr = variants[name]
         out["params"][name] = sum(p.numel() for p in tr.model.parameters())
@@ -348,6 +397,7 @@ def profile_steps(variants, batches, rows=25):
 
 # ----------------------------------------------------------------------------- generate
 
+
 def subset_databin(src: Path, dst: Path, n: int) -> Path:
     """A databin whose test split is the first ``n`` test sentences of ``src``."""
     from fairseq.data import indexed_dataset
@@ -360,8 +410,11 @@ def subset_databin(src: Path, dst: Path, n: int) -> Path:
         prefix = src / f"test.en-de.{lang}"
         ds = indexed_dataset.make_dataset(str(prefix), impl="mmap")
         out = dst / f"test.en-de.{lang}"
-        builder = indexed_dataset.make_builder(str(out) + ".bin", impl="mmap",
-                                               vocab_size=sum(1 for _ in open(src / f"dict.{lang}.txt")) + 4)
+        builder = indexed_dataset.make_builder(
+            str(out) + ".bin",
+            impl="mmap",
+            vocab_size=sum(1 for _ in open(src / f"dict.{lang}.txt")) + 4,
+        )
         for i in range(min(n, len(ds))):
             builder.add_item(ds[i])
         builder.finalize(str(out) + ".idx")
@@ -369,9 +422,11 @@ def subset_databin(src: Path, dst: Path, n: int) -> Path:
 
 
 def gen_flags(a):
+    # fmt: off
     return ["--beam", str(a.beam), "--max-len-a", "0", "--max-len-b", str(a.gen_len),
             "--min-len", str(a.gen_len), "--batch-size", str(a.gen_batch_size), "--gen-subset", "test",
             "--cpu", "--num-workers", "0", "-s", "en", "-t", "de"]
+    # fmt: on
 
 
 def ensure_checkpoints(a):
@@ -397,20 +452,24 @@ def part_generate(a):
     models, task = {}, None
     for name, ck in (("dense", "dense"), ("moe_ds", "moe"), ("moe", "moe")):
         parser = options.get_generation_parser()
+        # fmt: off
         args = options.parse_args_and_arch(
             parser, [str(sub), "--path", str(out / f"checkpoint_{ck}.pt"), "--user-dir", str(USER_DIR),
                      *gen_flags(a)])
+        # fmt: on
         cfg = convert_namespace_to_omegaconf(args)
-        ms, _, tk = checkpoint_utils.load_model_ensemble_and_task([cfg.common_eval.path],
-                                                                  arg_overrides={"data": str(sub)})
+        ms, _, tk = checkpoint_utils.load_model_ensemble_and_task(
+            [cfg.common_eval.path], arg_overrides={"data": str(sub)}
+        )
         m = ms[0].eval()
         if name != "dense":
             set_fast(m, name == "moe")
         tk.load_dataset("test")
         models[name] = (m, tk, tk.build_generator([m], cfg.generation))
         task = tk
-    itr = task.get_batch_iterator(task.dataset("test"), max_sentences=a.gen_batch_size,
-                                  seed=1).next_epoch_itr(shuffle=False)
+    itr = task.get_batch_iterator(
+        task.dataset("test"), max_sentences=a.gen_batch_size, seed=1
+    ).next_epoch_itr(shuffle=False)
     batches = list(itr)
     names = list(models)
     times = {k: [] for k in names}
@@ -425,8 +484,11 @@ def part_generate(a):
         c = mod.exp_counts.float()
         imbalance.append(float(c.max() * c.numel() / c.sum().clamp_min(1)))
 
-    hooks = [mod.register_forward_hook(record) for mod in models["moe"][0].modules()
-             if hasattr(mod, "uses_local_dispatch")]
+    hooks = [
+        mod.register_forward_hook(record)
+        for mod in models["moe"][0].modules()
+        if hasattr(mod, "uses_local_dispatch")
+    ]
     with torch.no_grad():
         for name in names:
             m, tk, gen = models[name]
@@ -436,7 +498,7 @@ def part_generate(a):
     for rep in range(a.gen_reps):
         for i, batch in enumerate(batches):
             j = rep * len(batches) + i
-            order = names[j % 3:] + names[:j % 3]
+            order = names[j % 3 :] + names[: j % 3]
             for name in order:
                 m, tk, gen = models[name]
                 t = time.perf_counter()
@@ -446,8 +508,13 @@ def part_generate(a):
                 ntok[name].append(sum(len(h[0]["tokens"]) for h in hypos))
                 for sid, h in zip(batch["id"].tolist(), hypos):
                     hyps[name][sid] = h[0]["tokens"].tolist()
-    res = {"load_end": loadavg(), "sentences": len(hyps["dense"]), "batches": len(batches),
-           "reps": a.gen_reps, "routing_imbalance_median": median(imbalance)}
+    res = {
+        "load_end": loadavg(),
+        "sentences": len(hyps["dense"]),
+        "batches": len(batches),
+        "reps": a.gen_reps,
+        "routing_imbalance_median": median(imbalance),
+    }
     for name in names:
         res[f"{name}_tps_median"] = median([n / t for n, t in zip(ntok[name], times[name])])
         res[f"{name}_tps_total"] = sum(ntok[name]) / sum(times[name])
@@ -462,15 +529,34 @@ def part_generate(a):
     cli = {"dense": [], "moe": []}
     for rep in range(a.cli_reps if a.cli else 0):
         for name in ("dense", "moe"):
-            text, _ = run_logged([sys.executable, USER_DIR / "generate.py", sub,
-                                  "--path", out / f"checkpoint_{name}.pt", *gen_flags(a)],
-                                 out / f"generate_{name}_{rep}.log", env=cli_env())
+            text, _ = run_logged(
+                [
+                    sys.executable,
+                    USER_DIR / "generate.py",
+                    sub,
+                    "--path",
+                    out / f"checkpoint_{name}.pt",
+                    *gen_flags(a),
+                ],
+                out / f"generate_{name}_{rep}.log",
+                env=cli_env(),
+            )
             done = fairseq_log.translated(text)
             sent, tok, secs = done["sentences"], done["tokens"], done["seconds"]
-            cli[name].append({"sentences": sent, "tokens": tok, "seconds": secs, "tps": tok / secs,
-                              "load": loadavg()})
-            print(f"  user/generate.py {name}: {tok / secs:.0f} tokens/s ({sent} sentences, "
-                  f"load {loadavg()})", flush=True)
+            cli[name].append(
+                {
+                    "sentences": sent,
+                    "tokens": tok,
+                    "seconds": secs,
+                    "tps": tok / secs,
+                    "load": loadavg(),
+                }
+            )
+            print(
+                f"  user/generate.py {name}: {tok / secs:.0f} tokens/s ({sent} sentences, "
+                f"load {loadavg()})",
+                flush=True,
+            )
     if cli["dense"]:
         cli["dense_tps_median"] = median([r["tps"] for r in cli["dense"]])
         cli["moe_tps_median"] = median([r["tps"] for r in cli["moe"]])
@@ -483,6 +569,7 @@ def part_generate(a):
 
 # ----------------------------------------------------------------------------- dist
 
+
 def part_dist_worker(a):
     """One of 2 torchrun processes: dense DDP and EP=2 MoE trainers, an update each in turn."""
     import torch
@@ -490,9 +577,11 @@ def part_dist_worker(a):
     from fairseq.distributed import utils as distributed_utils
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # fmt: off
     dflags = ["--distributed-init-method", "env://", "--distributed-no-spawn",
               "--distributed-world-size", str(world), "--distributed-rank", str(rank),
               "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
+    # fmt: on
     trainers = {}
     for name, moe in (("dense", False), ("moe", True)):
         cfg_argv = model_args(a, moe, a.dist_max_tokens, ep=world) + dflags
@@ -501,8 +590,9 @@ def part_dist_worker(a):
             from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
             parser = options.get_training_parser()
-            args = options.parse_args_and_arch(parser, [str(a.databin), *cfg_argv,
-                                                        "--user-dir", str(USER_DIR)])
+            args = options.parse_args_and_arch(
+                parser, [str(a.databin), *cfg_argv, "--user-dir", str(USER_DIR)]
+            )
             distributed_utils.distributed_init(convert_namespace_to_omegaconf(args))
         _, trainers[name] = build_trainer(a.databin, cfg_argv)
     logging.disable(logging.WARNING)
@@ -537,12 +627,19 @@ def part_dist_worker(a):
                 for batch in batches[: min(4, len(batches))]:
                     trainers[name].train_step([copy.deepcopy(batch)])
             if rank == 0:
-                print(f"== profile rank 0: {name}\n"
-                      + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30),
-                      flush=True)
+                print(
+                    f"== profile rank 0: {name}\n"
+                    + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30),
+                    flush=True,
+                )
     if rank == 0:
-        res = {"load_end": loadavg(), "updates": a.dist_updates, "processes": world,
-               "ep_world_size": world, "global_tokens": sum(tokens)}
+        res = {
+            "load_end": loadavg(),
+            "updates": a.dist_updates,
+            "processes": world,
+            "ep_world_size": world,
+            "global_tokens": sum(tokens),
+        }
         for name in names:
             res[f"{name}_wps_median"] = median([n / t for n, t in zip(tokens, times[name])])
             res[f"{name}_wps_total"] = sum(tokens) / sum(times[name])
@@ -566,8 +663,11 @@ def valid_times(trainers, reps):
             if hasattr(m, "uses_exact_fit"):
                 m.exact_fit = on
 
-    variants = {"dense": (trainers["dense"], None), "moe": (trainers["moe"], True),
-                "moe_no_fit": (trainers["moe"], False)}
+    variants = {
+        "dense": (trainers["dense"], None),
+        "moe": (trainers["moe"], True),
+        "moe_no_fit": (trainers["moe"], False),
+    }
     trainers["dense"].task.load_dataset("valid")
     itr = trainers["dense"].get_valid_iterator("valid").next_epoch_itr(shuffle=False)
     batches = list(itr)
@@ -577,7 +677,7 @@ def valid_times(trainers, reps):
     tokens = []
     names = list(variants)
     for i, batch in enumerate(batches):
-        for name in names[i % 3:] + names[:i % 3]:
+        for name in names[i % 3 :] + names[: i % 3]:
             trainer, fit = variants[name]
             if fit is not None:
                 set_exact_fit(trainer, fit)
@@ -592,10 +692,13 @@ def valid_times(trainers, reps):
         if i >= warmup:
             tokens.append(float(n))
     set_exact_fit(trainers["moe"], None)
-    return {"batches": len(tokens), "global_tokens": sum(tokens),
-            **{f"{k}_wps_total": sum(tokens) / sum(v) for k, v in times.items()},
-            "moe_ratio": median([d / m for d, m in zip(times["dense"], times["moe"])]),
-            "moe_no_fit_ratio": median([d / m for d, m in zip(times["dense"], times["moe_no_fit"])])}
+    return {
+        "batches": len(tokens),
+        "global_tokens": sum(tokens),
+        **{f"{k}_wps_total": sum(tokens) / sum(v) for k, v in times.items()},
+        "moe_ratio": median([d / m for d, m in zip(times["dense"], times["moe"])]),
+        "moe_no_fit_ratio": median([d / m for d, m in zip(times["dense"], times["moe_no_fit"])]),
+    }
 
 
 def part_dist(a):
@@ -605,23 +708,35 @@ def part_dist(a):
     tmp = out / "dist_worker.json"
     if tmp.exists():
         tmp.unlink()
+    # fmt: off
     run_logged([torchrun, "--nproc_per_node", "2", "--master_port", free_port(), __file__,
                 "--worker", "dist", "--json", tmp, *passthrough(a)],
                out / "dist_worker.log", env=cli_env(), timeout=a.timeout)
+    # fmt: on
     res = json.loads(tmp.read_text())
     cli = {}
     if a.cli:
         for name, moe in (("dense", False), ("moe", True)):
+            # fmt: off
             text, wall = run_logged(
                 [torchrun, "--nproc_per_node", "2", "--master_port", free_port(),
                  USER_DIR / "train.py", a.databin, *model_args(a, moe, a.dist_max_tokens, ep=2),
                  "--ddp-backend", "legacy_ddp", "--max-update", str(a.warmup + a.cli_updates),
                  "--no-save", "--disable-validation", "--log-interval", "1", "--log-format", "simple"],
                 out / f"dist_cli_{name}.log", env=cli_env(), timeout=a.timeout)
+            # fmt: on
             wps = fairseq_log.wps(text, skip=a.warmup)
-            cli[name] = {"wps_median": median(wps), "updates": len(wps), "wall_s": wall, "load": loadavg()}
-            print(f"  torchrun user/train.py {name}: median {median(wps):.0f} wps over {len(wps)} "
-                  f"updates (load {loadavg()})", flush=True)
+            cli[name] = {
+                "wps_median": median(wps),
+                "updates": len(wps),
+                "wall_s": wall,
+                "load": loadavg(),
+            }
+            print(
+                f"  torchrun user/train.py {name}: median {median(wps):.0f} wps over {len(wps)} "
+                f"updates (load {loadavg()})",
+                flush=True,
+            )
         cli["moe_ratio"] = cli["moe"]["wps_median"] / cli["dense"]["wps_median"]
     res["cli"] = cli
     return res
@@ -629,10 +744,32 @@ def part_dist(a):
 
 # ----------------------------------------------------------------------------- driver
 
+
 def passthrough(a):
-    keys = ("databin", "out", "dim", "ffn", "layers", "heads", "experts", "top_k", "max_tokens",
-            "dist_max_tokens", "updates", "dist_updates", "cli_updates", "warmup", "beam", "gen_len",
-            "gen_batch_size", "gen_sentences", "gen_reps", "cli_reps", "layer_reps", "timeout")
+    keys = (
+        "databin",
+        "out",
+        "dim",
+        "ffn",
+        "layers",
+        "heads",
+        "experts",
+        "top_k",
+        "max_tokens",
+        "dist_max_tokens",
+        "updates",
+        "dist_updates",
+        "cli_updates",
+        "warmup",
+        "beam",
+        "gen_len",
+        "gen_batch_size",
+        "gen_sentences",
+        "gen_reps",
+        "cli_reps",
+        "layer_reps",
+        "timeout",
+    )
     flags = []
     for k in keys:
         flags += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
@@ -686,68 +823,101 @@ def cli_row(what, dense, moe, tail):
 
 
 def layer_section(a, r):
-    lines = ["[layer] one MoE layer vs a dense FFN, dense time / MoE time (median of "
-             f"{a.layer_reps} interleaved reps)",
-             f"  {'tokens':>7} {'fwd+bwd ds':>11} {'fwd+bwd':>8} {'eval ds':>8} {'eval':>6}  "
-             f"{'peak MB dense':>13} {'ds':>6} {'moe':>6}"]
+    lines = [
+        "[layer] one MoE layer vs a dense FFN, dense time / MoE time (median of "
+        f"{a.layer_reps} interleaved reps)",
+        f"  {'tokens':>7} {'fwd+bwd ds':>11} {'fwd+bwd':>8} {'eval ds':>8} {'eval':>6}  "
+        f"{'peak MB dense':>13} {'ds':>6} {'moe':>6}",
+    ]
     for row in r["rows"]:
         lines.append(
             f"  {row['tokens']:>7} {row['train_moe_ds_ratio']:>11.2f} {row['train_moe_ratio']:>8.2f} "
             f"{row['eval_moe_ds_ratio']:>8.2f} {row['eval_moe_ratio']:>6.2f}  "
             f"{row['peak_dense_bytes'] / 2**20:>13.1f} {row['peak_moe_ds_bytes'] / 2**20:>6.1f} "
-            f"{row['peak_moe_bytes'] / 2**20:>6.1f}")
-    lines.append("  peak memory growth (fit over the token counts): " + ", ".join(
-        f"{k} {v['bytes_per_token'] / 1024:.1f} KiB/token, quadratic share "
-        + (f"{v['quadratic_share']:.0%} ({'linear' if v['linear'] else 'NOT linear'})"
-           if v["linear"] is not None else "n/a (needs 3 token counts)")
-        for k, v in r["memory_linearity"].items()))
+            f"{row['peak_moe_bytes'] / 2**20:>6.1f}"
+        )
+    lines.append(
+        "  peak memory growth (fit over the token counts): "
+        + ", ".join(
+            f"{k} {v['bytes_per_token'] / 1024:.1f} KiB/token, quadratic share "
+            + (
+                f"{v['quadratic_share']:.0%} ({'linear' if v['linear'] else 'NOT linear'})"
+                if v["linear"] is not None
+                else "n/a (needs 3 token counts)"
+            )
+            for k, v in r["memory_linearity"].items()
+        )
+    )
     return lines
 
 
 def train_section(a, r):
-    return [f"[train, 1 process] fairseq Trainer, --max-tokens {a.max_tokens}, {r['updates']} "
-            f"updates after {r['warmup_updates']} warm-up (median tokens/s; load at end "
-            f"{r['load_end']})",
-            versus(r, "wps_median", "train"),
-            "  parameters: " + ", ".join(f"{k} {v:,}" for k, v in r["params"].items())]
+    return [
+        f"[train, 1 process] fairseq Trainer, --max-tokens {a.max_tokens}, {r['updates']} "
+        f"updates after {r['warmup_updates']} warm-up (median tokens/s; load at end "
+        f"{r['load_end']})",
+        versus(r, "wps_median", "train"),
+        "  parameters: " + ", ".join(f"{k} {v:,}" for k, v in r["params"].items()),
+    ]
 
 
 def generate_section(a, r):
-    lines = [f"[generate, 1 process] beam {a.beam}, {r['sentences']} test sentences in batches of "
-             f"{a.gen_batch_size}, every hypothesis {a.gen_len} tokens, {r['reps']} reps "
-             f"(median tokens/s; load at end {r['load_end']})",
-             versus(r, "tps_median", "generate"),
-             "  local vs DeepSpeed path, identical hypotheses: "
-             f"{r['local_vs_deepspeed_identical_hypotheses']}; busiest expert / even share per MoE "
-             f"call (median): {r.get('routing_imbalance_median', float('nan')):.2f}"]
+    lines = [
+        f"[generate, 1 process] beam {a.beam}, {r['sentences']} test sentences in batches of "
+        f"{a.gen_batch_size}, every hypothesis {a.gen_len} tokens, {r['reps']} reps "
+        f"(median tokens/s; load at end {r['load_end']})",
+        versus(r, "tps_median", "generate"),
+        "  local vs DeepSpeed path, identical hypotheses: "
+        f"{r['local_vs_deepspeed_identical_hypotheses']}; busiest expert / even share per MoE "
+        f"call (median): {r.get('routing_imbalance_median', float('nan')):.2f}",
+    ]
     c = r.get("cli")
     if c:
-        lines.append(cli_row(f"user/generate.py ({len(c['dense'])} runs each, alternating)",
-                             c["dense_tps_median"], c["moe_tps_median"],
-                             f"tokens/s (median ratio {c['moe_ratio']:.2f}x)"))
+        lines.append(
+            cli_row(
+                f"user/generate.py ({len(c['dense'])} runs each, alternating)",
+                c["dense_tps_median"],
+                c["moe_tps_median"],
+                f"tokens/s (median ratio {c['moe_ratio']:.2f}x)",
+            )
+        )
     return lines
 
 
 def dist_section(a, r):
-    lines = [f"[train, 2 processes, gloo] MoE EP=2 vs dense data parallel (legacy_ddp), "
-             f"--max-tokens {a.dist_max_tokens} per process, {r['updates']} updates (median "
-             f"global tokens/s; load at end {r['load_end']})",
-             versus(r, "wps_median", "dist", variants=("moe",))]
+    lines = [
+        f"[train, 2 processes, gloo] MoE EP=2 vs dense data parallel (legacy_ddp), "
+        f"--max-tokens {a.dist_max_tokens} per process, {r['updates']} updates (median "
+        f"global tokens/s; load at end {r['load_end']})",
+        versus(r, "wps_median", "dist", variants=("moe",)),
+    ]
     v = r.get("valid")
     if v:
-        lines.append(f"  validation ({v['batches']} batches, no token dropped): dense "
-                     f"{fmt(v['dense_wps_total'])}   moe {fmt(v['moe_wps_total'])} "
-                     f"({v['moe_ratio']:.2f}x)   moe without exact fit "
-                     f"{fmt(v['moe_no_fit_wps_total'])} ({v['moe_no_fit_ratio']:.2f}x) tokens/s")
+        lines.append(
+            f"  validation ({v['batches']} batches, no token dropped): dense "
+            f"{fmt(v['dense_wps_total'])}   moe {fmt(v['moe_wps_total'])} "
+            f"({v['moe_ratio']:.2f}x)   moe without exact fit "
+            f"{fmt(v['moe_no_fit_wps_total'])} ({v['moe_no_fit_ratio']:.2f}x) tokens/s"
+        )
     c = r.get("cli")
     if c:
-        lines.append(cli_row("torchrun user/train.py (sequential runs)", c["dense"]["wps_median"],
-                             c["moe"]["wps_median"], f"({c['moe_ratio']:.2f}x) wps"))
+        lines.append(
+            cli_row(
+                "torchrun user/train.py (sequential runs)",
+                c["dense"]["wps_median"],
+                c["moe"]["wps_median"],
+                f"({c['moe_ratio']:.2f}x) wps",
+            )
+        )
     return lines
 
 
-SECTIONS = {"layer": layer_section, "train": train_section, "generate": generate_section,
-            "dist": dist_section}
+SECTIONS = {
+    "layer": layer_section,
+    "train": train_section,
+    "generate": generate_section,
+    "dist": dist_section,
+}
 
 
 def report(a, results, info):
@@ -774,7 +944,9 @@ def report(a, results, info):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     ap.add_argument("--databin", default=str(REPO / "workspace" / "demo_en_de" / "databin"))
     ap.add_argument("--out", default=str(REPO / "workspace" / "bench_perf"))
@@ -785,10 +957,18 @@ def parse_args(argv=None):
     ap.add_argument("--experts", type=int, default=MODEL["experts"])
     ap.add_argument("--top-k", type=int, default=recipes.TINY["top_k"])
     ap.add_argument("--max-tokens", type=int, default=4096, help="tokens per batch, one process")
-    ap.add_argument("--dist-max-tokens", type=int, default=4096, help="tokens per batch and process")
-    ap.add_argument("--updates", type=int, default=30, help="measured updates per model, one process")
-    ap.add_argument("--dist-updates", type=int, default=20, help="measured updates per model, 2 processes")
-    ap.add_argument("--cli-updates", type=int, default=15, help="measured updates of each torchrun run")
+    ap.add_argument(
+        "--dist-max-tokens", type=int, default=4096, help="tokens per batch and process"
+    )
+    ap.add_argument(
+        "--updates", type=int, default=30, help="measured updates per model, one process"
+    )
+    ap.add_argument(
+        "--dist-updates", type=int, default=20, help="measured updates per model, 2 processes"
+    )
+    ap.add_argument(
+        "--cli-updates", type=int, default=15, help="measured updates of each torchrun run"
+    )
     ap.add_argument("--warmup", type=int, default=3, help="updates not measured")
     ap.add_argument("--beam", type=int, default=4)
     ap.add_argument("--gen-len", type=int, default=30, help="tokens of every hypothesis")
@@ -796,12 +976,21 @@ def parse_args(argv=None):
     ap.add_argument("--gen-sentences", type=int, default=256)
     ap.add_argument("--gen-reps", type=int, default=2)
     ap.add_argument("--cli-reps", type=int, default=2, help="user/generate.py runs per model")
-    ap.add_argument("--layer-tokens", default="1024,2048,4096,8192",
-                    type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument(
+        "--layer-tokens",
+        default="1024,2048,4096,8192",
+        type=lambda s: [int(x) for x in s.split(",")],
+    )
     ap.add_argument("--layer-reps", type=int, default=7)
-    ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of train updates")
-    ap.add_argument("--no-cli", dest="cli", action="store_false",
-                    help="skip the user/generate.py and torchrun user/train.py runs")
+    ap.add_argument(
+        "--profile", action="store_true", help="print torch.profiler tables of train updates"
+    )
+    ap.add_argument(
+        "--no-cli",
+        dest="cli",
+        action="store_false",
+        help="skip the user/generate.py and torchrun user/train.py runs",
+    )
     ap.add_argument("--timeout", type=int, default=900, help="seconds per part")
     ap.add_argument("--quick", action="store_true", help="few updates and sentences (a smoke test)")
     ap.add_argument("--worker", choices=PARTS, help=argparse.SUPPRESS)
@@ -826,8 +1015,12 @@ def main(argv=None):
         if a.worker == "dist":
             part_dist_worker(a)
             return
-        res = {"layer": part_layer, "train": part_train, "generate": part_generate,
-               "dist": part_dist}[a.worker](a)
+        res = {
+            "layer": part_layer,
+            "train": part_train,
+            "generate": part_generate,
+            "dist": part_dist,
+        }[a.worker](a)
         Path(a.json).write_text(json.dumps(res))
         return
     if not (Path(a.databin) / "dict.en.txt").exists():
@@ -841,11 +1034,19 @@ def main(argv=None):
     for stale in ("checkpoint_dense.pt", "checkpoint_moe.pt"):
         if "train" in parts and (out / stale).exists():
             (out / stale).unlink()
-    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "omp_threads": os.environ["OMP_NUM_THREADS"],
-            "versions": versions(), "load_start": loadavg(), "settings": {
-                k: v for k, v in vars(a).items() if k not in ("worker", "json")}}
-    print(f"bench-perf: {info['cpu']}, {info['cores']} cores, load {info['load_start']}, "
-          f"OMP_NUM_THREADS={info['omp_threads']}; parts {parts}; output {out}", flush=True)
+    info = {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "omp_threads": os.environ["OMP_NUM_THREADS"],
+        "versions": versions(),
+        "load_start": loadavg(),
+        "settings": {k: v for k, v in vars(a).items() if k not in ("worker", "json")},
+    }
+    print(
+        f"bench-perf: {info['cpu']}, {info['cores']} cores, load {info['load_start']}, "
+        f"OMP_NUM_THREADS={info['omp_threads']}; parts {parts}; output {out}",
+        flush=True,
+    )
     results, timing = {}, {}
     for part in parts:
         t0 = time.time()
@@ -855,8 +1056,12 @@ def main(argv=None):
         if part == "dist":
             res = part_dist(a)
         else:
-            proc = subprocess.run([sys.executable, __file__, "--worker", part, "--json", tmp,
-                                   *passthrough(a)], cwd=REPO, env=cli_env(), timeout=a.timeout)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--worker", part, "--json", tmp, *passthrough(a)],
+                cwd=REPO,
+                env=cli_env(),
+                timeout=a.timeout,
+            )
             if proc.returncode != 0:
                 sys.exit(f"part {part} failed ({proc.returncode})")
             res = json.loads(tmp.read_text())
@@ -867,8 +1072,9 @@ def main(argv=None):
     info["load_end"] = loadavg()
     info["part_seconds"] = timing
     lines = report(a, results, info)
-    (out / "results.json").write_text(json.dumps({"info": info, "results": results,
-                                                  "table": lines}, indent=1, default=str))
+    (out / "results.json").write_text(
+        json.dumps({"info": info, "results": results, "table": lines}, indent=1, default=str)
+    )
     print(f"results: {out / 'results.json'}")
 
 

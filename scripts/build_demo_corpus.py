@@ -18,8 +18,8 @@ The output is deterministic for a given set of package versions and seed.
 """
 
 import argparse
-import glob
 import gettext
+import glob
 import gzip
 import html
 import html.parser
@@ -40,7 +40,21 @@ MO_DIR = "usr/lib/libreoffice/program/resource/de/LC_MESSAGES"
 PARA_ID = re.compile(r"^(par|hd)_id\w+$")
 PARA_TAGS = {"p", "h1", "h2", "h3", "h4", "h5", "h6"}
 SKIP_TAGS = {"script", "style"}
-INLINE_TAGS = {"a", "span", "b", "i", "em", "strong", "code", "kbd", "samp", "var", "sub", "sup", "u"}
+INLINE_TAGS = {
+    "a",
+    "span",
+    "b",
+    "i",
+    "em",
+    "strong",
+    "code",
+    "kbd",
+    "samp",
+    "var",
+    "sub",
+    "sup",
+    "u",
+}
 VOID_TAGS = {"br", "img", "input", "meta", "link", "hr", "wbr", "col", "area", "source"}
 PLACEHOLDER = re.compile(r"%[A-Z]+(?:NAME|VERSION)|\$\(ARG\d+\)|%\d+|%[sdu]|\$\w+\$|\{\w+\}|%\w+%")
 SENTENCE_END = re.compile(r"[.!?:]$")
@@ -245,7 +259,12 @@ def split_corpus(pairs, n_valid=1000, n_test=1000, seed=1):
     for en, de in pairs:
         if len(held) == n_valid + n_test:
             break
-        if is_full_sentence(en) and is_full_sentence(de) and en not in seen_en and de not in seen_de:
+        if (
+            is_full_sentence(en)
+            and is_full_sentence(de)
+            and en not in seen_en
+            and de not in seen_de
+        ):
             held.append((en, de))
             seen_en.add(en)
             seen_de.add(de)
@@ -267,7 +286,9 @@ def fetch_packages(workdir):
     for deb in sorted(glob.glob(os.path.join(workdir, "*.deb"))):
         fields = subprocess.run(
             ["dpkg-deb", "-f", deb, "Package", "Version"],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
         name, version = (line.split(": ", 1)[1] for line in fields.strip().splitlines())
         versions[name] = version
@@ -289,13 +310,17 @@ def write_gz(path, lines):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "data", "demo"))
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "..", "data", "demo")
+    )
     parser.add_argument("--root", help="an already unpacked tree (skips apt-get download)")
     parser.add_argument("--n-valid", type=int, default=1000)
     parser.add_argument("--n-test", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s"
+    )
 
     with tempfile.TemporaryDirectory(prefix="lo-demo-") as tmp:
         root, versions = (args.root, {}) if args.root else fetch_packages(tmp)

@@ -35,8 +35,10 @@ from mt_run.recipes import MICRO
 REPO = Path(__file__).resolve().parents[1]
 
 # the micro model (mt_run.recipes), a checkpoint every 2 updates, the last 2 kept
+# fmt: off
 MODEL = [*MICRO, "--seed", "7", "--save-interval-updates", "2", "--keep-interval-updates", "2",
          "--disable-validation"]
+# fmt: on
 
 
 def command(databin, save, max_update, nproc, port):
@@ -44,8 +46,10 @@ def command(databin, save, max_update, nproc, port):
     script = str(REPO / "scripts" / "fault_inject.py")
     if nproc == 1:
         return [sys.executable, script, *args]
+    # fmt: off
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
             "--master_port", str(port), script, *args, "--ep-world-size", str(nproc)]
+    # fmt: on
 
 
 def env(**extra):
@@ -95,8 +99,15 @@ def run(cmd, timeout, kill_at_update=None, delay=0.0):
     """Run ``cmd`` (its own process group). With ``kill_at_update``, SIGKILL the
     group from outside ``delay`` seconds after it logs that update. Its output is
     also kept in ``run.logdir``."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env(**run.extra), cwd=REPO, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env(**run.extra),
+        cwd=REPO,
+        start_new_session=True,
+    )
     lines, reached = [], threading.Event()
 
     def read():
@@ -118,7 +129,9 @@ def run(cmd, timeout, kill_at_update=None, delay=0.0):
             kill_tree(proc.pid)
             proc.wait()
             reader.join(10)
-            raise RuntimeError(f"timed out after {timeout}s: {' '.join(cmd)}\n{''.join(lines)[-3000:]}")
+            raise RuntimeError(
+                f"timed out after {timeout}s: {' '.join(cmd)}\n{''.join(lines)[-3000:]}"
+            )
     proc.wait()
     reader.join(10)
     out = "".join(lines)
@@ -126,7 +139,8 @@ def run(cmd, timeout, kill_at_update=None, delay=0.0):
         run.logdir.mkdir(parents=True, exist_ok=True)
         n = len(list(run.logdir.iterdir()))
         (run.logdir / f"{n:03d}.log").write_text(
-            f"# {run.extra} kill_at_update={kill_at_update} delay={delay:.2f} rc={proc.returncode}\n{out}")
+            f"# {run.extra} kill_at_update={kill_at_update} delay={delay:.2f} rc={proc.returncode}\n{out}"
+        )
     return proc.returncode, out
 
 
@@ -165,13 +179,16 @@ def main(argv=None):
             if u in got and got[u] != v:
                 mismatched.append((u, got[u], v))
             got[u] = v
+
     while True:
         done = checkpoint_updates(faulty)
         left = args.max_update - done
         if kills >= args.kills or left < 2:
             run.extra = {"FAULT_MODE": "none"}
-            rc, out = run(command(args.databin, faulty, args.max_update, args.nproc, port + 1 + kills),
-                          args.timeout)
+            rc, out = run(
+                command(args.databin, faulty, args.max_update, args.nproc, port + 1 + kills),
+                args.timeout,
+            )
             if rc != 0:
                 raise SystemExit(f"final run failed ({rc}):\n{out[-3000:]}")
             record(out)
@@ -193,11 +210,17 @@ def main(argv=None):
             # ~30 ms here: the next forward/backward, a save, or between); never
             # near the end, where the run could finish before the signal
             target = min(target, args.max_update - 3)
-        run.extra = {"FAULT_MODE": mode if mode != "time" else "none", "FAULT_UPDATE": target,
-                     "FAULT_RANK": rank}
-        rc, out = run(command(args.databin, faulty, args.max_update, args.nproc, port + 1 + kills),
-                      args.timeout, kill_at_update=target if mode == "time" else None,
-                      delay=rng.uniform(0.0, 0.02))
+        run.extra = {
+            "FAULT_MODE": mode if mode != "time" else "none",
+            "FAULT_UPDATE": target,
+            "FAULT_RANK": rank,
+        }
+        rc, out = run(
+            command(args.databin, faulty, args.max_update, args.nproc, port + 1 + kills),
+            args.timeout,
+            kill_at_update=target if mode == "time" else None,
+            delay=rng.uniform(0.0, 0.02),
+        )
         record(out)
         if rc == 0:  # the run finished before the fault struck: start over from there
             log.append({"mode": mode, "update": target, "killed": False})
@@ -220,13 +243,20 @@ def main(argv=None):
 
     a, b = consolidated(ref), consolidated(faulty)
     same_weights = a["model"].keys() == b["model"].keys() and all(
-        torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    summary = {"nproc": args.nproc, "kills": kills, "max_update": final,
-               "final_loss": {"uninterrupted": want.get(final), "interrupted": got.get(final)},
-               "same_final_loss": same_loss, "every_logged_update_same": same_all,
-               "updates_logged": len(got),
-               "same_weights": same_weights, "faults": log,
-               "seconds": round(time.time() - start, 1)}
+        torch.equal(a["model"][k], b["model"][k]) for k in a["model"]
+    )
+    summary = {
+        "nproc": args.nproc,
+        "kills": kills,
+        "max_update": final,
+        "final_loss": {"uninterrupted": want.get(final), "interrupted": got.get(final)},
+        "same_final_loss": same_loss,
+        "every_logged_update_same": same_all,
+        "updates_logged": len(got),
+        "same_weights": same_weights,
+        "faults": log,
+        "seconds": round(time.time() - start, 1),
+    }
     print(json.dumps(summary, indent=1))
     if not (same_loss and same_all and same_weights and kills >= args.kills):
         sys.exit(1)

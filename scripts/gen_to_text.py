@@ -39,14 +39,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     Returns:
         the exit status.
     """
-    parser = argparse.ArgumentParser(description="sacreBLEU of a fairseq-generate output (detokenized).")
+    parser = argparse.ArgumentParser(
+        description="sacreBLEU of a fairseq-generate output (detokenized)."
+    )
     parser.add_argument("gen_output", help="fairseq-generate output (D-/H- lines); - for stdin")
     parser.add_argument("reference", help="plain reference file, or a sacrebleu test set name")
     parser.add_argument("src_lang", nargs="?", help="source language (test set names)")
     parser.add_argument("tgt_lang", nargs="?", help="target language (test set names)")
-    parser.add_argument("--detok", choices=("auto", "sentencepiece", "none"), default="auto",
-                        help="join sentencepiece pieces: auto = when the text has '\u2581'")
-    parser.add_argument("--write-hyp", metavar="PATH", help="also write the detokenized hypotheses here")
+    parser.add_argument(
+        "--detok",
+        choices=("auto", "sentencepiece", "none"),
+        default="auto",
+        help="join sentencepiece pieces: auto = when the text has '\u2581'",
+    )
+    parser.add_argument(
+        "--write-hyp", metavar="PATH", help="also write the detokenized hypotheses here"
+    )
     args = parser.parse_args(argv)
     try:
         if args.gen_output == "-":

@@ -60,15 +60,23 @@ def plot(logdir: str, out: str, split: str = "train_inner") -> int:
     scalars = read_scalars(path)
     layers = load_matrices(scalars)
     if not layers:
-        raise SystemExit(f"no moe_<layer>_e<i> scalars in {path}: was it trained with "
-                         "--task translation_deepspeed, MoE layers and --tensorboard-logdir?")
+        raise SystemExit(
+            f"no moe_<layer>_e<i> scalars in {path}: was it trained with "
+            "--task translation_deepspeed, MoE layers and --tensorboard-logdir?"
+        )
     fig, axes = plt.subplots(len(layers), 1, figsize=(10, 1.2 + 1.1 * len(layers)), squeeze=False)
     for ax, (layer, (steps, rows)) in zip(axes[:, 0], layers.items()):
         data = np.array(rows)
         n = data.shape[0]
-        im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis",
-                       vmin=0, vmax=max(2.0 / n, float(np.nanmax(data))),
-                       extent=(steps[0], steps[-1], n - 0.5, -0.5))
+        im = ax.imshow(
+            data,
+            aspect="auto",
+            interpolation="nearest",
+            cmap="viridis",
+            vmin=0,
+            vmax=max(2.0 / n, float(np.nanmax(data))),
+            extent=(steps[0], steps[-1], n - 0.5, -0.5),
+        )
         title = f"{layer}: tokens per expert (balanced = {1 / n:.3f})"
         extra = []
         for key, label in ((f"moe_{layer}_drop", "dropped"), (f"moe_{layer}_ent", "entropy")):
@@ -88,8 +96,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("logdir", help="a run's TensorBoard directory (--tensorboard-logdir)")
     p.add_argument("-o", "--output", default="experts.png", help="PNG to write [experts.png]")
-    p.add_argument("--split", default="train_inner",
-                   help="which log: train_inner (every --log-interval), train or valid")
+    p.add_argument(
+        "--split",
+        default="train_inner",
+        help="which log: train_inner (every --log-interval), train or valid",
+    )
     args = p.parse_args(argv)
     n = plot(args.logdir, args.output, args.split)
     print(f"{args.output}: {n} MoE layer(s)", file=sys.stderr)

@@ -50,7 +50,9 @@ def copy_baseline_bleu(src="en", tgt="de", split="test", corpus_dir=DEMO_DIR):
     Returns:
         sacrebleu's ``BLEUScore``.
     """
-    return mt_prep.copy_source_bleu(demo_lines(split, src, corpus_dir), demo_lines(split, tgt, corpus_dir))
+    return mt_prep.copy_source_bleu(
+        demo_lines(split, src, corpus_dir), demo_lines(split, tgt, corpus_dir)
+    )
 
 
 def write_raw(raw_dir, src, tgt, max_lines=None, corpus_dir=DEMO_DIR):
@@ -70,13 +72,22 @@ def write_raw(raw_dir, src, tgt, max_lines=None, corpus_dir=DEMO_DIR):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Prepare the bundled en-de demo corpus for fairseq.")
+    parser = argparse.ArgumentParser(
+        description="Prepare the bundled en-de demo corpus for fairseq."
+    )
     parser.add_argument("--workspace", default=os.environ.get("WORKSPACE", "."))
     parser.add_argument("--out", help="output root (default WORKSPACE/demo_SRC_TGT)")
-    parser.add_argument("--corpus-dir", default=DEMO_DIR, help="folder with {train,valid,test}.{en,de}.gz")
-    parser.add_argument("--max-lines", type=int, default=None, help="first N lines of each split only")
-    parser.add_argument("--copy-baseline", action="store_true",
-                        help="print the copy-the-source BLEU of the test split and exit")
+    parser.add_argument(
+        "--corpus-dir", default=DEMO_DIR, help="folder with {train,valid,test}.{en,de}.gz"
+    )
+    parser.add_argument(
+        "--max-lines", type=int, default=None, help="first N lines of each split only"
+    )
+    parser.add_argument(
+        "--copy-baseline",
+        action="store_true",
+        help="print the copy-the-source BLEU of the test split and exit",
+    )
     mt_prep.add_common_args(parser, vocab_size=8000)
     # Moses' 1.5 drops a tenth of this corpus, mostly one-word UI labels whose
     # German has two words ("Placement" / "Platzierung:"); 2.0 keeps them.
@@ -97,9 +108,19 @@ def main(argv=None):
     pipe = mt_prep.Pipeline(out, stop_after=args.stop_after)
     raw_outputs = [os.path.join(raw_dir, f"{s}.{l}") for s in SPLITS for l in (args.src, args.tgt)]
     try:
-        pipe.run("raw", {"max_lines": args.max_lines, "corpus": mt_prep.file_sizes(
-                     os.path.join(args.corpus_dir, f"{s}.{l}.gz") for s in SPLITS for l in ("en", "de"))},
-                 raw_outputs, lambda: write_raw(raw_dir, args.src, args.tgt, args.max_lines, args.corpus_dir))
+        pipe.run(
+            "raw",
+            {
+                "max_lines": args.max_lines,
+                "corpus": mt_prep.file_sizes(
+                    os.path.join(args.corpus_dir, f"{s}.{l}.gz")
+                    for s in SPLITS
+                    for l in ("en", "de")
+                ),
+            },
+            raw_outputs,
+            lambda: write_raw(raw_dir, args.src, args.tgt, args.max_lines, args.corpus_dir),
+        )
         mt_prep.build_from_raw(pipe, raw_dir, out, args)
     except mt_prep.StopPipeline as stop:
         mt_prep.logger.info("stopped after step %s as asked", stop)

@@ -76,7 +76,9 @@ def wanted_members(name, src, tgt, extract_dir):
     out = {}
     for member, target in ARCHIVES[name][1].items():
         for lang, role in ((src, "src"), (tgt, "ref")):
-            out[member.format(lang=lang, role=role)] = os.path.join(extract_dir, target.format(lang=lang))
+            out[member.format(lang=lang, role=role)] = os.path.join(
+                extract_dir, target.format(lang=lang)
+            )
     return out
 
 
@@ -92,9 +94,14 @@ def make_raw(extract_dir, raw_dir, src, tgt, valid):
     """
     train = {lang: [] for lang in (src, tgt)}
     for corpus in TRAIN_CORPORA:
-        sides = {lang: mt_prep.read_lines(os.path.join(extract_dir, f"{corpus}.{lang}")) for lang in train}
+        sides = {
+            lang: mt_prep.read_lines(os.path.join(extract_dir, f"{corpus}.{lang}"))
+            for lang in train
+        }
         if len(sides[src]) != len(sides[tgt]):
-            raise ValueError(f"{corpus}: {len(sides[src])} {src} lines vs {len(sides[tgt])} {tgt} lines")
+            raise ValueError(
+                f"{corpus}: {len(sides[src])} {src} lines vs {len(sides[tgt])} {tgt} lines"
+            )
         logger.info("%s: %d lines", corpus, len(sides[src]))
         for lang in train:
             train[lang].extend(sides[lang])
@@ -128,11 +135,15 @@ def main(argv=None):
     parser.add_argument("--out", help="output root (default WORKSPACE/wmt16_SRC_TGT)")
     parser.add_argument("--download-dir", help="archives (default WORKSPACE/wmt16_downloads)")
     parser.add_argument("--mirror", default=None, help="base URL serving all archives by file name")
-    parser.add_argument("--checksums", default=None, help="sha256sum-style file of known archive digests")
+    parser.add_argument(
+        "--checksums", default=None, help="sha256sum-style file of known archive digests"
+    )
     parser.add_argument("--valid", default="newstest2013", choices=["newstest2013", "heldout"])
     parser.add_argument("--download-attempts", type=int, default=5)
     parser.add_argument("--download-timeout", type=float, default=60.0)
-    parser.add_argument("--retry-wait", type=float, default=2.0, help="seconds before the first retry")
+    parser.add_argument(
+        "--retry-wait", type=float, default=2.0, help="seconds before the first retry"
+    )
     mt_prep.add_common_args(parser, vocab_size=32000)
     args = parser.parse_args(argv)
     mt_prep.setup_logging()
@@ -156,20 +167,40 @@ def main(argv=None):
             url = archive_url(name, args.mirror)
             paths[name] = os.path.join(downloads, url.rsplit("/", 1)[1])
         # The archives are verified here, before anything reads them.
-        pipe.run("fetch", {"urls": {n: archive_url(n, args.mirror) for n in ARCHIVES}},
-                 list(paths.values()), lambda: [
-                     mt_prep.fetch_archive(
-                         archive_url(n, args.mirror), p, checksums.get(os.path.basename(p)),
-                         attempts=args.download_attempts, timeout=args.download_timeout,
-                         backoff=args.retry_wait)
-                     for n, p in paths.items()])
+        pipe.run(
+            "fetch",
+            {"urls": {n: archive_url(n, args.mirror) for n in ARCHIVES}},
+            list(paths.values()),
+            lambda: [
+                mt_prep.fetch_archive(
+                    archive_url(n, args.mirror),
+                    p,
+                    checksums.get(os.path.basename(p)),
+                    attempts=args.download_attempts,
+                    timeout=args.download_timeout,
+                    backoff=args.retry_wait,
+                )
+                for n, p in paths.items()
+            ],
+        )
         members = {n: wanted_members(n, args.src, args.tgt, extract_dir) for n in ARCHIVES}
-        pipe.run("extract", {}, [p for m in members.values() for p in m.values()],
-                 lambda: [mt_prep.extract_members(paths[n], m) for n, m in members.items()])
-        raw_outputs = [os.path.join(raw_dir, f"{s}.{l}") for s in ("train", "valid", "test")
-                       for l in (args.src, args.tgt)]
-        pipe.run("raw", {"valid": args.valid}, raw_outputs,
-                 lambda: make_raw(extract_dir, raw_dir, args.src, args.tgt, args.valid))
+        pipe.run(
+            "extract",
+            {},
+            [p for m in members.values() for p in m.values()],
+            lambda: [mt_prep.extract_members(paths[n], m) for n, m in members.items()],
+        )
+        raw_outputs = [
+            os.path.join(raw_dir, f"{s}.{l}")
+            for s in ("train", "valid", "test")
+            for l in (args.src, args.tgt)
+        ]
+        pipe.run(
+            "raw",
+            {"valid": args.valid},
+            raw_outputs,
+            lambda: make_raw(extract_dir, raw_dir, args.src, args.tgt, args.valid),
+        )
         mt_prep.build_from_raw(pipe, raw_dir, out, args)
     except mt_prep.StopPipeline as stop:
         logger.info("stopped after step %s as asked", stop)

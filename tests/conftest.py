@@ -63,9 +63,10 @@ def _tok(line):
 
 
 def _read_pairs(split, limit, max_words=12):
-    with gzip.open(DEMO / f"{split}.en.gz", "rt", encoding="utf-8") as fe, gzip.open(
-        DEMO / f"{split}.de.gz", "rt", encoding="utf-8"
-    ) as fd:
+    with (
+        gzip.open(DEMO / f"{split}.en.gz", "rt", encoding="utf-8") as fe,
+        gzip.open(DEMO / f"{split}.de.gz", "rt", encoding="utf-8") as fd,
+    ):
         pairs = []
         for en, de in zip(fe, fd):
             en, de = _tok(en), _tok(de)
@@ -91,6 +92,7 @@ def tiny_data(tmp_path_factory):
         (raw / f"{split}.en").write_text("".join(p[0] + "\n" for p in pairs), encoding="utf-8")
         (raw / f"{split}.de").write_text("".join(p[1] + "\n" for p in pairs), encoding="utf-8")
     databin = root / "databin"
+    # fmt: off
     run_cli(
         [
             "fairseq-preprocess",
@@ -99,6 +101,7 @@ def tiny_data(tmp_path_factory):
             "--destdir", databin, "--joined-dictionary", "--nwordssrc", "400", "--workers", "1",
         ]
     )
+    # fmt: on
     return {"databin": databin, "raw": raw}
 
 

@@ -6,14 +6,16 @@
 
 import os
 
-from conftest import USER_DIR, run_cli
-
 from mt_run.fairseq_log import losses_by_update
 from mt_run.recipes import MICRO
 
+from conftest import USER_DIR, run_cli
+
 # the micro model (mt_run.recipes) with room for every token, a checkpoint every 3 updates
+# fmt: off
 MODEL = [*MICRO, "--moe-capacity-factor", "2", "--seed", "5", "--save-interval-updates", "3",
          "--keep-interval-updates", "1"]
+# fmt: on
 
 _port = [20000 + os.getpid() % 20000]
 
@@ -21,12 +23,24 @@ _port = [20000 + os.getpid() % 20000]
 def torchrun(*args, nproc=2, timeout=300):
     """``torchrun --nproc_per_node nproc ARGS`` from this venv, bounded by ``timeout``."""
     _port[0] = 20000 + (_port[0] - 19999) % 20000  # a fresh port for each launch
+    # fmt: off
     return run_cli(["torchrun", "--nproc_per_node", nproc, "--master_port", _port[0], *args],
                    timeout=timeout)
+    # fmt: on
 
 
 def train2(databin, save_dir, max_update, *extra):
     """``user/train.py`` on 2 CPU processes, expert parallel over both; ``{update: loss}``."""
-    proc = torchrun(USER_DIR / "train.py", databin, *MODEL, "--ep-world-size", "2",
-                    "--save-dir", save_dir, "--max-update", max_update, *extra)
+    proc = torchrun(
+        USER_DIR / "train.py",
+        databin,
+        *MODEL,
+        "--ep-world-size",
+        "2",
+        "--save-dir",
+        save_dir,
+        "--max-update",
+        max_update,
+        *extra,
+    )
     return losses_by_update(proc.stdout + proc.stderr)

@@ -7,16 +7,20 @@
 import torch
 from fairseq import options, tasks
 
+# fmt: off
 TINY = ["--encoder-embed-dim", "16", "--decoder-embed-dim", "16", "--encoder-ffn-embed-dim", "32",
         "--decoder-ffn-embed-dim", "24", "--encoder-attention-heads", "2",
         "--decoder-attention-heads", "2", "--encoder-layers", "2", "--decoder-layers", "2"]
+# fmt: on
 
 
 def build(tiny_data, arch, *extra, seed=1):
     parser = options.get_training_parser()
+    # fmt: off
     args = options.parse_args_and_arch(parser, [
         str(tiny_data["databin"]), "--task", "translation_deepspeed", "--arch", arch,
         "--seed", str(seed), *TINY, *extra])
+    # fmt: on
     task = tasks.setup_task(args)
     torch.manual_seed(seed)
     return task, task.build_model(args)

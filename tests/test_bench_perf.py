@@ -27,6 +27,7 @@ def test_memory_fit_catches_a_dispatch_that_grows_with_tokens_squared():
 def test_parse_wps_skips_warmup_lines():
     log = "\n".join(
         f"2026-11-25 | INFO | train_inner | epoch 001: {i} / 9 loss=9.1, wps={w}, ups=1.0"
-        for i, w in enumerate([100.0, 2000.5, 2100.0, 1900.0], 1))
+        for i, w in enumerate([100.0, 2000.5, 2100.0, 1900.0], 1)
+    )
     assert wps(log, skip=1) == [2000.5, 2100.0, 1900.0]
     assert median(wps(log, skip=1)) == 2000.5

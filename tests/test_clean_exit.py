@@ -14,8 +14,9 @@ import pytest
 import torch
 from fairseq.data import iterators
 
-from conftest import REPO, cli_env
 from user import clean_exit
+
+from conftest import REPO, cli_env
 
 # The shape of a --max-update run: the main thread takes a few batches and
 # leaves while the prefetch thread is inside torch ops making the next one.
@@ -75,8 +76,14 @@ def test_stop_consumers_joins_a_thread_blocked_on_a_full_queue():
 @pytest.mark.timeout(120)
 def test_process_leaving_mid_epoch_exits_zero():
     for _ in range(2):
-        proc = subprocess.run([sys.executable, "-c", SCRIPT.format(repo=str(REPO))],
-                              capture_output=True, text=True, timeout=60, env=cli_env(), cwd=REPO)
+        proc = subprocess.run(
+            [sys.executable, "-c", SCRIPT.format(repo=str(REPO))],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=cli_env(),
+            cwd=REPO,
+        )
         assert "done" in proc.stdout
         assert "terminate called" not in proc.stderr, proc.stderr[-2000:]
         assert proc.returncode == 0, proc.stderr[-2000:]

@@ -11,10 +11,11 @@ import re
 import pytest
 import sacrebleu
 
-from conftest import USER_DIR, run_cli
-
 from mt_run import fairseq_log
 
+from conftest import USER_DIR, run_cli
+
+# fmt: off
 MODEL = [
     "--task", "translation_deepspeed", "--arch", "transformer_ds_moe_tiny",
     "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
@@ -26,11 +27,15 @@ MODEL = [
     "--log-format", "json", "--log-interval", "1", "--no-progress-bar", "--num-workers", "0",
     "--save-interval-updates", "10", "--keep-interval-updates", "1", "--no-epoch-checkpoints",
 ]
+# fmt: on
 
 
 def train(databin, save_dir, max_update, cli="fairseq-train"):
-    head = [cli, databin, "--user-dir", USER_DIR] if cli == "fairseq-train" else [
-        "python", USER_DIR / "train.py", databin]
+    head = (
+        [cli, databin, "--user-dir", USER_DIR]
+        if cli == "fairseq-train"
+        else ["python", USER_DIR / "train.py", databin]
+    )
     proc = run_cli([*head, *MODEL, "--save-dir", save_dir, "--max-update", max_update])
     return proc
 
@@ -56,9 +61,14 @@ def test_train_loss_falls_and_checkpoint_is_written(trained):
     assert (trained["save"] / "checkpoint_last.pt").exists()
     assert "loss_experts_gate_loss" in trained["log"] and "moe_imbalance" in trained["log"]
     # what the model holds (fairseq's "num. expert model params" is 0 with EP=1)
-    m = re.search(r"MoE: (\d+) layers \(.*\), 4 experts each, top-1, --ep-world-size 1: "
-                  r"4 experts per layer in this process, ([\d,]+) expert parameters here", trained["log"])
-    assert m and int(m.group(1)) >= 2 and int(m.group(2).replace(",", "")) > 0, trained["log"][:3000]
+    m = re.search(
+        r"MoE: (\d+) layers \(.*\), 4 experts each, top-1, --ep-world-size 1: "
+        r"4 experts per layer in this process, ([\d,]+) expert parameters here",
+        trained["log"],
+    )
+    assert m and int(m.group(1)) >= 2 and int(m.group(2).replace(",", "")) > 0, trained["log"][
+        :3000
+    ]
 
 
 @pytest.mark.timeout(300)
@@ -84,9 +94,13 @@ def hypotheses(output):
 
 @pytest.mark.timeout(300)
 def test_generate_translates_and_sacrebleu_scores(tiny_data, trained):
+    # fmt: off
     args = [tiny_data["databin"], "--path", trained["save"] / "checkpoint_last.pt",
             "--gen-subset", "test", "--beam", "3", "--batch-size", "8", "--max-len-b", "20"]
+    # fmt: on
+    # fmt: off
     out = run_cli(["fairseq-generate", *args, "--user-dir", USER_DIR, "--task", "translation_deepspeed"])
+    # fmt: on
     hyps = hypotheses(out.stdout)
     refs = (tiny_data["raw"] / "test.de").read_text(encoding="utf-8").splitlines()
     assert len(hyps) == len(refs) == 24
@@ -100,20 +114,40 @@ def test_generate_translates_and_sacrebleu_scores(tiny_data, trained):
 @pytest.mark.timeout(120)
 def test_bad_flag_fails_before_any_work(tiny_data, tmp_path):
     save = tmp_path / "ckpt"
-    proc = run_cli(["python", USER_DIR / "train.py", tiny_data["databin"], *MODEL, "--num-experts", "6",
-                    "--ep-world-size", "4", "--save-dir", save], check=False)
+    proc = run_cli(
+        [
+            "python",
+            USER_DIR / "train.py",
+            tiny_data["databin"],
+            *MODEL,
+            "--num-experts",
+            "6",
+            "--ep-world-size",
+            "4",
+            "--save-dir",
+            save,
+        ],
+        check=False,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].endswith(
-        "error: --num-experts 6 is not divisible by --ep-world-size 4: each expert-parallel rank "
-        "holds num_experts / ep_world_size experts; use a multiple of 4 experts or a divisor of 6 "
-        "as --ep-world-size")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "error: --num-experts 6 is not divisible by --ep-world-size 4: each expert-parallel rank "
+            "holds num_experts / ep_world_size experts; use a multiple of 4 experts or a divisor of 6 "
+            "as --ep-world-size"
+        )
+    )
     assert not save.exists(), "nothing may be written on bad input"
 
 
 @pytest.mark.timeout(120)
 def test_bad_flag_under_fairseq_train_is_one_clear_line(tiny_data, tmp_path):
+    # fmt: off
     proc = run_cli(["fairseq-train", tiny_data["databin"], "--user-dir", USER_DIR, *MODEL,
                     "--deepspeed_moe", "enc,dex", "--save-dir", tmp_path / "ckpt"], check=False)
+    # fmt: on
     assert proc.returncode != 0
     assert "fairseq-train: error: --deepspeed_moe 'enc,dex': unknown part 'dex'" in proc.stderr
     assert "Traceback" not in proc.stderr

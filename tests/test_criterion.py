@@ -22,10 +22,21 @@ from moe_helpers import TINY, sample_batch
 
 def setup(tiny_data, *extra, moe=True):
     parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, [
-        str(tiny_data["databin"]), "--task", "translation_deepspeed", "--arch",
-        "transformer_ds_moe_tiny", *TINY, "--criterion", "model_and_base",
-        *(["--deepspeed_moe", "enc,dec", "--num-experts", "4"] if moe else []), *extra])
+    args = options.parse_args_and_arch(
+        parser,
+        [
+            str(tiny_data["databin"]),
+            "--task",
+            "translation_deepspeed",
+            "--arch",
+            "transformer_ds_moe_tiny",
+            *TINY,
+            "--criterion",
+            "model_and_base",
+            *(["--deepspeed_moe", "enc,dec", "--num-experts", "4"] if moe else []),
+            *extra,
+        ],
+    )
     cfg = convert_namespace_to_omegaconf(args)
     task = tasks.setup_task(cfg.task)
     torch.manual_seed(1)
@@ -42,10 +53,12 @@ def reference(model, batch, smoothing):
 
 
 def test_total_is_weighted_base_plus_scaled_gate_loss(tiny_data):
+    # fmt: off
     task, model, crit = setup(
         tiny_data, "--base-criterion", "label_smoothed_cross_entropy",
         "--base-criterion-config", '{"label_smoothing": 0.1}',
         "--loss-weights", '{"base_crit": 2, "experts_gate_loss": 0.5}')
+    # fmt: on
     assert isinstance(crit, ModelAndBaseCriterion)
     batch = sample_batch(task)
     loss, sample_size, log = crit(model, batch)
@@ -82,7 +95,8 @@ def test_any_registered_base_criterion(tiny_data):
     loss, sample_size, log = crit(model, batch)
     lprobs = model.get_normalized_probs(model(**batch["net_input"]), log_probs=True)
     expected = torch.nn.functional.nll_loss(
-        lprobs.view(-1, lprobs.size(-1)), batch["target"].view(-1), ignore_index=1, reduction="sum")
+        lprobs.view(-1, lprobs.size(-1)), batch["target"].view(-1), ignore_index=1, reduction="sum"
+    )
     torch.testing.assert_close(loss, expected)
 
 
@@ -95,18 +109,34 @@ def test_reduced_metrics_add_up(tiny_data):
     with metrics.aggregate() as agg:
         task.reduce_metrics([log], crit)
     values = agg.get_smoothed_values()
-    assert values["loss"] == pytest.approx(values["loss_base_crit"] + values["loss_experts_gate_loss"], abs=2e-3)
-    assert values["loss"] == pytest.approx(float(log["loss"]) / log["sample_size"] / math.log(2), abs=1e-3)
+    assert values["loss"] == pytest.approx(
+        values["loss_base_crit"] + values["loss_experts_gate_loss"], abs=2e-3
+    )
+    assert values["loss"] == pytest.approx(
+        float(log["loss"]) / log["sample_size"] / math.log(2), abs=1e-3
+    )
     assert "nll_loss" in values and "ppl" in values and values["moe_imbalance"] >= 1.0
 
 
-@pytest.mark.parametrize("extra,match", [
-    (["--base-criterion", "no_such_crit"], "--base-criterion 'no_such_crit' is not a registered"),
-    (["--base-criterion-config", "{label_smoothing: 0.1}"], "--base-criterion-config is not valid JSON"),
-    (["--base-criterion-config", '{"smoothing": 0.1}'], "has no option 'smoothing'"),
-    (["--loss-weights", '{"base_crit": 1'], "--loss-weights is not valid JSON"),
-    (["--loss-weights", '{"gate": 1}'], "--loss-weights names 'gate', which no component produces"),
-])
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (
+            ["--base-criterion", "no_such_crit"],
+            "--base-criterion 'no_such_crit' is not a registered",
+        ),
+        (
+            ["--base-criterion-config", "{label_smoothing: 0.1}"],
+            "--base-criterion-config is not valid JSON",
+        ),
+        (["--base-criterion-config", '{"smoothing": 0.1}'], "has no option 'smoothing'"),
+        (["--loss-weights", '{"base_crit": 1'], "--loss-weights is not valid JSON"),
+        (
+            ["--loss-weights", '{"gate": 1}'],
+            "--loss-weights names 'gate', which no component produces",
+        ),
+    ],
+)
 def test_bad_criterion_flags(tiny_data, extra, match):
     with pytest.raises(MoEArgumentError, match=match):
         setup(tiny_data, *extra)
@@ -121,8 +151,9 @@ def test_two_criteria_reduce_their_own_base_metrics(tiny_data, monkeypatch):
     _, _, plain = setup(tiny_data, "--base-criterion", "cross_entropy")  # built second
     calls = []
     for cls in (LabelSmoothedCrossEntropyCriterion, CrossEntropyCriterion):
-        monkeypatch.setattr(cls, "reduce_metrics", classmethod(
-            lambda c, logs, cls=cls: calls.append(cls.__name__)))
+        monkeypatch.setattr(
+            cls, "reduce_metrics", classmethod(lambda c, logs, cls=cls: calls.append(cls.__name__))
+        )
     batch = sample_batch(task)
     for crit in (smoothed, plain):
         _, _, log = crit(model, batch)

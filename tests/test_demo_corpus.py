@@ -44,7 +44,7 @@ def test_builder_helpers():
         '<p id="par_id1" class="paragraph">Choose <span class="switchinline">'
         '<span hidden="true" id="MAC1" class="MAC">LibreOffice - Preferences</span>'
         '<span hidden="true" id="default1">Tools - Options</span></span>'
-        " &amp; more<br>next</p><p id=\"other\">skipped</p>"
+        ' &amp; more<br>next</p><p id="other">skipped</p>'
     )
     assert parser.paragraphs == {"par_id1": "Choose Tools - Options & more next"}
     assert build_demo_corpus.strip_ui_markup("~Open %PRODUCTNAME file") == "Open LibreOffice file"
@@ -69,7 +69,9 @@ def test_builder_helpers():
 def test_copy_source_baseline(corpus):
     bleu = prepare_demo.copy_baseline_bleu("en", "de")
     assert 0.5 < bleu.score < 10, bleu
-    assert mt_prep.copy_source_bleu(corpus["test", "de"], corpus["test", "de"]).score == pytest.approx(100)
+    assert mt_prep.copy_source_bleu(
+        corpus["test", "de"], corpus["test", "de"]
+    ).score == pytest.approx(100)
 
 
 @pytest.mark.timeout(180)
@@ -77,8 +79,10 @@ def test_prepare_demo_slice_binarizes(tmp_path, corpus):
     from fairseq.data import Dictionary, data_utils
 
     out = tmp_path / "demo"
+    # fmt: off
     cmd = [sys.executable, str(REPO / "scripts" / "prepare_demo.py"), "--out", str(out),
            "--max-lines", "2000", "--vocab-size", "400", "--workers", "2"]
+    # fmt: on
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, proc.stderr[-5000:]
 

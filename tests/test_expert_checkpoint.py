@@ -7,17 +7,15 @@
 pruning, resharding EP=2 -> 1 -> 2, and single-process loading."""
 
 import os
-import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, USER_DIR, run_cli
-from ep_helpers import torchrun, train2
 from user.checkpoint import format as fmt
 from user.checkpoint import io as ckpt_io
+
+from conftest import REPO, USER_DIR, run_cli
+from ep_helpers import torchrun, train2
 
 E = "m.layers.0.moe_ffn.moe.deepspeed_moe.experts.deepspeed_experts"
 
@@ -33,9 +31,22 @@ def test_expert_names_shift_between_local_and_global():
 
 
 def test_relayout_names_rebuilds_each_expert_block_in_place():
-    names = ["emb", f"{E}.0.fc1.weight", f"{E}.0.fc2.weight", f"{E}.1.fc1.weight",
-             f"{E}.1.fc2.weight", "gate", "out"]
-    assert fmt.relayout_names(names, 1) == ["emb", f"{E}.0.fc1.weight", f"{E}.0.fc2.weight", "gate", "out"]
+    names = [
+        "emb",
+        f"{E}.0.fc1.weight",
+        f"{E}.0.fc2.weight",
+        f"{E}.1.fc1.weight",
+        f"{E}.1.fc2.weight",
+        "gate",
+        "out",
+    ]
+    assert fmt.relayout_names(names, 1) == [
+        "emb",
+        f"{E}.0.fc1.weight",
+        f"{E}.0.fc2.weight",
+        "gate",
+        "out",
+    ]
     four = fmt.relayout_names(names, 4)
     assert four[0] == "emb" and four[-2:] == ["gate", "out"]
     assert four[1:9] == [f"{E}.{i}.fc{j}.weight" for i in range(4) for j in (1, 2)]
@@ -45,12 +56,20 @@ def _full_state(n_experts=4):
     """A consolidated checkpoint: 1 dense param, n experts x 2 params, Adam-like state."""
     names = ["dense.w"] + [f"{E}.{i}.fc{j}.weight" for i in range(n_experts) for j in (1, 2)]
     model = {n: torch.full((2,), float(k)) for k, n in enumerate(names)}
-    opt = {"state": {k: {"step": torch.tensor(7.0), "exp_avg": torch.full((2,), 10.0 + k)}
-                     for k in range(len(names))},
-           "param_groups": [{"lr": 0.1, "params": list(range(len(names)))}]}
-    state = {"cfg": {"model": {"ep_world_size": 1}}, "model": model,
-             "last_optimizer_state": opt, "extra_state": {"param_names": names},
-             "optimizer_history": [{"num_updates": 7}]}
+    opt = {
+        "state": {
+            k: {"step": torch.tensor(7.0), "exp_avg": torch.full((2,), 10.0 + k)}
+            for k in range(len(names))
+        },
+        "param_groups": [{"lr": 0.1, "params": list(range(len(names)))}],
+    }
+    state = {
+        "cfg": {"model": {"ep_world_size": 1}},
+        "model": model,
+        "last_optimizer_state": opt,
+        "extra_state": {"param_names": names},
+        "optimizer_history": [{"num_updates": 7}],
+    }
     return state, names
 
 
@@ -58,10 +77,15 @@ def test_scatter_then_gather_gives_back_the_consolidated_checkpoint():
     full, names = _full_state()
     shared, shards = fmt.scatter(full, 2, "tok", names)
     info = shared["extra_state"][fmt.SHARD_KEY]
-    assert info["ep_size"] == 2 and info["num_experts"] == 4 and shared["cfg"]["model"]["ep_world_size"] == 2
+    assert (
+        info["ep_size"] == 2
+        and info["num_experts"] == 4
+        and shared["cfg"]["model"]["ep_world_size"] == 2
+    )
     # rank 0's file holds its 2 experts under local names; rank 1's shard holds experts 2, 3
     assert sorted(k for k in shared["model"] if fmt.expert_index(k) is not None) == sorted(
-        f"{E}.{i}.fc{j}.weight" for i in (0, 1) for j in (1, 2))
+        f"{E}.{i}.fc{j}.weight" for i in (0, 1) for j in (1, 2)
+    )
     assert sorted(fmt.expert_index(k) for k in shards[1]["model"]) == [2, 2, 3, 3]
     assert len(shared["last_optimizer_state"]["state"]) == 5
     back = fmt.gather(shared, list(reversed(shards)))
@@ -71,8 +95,10 @@ def test_scatter_then_gather_gives_back_the_consolidated_checkpoint():
     # optimizer state follows its parameter through both re-indexings
     assert back["last_optimizer_state"]["param_groups"][0]["params"] == list(range(len(names)))
     for k in range(len(names)):
-        assert torch.equal(back["last_optimizer_state"]["state"][k]["exp_avg"],
-                           full["last_optimizer_state"]["state"][k]["exp_avg"])
+        assert torch.equal(
+            back["last_optimizer_state"]["state"][k]["exp_avg"],
+            full["last_optimizer_state"]["state"][k]["exp_avg"],
+        )
 
 
 def test_gather_refuses_missing_or_foreign_shards():
@@ -96,8 +122,9 @@ def test_a_shard_is_read_once_per_checkpoint_load(tmp_path, monkeypatch):
         torch.save(shard, ckpt_io.shard_file(str(tmp_path), "tok", r, 2))
     reads = []
     real = ckpt_io.read_checkpoint
-    monkeypatch.setattr(ckpt_io, "read_checkpoint",
-                        lambda path, mmap=False: reads.append(path) or real(path, mmap))
+    monkeypatch.setattr(
+        ckpt_io, "read_checkpoint", lambda path, mmap=False: reads.append(path) or real(path, mmap)
+    )
     reader = ckpt_io.ShardReader({**info, "directory": str(tmp_path)}, 4)
     first = reader(1)
     assert reader(1) is first
@@ -117,9 +144,14 @@ def test_prune_keeps_exactly_the_shards_a_checkpoint_names(tmp_path):
         for r in range(2):
             torch.save({}, ckpt_io.shard_file(str(tmp_path), token, r, 2))
     removed = ckpt_io.prune_shards(str(tmp_path), keep=["u12-new"])
-    assert sorted(os.path.basename(p) for p in removed) == ["experts.u3-z.0-of-2.pt", "experts.u3-z.1-of-2.pt"]
+    assert sorted(os.path.basename(p) for p in removed) == [
+        "experts.u3-z.0-of-2.pt",
+        "experts.u3-z.1-of-2.pt",
+    ]
     left = sorted(p.name for p in tmp_path.glob("experts.*"))
-    assert left == sorted(f"experts.{t}.{r}-of-2.pt" for t in ("u6-a", "u9-b", "u12-new") for r in range(2))
+    assert left == sorted(
+        f"experts.{t}.{r}-of-2.pt" for t in ("u6-a", "u9-b", "u12-new") for r in range(2)
+    )
 
 
 def test_atomic_save_leaves_no_temp_file(tmp_path):
@@ -130,6 +162,7 @@ def test_atomic_save_leaves_no_temp_file(tmp_path):
 
 # --------------------------------------------------------------------------
 # real 2-process runs
+
 
 def consolidated(path, out):
     """``python -m user.reshard path out --ep-size 1``, in this process (the CLI is
@@ -158,7 +191,10 @@ def runs(tiny_data, ep2_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("ep_ckpt")
     cut = root / "cut"
     return {
-        "db": db, "root": root, "straight": ep2_run["save"], "cut": cut,
+        "db": db,
+        "root": root,
+        "straight": ep2_run["save"],
+        "cut": cut,
         "straight_losses": ep2_run["losses"],
         "first_losses": train2(db, cut, 6),
         "resumed_losses": train2(db, cut, 9),
@@ -172,12 +208,15 @@ def test_each_rank_writes_its_shard_and_pruning_follows_the_checkpoints(runs):
     for main in cut.glob("checkpoint*.pt"):
         state = torch.load(main, map_location="cpu", weights_only=False)
         tokens[main.name] = state["extra_state"][fmt.SHARD_KEY]["token"]
-    info = torch.load(cut / "checkpoint_last.pt", map_location="cpu",
-                      weights_only=False)["extra_state"][fmt.SHARD_KEY]
+    info = torch.load(cut / "checkpoint_last.pt", map_location="cpu", weights_only=False)[
+        "extra_state"
+    ][fmt.SHARD_KEY]
     assert info["ep_size"] == 2 and info["num_experts"] == 4 and info["num_updates"] == 9
     # exactly the shards some checkpoint names are left (those of updates 3 and 6 were pruned)
     shards = sorted(p.name for p in cut.glob("experts.*.pt"))
-    assert shards == sorted(f"experts.{t}.{r}-of-2.pt" for t in set(tokens.values()) for r in range(2))
+    assert shards == sorted(
+        f"experts.{t}.{r}-of-2.pt" for t in set(tokens.values()) for r in range(2)
+    )
     assert not any(name.startswith("experts.u3-") for name in shards)
     s0, s1 = (ckpt_io.read_shard(str(cut), info, r) for r in range(2))
     assert sorted({fmt.expert_index(k) for k in s0["model"]}) == [0, 1]
@@ -203,7 +242,9 @@ def test_reshard_to_one_process_gives_the_expert_parallel_outputs(runs):
     cut, root = runs["cut"], runs["root"]
     cons = consolidated(cut / "checkpoint_last.pt", root / "cons.pt")
     assert fmt.SHARD_KEY not in cons["extra_state"]
-    assert sum(fmt.expert_index(k) is not None for k in cons["model"]) == 2 * 4 * 4  # 2 layers x 4 experts x 4 tensors
+    assert (
+        sum(fmt.expert_index(k) is not None for k in cons["model"]) == 2 * 4 * 4
+    )  # 2 layers x 4 experts x 4 tensors
     out_dir = root / "outputs"
     out_dir.mkdir()
     torchrun(REPO / "tests" / "ep_forward_worker.py", cut / "checkpoint_last.pt", out_dir, 6)
@@ -229,35 +270,69 @@ def test_a_resharded_checkpoint_resumes_training_like_the_original(runs):
     # EP=2 -> consolidated -> EP=2 again, in a new save dir
     consolidated(runs["cut"] / "checkpoint_last.pt", root / "c9.pt")
     re2 = root / "re2"
-    run_cli(["python", "-m", "user.reshard", root / "c9.pt", re2 / "checkpoint_last.pt", "--ep-size", "2"])
+    run_cli(
+        [
+            "python",
+            "-m",
+            "user.reshard",
+            root / "c9.pt",
+            re2 / "checkpoint_last.pt",
+            "--ep-size",
+            "2",
+        ]
+    )
     assert len(list(re2.glob("experts.*.pt"))) == 2
     original = train2(db, runs["cut"], 11)
     resharded = train2(db, re2, 11)
     assert sorted(resharded) == [10, 11] and resharded == original
-    assert_same_training_state(consolidated(runs["cut"] / "checkpoint_last.pt", root / "o11.pt"),
-                               consolidated(re2 / "checkpoint_last.pt", root / "r11.pt"))
+    assert_same_training_state(
+        consolidated(runs["cut"] / "checkpoint_last.pt", root / "o11.pt"),
+        consolidated(re2 / "checkpoint_last.pt", root / "r11.pt"),
+    )
 
 
 @pytest.mark.timeout(300)
 def test_generate_from_an_expert_parallel_checkpoint_in_one_process(runs):
+    # fmt: off
     proc = run_cli(["python", USER_DIR / "generate.py", runs["db"], "--task", "translation_deepspeed",
                     "--path", runs["straight"] / "checkpoint_last.pt", "--gen-subset", "valid",
                     "--beam", "2", "--max-len-b", "10", "--num-workers", "0", "--cpu"])
+    # fmt: on
     hyps = [ln for ln in proc.stdout.splitlines() if ln.startswith("H-")]
     assert len(hyps) == 40
 
 
 @pytest.mark.timeout(300)
 def test_reshard_errors_are_one_clear_line(runs, tmp_path):
-    proc = run_cli(["python", "-m", "user.reshard", runs["cut"] / "checkpoint_last.pt",
-                    tmp_path / "x.pt", "--ep-size", "3"], check=False)
+    proc = run_cli(
+        [
+            "python",
+            "-m",
+            "user.reshard",
+            runs["cut"] / "checkpoint_last.pt",
+            tmp_path / "x.pt",
+            "--ep-size",
+            "3",
+        ],
+        check=False,
+    )
     assert proc.returncode == 2 and "4 experts cannot be split over 3 ranks" in proc.stderr
     assert not (tmp_path / "x.pt").exists()
     # a shared file whose shards are gone
     lonely = tmp_path / "lonely"
     lonely.mkdir()
     (lonely / "checkpoint_last.pt").write_bytes((runs["cut"] / "checkpoint_last.pt").read_bytes())
-    proc = run_cli(["python", "-m", "user.reshard", lonely / "checkpoint_last.pt",
-                    tmp_path / "y.pt", "--ep-size", "1"], check=False)
+    proc = run_cli(
+        [
+            "python",
+            "-m",
+            "user.reshard",
+            lonely / "checkpoint_last.pt",
+            tmp_path / "y.pt",
+            "--ep-size",
+            "1",
+        ],
+        check=False,
+    )
     assert proc.returncode == 2 and "is missing" in proc.stderr and "experts." in proc.stderr
     assert not (tmp_path / "y.pt").exists()

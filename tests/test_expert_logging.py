@@ -10,9 +10,10 @@ import math
 import pytest
 import torch
 
+from user.expert_stats import expert_load_stats, layer_tag
+
 from conftest import REPO, USER_DIR, run_cli
 from test_gating import E, make_layer, tokens_for
-from user.expert_stats import expert_load_stats, layer_tag
 
 
 def test_dropped_tokens_are_the_tokens_whose_ffn_output_is_zero():
@@ -46,9 +47,16 @@ def test_layer_tags_and_summable_logging_outputs():
 
     class Fake:
         def routing_stats(self):
-            return {"encoder.layers.1.moe_ffn": {"counts": torch.tensor([3.0, 1.0]), "dropped": 1.0,
-                                                 "routed": 4.0, "tokens": 4.0, "entropy": 2.0,
-                                                 "aux": 1.5}}
+            return {
+                "encoder.layers.1.moe_ffn": {
+                    "counts": torch.tensor([3.0, 1.0]),
+                    "dropped": 1.0,
+                    "routed": 4.0,
+                    "tokens": 4.0,
+                    "entropy": 2.0,
+                    "aux": 1.5,
+                }
+            }
 
     out = expert_load_stats(Fake())
     assert out["_moe_enc1_n0"] == 3 and out["_moe_enc1_n1"] == 1 and out["_moe_enc1_drop"] == 1
@@ -58,6 +66,7 @@ def test_layer_tags_and_summable_logging_outputs():
 @pytest.mark.timeout(300)
 def test_a_run_writes_per_layer_scalars_to_tensorboard_and_the_plot_reads_them(tiny_data, tmp_path):
     tb = tmp_path / "tb"
+    # fmt: off
     run_cli(["python", USER_DIR / "train.py", tiny_data["databin"], "--task", "translation_deepspeed",
              "--arch", "transformer_ds_moe_tiny", "--encoder-embed-dim", "16", "--decoder-embed-dim", "16",
              "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "24", "--encoder-layers", "1",
@@ -66,6 +75,7 @@ def test_a_run_writes_per_layer_scalars_to_tensorboard_and_the_plot_reads_them(t
              "--lr", "0.003", "--max-tokens", "800", "--max-update", "4", "--log-interval", "2",
              "--num-workers", "0", "--save-dir", tmp_path / "ckpt", "--no-save",
              "--tensorboard-logdir", tb])
+    # fmt: on
     from scripts.plot_experts import load_matrices, plot, read_scalars
 
     for split in ("train_inner", "valid"):
@@ -100,11 +110,13 @@ def test_validation_logs_the_routing_of_the_loss_forward_not_of_bleu_decoding(ti
     from moe_helpers import TINY, sample_batch
 
     parser = options.get_training_parser()
+    # fmt: off
     args = options.parse_args_and_arch(parser, [
         str(tiny_data["databin"]), "--task", "translation_deepspeed", "--arch",
         "transformer_ds_moe_tiny", *TINY, "--deepspeed_moe", "enc,dec", "--num-experts", "4",
         "--criterion", "model_and_base", "--eval-bleu", "--eval-bleu-detok", "space",
         "--eval-bleu-args", '{"beam": 2, "max_len_b": 5}'])
+    # fmt: on
     cfg = convert_namespace_to_omegaconf(args)
     task = tasks.setup_task(cfg.task)
     torch.manual_seed(1)

@@ -51,17 +51,38 @@ EXPERT = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
 KEY_BIAS = re.compile(r"\.k_proj\.bias$")
 GATE_WEIGHT = 0.1
 
+# fmt: off
 MOE = ["--deepspeed_moe", "enc,dec", "--moe-freq", "1", "--dropout", "0",
        "--attention-dropout", "0", "--activation-dropout", "0"]
+# fmt: on
+# fmt: off
 TRAIN = ["--criterion", "model_and_base", "--base-criterion", "label_smoothed_cross_entropy",
          "--base-criterion-config", '{"label_smoothing": 0.1}',
          "--loss-weights", json.dumps({"base_crit": 1, "experts_gate_loss": GATE_WEIGHT}),
          "--optimizer", "adam", "--lr", "0.003", "--ddp-backend", "legacy_ddp"]
+# fmt: on
 # Collectives a forward pass may make besides the experts' all-to-alls.
-COLLECTIVES = ["all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base",
-               "all_gather_object", "broadcast", "broadcast_object_list", "barrier",
-               "monitored_barrier", "reduce", "reduce_scatter", "reduce_scatter_tensor",
-               "gather", "scatter", "all_reduce_coalesced", "send", "recv", "isend", "irecv"]
+COLLECTIVES = [
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "_all_gather_base",
+    "all_gather_object",
+    "broadcast",
+    "broadcast_object_list",
+    "barrier",
+    "monitored_barrier",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "gather",
+    "scatter",
+    "all_reduce_coalesced",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+]
 ALL_TO_ALL = ["all_to_all", "all_to_all_single"]
 
 
@@ -93,7 +114,10 @@ def _rank_main(rank, world, port, job, kwargs, out):
     try:
         torch.set_num_threads(1)
         torch.distributed.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
             timeout=timedelta(seconds=RANKS_TIMEOUT),
         )
         _import_plugin()
@@ -103,7 +127,7 @@ def _rank_main(rank, world, port, job, kwargs, out):
         torch.distributed.destroy_process_group()
     except BaseException:
         Path(out, f"rank{rank}.err").write_text(traceback.format_exc())
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 def run_ranks(job, world, extensions_dir, timeout=RANKS_TIMEOUT, **kwargs):
@@ -145,7 +169,8 @@ def run_ranks(job, world, extensions_dir, timeout=RANKS_TIMEOUT, **kwargs):
                 p.join(10)
         errors = "".join(
             f"\n--- rank {r} ---\n{Path(out, f'rank{r}.err').read_text()}"
-            for r in range(world) if Path(out, f"rank{r}.err").exists()
+            for r in range(world)
+            if Path(out, f"rank{r}.err").exists()
         )
         if errors or (any(p.exitcode != 0 for p in procs) and not hung):
             pytest.fail(f"{job}: ranks failed (exit codes {[p.exitcode for p in procs]}):{errors}")
@@ -211,8 +236,9 @@ def train_job(rank, world, databin, flags, steps):
 
     def recording_train_step(*a, **kw):
         loss, sample_size, log = train_step(*a, **kw)
-        logs.append({k: float(v) for k, v in log.items()
-                     if k.startswith("loss") or k == "sample_size"})
+        logs.append(
+            {k: float(v) for k, v in log.items() if k.startswith("loss") or k == "sample_size"}
+        )
         return loss, sample_size, log
 
     task.train_step = recording_train_step
@@ -226,8 +252,13 @@ def train_job(rank, world, databin, flags, steps):
         losses.append({k: sum(log[k] for log in logs) for k in logs[0]})
         grads.append(_grads(model))
     final = _weights(model)
-    return {"initial": initial, "losses": losses, "grads": grads, "final": final,
-            "expert_flags": sorted(n for n, p in _named_global(model) if hasattr(p, "expert"))}
+    return {
+        "initial": initial,
+        "losses": losses,
+        "grads": grads,
+        "final": final,
+        "expert_flags": sorted(n for n, p in _named_global(model) if hasattr(p, "expert")),
+    }
 
 
 class CollectiveCounter:
@@ -321,7 +352,9 @@ def _merge_ranks(dicts):
     for d in dicts:
         for k, v in d.items():
             if k in merged:
-                torch.testing.assert_close(v, merged[k], rtol=0, atol=0, msg=f"replicas differ: {k}")
+                torch.testing.assert_close(
+                    v, merged[k], rtol=0, atol=0, msg=f"replicas differ: {k}"
+                )
             else:
                 merged[k] = v
     return merged
@@ -366,6 +399,7 @@ def _uneven_steps(task):
 # ---------------------------------------------------------------------------
 # Tests
 
+# fmt: off
 CONFIGS = {
     # W=2 ranks, E=2: one expert per rank, tokens over capacity dropped (none here)
     "ep2_drop_1_local": ["--num-experts", "2", "--ep-world-size", "2"],
@@ -376,6 +410,7 @@ CONFIGS = {
     # W=2, E=1: experts replicated, ordinary data parallel
     "dp2_ep1": ["--num-experts", "2", "--ep-world-size", "1"],
 }
+# fmt: on
 # capacity for every token: nothing is dropped, so the split cannot change routing
 NO_DROP_CAPACITY = ["--moe-capacity-factor", "4", "--moe-eval-capacity-factor", "4"]
 
@@ -391,8 +426,14 @@ def test_trainer_on_two_ranks_matches_one_process(tiny_data, extensions_dir, con
     databin = str(tiny_data["databin"])
 
     want = train_job(0, 1, databin, _one_process(flags), steps)
-    got = run_ranks("train", 2, extensions_dir, databin=databin, steps=steps,
-                    flags=[*flags, "--distributed-world-size", "2"])
+    got = run_ranks(
+        "train",
+        2,
+        extensions_dir,
+        databin=databin,
+        steps=steps,
+        flags=[*flags, "--distributed-world-size", "2"],
+    )
 
     expert_parallel = _one_process(flags) != flags
     for g in got:
@@ -402,24 +443,42 @@ def test_trainer_on_two_ranks_matches_one_process(tiny_data, extensions_dir, con
         else:
             assert g["expert_flags"] == []
     # same model, whatever the split: EP ranks hold the global experts r*L .. r*L+L-1
-    _assert_same_params(_merge_ranks([g["initial"] for g in got]), want["initial"],
-                        "initial weights", rtol=0, atol=0)
+    _assert_same_params(
+        _merge_ranks([g["initial"] for g in got]),
+        want["initial"],
+        "initial weights",
+        rtol=0,
+        atol=0,
+    )
     for i in range(len(steps)):
         loss = {k: sum(g["losses"][i][k] for g in got) for k in want["losses"][i]}
         assert loss["sample_size"] == want["losses"][i]["sample_size"]
         for k, v in want["losses"][i].items():
             assert loss[k] == pytest.approx(v, rel=1e-5), f"update {i}: {k}"
         assert want["losses"][i]["loss_experts_gate_loss"] > 0
-        _assert_same_params(_merge_ranks([g["grads"][i] for g in got]), want["grads"][i],
-                            f"gradients of update {i}", rtol=1e-4, atol=1e-7)
+        _assert_same_params(
+            _merge_ranks([g["grads"][i] for g in got]),
+            want["grads"][i],
+            f"gradients of update {i}",
+            rtol=1e-4,
+            atol=1e-7,
+        )
     # Attention key biases get no gradient in exact arithmetic (softmax ignores a
     # shift shared by all keys), only rounding noise, which Adam scales up to
     # full-size steps; every other weight must agree.
     assert all(g.abs().max() < 1e-6 for k, g in want["grads"][0].items() if KEY_BIAS.search(k))
     final = {k: v for k, v in want["final"].items() if not KEY_BIAS.search(k)}
-    _assert_same_params({k: v for k, v in _merge_ranks([g["final"] for g in got]).items()
-                         if not KEY_BIAS.search(k)},
-                        final, f"weights after {len(steps)} updates", rtol=1e-4, atol=1e-6)
+    _assert_same_params(
+        {
+            k: v
+            for k, v in _merge_ranks([g["final"] for g in got]).items()
+            if not KEY_BIAS.search(k)
+        },
+        final,
+        f"weights after {len(steps)} updates",
+        rtol=1e-4,
+        atol=1e-6,
+    )
     # and training moved them
     moved = [k for k in want["final"] if not torch.equal(want["final"][k], want["initial"][k])]
     assert any(".deepspeed_experts." in k for k in moved) and any(".gate.wg." in k for k in moved)
@@ -445,8 +504,9 @@ def test_uneven_batches_match_one_process_with_one_collective(tiny_data, extensi
 
     # one process runs, per update, rank 0's sentences, then rank 1's
     want = forward_job(0, 1, databin, _one_process(flags), steps)
-    got = run_ranks("forward", 2, extensions_dir, databin=databin, flags=flags, steps=steps,
-                    exact_fit=exact_fit)
+    got = run_ranks(
+        "forward", 2, extensions_dir, databin=databin, flags=flags, steps=steps, exact_fit=exact_fit
+    )
 
     problems = []
     for i in range(len(steps)):
@@ -456,14 +516,17 @@ def test_uneven_batches_match_one_process_with_one_collective(tiny_data, extensi
                 where = f"update {i}, rank {r} ({len(steps[i][r])} sentences), {mode}"
                 for key, tol in (("out", 1e-5), ("gate_loss", 1e-6)):
                     try:
-                        torch.testing.assert_close(res[mode][key], ref[mode][key],
-                                                   rtol=1e-5, atol=tol)
+                        torch.testing.assert_close(
+                            res[mode][key], ref[mode][key], rtol=1e-5, atol=tol
+                        )
                     except AssertionError as e:
                         problems.append(f"{where}: {key} differs: {str(e).splitlines()[-2:]}")
                 if res[mode]["all_to_all"] != 2 * res[mode]["n_moe"]:
                     problems.append(f"{where}: {res[mode]['all_to_all']} all-to-alls")
                 fit = res[mode]["n_moe"] if drop == "no_drop" else 0
                 if sum(res[mode]["others"].values()) != 1 + fit:
-                    problems.append(f"{where}: collectives besides all-to-all: "
-                                    f"{res[mode]['others']} (expected 1 + {fit})")
+                    problems.append(
+                        f"{where}: collectives besides all-to-all: "
+                        f"{res[mode]['others']} (expected 1 + {fit})"
+                    )
     assert not problems, "\n".join(problems)

@@ -74,22 +74,46 @@ def test_json_and_simple_read_the_same_except_json_extras():
 
 @pytest.mark.timeout(10)
 def test_summary_of_a_fresh_and_a_resumed_run():
-    assert fairseq_log.summary(SIMPLE) == {"updates": 3, "resumed": None, "trained": 3,
-                                           "seconds": "3.5", "rate": "0.86"}
-    resumed = ("2026-11-30 | INFO | fairseq.checkpoint_utils | Loaded checkpoint "
-               "/w/checkpoint_last.pt (epoch 3 @ 1200 updates)\n")
+    assert fairseq_log.summary(SIMPLE) == {
+        "updates": 3,
+        "resumed": None,
+        "trained": 3,
+        "seconds": "3.5",
+        "rate": "0.86",
+    }
+    resumed = (
+        "2026-11-30 | INFO | fairseq.checkpoint_utils | Loaded checkpoint "
+        "/w/checkpoint_last.pt (epoch 3 @ 1200 updates)\n"
+    )
     assert fairseq_log.summary(resumed + SIMPLE.replace("num_updates=3", "num_updates=1203")) == {
-        "updates": 1203, "resumed": 1200, "trained": 3, "seconds": "3.5", "rate": "0.86"}
+        "updates": 1203,
+        "resumed": 1200,
+        "trained": 3,
+        "seconds": "3.5",
+        "rate": "0.86",
+    }
     # resumed with nothing left to train: no record, no training time
-    assert fairseq_log.summary(resumed) == {"updates": 1200, "resumed": 1200, "trained": 0,
-                                            "seconds": None, "rate": None}
-    assert fairseq_log.summary("") == {"updates": 0, "resumed": None, "trained": 0,
-                                       "seconds": None, "rate": None}
+    assert fairseq_log.summary(resumed) == {
+        "updates": 1200,
+        "resumed": 1200,
+        "trained": 0,
+        "seconds": None,
+        "rate": None,
+    }
+    assert fairseq_log.summary("") == {
+        "updates": 0,
+        "resumed": None,
+        "trained": 0,
+        "seconds": None,
+        "rate": None,
+    }
 
 
 @pytest.mark.timeout(10)
 def test_translated_line():
-    text = ("2026-11-30 | INFO | fairseq_cli.generate | Translated 1,000 sentences (4,997 tokens) "
-            "in 1.9s (537.90 sentences/s, 2687.88 tokens/s)\n")
+    text = (
+        "2026-11-30 | INFO | fairseq_cli.generate | Translated 1,000 sentences (4,997 tokens) "
+        "in 1.9s (537.90 sentences/s, 2687.88 tokens/s)\n"
+    )
     assert fairseq_log.translated(text) == {"sentences": 1000, "tokens": 4997, "seconds": 1.9}
     assert fairseq_log.translated(SIMPLE) is None

@@ -129,8 +129,12 @@ def test_top2gating_is_deepspeeds_gate_with_a_mask():
     logits = torch.randn(40, E)
     for sampling in (False, True):
         torch.manual_seed(1)
-        ours = gating.top2gating(logits.clone(), gating.expert_capacity(40, E, 1.0, 2, 2),
-                                 torch.ones(40), top2_2nd_expert_sampling=sampling)
+        ours = gating.top2gating(
+            logits.clone(),
+            gating.expert_capacity(40, E, 1.0, 2, 2),
+            torch.ones(40),
+            top2_2nd_expert_sampling=sampling,
+        )
         torch.manual_seed(1)
         theirs = sharded_moe.top2gating(logits.clone(), 1.0, 2, True, None, sampling, True)
         for a, b in zip(ours, without_num_experts(theirs), strict=True):
@@ -138,8 +142,9 @@ def test_top2gating_is_deepspeeds_gate_with_a_mask():
     # masked tokens: no route, no slot; the others' slots close up
     used = torch.ones(40)
     used[::3] = 0
-    _, _, idx, loc, _, counts = gating.top2gating(logits, gating.expert_capacity(40, E, 4.0, 2, 2),
-                                                  used)
+    _, _, idx, loc, _, counts = gating.top2gating(
+        logits, gating.expert_capacity(40, E, 4.0, 2, 2), used
+    )
     assert (idx[:, ::3] == -1).all() and (idx[:, used.bool()] >= 0).all()
     assert counts.sum() == 2 * used.sum()
     for e in range(E):
@@ -166,7 +171,11 @@ def test_experts_without_tokens_give_zero_gradients_not_nan(fast_dispatch, k):
                 if e >= k:  # no token: zero gradient (DeepSpeed's buffer or our empty batch)
                     assert p.grad is None or (p.grad == 0).all()
                 else:
-                    assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+                    assert (
+                        p.grad is not None
+                        and torch.isfinite(p.grad).all()
+                        and p.grad.abs().sum() > 0
+                    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -181,10 +190,12 @@ def test_router_runs_in_fp32_under_half_precision(monkeypatch, dtype, fast_dispa
         def wrapped(logits, *args, **kwargs):
             seen.append(logits.dtype)
             return fn(logits, *args, **kwargs)
+
         return wrapped
 
-    monkeypatch.setattr(gating, "GATING",
-                        MappingProxyType({n: spy(fn) for n, fn in gating.GATING.items()}))
+    monkeypatch.setattr(
+        gating, "GATING", MappingProxyType({n: spy(fn) for n, fn in gating.GATING.items()})
+    )
     monkeypatch.setattr(gating, "no_drop_routes", spy(gating.no_drop_routes))
     layer = make_layer(top_k=k, capacity_factor=4.0).to(dtype)
     layer.fast_dispatch = fast_dispatch
@@ -213,8 +224,10 @@ def test_experts_start_different_and_seeding_is_by_global_index():
         for j in range(i + 1, E):
             assert not torch.equal(w[i], w[j]), f"experts {i} and {j} start identical"
     again = MoEFeedForward(C, ExpertFFN(C, 8), opts, "encoder.1", seed=7)
-    assert all(torch.equal(a.fc1.weight, b.fc1.weight) for a, b in zip(
-        ds_moe.local_experts(layer.moe), ds_moe.local_experts(again.moe)))
+    assert all(
+        torch.equal(a.fc1.weight, b.fc1.weight)
+        for a, b in zip(ds_moe.local_experts(layer.moe), ds_moe.local_experts(again.moe))
+    )
     assert ds_moe.expert_seed(7, "encoder.1", 3) != ds_moe.expert_seed(7, "decoder.1", 3)
 
 
@@ -247,8 +260,9 @@ def test_capacity_is_deepspeeds():
             for f in factors:
                 for k in (1, 2, 3):
                     for min_cap in (0, 4):
-                        want = sharded_moe._capacity(torch.empty(S, num_experts),
-                                                     torch.tensor(f * k), torch.tensor(min_cap))
+                        want = sharded_moe._capacity(
+                            torch.empty(S, num_experts), torch.tensor(f * k), torch.tensor(min_cap)
+                        )
                         got = gating.expert_capacity(S, num_experts, f, k, min_cap)
                         assert got == int(want), (S, num_experts, f, k, min_cap)
 
@@ -285,20 +299,30 @@ def test_top1gating_is_deepspeeds_bit_for_bit(use_rts, noise, masked, drop):
         used[::3] = 0
     capacity = gating.expert_capacity(40, E, 0.5, 1, 4) if drop else None
     torch.manual_seed(1)
-    ours = gating.top1gating(logits.clone(), capacity, used, noisy_gate_policy=noise,
-                             use_rts=use_rts)
+    ours = gating.top1gating(
+        logits.clone(), capacity, used, noisy_gate_policy=noise, use_rts=use_rts
+    )
     ours_rng = torch.get_rng_state()
     torch.manual_seed(1)
     if masked and not drop:
         # DeepSpeed's no-drop top-1 gate fails with a mask (topk's k a tensor): compare
         # with room for every token, which drops nothing either
-        theirs = sharded_moe.top1gating(logits.clone(), E, 4, used, noise, use_rts=use_rts,
-                                        sparse_routes=True)
+        theirs = sharded_moe.top1gating(
+            logits.clone(), E, 4, used, noise, use_rts=use_rts, sparse_routes=True
+        )
         assert int(theirs[1]) == 40 and ours.capacity == int(ours.counts.max())
         ours = ours._replace(capacity=40)
     else:
-        theirs = sharded_moe.top1gating(logits.clone(), 0.5, 4, used, noise, drop_tokens=drop,
-                                        use_rts=use_rts, sparse_routes=True)
+        theirs = sharded_moe.top1gating(
+            logits.clone(),
+            0.5,
+            4,
+            used,
+            noise,
+            drop_tokens=drop,
+            use_rts=use_rts,
+            sparse_routes=True,
+        )
     assert torch.equal(ours_rng, torch.get_rng_state()), "other random numbers drawn"
     assert_same_routes(ours, theirs)
     assert bool((ours.indices >= 0).sum() < ours.counts.sum()) == drop  # dropped, or not
@@ -311,8 +335,12 @@ def test_top2gating_is_deepspeeds_bit_for_bit(sampling, masked, drop):
     logits = routed_logits()
     capacity = gating.expert_capacity(40, E, 0.5, 2, 4) if drop else None
     torch.manual_seed(1)
-    ours = gating.top2gating(logits.clone(), capacity, torch.ones(40) if masked else None,
-                             top2_2nd_expert_sampling=sampling)
+    ours = gating.top2gating(
+        logits.clone(),
+        capacity,
+        torch.ones(40) if masked else None,
+        top2_2nd_expert_sampling=sampling,
+    )
     ours_rng = torch.get_rng_state()
     torch.manual_seed(1)
     theirs = sharded_moe.top2gating(logits.clone(), 0.5, 4, drop, None, sampling, True)
@@ -350,8 +378,9 @@ def test_topkgating_padding_takes_no_route_and_no_slot():
     for e in range(6):
         kept = (idx == e).any(0)
         assert kept.sum() == 5
-        ranked = probs[:, e].masked_fill(~(used.bool() & (torch.topk(probs, 3).indices == e)
-                                           .any(1)), -1)
+        ranked = probs[:, e].masked_fill(
+            ~(used.bool() & (torch.topk(probs, 3).indices == e).any(1)), -1
+        )
         assert set(torch.nonzero(kept).flatten().tolist()) == set(ranked.topk(5).indices.tolist())
 
 
@@ -382,12 +411,17 @@ def test_no_drop_routes_are_deepspeeds_bit_for_bit(k):
     logits[5, :2] = 1.5  # a tie between experts: the first wins
     if k == 1:
         l_aux, cap, _, idx, _, gates, counts = sharded_moe.top1gating(
-            logits.clone(), 1.0, 0, None, None, drop_tokens=False, use_rts=False,
-            sparse_routes=True)
+            logits.clone(), 1.0, 0, None, None, drop_tokens=False, use_rts=False, sparse_routes=True
+        )
     else:
         l_aux, cap, _, idx, _, gates, counts = sharded_moe.top2gating(
-            logits.clone(), 1.0, 0, drop_tokens=False, top2_2nd_expert_sampling=False,
-            sparse_routes=True)
+            logits.clone(),
+            1.0,
+            0,
+            drop_tokens=False,
+            top2_2nd_expert_sampling=False,
+            sparse_routes=True,
+        )
     routes = gating.no_drop_routes(logits, k)
     i2, g2, a2, c2 = routes.indices, routes.gates, routes.l_aux, routes.counts
     assert torch.equal(i2.to(idx.dtype), idx) and torch.equal(g2, gates)
@@ -405,9 +439,18 @@ def test_no_drop_routes_are_deepspeeds_bit_for_bit(k):
 def test_gate_is_deepspeeds_topkgate_with_its_router():
     from deepspeed.moe.layer import MoE
 
-    opts = MoEOptions(sides=frozenset({"enc"}), num_experts=E, top_k=2, capacity_factor=1.5,
-                      eval_capacity_factor=3.0, min_capacity=2, drop_tokens=False,
-                      eval_drop_tokens=True, use_rts=False, top2_2nd_expert_sampling=False)
+    opts = MoEOptions(
+        sides=frozenset({"enc"}),
+        num_experts=E,
+        top_k=2,
+        capacity_factor=1.5,
+        eval_capacity_factor=3.0,
+        min_capacity=2,
+        drop_tokens=False,
+        eval_drop_tokens=True,
+        use_rts=False,
+        top2_2nd_expert_sampling=False,
+    )
     torch.manual_seed(5)
     ours = ds_moe.build_moe(C, ExpertFFN(C, 8), opts, "encoder.0", 1)
     after_ours = torch.get_rng_state()
@@ -419,10 +462,20 @@ def test_gate_is_deepspeeds_topkgate_with_its_router():
     gate_params = [n for n, _ in ours.named_parameters() if "gate" in n]
     assert gate_params == ["deepspeed_moe.gate.wg.weight"]
     assert torch.equal(gate.wg.weight, theirs.deepspeed_moe.gate.wg.weight)
-    assert (gate.k, gate.capacity_factor, gate.eval_capacity_factor, gate.min_capacity) == \
-        (2, 1.5, 3.0, 2)
-    assert (gate.drop_tokens, gate.eval_drop_tokens, gate.use_rts, gate.top2_2nd_expert_sampling,
-            gate.noisy_gate_policy, gate.policy) == (False, True, False, False, None, "top2")
+    assert (gate.k, gate.capacity_factor, gate.eval_capacity_factor, gate.min_capacity) == (
+        2,
+        1.5,
+        3.0,
+        2,
+    )
+    assert (
+        gate.drop_tokens,
+        gate.eval_drop_tokens,
+        gate.use_rts,
+        gate.top2_2nd_expert_sampling,
+        gate.noisy_gate_policy,
+        gate.policy,
+    ) == (False, True, False, False, None, "top2")
     assert gate.drops() is False and gate.eval().drops() is True
     assert gate.capacity(100) == gating.expert_capacity(100, E, 3.0, 2, 2)
 
@@ -439,15 +492,24 @@ def public_state(module):
 def test_forward_changes_no_gate_attribute_and_nothing_in_deepspeed(k, path, mode, drop):
     train = mode == "train"
     # drops in this mode only: a gate rewritten for the mode would show
-    layer = make_layer(top_k=k, capacity_factor=0.5, drop_tokens=drop == train,
-                       eval_drop_tokens=drop != train, use_rts=True, top2_2nd_expert_sampling=True)
+    layer = make_layer(
+        top_k=k,
+        capacity_factor=0.5,
+        drop_tokens=drop == train,
+        eval_drop_tokens=drop != train,
+        use_rts=True,
+        top2_2nd_expert_sampling=True,
+    )
     gate = ds_moe.moe_gate(layer.moe)
     built, module = public_state(gate), dict(vars(sharded_moe))
 
     def unchanged():
         now = dict(vars(sharded_moe))
-        return (public_state(gate) == built and now.keys() == module.keys()
-                and all(now[n] is v for n, v in module.items()))
+        return (
+            public_state(gate) == built
+            and now.keys() == module.keys()
+            and all(now[n] is v for n, v in module.items())
+        )
 
     during = []
     gate.register_forward_pre_hook(lambda *_: during.append(unchanged()))
@@ -470,11 +532,18 @@ def test_a_policy_in_the_table_routes_the_layer(monkeypatch):
     def last_expert(logits, capacity=None, used=None, *, k, **_):
         S, num_experts = logits.shape
         idx = torch.full((1, S), num_experts - 1, dtype=torch.int32)
-        return gating.Routes(logits.sum() * 0, S, idx, torch.arange(S).unsqueeze(0).int(),
-                             torch.ones(1, S), torch.bincount(idx[0], minlength=num_experts))
+        return gating.Routes(
+            logits.sum() * 0,
+            S,
+            idx,
+            torch.arange(S).unsqueeze(0).int(),
+            torch.ones(1, S),
+            torch.bincount(idx[0], minlength=num_experts),
+        )
 
-    monkeypatch.setattr(gating, "GATING", MappingProxyType({**gating.GATING,
-                                                            "last_expert": last_expert}))
+    monkeypatch.setattr(
+        gating, "GATING", MappingProxyType({**gating.GATING, "last_expert": last_expert})
+    )
     for fast_dispatch in (True, False):
         layer = make_layer(top_k=1)
         layer.fast_dispatch = fast_dispatch
@@ -494,31 +563,47 @@ def reference_moe(layer):
     o = layer.opts
     ref = copy.deepcopy(layer.moe)
     with torch.random.fork_rng(devices=[]):
-        gate = TopKGate(ref.deepspeed_moe.gate.wg.in_features, o.num_experts, o.top_k,
-                        o.capacity_factor, o.eval_capacity_factor, o.min_capacity,
-                        o.noisy_gate_policy, o.drop_tokens, o.use_rts, None,
-                        o.top2_2nd_expert_sampling)
+        gate = TopKGate(
+            ref.deepspeed_moe.gate.wg.in_features,
+            o.num_experts,
+            o.top_k,
+            o.capacity_factor,
+            o.eval_capacity_factor,
+            o.min_capacity,
+            o.noisy_gate_policy,
+            o.drop_tokens,
+            o.use_rts,
+            None,
+            o.top2_2nd_expert_sampling,
+        )
     gate.wg = ref.deepspeed_moe.gate.wg
     ref.deepspeed_moe.gate = gate
     return ref
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["moe", "residual"])
-@pytest.mark.parametrize("k,noise",
-                         [(1, None), (1, "RSample"), (1, "Jitter"), (2, None), (3, None)])
+@pytest.mark.parametrize(
+    "k,noise", [(1, None), (1, "RSample"), (1, "Jitter"), (2, None), (3, None)]
+)
 def test_buffer_path_is_deepspeeds_moe_forward_bit_for_bit(k, noise, residual):
     """Training, tokens dropped: the buffer path (DeepSpeed's dispatch helpers called by
     MoEFeedForward, then the PR-MoE mix) gives DeepSpeed's ``MoE.forward`` values exactly."""
-    opts = MoEOptions(sides=frozenset({"enc"}), num_experts=E, top_k=k, capacity_factor=0.5,
-                      min_capacity=2, noisy_gate_policy=noise, use_residual=residual)
+    opts = MoEOptions(
+        sides=frozenset({"enc"}),
+        num_experts=E,
+        top_k=k,
+        capacity_factor=0.5,
+        min_capacity=2,
+        noisy_gate_policy=noise,
+        use_residual=residual,
+    )
     torch.manual_seed(0)
     layer = MoEFeedForward(16, ExpertFFN(16, 24), opts, "encoder.0", seed=3)
     layer.fast_dispatch = False
     ref = reference_moe(layer)
     x = torch.randn(13, 3, 16)
     results = []
-    for run in (lambda t: layer(t.view(13, 3, 16)).view(-1, 16),
-                lambda t: ref(t)[0]):
+    for run in (lambda t: layer(t.view(13, 3, 16)).view(-1, 16), lambda t: ref(t)[0]):
         t = x.reshape(-1, 16).clone().requires_grad_()
         torch.manual_seed(11)
         y = run(t)
@@ -526,8 +611,15 @@ def test_buffer_path_is_deepspeeds_moe_forward_bit_for_bit(k, noise, residual):
         aux, counts = mod.deepspeed_moe.l_aux, mod.deepspeed_moe.exp_counts
         mod.zero_grad()
         (y.pow(2).sum() + aux).backward()
-        results.append((y.detach(), aux.detach(), counts, t.grad,
-                        {n: p.grad for n, p in mod.named_parameters()}))
+        results.append(
+            (
+                y.detach(),
+                aux.detach(),
+                counts,
+                t.grad,
+                {n: p.grad for n, p in mod.named_parameters()},
+            )
+        )
     (y, aux, counts, gx, grads), (y_ds, aux_ds, counts_ds, gx_ds, grads_ds) = results
     assert int(counts.max()) > gating.expert_capacity(39, E, 0.5, k, 2)  # tokens were dropped
     assert torch.equal(y, y_ds) and torch.equal(aux, aux_ds) and torch.equal(counts, counts_ds)
@@ -556,8 +648,9 @@ def test_counts_and_slots_stay_exact_in_bfloat16(fast_dispatch):
 def test_fewer_tokens_than_min_capacity_when_dropping(fast_dispatch):
     """DeepSpeed's top-1 gate asserts tokens >= min_capacity; ours routes one token
     into a capacity of min_capacity, with no zero rows added (they would count)."""
-    opts = MoEOptions(sides=frozenset({"dec"}), num_experts=E, min_capacity=4,
-                      eval_drop_tokens=True)
+    opts = MoEOptions(
+        sides=frozenset({"dec"}), num_experts=E, min_capacity=4, eval_drop_tokens=True
+    )
     layer = MoEFeedForward(C, ExpertFFN(C, 8), opts, "decoder.0", seed=1)
     layer.fast_dispatch = fast_dispatch
     layer.collect_stats = True
@@ -573,8 +666,9 @@ def test_exact_fit_sizes_the_buffers_for_the_noisy_routes_taken(k, noise):
     """Expert parallelism without dropping, in training: the agreed capacity is the
     busiest count of the routes the gate takes (noise and second-expert sampling
     included), so no route is dropped and the output is the local path's."""
-    layer = make_layer(top_k=k, drop_tokens=False, noisy_gate_policy=noise,
-                       top2_2nd_expert_sampling=True)
+    layer = make_layer(
+        top_k=k, drop_tokens=False, noisy_gate_policy=noise, top2_2nd_expert_sampling=True
+    )
     layer.collect_stats = True
     local = copy.deepcopy(layer)
     # without noise, balanced routes: token i's first choice i % E, its second i + 1;

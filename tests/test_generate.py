@@ -11,20 +11,32 @@ import subprocess
 
 import pytest
 
-from conftest import USER_DIR, cli_env, run_cli, BIN, REPO
-from ep_helpers import torchrun, train2
 from user.entry import merge_generate_outputs
 
+from conftest import BIN, REPO, USER_DIR, cli_env, run_cli
+from ep_helpers import torchrun, train2
+
+# fmt: off
 GEN = ["--task", "translation_deepspeed", "--gen-subset", "valid", "--beam", "3",
        "--max-len-a", "1.2", "--max-len-b", "4", "--batch-size", "8", "--num-workers", "0"]
+# fmt: on
 
 
 def test_rank_outputs_merge_in_sentence_order():
     rank0 = "S-2\ta b\nH-2\t-0.1\tx\nD-2\t-0.1\tx\nP-2\t-0.1\nS-0\tc\nH-0\t-0.2\ty\nGenerate valid with beam=3: BLEU4 = 1.0\n"
     rank1 = "S-1\td\nT-1\te\nH-1\t-0.3\tz\n"
     merged = merge_generate_outputs([rank0, rank1]).splitlines()
-    assert merged[:9] == ["S-0\tc", "H-0\t-0.2\ty", "S-1\td", "T-1\te", "H-1\t-0.3\tz",
-                          "S-2\ta b", "H-2\t-0.1\tx", "D-2\t-0.1\tx", "P-2\t-0.1"]
+    assert merged[:9] == [
+        "S-0\tc",
+        "H-0\t-0.2\ty",
+        "S-1\td",
+        "T-1\te",
+        "H-1\t-0.3\tz",
+        "S-2\ta b",
+        "H-2\t-0.1\tx",
+        "D-2\t-0.1\tx",
+        "P-2\t-0.1",
+    ]
     assert not any(ln.startswith("Generate ") for ln in merged)  # rank 0's shard-only BLEU
     assert "3 sentences from 2 processes" in merged[-1]
 
@@ -56,27 +68,35 @@ def test_expert_parallel_model_under_fairseqs_default_task_is_refused(tiny_data)
     inside DeepSpeed's first all-to-all; now one clear error before any work."""
     from fairseq import options, tasks
 
-    from moe_helpers import TINY
     from user.moe_options import MoEArgumentError
 
+    from moe_helpers import TINY
+
     parser = options.get_training_parser()
+    # fmt: off
     args = options.parse_args_and_arch(parser, [
         str(tiny_data["databin"]), "--task", "translation", "--arch", "transformer_ds_moe_tiny",
         *TINY, "--deepspeed_moe", "enc,dec", "--num-experts", "4", "--ep-world-size", "2"])
+    # fmt: on
     task = tasks.setup_task(args)
-    with pytest.raises(MoEArgumentError, match="needs --task translation_deepspeed "
-                                               r"\(got TranslationTask\)"):
+    with pytest.raises(
+        MoEArgumentError,
+        match="needs --task translation_deepspeed "
+        r"\(got TranslationTask\)",
+    ):
         task.build_model(args)
 
 
 @pytest.mark.timeout(600)
 def test_eval_bleu_with_expert_parallel_training(tiny_data, tmp_path):
     save = tmp_path / "ckpt"
+    # fmt: off
     proc_losses = train2(
         tiny_data["databin"], save, 4, "--validate-interval-updates", "2",
         "--eval-bleu", "--eval-bleu-args", '{"beam": 2, "max_len_a": 1.2, "max_len_b": 4}',
         "--eval-bleu-detok", "space", "--best-checkpoint-metric", "bleu",
         "--maximize-best-checkpoint-metric")
+    # fmt: on
     assert sorted(proc_losses) == [1, 2, 3, 4]
     assert (save / "checkpoint_best.pt").exists()
     import torch
@@ -92,20 +112,28 @@ def test_interactive_and_hub_translate_with_a_consolidated_checkpoint(tiny_data,
     cons = tmp_path / "model.pt"
     reshard(str(ep2_run["save"] / "checkpoint_last.pt"), str(cons), 1)
     db = tiny_data["databin"]
+    # fmt: off
     proc = subprocess.run(
         [str(BIN / "fairseq-interactive"), str(db), "--user-dir", str(USER_DIR), "--path", str(cons),
          "--task", "translation_deepspeed", "--source-lang", "en", "--target-lang", "de",
          "--beam", "2", "--cpu"],
         input="the file is open .\n", capture_output=True, text=True, timeout=240,
         env=cli_env(), cwd=REPO)
+    # fmt: on
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"^H-0\t\S+\t", proc.stdout, re.M), proc.stdout[-2000:]
 
     from fairseq.models.transformer import TransformerModel
 
     hub = TransformerModel.from_pretrained(
-        str(tmp_path), checkpoint_file="model.pt", data_name_or_path=str(db),
-        user_dir=str(USER_DIR), source_lang="en", target_lang="de", beam=2)
+        str(tmp_path),
+        checkpoint_file="model.pt",
+        data_name_or_path=str(db),
+        user_dir=str(USER_DIR),
+        source_lang="en",
+        target_lang="de",
+        beam=2,
+    )
     out = hub.translate("the file is open .")
     assert isinstance(out, str) and out.strip()
     assert hub.models[0].moe_opts.ep_size == 1 and len(hub.models[0].moe_ffn_layers()) == 2

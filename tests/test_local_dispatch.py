@@ -15,18 +15,24 @@ import copy
 import pytest
 import torch
 
-from moe_helpers import build, sample_batch
 from user import ds_moe
 from user.modules.moe_ffn import ExpertFFN, MoEFeedForward
 from user.moe_options import MoEOptions
+
+from moe_helpers import build, sample_batch
 
 D, E = 16, 4
 
 
 def pair(**kw):
     """The same MoE layer twice: the buffer path and the local path."""
-    opts = MoEOptions(sides=frozenset({"enc"}), num_experts=E, min_capacity=4,
-                      top2_2nd_expert_sampling=False, **kw)
+    opts = MoEOptions(
+        sides=frozenset({"enc"}),
+        num_experts=E,
+        min_capacity=4,
+        top2_2nd_expert_sampling=False,
+        **kw,
+    )
     torch.manual_seed(0)
     ds = MoEFeedForward(D, ExpertFFN(D, 24), opts, "encoder.0", seed=3)
     local = copy.deepcopy(ds)
@@ -64,8 +70,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("opts,train,padded", CASES,
-                         ids=[f"{o}-{'train' if t else 'eval'}{'-pad' if p else ''}" for o, t, p in CASES])
+@pytest.mark.parametrize(
+    "opts,train,padded",
+    CASES,
+    ids=[f"{o}-{'train' if t else 'eval'}{'-pad' if p else ''}" for o, t, p in CASES],
+)
 def test_local_path_equals_deepspeeds(opts, train, padded):
     ds, local = pair(**opts)
     assert local.uses_local_dispatch() and not ds.uses_local_dispatch()
@@ -81,8 +90,9 @@ def test_local_path_equals_deepspeeds(opts, train, padded):
     assert torch.equal(local.exp_counts, ds.exp_counts)
     assert torch.equal(local.l_aux, ds.l_aux)
     assert torch.equal(y.abs().sum(-1) == 0, y_ds.abs().sum(-1) == 0)
-    assert {k: v for k, v in st.items() if k != "counts"} == \
-        {k: v for k, v in st_ds.items() if k != "counts"}
+    assert {k: v for k, v in st.items() if k != "counts"} == {
+        k: v for k, v in st_ds.items() if k != "counts"
+    }
     # values: the same arithmetic per token, products of other shapes
     torch.testing.assert_close(y, y_ds, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gx, gx_ds, rtol=1e-5, atol=1e-6)
@@ -99,8 +109,13 @@ def test_local_path_only_where_every_expert_is_local():
     opts = MoEOptions(sides=frozenset({"enc"}), num_experts=E, ep_size=2)
     ep = ds_moe.build_moe(D, ExpertFFN(D, 24), opts, "encoder.0", 1)
     assert not ds_moe.local_dispatch_supported(ep)
-    residual = ds_moe.build_moe(D, ExpertFFN(D, 24), MoEOptions(
-        sides=frozenset({"enc"}), num_experts=E, use_residual=True), "encoder.0", 1)
+    residual = ds_moe.build_moe(
+        D,
+        ExpertFFN(D, 24),
+        MoEOptions(sides=frozenset({"enc"}), num_experts=E, use_residual=True),
+        "encoder.0",
+        1,
+    )
     assert not ds_moe.local_dispatch_supported(residual)
 
 
@@ -116,8 +131,10 @@ def test_hooked_experts_are_called_as_modules():
 
 
 def test_model_forward_and_translations_match(tiny_data):
+    # fmt: off
     task, model = build(tiny_data, "transformer_ds_moe", "--deepspeed_moe", "enc,dec",
                         "--num-experts", "4", "--moe-freq", "1")
+    # fmt: on
     ref = copy.deepcopy(model)
     for m in ref.moe_ffn_layers().values():
         m.fast_dispatch = False

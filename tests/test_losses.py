@@ -13,7 +13,9 @@ from user.moe_options import MoEArgumentError
 
 def test_weighted_sum_scales_model_losses_by_sample_size():
     base, gate = torch.tensor(50.0), torch.tensor(1.5)
-    total, terms = combine_losses(base, {"experts_gate_loss": gate}, {"base_crit": 2, "experts_gate_loss": 0.1}, 20)
+    total, terms = combine_losses(
+        base, {"experts_gate_loss": gate}, {"base_crit": 2, "experts_gate_loss": 0.1}, 20
+    )
     # 2 * 50 + 0.1 * 20 * 1.5
     assert total.item() == pytest.approx(103.0)
     assert terms["base_crit"].item() == pytest.approx(100.0)
@@ -22,7 +24,9 @@ def test_weighted_sum_scales_model_losses_by_sample_size():
 
 def test_null_drops_a_term_and_missing_names_weigh_one():
     base, gate = torch.tensor(50.0), torch.tensor(1.5)
-    total, terms = combine_losses(base, {"experts_gate_loss": gate}, {"experts_gate_loss": None}, 20)
+    total, terms = combine_losses(
+        base, {"experts_gate_loss": gate}, {"experts_gate_loss": None}, 20
+    )
     assert total.item() == pytest.approx(50.0) and set(terms) == {"base_crit"}
     total, terms = combine_losses(base, {"experts_gate_loss": gate}, {}, 20)
     assert total.item() == pytest.approx(80.0)
@@ -44,16 +48,21 @@ def test_gradient_flows_through_weighted_terms():
 
 def test_parse_loss_weights():
     assert parse_loss_weights('{"base_crit": 1, "experts_gate_loss": null}') == {
-        "base_crit": 1.0, "experts_gate_loss": None}
+        "base_crit": 1.0,
+        "experts_gate_loss": None,
+    }
     assert parse_loss_weights("") == {} and parse_loss_weights(None) == {}
 
 
-@pytest.mark.parametrize("text,match", [
-    ('{"base_crit": 1,', "--loss-weights is not valid JSON"),
-    ("[1, 2]", "--loss-weights must be a JSON object"),
-    ('{"base_crit": "1"}', "the weight of 'base_crit' must be a finite number"),
-    ('{"base_crit": true}', "must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ('{"base_crit": 1,', "--loss-weights is not valid JSON"),
+        ("[1, 2]", "--loss-weights must be a JSON object"),
+        ('{"base_crit": "1"}', "the weight of 'base_crit' must be a finite number"),
+        ('{"base_crit": true}', "must be a finite number"),
+    ],
+)
 def test_malformed_loss_weights(text, match):
     with pytest.raises(MoEArgumentError, match=match):
         parse_loss_weights(text)
@@ -61,7 +70,9 @@ def test_malformed_loss_weights(text, match):
 
 def test_unknown_loss_name():
     check_loss_names({"base_crit": 1, "experts_gate_loss": 2}, ["experts_gate_loss"])
-    with pytest.raises(MoEArgumentError, match="--loss-weights names 'gate_loss', which no component produces"):
+    with pytest.raises(
+        MoEArgumentError, match="--loss-weights names 'gate_loss', which no component produces"
+    ):
         check_loss_names({"gate_loss": 1}, ["experts_gate_loss"])
     with pytest.raises(MoEArgumentError, match="exists only with --deepspeed_moe"):
         check_loss_names({"experts_gate_loss": 1}, [])

@@ -12,11 +12,14 @@ from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY
 
 from user import ds_moe
 from user.models.transformer_ds_moe import TransformerDSMoEModel
-from user.modules.moe_ffn import MoEFeedForward
-from user.modules.moe_transformer_layer import MoETransformerDecoderLayer, MoETransformerEncoderLayer
+from user.modules.moe_transformer_layer import (
+    MoETransformerDecoderLayer,
+    MoETransformerEncoderLayer,
+)
 from user.moe_options import MoEArgumentError
 
 from moe_helpers import build, sample_batch
+
 
 def transformer_archs():
     dense = MODEL_REGISTRY["transformer"]
@@ -24,7 +27,7 @@ def transformer_archs():
 
 
 def twin(arch):
-    return "transformer_ds_moe" + arch[len("transformer"):]
+    return "transformer_ds_moe" + arch[len("transformer") :]
 
 
 def test_every_fairseq_transformer_arch_has_a_twin():
@@ -37,7 +40,10 @@ def test_every_fairseq_transformer_arch_has_a_twin():
 def test_each_twin_builds_with_moe_and_runs(tiny_data, arch):
     task, model = build(tiny_data, twin(arch), "--deepspeed_moe", "enc,dec", "--num-experts", "2")
     assert isinstance(model, TransformerDSMoEModel)
-    assert sorted(model.moe_ffn_layers()) == ["decoder.layers.1.moe_ffn", "encoder.layers.1.moe_ffn"]
+    assert sorted(model.moe_ffn_layers()) == [
+        "decoder.layers.1.moe_ffn",
+        "encoder.layers.1.moe_ffn",
+    ]
     batch = sample_batch(task, 2)
     out, extra = model(**batch["net_input"])
     assert out.shape[:2] == batch["target"].shape and torch.isfinite(out).all()
@@ -55,8 +61,10 @@ def test_without_deepspeed_moe_the_model_is_the_plain_transformer(tiny_data, arc
 
 
 def test_moe_layer_placement_and_expert_shapes(tiny_data):
+    # fmt: off
     _, model = build(tiny_data, "transformer_ds_moe_tiny", "--deepspeed_moe", "dec", "--moe-freq", "1",
                      "--num-experts", "4", "--activation-fn", "gelu", "--activation-dropout", "0.2")
+    # fmt: on
     assert not any(isinstance(layer, MoETransformerEncoderLayer) for layer in model.encoder.layers)
     assert all(isinstance(layer, MoETransformerDecoderLayer) for layer in model.decoder.layers)
     for layer in model.decoder.layers:
@@ -71,14 +79,21 @@ def test_moe_layer_placement_and_expert_shapes(tiny_data):
 
 
 def test_gate_options_reach_deepspeed(tiny_data):
+    # fmt: off
     _, model = build(tiny_data, "transformer_ds_moe_tiny", "--deepspeed_moe", "enc", "--num-experts", "4",
                      "--top-k", "2", "--moe-capacity-factor", "1.5", "--moe-eval-capacity-factor", "3",
                      "--moe-min-capacity", "2", "--no-moe-drop-tokens", "--no-moe-use-rts",
                      "--moe-use-residual")
+    # fmt: on
     moe = model.encoder.layers[1].moe_ffn.moe
     gate = ds_moe.moe_gate(moe)
     assert isinstance(gate, TopKGate)  # DeepSpeed's gate class, the plugin's routing
-    assert (gate.k, gate.capacity_factor, gate.eval_capacity_factor, gate.min_capacity) == (2, 1.5, 3.0, 2)
+    assert (gate.k, gate.capacity_factor, gate.eval_capacity_factor, gate.min_capacity) == (
+        2,
+        1.5,
+        3.0,
+        2,
+    )
     assert gate.drop_tokens is False and gate.use_rts is False and moe.use_residual
     assert gate.eval_drop_tokens is False and gate.top2_2nd_expert_sampling is True
 
@@ -89,20 +104,28 @@ def test_gate_loss_is_the_sum_over_moe_layers(tiny_data):
     _, extra = model(**batch["net_input"])
     expected = sum(m.l_aux for m in model.moe_ffn_layers().values())
     torch.testing.assert_close(extra["experts_gate_loss"], expected)
-    assert model.get_losses((None, extra), batch) == {"experts_gate_loss": extra["experts_gate_loss"]}
+    assert model.get_losses((None, extra), batch) == {
+        "experts_gate_loss": extra["experts_gate_loss"]
+    }
     assert set(model.expert_counts()) == set(model.moe_ffn_layers())
 
 
 def test_bad_flags_fail_before_building(tiny_data):
     with pytest.raises(MoEArgumentError, match="--top-k 9 is out of range"):
+        # fmt: off
         build(tiny_data, "transformer_ds_moe_tiny", "--deepspeed_moe", "enc", "--num-experts", "4",
               "--top-k", "9")
+        # fmt: on
 
 
 def test_ep_world_size_larger_than_the_world_is_refused(tiny_data):
-    with pytest.raises(MoEArgumentError, match="--ep-world-size 2 must divide the number of processes"):
+    with pytest.raises(
+        MoEArgumentError, match="--ep-world-size 2 must divide the number of processes"
+    ):
+        # fmt: off
         build(tiny_data, "transformer_ds_moe_tiny", "--deepspeed_moe", "enc", "--num-experts", "4",
               "--ep-world-size", "2")
+        # fmt: on
 
 
 def test_a_failed_forward_leaves_no_per_forward_state(tiny_data, monkeypatch):
@@ -110,13 +133,17 @@ def test_a_failed_forward_leaves_no_per_forward_state(tiny_data, monkeypatch):
     per-forward state (agreed token counts, statistics switch) must not survive."""
     import dataclasses
 
+    # fmt: off
     task, model = build(tiny_data, "transformer_ds_moe_tiny", "--deepspeed_moe", "enc,dec",
                         "--num-experts", "4", "--moe-freq", "1")
+    # fmt: on
     # as with --ep-world-size 2: the forward first agrees on the group's token counts
     model.moe_opts = dataclasses.replace(model.moe_opts, ep_size=2)
     monkeypatch.setattr(ds_moe, "agree_on_token_counts", lambda counts, ep: list(counts))
     layer = model.decoder.layers[1].moe_ffn
-    layer.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
+    layer.register_forward_pre_hook(
+        lambda *_: (_ for _ in ()).throw(RuntimeError("CUDA out of memory"))
+    )
     batch = sample_batch(task, 2)
     with pytest.raises(RuntimeError, match="out of memory"):
         model(**batch["net_input"])

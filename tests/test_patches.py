@@ -16,15 +16,19 @@ from unittest import mock
 
 import pytest
 
-from conftest import REPO, cli_env
 from user import patches
 from user.checkpoint import fairseq_hooks
+
+from conftest import REPO, cli_env
 
 
 def test_every_guard_passes_on_the_pinned_versions():
     patches.check_all()
-    assert {p.scope for p in patches.PATCHES} == {patches.ALWAYS, patches.TASK,
-                                                    patches.EXPERT_PARALLEL}
+    assert {p.scope for p in patches.PATCHES} == {
+        patches.ALWAYS,
+        patches.TASK,
+        patches.EXPERT_PARALLEL,
+    }
     for p in patches.PATCHES:
         assert p.reason and p.target and p.written_against, p.name
 
@@ -44,10 +48,16 @@ def test_a_changed_signature_stops_with_one_line(monkeypatch):
 def test_another_version_stops_with_one_line(monkeypatch):
     (p,) = [p for p in patches.PATCHES if p.name == "expert_shards_on_save"]
     real = patches.importlib.metadata.version
-    monkeypatch.setattr(patches.importlib.metadata, "version",
-                        lambda d: "0.13.0" if d == "fairseq-fixed" else real(d))
-    with pytest.raises(patches.PatchError, match=r"written for fairseq-fixed 0\.12\.3\.1 .* "
-                                                 r"but fairseq-fixed 0\.13\.0"):
+    monkeypatch.setattr(
+        patches.importlib.metadata,
+        "version",
+        lambda d: "0.13.0" if d == "fairseq-fixed" else real(d),
+    )
+    with pytest.raises(
+        patches.PatchError,
+        match=r"written for fairseq-fixed 0\.12\.3\.1 .* "
+        r"but fairseq-fixed 0\.13\.0",
+    ):
         patches.check(p)
 
 
@@ -79,19 +89,30 @@ print(json.dumps(out))
 @pytest.mark.timeout(120)
 def test_each_patch_is_installed_only_when_its_scope_is_in_use(tiny_data):
     code = PROBE.format(repo=str(REPO), user=str(REPO / "user"), data=str(tiny_data["databin"]))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=cli_env(), cwd=REPO, timeout=110)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=REPO,
+        timeout=110,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    always = sorted(p.name for p in patches.PATCHES if p.scope == patches.ALWAYS
-                    if p.name not in ("deepspeed_cpu_accelerator",))  # sets a variable only
+    always = sorted(
+        p.name
+        for p in patches.PATCHES
+        if p.scope == patches.ALWAYS
+        if p.name not in ("deepspeed_cpu_accelerator",)
+    )  # sets a variable only
     task = sorted(p.name for p in patches.PATCHES if p.scope == patches.TASK)
     # a plain fairseq run with the user dir loaded: fairseq's checkpoint functions untouched
     assert got["import"] == got["translation"] == always
     assert got["translation_deepspeed"] == sorted(always + task)
     # expert-parallel patches wait for an expert-parallel model
     assert not set(got["translation_deepspeed"]) & {
-        p.name for p in patches.PATCHES if p.scope == patches.EXPERT_PARALLEL}
+        p.name for p in patches.PATCHES if p.scope == patches.EXPERT_PARALLEL
+    }
 
 
 def test_checkpoint_hooks_pass_other_tasks_through():
@@ -108,8 +129,18 @@ def test_checkpoint_hooks_pass_other_tasks_through():
     assert trainer.method_calls == [] and cfg.method_calls == []
 
 
-MUTABLE = {"dict", "list", "set", "defaultdict", "OrderedDict", "deque", "WeakSet",
-           "WeakKeyDictionary", "WeakValueDictionary", "Counter"}
+MUTABLE = {
+    "dict",
+    "list",
+    "set",
+    "defaultdict",
+    "OrderedDict",
+    "deque",
+    "WeakSet",
+    "WeakKeyDictionary",
+    "WeakValueDictionary",
+    "Counter",
+}
 
 
 def module_level_state(path):
@@ -117,11 +148,15 @@ def module_level_state(path):
     tree = ast.parse(path.read_text())
     found = []
     for node in tree.body:
-        value = getattr(node, "value", None) if isinstance(node, (ast.Assign, ast.AnnAssign)) else None
+        value = (
+            getattr(node, "value", None) if isinstance(node, (ast.Assign, ast.AnnAssign)) else None
+        )
         targets = getattr(node, "targets", [getattr(node, "target", None)])
         if all(isinstance(t, ast.Name) and t.id.startswith("__") for t in targets):
             continue  # __all__ and other module metadata
-        if isinstance(value, (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp, ast.SetComp)):
+        if isinstance(
+            value, (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp, ast.SetComp)
+        ):
             found.append(f"{path.name}:{node.lineno}")
         elif isinstance(value, ast.Call):
             fn = value.func

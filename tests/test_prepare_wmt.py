@@ -45,7 +45,7 @@ N_EVAL = 100  # segments in the fake newstest sets
 def test_parse_sgml_extracts_segments_in_order_and_unescapes():
     sgml = (
         '<srcset setid="newstest2014" srclang="any">\n<doc sysid="ref" docid="d1" genre="news">\n'
-        "<p>\n<seg id=\"1\"> Tom &amp; Jerry say &quot;hi&quot; &lt;3 </seg>\n"
+        '<p>\n<seg id="1"> Tom &amp; Jerry say &quot;hi&quot; &lt;3 </seg>\n'
         '<seg id="2">split\nover  lines</seg>\n</p>\n<hl>not a segment</hl>\n'
         "<SEG id=3>Ümlaut</SEG>\n</doc>\n</srcset>\n"
     )
@@ -109,7 +109,7 @@ def _tgz(files):
 def _damage(data):
     # Flip bytes in the middle of the deflate stream: gzip's CRC or zlib catch it.
     mid = len(data) // 2
-    return data[:mid] + bytes(b ^ 0xFF for b in data[mid:mid + 8]) + data[mid + 8:]
+    return data[:mid] + bytes(b ^ 0xFF for b in data[mid : mid + 8]) + data[mid + 8 :]
 
 
 @pytest.mark.timeout(10)
@@ -195,11 +195,13 @@ def test_failed_step_leaves_no_output_and_no_marker(tmp_path):
 
 def _demo(split, lang, n, start=0):
     with gzip.open(REPO / "data" / "demo" / f"{split}.{lang}.gz", "rt", encoding="utf-8") as f:
-        return f.read().split("\n")[start:start + n]
+        return f.read().split("\n")[start : start + n]
 
 
 def _sgml(setid, lang, lines):
-    segs = "".join(f'<seg id="{i}">{html.escape(s, quote=False)}</seg>\n' for i, s in enumerate(lines, 1))
+    segs = "".join(
+        f'<seg id="{i}">{html.escape(s, quote=False)}</seg>\n' for i, s in enumerate(lines, 1)
+    )
     return (
         f'<srcset setid="{setid}" srclang="any">\n<doc sysid="ref" docid="demo" genre="news" '
         f'origlang="{lang}">\n<p>\n{segs}</p>\n</doc>\n</srcset>\n'
@@ -224,29 +226,56 @@ def wmt(tmp_path_factory):
     dev = {lang: _demo("valid", lang, N_EVAL) for lang in ("en", "de")}
     test = {lang: _demo("test", lang, N_EVAL) for lang in ("en", "de")}
     archives = {
-        "training-parallel-europarl-v7.tgz": _tgz({
-            f"training/europarl-v7.{pair}.{lang}": text(corpora["europarl"][lang])
-            for pair in ("de-en",) for lang in ("de", "en")
-        } | {"training/europarl-v7.fr-en.fr": b"bonjour\n"}),
-        "training-parallel-commoncrawl.tgz": _tgz({
-            f"commoncrawl.de-en.{lang}": text(corpora["commoncrawl"][lang]) for lang in ("de", "en")
-        } | {"commoncrawl.de-en.annotation": b"x\n" * 500}),
-        "training-parallel-nc-v11.tgz": _tgz({
-            f"training-parallel-nc-v11/news-commentary-v11.de-en.{lang}": text(corpora["news-commentary"][lang])
-            for lang in ("de", "en")
-        }),
-        "dev.tgz": _tgz({
-            **{f"dev/newstest2013-{role}.{lang}.sgm": _sgml("newstest2013", lang, dev[lang])
-               for role in ("src", "ref") for lang in ("en", "de")},
-            "dev/newstest2015-ende-src.en.sgm": _sgml("newstest2015", "en", dev["en"][:3]),
-            "dev/newstest2015-ende-ref.de.sgm": _sgml("newstest2015", "de", dev["de"][:3]),
-        }),
-        "test-full.tgz": _tgz({
-            f"test-full/newstest2014-deen-{role}.{lang}.sgm": _sgml("newstest2014", lang, test[lang])
-            for role in ("src", "ref") for lang in ("en", "de")
-        }),
+        "training-parallel-europarl-v7.tgz": _tgz(
+            {
+                f"training/europarl-v7.{pair}.{lang}": text(corpora["europarl"][lang])
+                for pair in ("de-en",)
+                for lang in ("de", "en")
+            }
+            | {"training/europarl-v7.fr-en.fr": b"bonjour\n"}
+        ),
+        "training-parallel-commoncrawl.tgz": _tgz(
+            {
+                f"commoncrawl.de-en.{lang}": text(corpora["commoncrawl"][lang])
+                for lang in ("de", "en")
+            }
+            | {"commoncrawl.de-en.annotation": b"x\n" * 500}
+        ),
+        "training-parallel-nc-v11.tgz": _tgz(
+            {
+                f"training-parallel-nc-v11/news-commentary-v11.de-en.{lang}": text(
+                    corpora["news-commentary"][lang]
+                )
+                for lang in ("de", "en")
+            }
+        ),
+        "dev.tgz": _tgz(
+            {
+                **{
+                    f"dev/newstest2013-{role}.{lang}.sgm": _sgml("newstest2013", lang, dev[lang])
+                    for role in ("src", "ref")
+                    for lang in ("en", "de")
+                },
+                "dev/newstest2015-ende-src.en.sgm": _sgml("newstest2015", "en", dev["en"][:3]),
+                "dev/newstest2015-ende-ref.de.sgm": _sgml("newstest2015", "de", dev["de"][:3]),
+            }
+        ),
+        "test-full.tgz": _tgz(
+            {
+                f"test-full/newstest2014-deen-{role}.{lang}.sgm": _sgml(
+                    "newstest2014", lang, test[lang]
+                )
+                for role in ("src", "ref")
+                for lang in ("en", "de")
+            }
+        ),
     }
-    return {"archives": archives, "train": {"en": en[:1802], "de": de[:1802]}, "dev": dev, "test": test}
+    return {
+        "archives": archives,
+        "train": {"en": en[:1802], "de": de[:1802]},
+        "dev": dev,
+        "test": test,
+    }
 
 
 class Mirror:
@@ -318,28 +347,52 @@ def mirror(wmt):
 
 def run_prepare(workspace, mirror, timeout=150, **env):
     full_env = dict(os.environ)
-    full_env.update({
-        "WORKSPACE": str(workspace), "WMT_MIRROR": mirror.url, "VOCAB_SIZE": "300",
-        "WORKERS": "2", "RETRY_WAIT": "0.05", "DOWNLOAD_TIMEOUT": "20", "PYTHON": sys.executable,
-    })
+    full_env.update(
+        {
+            "WORKSPACE": str(workspace),
+            "WMT_MIRROR": mirror.url,
+            "VOCAB_SIZE": "300",
+            "WORKERS": "2",
+            "RETRY_WAIT": "0.05",
+            "DOWNLOAD_TIMEOUT": "20",
+            "PYTHON": sys.executable,
+        }
+    )
     full_env.update({k: str(v) for k, v in env.items()})
     return subprocess.run(
-        ["bash", str(REPO / "prepare-wmt16ende.sh")], cwd=REPO, env=full_env,
-        capture_output=True, text=True, timeout=timeout,
+        ["bash", str(REPO / "prepare-wmt16ende.sh")],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 def popen_prepare(workspace, mirror, **env):
     """``prepare-wmt16ende.sh`` started in its own process group, stderr piped."""
     full_env = dict(os.environ)
-    full_env.update({
-        "WORKSPACE": str(workspace), "WMT_MIRROR": mirror.url, "VOCAB_SIZE": "300",
-        "WORKERS": "2", "RETRY_WAIT": "0.05", "DOWNLOAD_TIMEOUT": "20", "PYTHON": sys.executable,
-    })
+    full_env.update(
+        {
+            "WORKSPACE": str(workspace),
+            "WMT_MIRROR": mirror.url,
+            "VOCAB_SIZE": "300",
+            "WORKERS": "2",
+            "RETRY_WAIT": "0.05",
+            "DOWNLOAD_TIMEOUT": "20",
+            "PYTHON": sys.executable,
+        }
+    )
     full_env.update({k: str(v) for k, v in env.items()})
-    return subprocess.Popen(["bash", str(REPO / "prepare-wmt16ende.sh")], cwd=REPO, env=full_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        ["bash", str(REPO / "prepare-wmt16ende.sh")],
+        cwd=REPO,
+        env=full_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def kill_group(proc):
@@ -350,7 +403,9 @@ def kill_group(proc):
 
 def tree(root):
     """``{relative path: bytes}`` of every file under ``root`` (markers included)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def _ok(proc):
@@ -365,8 +420,8 @@ def _ok(proc):
 
 @pytest.mark.timeout(240)
 def test_end_to_end_en_de_binarizes_and_rerun_skips(tmp_path, mirror, wmt):
-    from fairseq.data import Dictionary, data_utils
     import sentencepiece as spm
+    from fairseq.data import Dictionary, data_utils
 
     log = _ok(run_prepare(tmp_path, mirror))
     out = tmp_path / "wmt16_en_de"
@@ -392,7 +447,9 @@ def test_end_to_end_en_de_binarizes_and_rerun_skips(tmp_path, mirror, wmt):
     for split, n in expected.items():
         for lang in ("en", "de"):
             ds = data_utils.load_indexed_dataset(str(databin / f"{split}.en-de.{lang}"), dictionary)
-            assert ds is not None and len(ds) == n == mt_prep.count_lines(str(out / "encoded" / f"{split}.{lang}"))
+            assert ds is not None and len(ds) == n == mt_prep.count_lines(
+                str(out / "encoded" / f"{split}.{lang}")
+            )
     test_de = data_utils.load_indexed_dataset(str(databin / "test.en-de.de"), dictionary)
     decoded = sp.decode(dictionary.string(test_de[3]).split())
     assert decoded == mt_prep.normalize_line(wmt["test"]["de"][3], "de")
@@ -409,12 +466,16 @@ def test_end_to_end_en_de_binarizes_and_rerun_skips(tmp_path, mirror, wmt):
 
 @pytest.mark.timeout(120)
 def test_de_en_with_heldout_valid(tmp_path, mirror, wmt):
-    log = _ok(run_prepare(tmp_path, mirror, SRC="de", TGT="en", VALID="heldout", STOP_AFTER="clean"))
+    log = _ok(
+        run_prepare(tmp_path, mirror, SRC="de", TGT="en", VALID="heldout", STOP_AFTER="clean")
+    )
     assert "stopped after step clean" in log and "step spm_train" not in log
     raw = tmp_path / "wmt16_de_en" / "raw"
     train_de = wmt["train"]["de"]
     assert mt_prep.read_lines(str(raw / "valid.de")) == train_de[99::100]
-    assert mt_prep.read_lines(str(raw / "train.de")) == [s for i, s in enumerate(train_de) if (i + 1) % 100]
+    assert mt_prep.read_lines(str(raw / "train.de")) == [
+        s for i, s in enumerate(train_de) if (i + 1) % 100
+    ]
     assert mt_prep.read_lines(str(raw / "test.de")) == wmt["test"]["de"]
     assert mt_prep.read_lines(str(raw / "test.en")) == wmt["test"]["en"]
     assert (tmp_path / "wmt16_de_en" / "clean" / "train.de").exists()
@@ -474,7 +535,9 @@ def test_checksum_mismatch_is_reported(tmp_path, mirror):
 
 
 @pytest.mark.timeout(420)
-def test_sigkill_mid_download_and_mid_steps_then_rerun_gives_identical_output(tmp_path, mirror, wmt):
+def test_sigkill_mid_download_and_mid_steps_then_rerun_gives_identical_output(
+    tmp_path, mirror, wmt
+):
     # (same workspace path for both runs: spm.model records its input's path)
     work = tmp_path / "ws"
     _ok(run_prepare(work, mirror))
@@ -499,8 +562,10 @@ def test_sigkill_mid_download_and_mid_steps_then_rerun_gives_identical_output(tm
     # SIGKILL inside each of these steps; encode and binarize once their
     # temporary outputs are half written (binarize: by fairseq-preprocess, a child).
     out = work / "wmt16_en_de"
-    partial = {"encode": lambda: list((out / "encoded").glob("*.tmp*")),
-               "binarize": lambda: [p for d in out.glob("databin.tmp*") for p in d.glob("*.bin")]}
+    partial = {
+        "encode": lambda: list((out / "encoded").glob("*.tmp*")),
+        "binarize": lambda: [p for d in out.glob("databin.tmp*") for p in d.glob("*.bin")],
+    }
     for step in ("extract", "clean", "spm_train", "encode", "binarize"):
         proc = popen_prepare(work, mirror)
         seen = []
@@ -512,7 +577,9 @@ def test_sigkill_mid_download_and_mid_steps_then_rerun_gives_identical_output(tm
             pytest.fail(f"step {step} never ran:\n{''.join(seen)[-3000:]}")
         deadline = time.time() + 60
         while step in partial and not partial[step]():
-            assert proc.poll() is None and time.time() < deadline, f"no partial output in step {step}"
+            assert proc.poll() is None and time.time() < deadline, (
+                f"no partial output in step {step}"
+            )
             time.sleep(0.01)
         assert proc.poll() is None, f"the run ended before the kill in step {step}"
         kill_group(proc)

@@ -12,29 +12,43 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, cli_env
 
 from mt_run import recipes
 from scripts import bench, bench_perf
 
+from conftest import REPO, cli_env
+
 
 def contains(cmd, flags):
     """Whether ``flags`` stand in ``cmd`` in a row."""
-    return any(cmd[i:i + len(flags)] == flags for i in range(len(cmd) - len(flags) + 1))
+    return any(cmd[i : i + len(flags)] == flags for i in range(len(cmd) - len(flags) + 1))
 
 
 def follows_the_edit(cmd):
     """Whether ``cmd`` has the edited tiny recipe's attention dropout and layers."""
-    return (contains(cmd, ["--attention-dropout", "0.25"])
-            and contains(cmd, ["--encoder-layers", "3"]))
+    return contains(cmd, ["--attention-dropout", "0.25"]) and contains(
+        cmd, ["--encoder-layers", "3"]
+    )
 
 
 def run_sh_dry(repo, **env):
     """The training commands ``bash REPO/run.sh`` prints with DRY_RUN=1, from ``repo``."""
-    env = cli_env(DRY_RUN="1", DATABIN="/data/bin", OUT_DIR="/out", PYTHON=sys.executable,
-                  **{k: str(v) for k, v in env.items()})
-    proc = subprocess.run(["bash", str(repo / "run.sh")], capture_output=True, text=True,
-                          timeout=60, env=env, cwd=repo, check=True)
+    env = cli_env(
+        DRY_RUN="1",
+        DATABIN="/data/bin",
+        OUT_DIR="/out",
+        PYTHON=sys.executable,
+        **{k: str(v) for k, v in env.items()},
+    )
+    proc = subprocess.run(
+        ["bash", str(repo / "run.sh")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=repo,
+        check=True,
+    )
     return [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
 
 
@@ -55,8 +69,9 @@ def test_bench_scripts_build_the_tiny_recipe(monkeypatch):
     args = bench.parse_args(["--databin", "/data/bin", "--out", "/out"])
     tiny = recipes.settings("tiny", dense_criterion="model_and_base")
     assert contains(bench.train_command("moe", args, moe=True), recipes.train_flags(tiny))
-    assert contains(bench.train_command("dense", args, moe=False),
-                    recipes.train_flags(tiny, moe=False))
+    assert contains(
+        bench.train_command("dense", args, moe=False), recipes.train_flags(tiny, moe=False)
+    )
     perf = bench_perf.parse_args([])
     wide = recipes.settings("tiny", **bench_perf.MODEL, ep_world_size=2)
     assert contains(bench_perf.model_args(perf, True, 4096, ep=2), recipes.train_flags(wide))
@@ -76,12 +91,16 @@ def edited_copy(tmp_path):
     (tmp_path / "scripts").mkdir()
     for path in ("run.sh", "scripts/demo.sh", "scripts/lib.sh", "scripts/sacrebleu.sh"):
         shutil.copy(REPO / path, tmp_path / path)
-    shutil.copytree(REPO / "mt_run", tmp_path / "mt_run",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "mt_run", tmp_path / "mt_run", ignore=shutil.ignore_patterns("__pycache__")
+    )
     source = (tmp_path / "mt_run" / "recipes.py").read_text()
     tiny = source.index("TINY = {")
-    edited = (source[tiny:].replace('"attention_dropout": 0.0,', '"attention_dropout": 0.25,', 1)
-              .replace('"layers": 2,', '"layers": 3,', 1))
+    edited = (
+        source[tiny:]
+        .replace('"attention_dropout": 0.0,', '"attention_dropout": 0.25,', 1)
+        .replace('"layers": 2,', '"layers": 3,', 1)
+    )
     assert edited != source[tiny:]
     (tmp_path / "mt_run" / "recipes.py").write_text(source[:tiny] + edited)
     return tmp_path
@@ -108,8 +127,14 @@ esac
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     env = cli_env(PYTHON=str(fake), WORKSPACE=str(edited_copy / "ws"), MAX_UPDATE="7")
     env.pop("OMP_NUM_THREADS", None)
-    proc = subprocess.run(["bash", "scripts/demo.sh"], capture_output=True, text=True, timeout=60,
-                          env=env, cwd=edited_copy)
+    proc = subprocess.run(
+        ["bash", "scripts/demo.sh"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=edited_copy,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     cmd = record.read_text().splitlines()
     assert follows_the_edit(cmd)

@@ -9,7 +9,6 @@ copies are atomic."""
 import os
 
 import pytest
-import torch
 
 from conftest import USER_DIR, run_cli
 from test_cli import MODEL
@@ -17,8 +16,19 @@ from test_cli import MODEL
 
 def refused(tiny_data, tmp_path, *args, data=None):
     save = tmp_path / "fresh"
-    proc = run_cli(["python", USER_DIR / "train.py", data or tiny_data["databin"], *args,
-                    "--save-dir", save, "--max-update", "2"], check=False)
+    proc = run_cli(
+        [
+            "python",
+            USER_DIR / "train.py",
+            data or tiny_data["databin"],
+            *args,
+            "--save-dir",
+            save,
+            "--max-update",
+            "2",
+        ],
+        check=False,
+    )
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -27,13 +37,18 @@ def refused(tiny_data, tmp_path, *args, data=None):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("args,message", [
-    (["--arch", "transformer", "--deepspeed_moe", "enc"],
-     "--deepspeed_moe needs a transformer_ds_moe_* architecture, not --arch transformer: use --arch transformer_ds_moe"),
-    ([*MODEL, "--fp16"], "--fp16 needs a CUDA GPU"),
-    ([*MODEL, "--top-k", "5"], "--top-k 5 is out of range"),
-    ([*MODEL, "-s", "en", "-t", "fr"], "--target-lang fr: "),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--arch", "transformer", "--deepspeed_moe", "enc"],
+            "--deepspeed_moe needs a transformer_ds_moe_* architecture, not --arch transformer: use --arch transformer_ds_moe",
+        ),
+        ([*MODEL, "--fp16"], "--fp16 needs a CUDA GPU"),
+        ([*MODEL, "--top-k", "5"], "--top-k 5 is out of range"),
+        ([*MODEL, "-s", "en", "-t", "fr"], "--target-lang fr: "),
+    ],
+)
 def test_bad_input_is_one_clear_line_before_any_work(tiny_data, tmp_path, args, message):
     assert message in refused(tiny_data, tmp_path, *args)
 
@@ -47,14 +62,36 @@ def test_missing_data_directory(tiny_data, tmp_path):
 @pytest.fixture(scope="module")
 def trained_once(tiny_data, tmp_path_factory):
     save = tmp_path_factory.mktemp("rel") / "ckpt"
-    run_cli(["python", USER_DIR / "train.py", tiny_data["databin"], *MODEL, "--save-dir", save,
-             "--max-update", "2"])
+    run_cli(
+        [
+            "python",
+            USER_DIR / "train.py",
+            tiny_data["databin"],
+            *MODEL,
+            "--save-dir",
+            save,
+            "--max-update",
+            "2",
+        ]
+    )
     return save
 
 
 def resume(tiny_data, save, *extra):
-    return run_cli(["python", USER_DIR / "train.py", tiny_data["databin"], *MODEL, "--save-dir", save,
-                    "--max-update", "4", *extra], check=False)
+    return run_cli(
+        [
+            "python",
+            USER_DIR / "train.py",
+            tiny_data["databin"],
+            *MODEL,
+            "--save-dir",
+            save,
+            "--max-update",
+            "4",
+            *extra,
+        ],
+        check=False,
+    )
 
 
 @pytest.mark.timeout(300)
@@ -66,8 +103,14 @@ def test_truncated_checkpoint_is_named_and_left_alone(tiny_data, trained_once, t
     proc = resume(tiny_data, save)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert "cannot read checkpoint" in last and "checkpoint_last.pt" in last and "--restore-file" in last
-    assert (save / "checkpoint_last.pt").stat().st_size == len(data) // 2, "the file is kept for the user"
+    assert (
+        "cannot read checkpoint" in last
+        and "checkpoint_last.pt" in last
+        and "--restore-file" in last
+    )
+    assert (save / "checkpoint_last.pt").stat().st_size == len(data) // 2, (
+        "the file is kept for the user"
+    )
 
 
 @pytest.mark.timeout(300)
@@ -86,14 +129,18 @@ def test_checkpoint_with_another_dictionary(tiny_data, trained_once, tmp_path):
     # the same data with a smaller dictionary
     other = tmp_path / "databin"
     raw = tiny_data["raw"]
+    # fmt: off
     run_cli(["fairseq-preprocess", "--source-lang", "en", "--target-lang", "de",
              "--trainpref", raw / "train", "--validpref", raw / "valid", "--destdir", other,
              "--joined-dictionary", "--nwordssrc", "200", "--workers", "1"])
+    # fmt: on
     save = tmp_path / "ckpt"
     save.mkdir()
     (save / "checkpoint_last.pt").write_bytes((trained_once / "checkpoint_last.pt").read_bytes())
-    proc = run_cli(["python", USER_DIR / "train.py", other, *MODEL, "--save-dir", save,
-                    "--max-update", "4"], check=False)
+    proc = run_cli(
+        ["python", USER_DIR / "train.py", other, *MODEL, "--save-dir", save, "--max-update", "4"],
+        check=False,
+    )
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert "embed_tokens.weight has" in last and "dict.*.txt" in last
@@ -125,8 +172,18 @@ def test_restarting_a_finished_run_changes_nothing(tiny_data, trained_once, tmp_
     save.mkdir()
     before = (trained_once / "checkpoint_last.pt").read_bytes()
     (save / "checkpoint_last.pt").write_bytes(before)
-    proc = run_cli(["python", USER_DIR / "train.py", tiny_data["databin"], *MODEL, "--save-dir", save,
-                    "--max-update", "2"])
+    proc = run_cli(
+        [
+            "python",
+            USER_DIR / "train.py",
+            tiny_data["databin"],
+            *MODEL,
+            "--save-dir",
+            save,
+            "--max-update",
+            "2",
+        ]
+    )
     assert "nothing to train" in proc.stdout + proc.stderr
     assert (save / "checkpoint_last.pt").read_bytes() == before
     assert '"num_updates": "3"' not in proc.stdout
@@ -135,8 +192,18 @@ def test_restarting_a_finished_run_changes_nothing(tiny_data, trained_once, tmp_
 @pytest.mark.timeout(120)
 def test_missing_data_directory_under_fairseq_train(tmp_path):
     """``fairseq-train --user-dir user`` runs the same checks when the task is set up."""
-    proc = run_cli(["fairseq-train", tmp_path / "nope", "--user-dir", USER_DIR, *MODEL,
-                    "--save-dir", tmp_path / "ckpt"], check=False)
+    proc = run_cli(
+        [
+            "fairseq-train",
+            tmp_path / "nope",
+            "--user-dir",
+            USER_DIR,
+            *MODEL,
+            "--save-dir",
+            tmp_path / "ckpt",
+        ],
+        check=False,
+    )
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert "fairseq-train: error: data directory" in last and "does not exist" in last

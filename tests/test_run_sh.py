@@ -14,31 +14,40 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, cli_env
-
 from mt_run import fairseq_log
+
+from conftest import REPO, cli_env
 
 RUN_SH = REPO / "run.sh"
 ARCH = "transformer_ds_moe_tiny"
 MOE_RUN = f"{ARCH}-moe_g1_ep1_ex4_k1_encdec"
 # a smaller model than run.sh's tiny recipe (pass-through flags win)
+# fmt: off
 SMALL = ["--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
          "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
          "--encoder-layers", "1", "--decoder-layers", "1",
          "--encoder-attention-heads", "2", "--decoder-attention-heads", "2"]
+# fmt: on
 
 
 def run_sh(*args, timeout=120, check=True, **env):
     """``bash run.sh ARGS`` with ``env`` added; returns the CompletedProcess."""
     start = time.time()
-    proc = subprocess.run(["bash", str(RUN_SH), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=cli_env(**{k: str(v) for k, v in env.items()}),
-                          cwd=REPO)
+    proc = subprocess.run(
+        ["bash", str(RUN_SH), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(**{k: str(v) for k, v in env.items()}),
+        cwd=REPO,
+    )
     proc.seconds = time.time() - start
     proc.output = proc.stdout + proc.stderr
     if check and proc.returncode != 0:
-        raise AssertionError(f"run.sh {' '.join(map(str, args))} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"run.sh {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -80,14 +89,29 @@ def test_dry_run_picks_the_launcher_and_defaults():
 
     # two GPU nodes: static rendezvous at MASTER_ADDR, the WMT recipe, fp16 that keeps experts apart
     (cmd,) = dry(DEVICE="cuda", NUM_GPUS=8, NNODES=2, NODE_RANK=1, MASTER_ADDR="10.1.2.3")
-    run = cmd[cmd.index("--nnodes"):cmd.index("--nproc_per_node") + 2]
-    assert run == ["--nnodes", "2", "--node_rank", "1", "--master_addr", "10.1.2.3",
-                   "--master_port", "29500", "--nproc_per_node", "8"]
-    assert flag(cmd, "--arch") == "transformer_ds_moe_wmt_en_de" and flag(cmd, "--max-tokens") == "4096"
+    run = cmd[cmd.index("--nnodes") : cmd.index("--nproc_per_node") + 2]
+    assert run == [
+        "--nnodes",
+        "2",
+        "--node_rank",
+        "1",
+        "--master_addr",
+        "10.1.2.3",
+        "--master_port",
+        "29500",
+        "--nproc_per_node",
+        "8",
+    ]
+    assert (
+        flag(cmd, "--arch") == "transformer_ds_moe_wmt_en_de"
+        and flag(cmd, "--max-tokens") == "4096"
+    )
     assert flag(cmd, "--ep-world-size") == "8" and flag(cmd, "--num-experts") == "8"
     assert "--fp16" in cmd and "--memory-efficient-fp16" in cmd and "--cpu" not in cmd
     assert flag(cmd, "--lr") == "5e-4" and flag(cmd, "--warmup-updates") == "4000"
-    assert flag(cmd, "--save-dir").endswith("transformer_ds_moe_wmt_en_de-moe_g16_ep8_ex8_k1_encdec")
+    assert flag(cmd, "--save-dir").endswith(
+        "transformer_ds_moe_wmt_en_de-moe_g16_ep8_ex8_k1_encdec"
+    )
 
     # experts not divisible by the processes: EP 1; EP_WORLD_SIZE and pass-through flags win
     (cmd,) = dry(DEVICE="cuda", NUM_GPUS=4, NUM_EXPERTS=6, MASTER_PORT=12345)
@@ -107,10 +131,18 @@ def test_dry_run_dense_generate_bench_and_bad_input():
 
     gen, score = dry("generate", DEVICE="cpu", SRC="de", TGT="en")
     assert gen[1].endswith("user/generate.py") and flag(gen, "--gen-subset") == "test"
-    assert flag(gen, "--path") == f"/out/checkpoints/{ARCH}-moe_g1_ep1_ex4_k1_encdec/checkpoint_last.pt"
+    assert (
+        flag(gen, "--path")
+        == f"/out/checkpoints/{ARCH}-moe_g1_ep1_ex4_k1_encdec/checkpoint_last.pt"
+    )
     assert flag(gen, "--sentencepiece-model") == "/data/bin/spm.model"
     assert score[1].endswith("scripts/sacrebleu.sh")
-    assert score[2:] == [f"/out/checkpoints/{MOE_RUN}/generate-test.txt", "/data/raw/test.en", "de", "en"]
+    assert score[2:] == [
+        f"/out/checkpoints/{MOE_RUN}/generate-test.txt",
+        "/data/raw/test.en",
+        "de",
+        "en",
+    ]
 
     dense, moe = dry("bench", DEVICE="cpu", BENCH_UPDATES=9)
     assert "--deepspeed_moe" not in dense and "--deepspeed_moe" in moe
@@ -122,8 +154,11 @@ def test_dry_run_dense_generate_bench_and_bad_input():
     assert prep[1].endswith("scripts/prepare_demo.py") and prep[2:4] == ["--workspace", "/ws"]
     assert train[2] == "/ws/demo_en_de/databin" and flag(train, "--save-dir").startswith("/out/")
 
-    for env, message in (({"NNODES": 2}, "needs MASTER_ADDR"), ({"DENSE": "yes"}, "DENSE must be 0 or 1"),
-                         ({"NUM_GPUS": "two"}, "NUM_GPUS must be a whole number")):
+    for env, message in (
+        ({"NNODES": 2}, "needs MASTER_ADDR"),
+        ({"DENSE": "yes"}, "DENSE must be 0 or 1"),
+        ({"NUM_GPUS": "two"}, "NUM_GPUS must be a whole number"),
+    ):
         proc = run_sh(check=False, DEVICE="cpu", DRY_RUN=1, **env)
         assert proc.returncode == 2 and message in proc.stderr, proc.output
     proc = run_sh("trian", check=False, DEVICE="cpu", DRY_RUN=1)
@@ -137,8 +172,11 @@ def test_dry_run_dense_generate_bench_and_bad_input():
 @pytest.fixture(scope="module")
 def env(tiny_data, tmp_path_factory):
     """run.sh's variables for tiny CPU runs: DEVICE is detected, ARCH and recipe are defaults."""
-    return {"DATABIN": tiny_data["databin"], "OUT_DIR": tmp_path_factory.mktemp("run_sh"),
-            "MAX_TOKENS": 600}
+    return {
+        "DATABIN": tiny_data["databin"],
+        "OUT_DIR": tmp_path_factory.mktemp("run_sh"),
+        "MAX_TOKENS": 600,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +205,15 @@ def test_train_writes_checkpoints_and_tensorboard_by_run_name(env, first):
 def test_rerun_resumes_from_checkpoint_last(env, first):
     proc = run_sh(*SMALL, "--max-update", 5, "--log-interval", 1, **env)
     assert "resuming from" in proc.stderr
-    assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 3 updates\)", proc.output)
+    assert re.search(
+        r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 3 updates\)", proc.output
+    )
     assert num_updates(proc.output) == [4, 5], "the rerun must continue at update 4"
-    ckpt = torch.load(env["OUT_DIR"] / "checkpoints" / MOE_RUN / "checkpoint_last.pt",
-                      map_location="cpu", weights_only=False)
+    ckpt = torch.load(
+        env["OUT_DIR"] / "checkpoints" / MOE_RUN / "checkpoint_last.pt",
+        map_location="cpu",
+        weights_only=False,
+    )
     assert ckpt["optimizer_history"][-1]["num_updates"] == 5
     print(f"resume to 5 updates: {proc.seconds:.1f}s")
 
@@ -179,7 +222,11 @@ def test_rerun_resumes_from_checkpoint_last(env, first):
 def test_generate_translates_the_test_split_and_scores_it(env, first, tiny_data):
     proc = run_sh("generate", **env)
     save = env["OUT_DIR"] / "checkpoints" / MOE_RUN
-    hyps = [line for line in (save / "generate-test.txt").read_text().splitlines() if line.startswith("D-")]
+    hyps = [
+        line
+        for line in (save / "generate-test.txt").read_text().splitlines()
+        if line.startswith("D-")
+    ]
     assert len(hyps) == len((tiny_data["raw"] / "test.de").read_text().splitlines()) == 24
     assert re.search(r"^BLEU\S* = \d", proc.stdout, re.M), proc.output
     assert (save / "generate-test.bleu").read_text() == proc.stdout
@@ -189,8 +236,11 @@ def test_generate_translates_the_test_split_and_scores_it(env, first, tiny_data)
 @pytest.mark.timeout(120)
 def test_dense_builds_no_moe_layer(env):
     proc = run_sh(*SMALL, "--max-update", 2, DENSE=1, **env)
-    ckpt = torch.load(env["OUT_DIR"] / "checkpoints" / f"{ARCH}-baseline" / "checkpoint_last.pt",
-                      map_location="cpu", weights_only=False)
+    ckpt = torch.load(
+        env["OUT_DIR"] / "checkpoints" / f"{ARCH}-baseline" / "checkpoint_last.pt",
+        map_location="cpu",
+        weights_only=False,
+    )
     assert ckpt["model"] and not [k for k in ckpt["model"] if "moe" in k]
     assert "moe_ffn" not in proc.output and "experts_gate_loss" not in proc.output
     print(f"dense 2 updates: {proc.seconds:.1f}s")
@@ -202,7 +252,10 @@ def test_two_cpu_processes_under_torchrun_shard_the_experts(env):
     save = env["OUT_DIR"] / "checkpoints" / f"{ARCH}-moe_g2_ep2_ex4_k1_encdec"
     assert "distributed init (rank 1)" in proc.output
     shards = sorted(p.name for p in save.glob("experts.*.pt"))
-    assert shards and {re.sub(r"^experts\.[^.]+\.", "", s) for s in shards} == {"0-of-2.pt", "1-of-2.pt"}
+    assert shards and {re.sub(r"^experts\.[^.]+\.", "", s) for s in shards} == {
+        "0-of-2.pt",
+        "1-of-2.pt",
+    }
     assert (save / "checkpoint_last.pt").is_file()
     print(f"torchrun 2 processes, 2 updates: {proc.seconds:.1f}s")
 
@@ -210,11 +263,16 @@ def test_two_cpu_processes_under_torchrun_shard_the_experts(env):
 @pytest.mark.timeout(180)
 def test_bench_prints_dense_and_moe_wps(env):
     proc = run_sh("bench", *SMALL, BENCH_UPDATES=3, **env)
-    rows = {m.group(1): m.group(2) for m in re.finditer(r"^(dense|moe)\s+([\d,]+)\s", proc.stdout, re.M)}
+    rows = {
+        m.group(1): m.group(2) for m in re.finditer(r"^(dense|moe)\s+([\d,]+)\s", proc.stdout, re.M)
+    }
     assert set(rows) == {"dense", "moe"}, proc.stdout
     assert all(int(v.replace(",", "")) > 0 for v in rows.values())
     assert "moe/dense:" in proc.stdout
-    logs = {kind: (env["OUT_DIR"] / "bench" / f"{ARCH}-{kind}.log").read_text() for kind in ("dense", "moe")}
+    logs = {
+        kind: (env["OUT_DIR"] / "bench" / f"{ARCH}-{kind}.log").read_text()
+        for kind in ("dense", "moe")
+    }
     assert "moe_ffn" not in logs["dense"] and "moe_ffn" in logs["moe"]
     assert num_updates(logs["dense"]) == num_updates(logs["moe"]) == [1, 2, 3]
     assert not list((env["OUT_DIR"] / "bench").rglob("*.pt")), "bench saves nothing"

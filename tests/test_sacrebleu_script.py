@@ -42,8 +42,14 @@ REFS = ["Klicken Sie auf OK.", "Formatvorlage (Standard)", "Die Zelle ist nicht 
 def run_script(*args, **kwargs):
     """Run ``bash scripts/sacrebleu.sh ARGS`` with this interpreter; return the CompletedProcess."""
     env = dict(os.environ, PYTHON=sys.executable, PYTHONWARNINGS="ignore")
-    return subprocess.run(["bash", str(REPO / "scripts" / "sacrebleu.sh"), *map(str, args)],
-                          capture_output=True, text=True, timeout=60, env=env, **kwargs)
+    return subprocess.run(
+        ["bash", str(REPO / "scripts" / "sacrebleu.sh"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        **kwargs,
+    )
 
 
 @pytest.mark.timeout(10)
@@ -63,7 +69,9 @@ def test_parse_falls_back_to_h_lines_and_keeps_first_nbest():
 @pytest.mark.timeout(10)
 def test_already_decoded_text_is_left_as_is():
     # generate --bpe sentencepiece: D- lines are plain text, spaces must stay
-    text = "D-0\t-0.1\tKlicken Sie auf OK.\nH-0\t-0.1\t\u2581Klicken \u2581Sie \u2581auf \u2581OK .\n"
+    text = (
+        "D-0\t-0.1\tKlicken Sie auf OK.\nH-0\t-0.1\t\u2581Klicken \u2581Sie \u2581auf \u2581OK .\n"
+    )
     hyps = bleu.parse_generate_output(text.splitlines())
     assert bleu.detokenize(hyps) == ["Klicken Sie auf OK."]
     assert bleu.join_pieces("\u2581Hal lo \u2581Welt .") == "Hallo Welt."

@@ -65,4 +65,3 @@ def stop_consumers(timeout: float = _JOIN_SECONDS) -> int:
                 pass
             thread.join(0.05)
     return len(running)
-

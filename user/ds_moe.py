@@ -148,8 +148,7 @@ def local_dispatch_supported(moe: MoE) -> bool:
     :class:`~user.modules.moe_ffn.MoEFeedForward` can run each expert on exactly
     its tokens instead of DeepSpeed's padded ``experts x capacity`` buffer."""
     layer = moe.deepspeed_moe
-    return (moe.ep_size == 1 and not moe.use_residual and not layer.use_tutel
-            and groups.mpu is None)
+    return moe.ep_size == 1 and not moe.use_residual and not layer.use_tutel and groups.mpu is None
 
 
 def is_expert_param(param: torch.nn.Parameter) -> bool:
@@ -223,13 +222,17 @@ def clip_grad_norm_(params, max_norm, aggregate_norm_fn=None, _fairseq=None) -> 
     dense = [p.grad.detach() for p in params if not hasattr(p, "expert")]
     local = [p.grad.detach() for p in experts]
     sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in local]).sum()
-    group = groups._get_expert_parallel_group(getattr(experts[0], "group_name"))
+    group = groups._get_expert_parallel_group(experts[0].group_name)
     if dist.get_backend(group) == "nccl":
         sq = sq.cuda()
     dist.all_reduce(sq, group=group)
-    dense_norm = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in dense])
-    ) if dense else sq.new_zeros(())
+    dense_norm = (
+        torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in dense])
+        )
+        if dense
+        else sq.new_zeros(())
+    )
     if aggregate_norm_fn is not None:
         dense_norm = aggregate_norm_fn(dense_norm)
     total = (dense_norm.to(sq.device) ** 2 + sq) ** 0.5

@@ -98,8 +98,10 @@ def merge_generate_outputs(texts: List[str]) -> str:
     rest = [ln for ln in texts[0].splitlines() if not _SENTENCE_LINE.match(ln)]
     out = [ln for i in sorted(by_id) for ln in by_id[i]]
     out += [ln for ln in rest if not ln.startswith("Generate ")]
-    out.append(f"# {len(by_id)} sentences from {len(texts)} processes; score them with "
-               "scripts/sacrebleu.sh (per-process BLEU lines omitted)")
+    out.append(
+        f"# {len(by_id)} sentences from {len(texts)} processes; score them with "
+        "scripts/sacrebleu.sh (per-process BLEU lines omitted)"
+    )
     return "\n".join(out) + "\n"
 
 
@@ -142,17 +144,19 @@ def run(cli: str, argv: Optional[List[str]] = None) -> None:
     except MoEArgumentError as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         sys.exit(2)
-    parser = {"train": options.get_training_parser,
-              "generate": options.get_generation_parser,
-              "interactive": options.get_interactive_generation_parser}[cli]()
+    parser = {
+        "train": options.get_training_parser,
+        "generate": options.get_generation_parser,
+        "interactive": options.get_interactive_generation_parser,
+    }[cli]()
     args = options.parse_args_and_arch(parser, input_args=argv)
     try:
-        validate(args, cuda=torch.cuda.is_available(), world=args.distributed_world_size,
-                 task=args.task)
+        validate(
+            args, cuda=torch.cuda.is_available(), world=args.distributed_world_size, task=args.task
+        )
     except MoEArgumentError as e:
         parser.error(str(e))
     main = importlib.import_module(f"fairseq_cli.{cli}").main
     if cli == "generate":
         main = _gathering(main)
     distributed_utils.call_main(convert_namespace_to_omegaconf(args), main)
-

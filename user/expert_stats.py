@@ -73,10 +73,16 @@ def log_routing_metrics(logging_outputs) -> None:
     if load_tot > 0:
         load_max = sum(log.get("_moe_load_max", 0) for log in logging_outputs)
         metrics.log_scalar("moe_imbalance", load_max / load_tot, load_tot, round=3)
-    keys = sorted({k for log in logging_outputs for k in log if k.startswith("_moe_") and
-                   k not in ("_moe_load_max", "_moe_load_tot")})
+    keys = sorted(
+        {
+            k
+            for log in logging_outputs
+            for k in log
+            if k.startswith("_moe_") and k not in ("_moe_load_max", "_moe_load_tot")
+        }
+    )
     tot = {k: sum(log.get(k, 0) for log in logging_outputs) for k in keys}
-    tags = sorted({k[len("_moe_"):].rsplit("_", 1)[0] for k in keys})
+    tags = sorted({k[len("_moe_") :].rsplit("_", 1)[0] for k in keys})
     for tag in tags:
         routed = tot.get(f"_moe_{tag}_routed", 0)
         if routed <= 0:
@@ -87,8 +93,12 @@ def log_routing_metrics(logging_outputs) -> None:
             i += 1
         metrics.log_scalar(f"moe_{tag}_drop", tot[f"_moe_{tag}_drop"] / routed, routed, round=4)
         if tot.get(f"_moe_{tag}_tok", 0) > 0:
-            metrics.log_scalar(f"moe_{tag}_ent", tot[f"_moe_{tag}_ent"] / tot[f"_moe_{tag}_tok"],
-                               tot[f"_moe_{tag}_tok"], round=3)
+            metrics.log_scalar(
+                f"moe_{tag}_ent",
+                tot[f"_moe_{tag}_ent"] / tot[f"_moe_{tag}_tok"],
+                tot[f"_moe_{tag}_tok"],
+                round=3,
+            )
         calls = tot.get(f"_moe_{tag}_calls", 0)
         if calls > 0:
             metrics.log_scalar(f"moe_{tag}_aux", tot[f"_moe_{tag}_aux"] / calls, calls, round=3)

@@ -44,15 +44,13 @@ def parse_loss_weights(text: Optional[str]) -> Dict[str, Optional[float]]:
     """
     if text is None or text.strip() == "":
         return {}
-    weights = parse_json_flag("--loss-weights", text,
-                              '{"base_crit": 1, "experts_gate_loss": 0.01}')
+    weights = parse_json_flag("--loss-weights", text, '{"base_crit": 1, "experts_gate_loss": 0.01}')
     for name, w in weights.items():
         if w is not None and (
             isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)
         ):
             raise MoEArgumentError(
-                f"--loss-weights: the weight of {name!r} must be a finite number or null, "
-                f"got {w!r}"
+                f"--loss-weights: the weight of {name!r} must be a finite number or null, got {w!r}"
             )
     return {k: (None if w is None else float(w)) for k, w in weights.items()}
 

@@ -152,6 +152,7 @@ def _positive(v):
     return None if v > 0 and math.isfinite(v) else "must be a finite positive number"
 
 
+# fmt: off
 FLAGS: Tuple[Flag, ...] = (
     Flag("sides", ("--deepspeed_moe", "--deepspeed-moe"), type=str, metavar="enc|dec|enc,dec",
          help="replace FFN blocks by DeepSpeed MoE layers in the encoder, decoder or both; "
@@ -196,6 +197,7 @@ FLAGS: Tuple[Flag, ...] = (
               "Gumbel noise in training (default)",
          off_help="top-2 takes the second-best expert"),
 )
+# fmt: on
 
 
 def add_moe_args(parser: argparse.ArgumentParser) -> None:
@@ -203,8 +205,9 @@ def add_moe_args(parser: argparse.ArgumentParser) -> None:
     flags are parsed with ``argparse.SUPPRESS``), see :func:`moe_defaults`."""
     for f in FLAGS:
         if f.type is not None or f.choices is not None:
-            parser.add_argument(*f.names, type=f.type, metavar=f.metavar, choices=f.choices,
-                                help=f.help)
+            parser.add_argument(
+                *f.names, type=f.type, metavar=f.metavar, choices=f.choices, help=f.help
+            )
         else:
             parser.add_argument(*f.names, dest=f.dest, action="store_true", help=f.help)
             if f.off is not None:
@@ -251,32 +254,43 @@ def options_from_args(args) -> MoEOptions:
 
 def _divisible(opts, args):
     if opts.num_experts % opts.ep_size:
-        return (f"--num-experts {opts.num_experts} is not divisible by --ep-world-size "
-                f"{opts.ep_size}: each expert-parallel rank holds num_experts / ep_world_size "
-                f"experts; use a multiple of {opts.ep_size} experts or a divisor of "
-                f"{opts.num_experts} as --ep-world-size")
+        return (
+            f"--num-experts {opts.num_experts} is not divisible by --ep-world-size "
+            f"{opts.ep_size}: each expert-parallel rank holds num_experts / ep_world_size "
+            f"experts; use a multiple of {opts.ep_size} experts or a divisor of "
+            f"{opts.num_experts} as --ep-world-size"
+        )
 
 
 def _top_k_range(opts, args):
     if not 1 <= opts.top_k <= opts.num_experts:
-        return (f"--top-k {opts.top_k} is out of range: it must be between 1 and "
-                f"--num-experts ({opts.num_experts})")
+        return (
+            f"--top-k {opts.top_k} is out of range: it must be between 1 and "
+            f"--num-experts ({opts.num_experts})"
+        )
 
 
 def _noisy_gate_top1(opts, args):
     if opts.noisy_gate_policy is not None and opts.top_k != 1:
-        return (f"--moe-noisy-gate-policy {opts.noisy_gate_policy} works with --top-k 1 only "
-                f"(DeepSpeed ignores it for top-{opts.top_k}); drop the flag or use --top-k 1")
+        return (
+            f"--moe-noisy-gate-policy {opts.noisy_gate_policy} works with --top-k 1 only "
+            f"(DeepSpeed ignores it for top-{opts.top_k}); drop the flag or use --top-k 1"
+        )
 
 
 def _placement(opts, args):
     for side, flag in (("enc", "--encoder-layers"), ("dec", "--decoder-layers")):
         layers = getattr(args, "encoder_layers" if side == "enc" else "decoder_layers", 0)
-        if side in opts.sides and layers and not any(
-                opts.is_moe_layer(side, i) for i in range(layers)):
-            return (f"--deepspeed_moe {args.deepspeed_moe} with --moe-freq {opts.freq} and "
-                    f"{flag} {layers} places no MoE layer in the "
-                    f"{'encoder' if side == 'enc' else 'decoder'}; use --moe-freq 1 or more layers")
+        if (
+            side in opts.sides
+            and layers
+            and not any(opts.is_moe_layer(side, i) for i in range(layers))
+        ):
+            return (
+                f"--deepspeed_moe {args.deepspeed_moe} with --moe-freq {opts.freq} and "
+                f"{flag} {layers} places no MoE layer in the "
+                f"{'encoder' if side == 'enc' else 'decoder'}; use --moe-freq 1 or more layers"
+            )
 
 
 #: Rules on the MoE options alone (checked whenever a model is built).
@@ -318,20 +332,30 @@ def flag_value(argv: Sequence[str], flag: str) -> Optional[str]:
 def _moe_arch(args, run):
     """(argv) fairseq would reject --deepspeed_moe as unknown for a dense architecture."""
     arch = flag_value(run.argv, "--arch") or flag_value(run.argv, "-a")
-    if flag_given(run.argv, "--deepspeed_moe") and arch and not arch.startswith("transformer_ds_moe"):
-        twin = arch[len("transformer"):] if arch.startswith("transformer") else ""
-        return (f"--deepspeed_moe needs a transformer_ds_moe_* architecture, not --arch {arch}: "
-                f"use --arch transformer_ds_moe{twin}")
+    if (
+        flag_given(run.argv, "--deepspeed_moe")
+        and arch
+        and not arch.startswith("transformer_ds_moe")
+    ):
+        twin = arch[len("transformer") :] if arch.startswith("transformer") else ""
+        return (
+            f"--deepspeed_moe needs a transformer_ds_moe_* architecture, not --arch {arch}: "
+            f"use --arch transformer_ds_moe{twin}"
+        )
 
 
 def _half_needs_gpu(args, run):
     """(cuda) fairseq's fp16 training does not run on the CPU."""
-    half = [f for f, dest in (("--fp16", "fp16"), ("--memory-efficient-fp16",
-                                                    "memory_efficient_fp16"))
-            if getattr(args, dest, False)]
+    half = [
+        f
+        for f, dest in (("--fp16", "fp16"), ("--memory-efficient-fp16", "memory_efficient_fp16"))
+        if getattr(args, dest, False)
+    ]
     if half and (not run.cuda or getattr(args, "cpu", False)):
-        return (f"{half[0]} needs a CUDA GPU (fairseq's fp16 training does not run on the "
-                "CPU): drop it to train in fp32 on the CPU")
+        return (
+            f"{half[0]} needs a CUDA GPU (fairseq's fp16 training does not run on the "
+            "CPU): drop it to train in fp32 on the CPU"
+        )
 
 
 def _data_directory(args, run):
@@ -341,23 +365,31 @@ def _data_directory(args, run):
         return None
     first = data.split(":")[0]
     if not os.path.isdir(first):
-        return (f"data directory {first} does not exist: give the databin that "
-                "fairseq-preprocess wrote (e.g. bash prepare-wmt16ende.sh, or "
-                "python scripts/prepare_demo.py for the demo corpus)")
-    have = sorted(f[5:-4] for f in os.listdir(first) if f.startswith("dict.") and f.endswith(".txt"))
+        return (
+            f"data directory {first} does not exist: give the databin that "
+            "fairseq-preprocess wrote (e.g. bash prepare-wmt16ende.sh, or "
+            "python scripts/prepare_demo.py for the demo corpus)"
+        )
+    have = sorted(
+        f[5:-4] for f in os.listdir(first) if f.startswith("dict.") and f.endswith(".txt")
+    )
     for flag, dest in (("--source-lang", "source_lang"), ("--target-lang", "target_lang")):
         lang = getattr(args, dest, None)
         if lang is not None and lang not in have:
-            return (f"{flag} {lang}: {first} has no dict.{lang}.txt; its languages are "
-                    f"{', '.join(have) or 'none (no dict.*.txt)'}")
+            return (
+                f"{flag} {lang}: {first} has no dict.{lang}.txt; its languages are "
+                f"{', '.join(have) or 'none (no dict.*.txt)'}"
+            )
 
 
 def _upcycle_source(args, run):
     """(task) --upcycle-from names a file."""
     path = getattr(args, "upcycle_from", None)
     if path is not None and not os.path.isfile(path):
-        return (f"--upcycle-from {path}: no such file; give a dense checkpoint "
-                "(e.g. checkpoint_best.pt of a run without --deepspeed_moe)")
+        return (
+            f"--upcycle-from {path}: no such file; give a dense checkpoint "
+            "(e.g. checkpoint_best.pt of a run without --deepspeed_moe)"
+        )
 
 
 def _criterion(args, run):
@@ -376,9 +408,11 @@ def _processes(args, run):
     """(world) the expert-parallel size divides the processes."""
     opts = _moe(args)
     if opts is not None and run.world % opts.ep_size:
-        return (f"--ep-world-size {opts.ep_size} must divide the number of processes "
-                f"({run.world}); use --ep-world-size {run.world} (expert parallel across all "
-                f"processes) or a divisor of it")
+        return (
+            f"--ep-world-size {opts.ep_size} must divide the number of processes "
+            f"({run.world}); use --ep-world-size {run.world} (expert parallel across all "
+            f"processes) or a divisor of it"
+        )
 
 
 def _legacy_ddp(args, run):
@@ -387,32 +421,39 @@ def _legacy_ddp(args, run):
     backend = getattr(args, "ddp_backend", "legacy_ddp")
     wrapped = getattr(args, "distributed_world_size", 1) > 1  # fairseq wraps the model in DDP
     if opts is not None and opts.ep_size > 1 and wrapped and backend != "legacy_ddp":
-        return (f"--ep-world-size {opts.ep_size} needs --ddp-backend legacy_ddp (got "
-                f"{backend}): other backends would average the rank-local experts "
-                f"over all processes")
+        return (
+            f"--ep-world-size {opts.ep_size} needs --ddp-backend legacy_ddp (got "
+            f"{backend}): other backends would average the rank-local experts "
+            f"over all processes"
+        )
 
 
 def _half_keeps_experts_apart(args, run):
     """(args) fairseq's FP16Optimizer keeps one flat fp32 copy of all parameters."""
     opts = _moe(args)
     half = getattr(args, "fp16", False) or getattr(args, "bf16", False)
-    mem_eff = (getattr(args, "memory_efficient_fp16", False)
-               or getattr(args, "memory_efficient_bf16", False))
+    mem_eff = getattr(args, "memory_efficient_fp16", False) or getattr(
+        args, "memory_efficient_bf16", False
+    )
     if opts is not None and opts.ep_size > 1 and half and not mem_eff:
-        return (f"--ep-world-size {opts.ep_size} with --fp16/--bf16 needs "
-                "--memory-efficient-fp16 / --memory-efficient-bf16: fairseq's "
-                "FP16Optimizer keeps one flat fp32 copy of all parameters, so "
-                "each rank's experts could not be saved and restored on their own")
+        return (
+            f"--ep-world-size {opts.ep_size} with --fp16/--bf16 needs "
+            "--memory-efficient-fp16 / --memory-efficient-bf16: fairseq's "
+            "FP16Optimizer keeps one flat fp32 copy of all parameters, so "
+            "each rank's experts could not be saved and restored on their own"
+        )
 
 
 def _task_keeps_ranks_in_step(args, run):
     """(task) only translation_deepspeed sets up expert groups and lockstep decoding."""
     opts = _moe(args)
     if opts is not None and opts.ep_size > 1 and run.task != "translation_deepspeed":
-        return (f"a model with --ep-world-size {opts.ep_size} needs --task translation_deepspeed "
-                f"(got {run.task}): it creates DeepSpeed's expert groups and keeps "
-                "the ranks in step; add --task translation_deepspeed (user/train.py and "
-                "user/generate.py use it by default)")
+        return (
+            f"a model with --ep-world-size {opts.ep_size} needs --task translation_deepspeed "
+            f"(got {run.task}): it creates DeepSpeed's expert groups and keeps "
+            "the ranks in step; add --task translation_deepspeed (user/train.py and "
+            "user/generate.py use it by default)"
+        )
 
 
 def _moe_flags(args, run):
@@ -469,5 +510,7 @@ def validate(args=None, **known) -> None:
         MoEArgumentError: the first failed check, naming the flag and the fix.
     """
     run = Run(**known)
-    have = {k for k, v in known.items() if v is not None} | ({"args"} if args is not None else set())
+    have = {k for k, v in known.items() if v is not None} | (
+        {"args"} if args is not None else set()
+    )
     _run([r.check for r in RULES if set(r.needs) <= have], args, run)

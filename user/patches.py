@@ -81,8 +81,13 @@ class Patch:
         return inspect.getdoc(self.install) or ""
 
 
-def patch(scope: str, target: str, written_against: Tuple[str, str],
-          signature: Optional[str] = None, upstream: Optional[str] = None):
+def patch(
+    scope: str,
+    target: str,
+    written_against: Tuple[str, str],
+    signature: Optional[str] = None,
+    upstream: Optional[str] = None,
+):
     """Declare a function as the installer of a :class:`Patch`."""
 
     def declare(install: Callable[[], None]) -> Patch:
@@ -123,19 +128,23 @@ def check(p) -> None:
     if have != want:
         raise PatchError(
             f"user/patches.py: {p.name} was written for {dist} {want} ({p.target}), but "
-            f"{dist} {have or 'is not installed'}: {fix}")
+            f"{dist} {have or 'is not installed'}: {fix}"
+        )
     try:
         _, _, current = _resolve(p.target)
     except (ImportError, AttributeError):
-        raise PatchError(f"user/patches.py: {p.name} patches {p.target}, which {dist} {have} "
-                         f"does not have: {fix}") from None
+        raise PatchError(
+            f"user/patches.py: {p.name} patches {p.target}, which {dist} {have} "
+            f"does not have: {fix}"
+        ) from None
     current = getattr(current, _MARK, current)  # the original behind an installed patch
     if p.signature is not None:
         found = str(inspect.signature(current))
         if found != p.signature:
             raise PatchError(
                 f"user/patches.py: {p.name} was written for {p.target}{p.signature}, but "
-                f"{dist} {have} has {p.target}{found}: {fix}")
+                f"{dist} {have} has {p.target}{found}: {fix}"
+            )
 
 
 def _replace(target: str, make: Callable[[object], object]) -> None:
@@ -193,8 +202,9 @@ def one_line_errors() -> None:
         from .checkpoint import ExpertCheckpointError, UpcycleError
         from .moe_options import MoEArgumentError
 
-        if issubclass(exc_type, (MoEArgumentError, ExpertCheckpointError, UpcycleError,
-                                 PatchError)):
+        if issubclass(
+            exc_type, (MoEArgumentError, ExpertCheckpointError, UpcycleError, PatchError)
+        ):
             print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
             return
         previous(exc_type, exc, tb)
@@ -223,8 +233,12 @@ class _TorchForFairseqCheckpoints(types.ModuleType):
         return torch.load(*args, **kwargs)
 
 
-@patch(ALWAYS, "fairseq.checkpoint_utils.torch", FAIRSEQ,
-       upstream="https://github.com/facebookresearch/fairseq/issues/5610")
+@patch(
+    ALWAYS,
+    "fairseq.checkpoint_utils.torch",
+    FAIRSEQ,
+    upstream="https://github.com/facebookresearch/fairseq/issues/5610",
+)
 def fairseq_checkpoints_load_under_torch_2_6() -> None:
     """Let fairseq read its own checkpoints under torch >= 2.6.
 
@@ -236,8 +250,12 @@ def fairseq_checkpoints_load_under_torch_2_6() -> None:
     _replace("fairseq.checkpoint_utils.torch", lambda _: _TorchForFairseqCheckpoints())
 
 
-@patch(ALWAYS, "fairseq.distributed.utils.torch", FAIRSEQ,
-       upstream="https://github.com/facebookresearch/fairseq/issues/5610")
+@patch(
+    ALWAYS,
+    "fairseq.distributed.utils.torch",
+    FAIRSEQ,
+    upstream="https://github.com/facebookresearch/fairseq/issues/5610",
+)
 def fairseq_broadcast_loads_under_torch_2_6() -> None:
     """Let fairseq send a loaded checkpoint from rank 0 to the other ranks under torch >= 2.6.
 
@@ -248,8 +266,12 @@ def fairseq_broadcast_loads_under_torch_2_6() -> None:
     _replace("fairseq.distributed.utils.torch", lambda _: _TorchForFairseqCheckpoints())
 
 
-@patch(ALWAYS, "fairseq.data.iterators.BackgroundConsumer", FAIRSEQ,
-       signature="(queue, source, max_len, cuda_device)")
+@patch(
+    ALWAYS,
+    "fairseq.data.iterators.BackgroundConsumer",
+    FAIRSEQ,
+    signature="(queue, source, max_len, cuda_device)",
+)
 def prefetch_threads_stop_at_exit() -> None:
     """Stop fairseq's batch-prefetch threads before the interpreter exits.
 
@@ -285,8 +307,12 @@ def atomic_checkpoint_copies() -> None:
 # --------------------------------------------------------------------------- the task
 
 
-@patch(TASK, "fairseq.checkpoint_utils.load_checkpoint", FAIRSEQ,
-       signature="(cfg: fairseq.dataclass.configs.CheckpointConfig, trainer, **passthrough_args)")
+@patch(
+    TASK,
+    "fairseq.checkpoint_utils.load_checkpoint",
+    FAIRSEQ,
+    signature="(cfg: fairseq.dataclass.configs.CheckpointConfig, trainer, **passthrough_args)",
+)
 def resume_restores_experts() -> None:
     """On resume: check the checkpoint against the model, restore every rank's experts
     and their optimizer state, train nothing when ``--max-update`` is reached, apply
@@ -301,8 +327,12 @@ def resume_restores_experts() -> None:
     _replace("fairseq.checkpoint_utils.load_checkpoint", _wrap(fairseq_hooks.load_checkpoint))
 
 
-@patch(TASK, "fairseq.checkpoint_utils.load_checkpoint_to_cpu", FAIRSEQ,
-       signature="(path, arg_overrides=None, load_on_all_ranks=False)")
+@patch(
+    TASK,
+    "fairseq.checkpoint_utils.load_checkpoint_to_cpu",
+    FAIRSEQ,
+    signature="(path, arg_overrides=None, load_on_all_ranks=False)",
+)
 def checkpoints_load_in_any_layout() -> None:
     """Read a checkpoint of another expert-parallel layout into the running one, and name
     a file that cannot be read (see
@@ -312,15 +342,21 @@ def checkpoints_load_in_any_layout() -> None:
     """
     from .checkpoint import fairseq_hooks
 
-    _replace("fairseq.checkpoint_utils.load_checkpoint_to_cpu",
-             _wrap(fairseq_hooks.load_checkpoint_to_cpu))
+    _replace(
+        "fairseq.checkpoint_utils.load_checkpoint_to_cpu",
+        _wrap(fairseq_hooks.load_checkpoint_to_cpu),
+    )
 
 
 # --------------------------------------------------------------------------- expert parallelism
 
 
-@patch(EXPERT_PARALLEL, "fairseq.checkpoint_utils.save_checkpoint", FAIRSEQ,
-       signature="(cfg: fairseq.dataclass.configs.CheckpointConfig, trainer, epoch_itr, val_loss)")
+@patch(
+    EXPERT_PARALLEL,
+    "fairseq.checkpoint_utils.save_checkpoint",
+    FAIRSEQ,
+    signature="(cfg: fairseq.dataclass.configs.CheckpointConfig, trainer, epoch_itr, val_loss)",
+)
 def expert_shards_on_save() -> None:
     """Every expert-parallel rank writes its experts' shard next to the checkpoint.
 
@@ -333,8 +369,12 @@ def expert_shards_on_save() -> None:
     _replace("fairseq.checkpoint_utils.save_checkpoint", _wrap(fairseq_hooks.save_checkpoint))
 
 
-@patch(EXPERT_PARALLEL, "fairseq.utils.clip_grad_norm_", FAIRSEQ,
-       signature="(params, max_norm, aggregate_norm_fn=None) -> torch.Tensor")
+@patch(
+    EXPERT_PARALLEL,
+    "fairseq.utils.clip_grad_norm_",
+    FAIRSEQ,
+    signature="(params, max_norm, aggregate_norm_fn=None) -> torch.Tensor",
+)
 def gradient_norm_counts_every_expert() -> None:
     """``--clip-norm`` with expert gradients counted once, over all expert-parallel ranks.
 
@@ -344,8 +384,10 @@ def gradient_norm_counts_every_expert() -> None:
     """
     from . import ds_moe
 
-    _replace("fairseq.utils.clip_grad_norm_",
-             lambda original: functools.partial(ds_moe.clip_grad_norm_, _fairseq=original))
+    _replace(
+        "fairseq.utils.clip_grad_norm_",
+        lambda original: functools.partial(ds_moe.clip_grad_norm_, _fairseq=original),
+    )
 
 
 @patch(EXPERT_PARALLEL, "deepspeed.comm.torch.build_shm_op", DEEPSPEED, signature="()")
@@ -402,6 +444,7 @@ class Dependency:
 
 _T = "torch.Tensor"
 #: DeepSpeed internals the routing and dispatch call (user/modules/gating.py, moe_ffn.py).
+# fmt: off
 DEPENDENCIES: Tuple[Dependency, ...] = (
     Dependency("deepspeed.moe.sharded_moe.TopKGate.__init__", DEEPSPEED,
                "(self, model_dim: int, num_experts: int, k: int = 1, capacity_factor: float = "
@@ -430,6 +473,7 @@ DEPENDENCIES: Tuple[Dependency, ...] = (
     Dependency("deepspeed.utils.groups._get_expert_data_parallel_group", DEEPSPEED,
                "(group_name)", "ds_moe: expert gradients"),
 )
+# fmt: on
 
 
 def install(scope: str) -> None:

@@ -23,5 +23,7 @@ def main():
 if __name__ == "__main__":
     # run as a script, Python puts user/ first on sys.path: import the package instead
     here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [os.path.dirname(here)] + [p for p in sys.path if os.path.abspath(p or ".") != here]
+    sys.path[:] = [os.path.dirname(here)] + [
+        p for p in sys.path if os.path.abspath(p or ".") != here
+    ]
     main()

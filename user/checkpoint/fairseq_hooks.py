@@ -90,23 +90,33 @@ def optimizer_param_names(trainer) -> List[str]:
 def build_shard(trainer, info: dict, ep_rank: int, with_optimizer: bool) -> dict:
     """This rank's experts and their optimizer state, named by global expert index."""
     first = ep_rank * (info["num_experts"] // info["ep_size"])
-    params = [(n, p) for n, p in trainer.get_model().named_parameters()
-              if fmt.expert_index(n) is not None]
+    params = [
+        (n, p) for n, p in trainer.get_model().named_parameters() if fmt.expert_index(n) is not None
+    ]
     model = {fmt.shift_expert(n, first): p.detach().cpu().clone() for n, p in params}
     optimizer = None
     if with_optimizer:
         state = _torch_optimizer(trainer).state
         optimizer = {
-            fmt.shift_expert(n, first): {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
-                                         for k, v in state[p].items()}
-            for n, p in params if p in state
+            fmt.shift_expert(n, first): {
+                k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
+                for k, v in state[p].items()
+            }
+            for n, p in params
+            if p in state
         }
     return fmt.make_shard(info, ep_rank, model, optimizer)
 
 
-def restore_local_experts(model, shards: Callable[[int], dict], info: dict,
-                          ep_rank: int, ep_size: int, opt_state: Optional[dict] = None,
-                          weights: bool = True) -> None:
+def restore_local_experts(
+    model,
+    shards: Callable[[int], dict],
+    info: dict,
+    ep_rank: int,
+    ep_size: int,
+    opt_state: Optional[dict] = None,
+    weights: bool = True,
+) -> None:
     """Load this rank's experts (and optimizer state) from a checkpoint's shards.
 
     Args:
@@ -132,8 +142,10 @@ def restore_local_experts(model, shards: Callable[[int], dict], info: dict,
             with torch.no_grad():
                 p.copy_(shard["model"][g].to(p.dtype))
         if opt_state is not None and g in shard.get("optimizer", {}):
-            opt_state[p] = {k: (v.to(p.device).clone() if torch.is_tensor(v) else v)
-                            for k, v in shard["optimizer"][g].items()}
+            opt_state[p] = {
+                k: (v.to(p.device).clone() if torch.is_tensor(v) else v)
+                for k, v in shard["optimizer"][g].items()
+            }
 
 
 def restore_model_experts(model, reader: io.ShardReader) -> None:
@@ -153,8 +165,9 @@ def load_for_rank(path: str, model, ep_rank: int, ep_size: int) -> dict:
     state = io.read_checkpoint(path)
     info = state["extra_state"].get(fmt.SHARD_KEY)
     if info is None:  # consolidated: the file just read holds every expert
-        reader = io.ShardReader({"consolidated": path}, fmt.count_experts(state["model"]),
-                                loaded=state)
+        reader = io.ShardReader(
+            {"consolidated": path}, fmt.count_experts(state["model"]), loaded=state
+        )
     else:
         source = {**info, "directory": os.path.dirname(os.path.abspath(path))}
         reader = io.ShardReader(source, info["num_experts"])
@@ -170,8 +183,9 @@ def load_for_rank(path: str, model, ep_rank: int, ep_size: int) -> dict:
 # checks
 
 
-def _check_against_model(state: dict, info: Optional[dict], path: str,
-                         layout: fmt.ExpertLayout) -> None:
+def _check_against_model(
+    state: dict, info: Optional[dict], path: str, layout: fmt.ExpertLayout
+) -> None:
     """Refuse, with the flag to change, a checkpoint that cannot fit the model just built."""
     if not state.get("model"):
         return
@@ -206,8 +220,10 @@ def _stop_if_finished(trainer) -> None:
     """
     opt = trainer.cfg.optimization
     if opt.max_update > 0 and trainer.get_num_updates() >= opt.max_update:
-        logger.info(f"the checkpoint is at {trainer.get_num_updates()} updates, --max-update "
-                    f"{opt.max_update} is reached: nothing to train")
+        logger.info(
+            f"the checkpoint is at {trainer.get_num_updates()} updates, --max-update "
+            f"{opt.max_update} is reached: nothing to train"
+        )
         opt.max_epoch = -1
 
 
@@ -224,13 +240,19 @@ def save_checkpoint(original, cfg, trainer, epoch_itr, val_loss):
     ep = layout.ep_size
     with_opt = not cfg.no_save_optimizer_state
     info = fmt.shard_info(
-        f"u{trainer.get_num_updates()}-{_broadcast_token()}", ep, layout.num_experts,
-        trainer.get_num_updates(), optimizer_param_names(trainer) if with_opt else None)
+        f"u{trainer.get_num_updates()}-{_broadcast_token()}",
+        ep,
+        layout.num_experts,
+        trainer.get_num_updates(),
+        optimizer_param_names(trainer) if with_opt else None,
+    )
     rank = _dist_rank()
     if rank < ep:  # DeepSpeed's expert-parallel group of rank 0: ranks 0..E-1
         os.makedirs(cfg.save_dir, exist_ok=True)
-        io.atomic_save(build_shard(trainer, info, rank, with_opt),
-                       io.shard_file(cfg.save_dir, info["token"], rank, ep))
+        io.atomic_save(
+            build_shard(trainer, info, rank, with_opt),
+            io.shard_file(cfg.save_dir, info["token"], rank, ep),
+        )
     _barrier()  # every shard on disk before the shared file names it
     task.pending_expert_shards = info
     try:
@@ -294,8 +316,7 @@ def _attach_reader(state: dict, reader: io.ShardReader) -> None:
     ``load_state_dict`` takes this rank's weights from it, :func:`load_checkpoint`
     their optimizer state (each shard file is read once)."""
     state["model"][fmt.MODEL_KEY] = reader
-    state["extra_state"][fmt.SHARD_KEY] = {**state["extra_state"][fmt.SHARD_KEY],
-                                           "reader": reader}
+    state["extra_state"][fmt.SHARD_KEY] = {**state["extra_state"][fmt.SHARD_KEY], "reader": reader}
 
 
 def load_checkpoint(original, cfg, trainer, **passthrough):
@@ -320,11 +341,20 @@ def load_checkpoint(original, cfg, trainer, **passthrough):
         if not cfg.reset_optimizer:
             rank = _dist_rank() % layout.ep_size
             # the weights were restored by the model's load_state_dict; now their Adam state
-            restore_local_experts(trainer.get_model(), reader, reader.info, rank,
-                                  layout.ep_size, _torch_optimizer(trainer).state, weights=False)
-            logger.info(f"restored expert optimizer state of expert-parallel rank {rank} from "
-                        f"{reader.source.get('directory') or reader.source.get('consolidated')}"
-                        f" (token {reader.source.get('token', '-')})")
+            restore_local_experts(
+                trainer.get_model(),
+                reader,
+                reader.info,
+                rank,
+                layout.ep_size,
+                _torch_optimizer(trainer).state,
+                weights=False,
+            )
+            logger.info(
+                f"restored expert optimizer state of expert-parallel rank {rank} from "
+                f"{reader.source.get('directory') or reader.source.get('consolidated')}"
+                f" (token {reader.source.get('token', '-')})"
+            )
     finally:
         reader.forget()
     return extra_state, epoch_itr
@@ -351,4 +381,3 @@ class AtomicCopyPathManager:
             return False
         io.atomic_copy(src_path, dst_path)
         return True
-

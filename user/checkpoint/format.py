@@ -136,8 +136,9 @@ def num_updates(state: dict) -> int:
     return int(hist[-1].get("num_updates", 0))
 
 
-def shard_info(token: str, ep_size: int, num_experts: int, updates: int,
-               param_names: Optional[Sequence[str]]) -> dict:
+def shard_info(
+    token: str, ep_size: int, num_experts: int, updates: int, param_names: Optional[Sequence[str]]
+) -> dict:
     """The shared file's ``extra_state["expert_shards"]``: which shards belong to it.
 
     Args:
@@ -148,13 +149,19 @@ def shard_info(token: str, ep_size: int, num_experts: int, updates: int,
         param_names: expert-parallel rank 0's parameter names in optimizer order
             (``None`` when no optimizer state was saved).
     """
-    return {"version": FORMAT_VERSION, "token": token, "ep_size": ep_size,
-            "num_experts": num_experts, "num_updates": updates,
-            "param_names": list(param_names) if param_names is not None else None}
+    return {
+        "version": FORMAT_VERSION,
+        "token": token,
+        "ep_size": ep_size,
+        "num_experts": num_experts,
+        "num_updates": updates,
+        "param_names": list(param_names) if param_names is not None else None,
+    }
 
 
-def make_shard(info: dict, ep_rank: int, model: Dict[str, object],
-               optimizer: Optional[Dict[str, dict]]) -> dict:
+def make_shard(
+    info: dict, ep_rank: int, model: Dict[str, object], optimizer: Optional[Dict[str, dict]]
+) -> dict:
     """Expert-parallel rank ``ep_rank``'s shard of the checkpoint ``info`` describes.
 
     Args:
@@ -163,10 +170,16 @@ def make_shard(info: dict, ep_rank: int, model: Dict[str, object],
         model: global expert parameter name -> tensor.
         optimizer: global expert parameter name -> its optimizer state, or ``None``.
     """
-    shard = {"format": FORMAT, "version": FORMAT_VERSION, "token": info["token"],
-             "ep_rank": ep_rank, "ep_size": info["ep_size"],
-             "num_experts": info["num_experts"], "num_updates": info["num_updates"],
-             "model": model}
+    shard = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "token": info["token"],
+        "ep_rank": ep_rank,
+        "ep_size": info["ep_size"],
+        "num_experts": info["num_experts"],
+        "num_updates": info["num_updates"],
+        "model": model,
+    }
     if optimizer is not None:
         shard["optimizer"] = optimizer
     return shard
@@ -188,8 +201,7 @@ def check_shard(shard: dict, info: dict, rank: int, path: str = "expert shard") 
         raise ExpertCheckpointError(f"{path} is not an expert shard of this plugin")
     check_version(shard, path)
     want = (info["token"], info["ep_size"], rank, info.get("num_updates"))
-    got = (shard.get("token"), shard.get("ep_size"), shard.get("ep_rank"),
-           shard.get("num_updates"))
+    got = (shard.get("token"), shard.get("ep_size"), shard.get("ep_rank"), shard.get("num_updates"))
     if want != got:
         raise ExpertCheckpointError(
             f"{path} does not belong to its checkpoint: expected (token, ep_size, "
@@ -212,8 +224,7 @@ def _optimizer_by_name(opt_state: dict, names: Sequence[str]) -> Dict[str, dict]
     index = groups[0]["params"]
     if len(index) != len(names):
         raise ExpertCheckpointError(
-            f"optimizer holds {len(index)} parameters but the checkpoint names "
-            f"{len(names)}"
+            f"optimizer holds {len(index)} parameters but the checkpoint names {len(names)}"
         )
     return {names[k]: opt_state["state"][i] for k, i in enumerate(index) if i in opt_state["state"]}
 
@@ -276,7 +287,8 @@ def gather(state: dict, shards: Sequence[dict]) -> dict:
     opt = state.get("last_optimizer_state")
     if opt is not None and info.get("param_names") is not None:
         by_name = {
-            k: v for k, v in _optimizer_by_name(opt, info["param_names"]).items()
+            k: v
+            for k, v in _optimizer_by_name(opt, info["param_names"]).items()
             if expert_index(k) is None
         }
         by_name.update(expert_opt)
@@ -292,8 +304,9 @@ def gather(state: dict, shards: Sequence[dict]) -> dict:
     return out
 
 
-def consolidated_param_names(state: dict, running: Optional[Sequence[str]] = None
-                             ) -> Optional[List[str]]:
+def consolidated_param_names(
+    state: dict, running: Optional[Sequence[str]] = None
+) -> Optional[List[str]]:
     """Optimizer parameter order of the consolidated (EP=1) form of ``state``.
 
     Recorded in checkpoints this plugin writes; for others, derived from
@@ -311,8 +324,9 @@ def consolidated_param_names(state: dict, running: Optional[Sequence[str]] = Non
     return None
 
 
-def scatter(full: dict, ep_size: int, token: str, param_names: Optional[Sequence[str]]
-            ) -> Tuple[dict, List[dict]]:
+def scatter(
+    full: dict, ep_size: int, token: str, param_names: Optional[Sequence[str]]
+) -> Tuple[dict, List[dict]]:
     """Cut a consolidated checkpoint into a shared file and ``ep_size`` shards.
 
     Args:
@@ -347,8 +361,11 @@ def scatter(full: dict, ep_size: int, token: str, param_names: Optional[Sequence
         shared["last_optimizer_state"] = _optimizer_from_names(opt, by_name, rank0_names)
     else:
         shared.pop("last_optimizer_state", None)
-    shared["extra_state"] = {k: v for k, v in full["extra_state"].items()
-                             if k not in ("consolidated_from", "param_names")}
+    shared["extra_state"] = {
+        k: v
+        for k, v in full["extra_state"].items()
+        if k not in ("consolidated_from", "param_names")
+    }
     shared["extra_state"][SHARD_KEY] = info
     shared["cfg"] = copy.deepcopy(full["cfg"])
     _set_ep_size(shared["cfg"], ep_size)

@@ -100,8 +100,13 @@ class ShardReader:
         loaded: the consolidated file's state, when the caller has read it already.
     """
 
-    def __init__(self, source: dict, num_experts: int,
-                 running: Optional[Sequence[str]] = None, loaded: Optional[dict] = None):
+    def __init__(
+        self,
+        source: dict,
+        num_experts: int,
+        running: Optional[Sequence[str]] = None,
+        loaded: Optional[dict] = None,
+    ):
         self.source = dict(source)
         self._running = running
         self._loaded = loaded
@@ -124,8 +129,10 @@ class ShardReader:
         if full is None:
             full = read_checkpoint(self.source["consolidated"], mmap=True)
         names = fmt.consolidated_param_names(full, self._running)
-        return {"model": full["model"],
-                "optimizer": fmt.optimizer_by_name(full.get("last_optimizer_state"), names)}
+        return {
+            "model": full["model"],
+            "optimizer": fmt.optimizer_by_name(full.get("last_optimizer_state"), names),
+        }
 
     def read_all(self) -> List[dict]:
         return [self(r) for r in range(self.info["ep_size"])]

@@ -45,7 +45,8 @@ def reshard(src: str, dst: str, ep_size: int) -> list:
     full = io.load_consolidated(src)
     if fmt.count_experts(full["model"]) == 0:
         raise fmt.ExpertCheckpointError(
-            f"{src} has no experts (a dense checkpoint): nothing to reshard")
+            f"{src} has no experts (a dense checkpoint): nothing to reshard"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     if ep_size == 1:
         io.atomic_save(full, dst)
@@ -63,11 +64,17 @@ def reshard(src: str, dst: str, ep_size: int) -> list:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m user.reshard", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m user.reshard", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("src", help="checkpoint to convert (its expert shards beside it)")
     parser.add_argument("dst", help="output checkpoint (shards are written beside it)")
-    parser.add_argument("--ep-size", type=int, required=True,
-                        help="target --ep-world-size; 1 writes one consolidated file")
+    parser.add_argument(
+        "--ep-size",
+        type=int,
+        required=True,
+        help="target --ep-world-size; 1 writes one consolidated file",
+    )
     args = parser.parse_args(argv)
     if args.ep_size < 1:
         parser.error(f"--ep-size {args.ep_size}: must be at least 1")

@@ -37,7 +37,9 @@ class UpcycleError(ValueError):
     """The dense checkpoint does not fit the MoE model."""
 
 
-def upcycle_state(dense: Dict[str, Tensor], moe: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], List[str]]:
+def upcycle_state(
+    dense: Dict[str, Tensor], moe: Dict[str, Tensor]
+) -> Tuple[Dict[str, Tensor], List[str]]:
     """The MoE model's state dict filled from a dense model's.
 
     Args:
@@ -87,5 +89,7 @@ def upcycle_model(model, path: str) -> None:
         raise UpcycleError(f"--upcycle-from {path}: this checkpoint already has MoE layers")
     state, fresh = upcycle_state(dense["model"], model.state_dict())
     model.load_state_dict(state)
-    logger.info(f"upcycled from dense checkpoint {path}: experts copy its FFNs, "
-                f"{len(fresh)} router tensors start fresh")
+    logger.info(
+        f"upcycled from dense checkpoint {path}: experts copy its FFNs, "
+        f"{len(fresh)} router tensors start fresh"
+    )

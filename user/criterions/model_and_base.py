@@ -34,7 +34,6 @@ from omegaconf import OmegaConf
 from .. import losses
 from ..moe_options import MoEArgumentError, parse_json_flag
 
-
 # logging-output key naming the base criterion (summable: its value is 1 per output)
 BASE_KEY = "_base_criterion:"
 
@@ -49,7 +48,7 @@ class ModelAndBaseCriterionConfig(FairseqDataclass):
         default="{}",
         metadata={
             "help": "options of the base criterion as a JSON object, "
-            'e.g. \'{"label_smoothing": 0.1}\''
+            "e.g. '{\"label_smoothing\": 0.1}'"
         },
     )
     loss_weights: str = field(
@@ -184,7 +183,9 @@ class ModelAndBaseCriterion(FairseqCriterion):
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
-        names = {k[len(BASE_KEY):] for log in logging_outputs for k in log if k.startswith(BASE_KEY)}
+        names = {
+            k[len(BASE_KEY) :] for log in logging_outputs for k in log if k.startswith(BASE_KEY)
+        }
         for name in sorted(names):
             CRITERION_REGISTRY[name].reduce_metrics(logging_outputs)
         sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)

@@ -67,8 +67,9 @@ class MoETransformerEncoder(TransformerEncoder):
 
     lockstep = False  # set by user.lockstep.active() during expert-parallel decoding
 
-    def forward(self, src_tokens, src_lengths=None, return_all_hiddens: bool = False,
-                token_embeddings=None):
+    def forward(
+        self, src_tokens, src_lengths=None, return_all_hiddens: bool = False, token_embeddings=None
+    ):
         if not self.lockstep:
             return super().forward(src_tokens, src_lengths, return_all_hiddens, token_embeddings)
         lockstep.agree(self, True, src_tokens.numel())
@@ -105,7 +106,11 @@ class MoETransformerDecoder(TransformerDecoder):
         if not self.lockstep:
             return super().forward(prev_output_tokens, encoder_out, incremental_state, **kwargs)
         # incremental decoding runs the last position only: B tokens, else B x T
-        n = prev_output_tokens.size(0) if incremental_state is not None else prev_output_tokens.numel()
+        n = (
+            prev_output_tokens.size(0)
+            if incremental_state is not None
+            else prev_output_tokens.numel()
+        )
         lockstep.agree(self, True, n)
         try:
             return super().forward(prev_output_tokens, encoder_out, incremental_state, **kwargs)
@@ -205,7 +210,8 @@ class TransformerDSMoEModel(TransformerModel):
             if (enc or dec) and self.moe_opts.ep_size > 1:
                 # one collective per forward: the group's largest encoder/decoder token counts
                 agreed = ds_moe.agree_on_token_counts(
-                    [src_tokens.numel(), prev_output_tokens.numel()], self.moe_opts.ep_size)
+                    [src_tokens.numel(), prev_output_tokens.numel()], self.moe_opts.ep_size
+                )
                 for layers, tokens in ((enc, agreed[0]), (dec, agreed[1])):
                     for m in layers:
                         m.agreed_tokens = tokens

@@ -69,8 +69,9 @@ class Routes(NamedTuple):
     counts: Tensor
 
 
-def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k: int = 1,
-                    min_capacity: int = 0) -> int:
+def expert_capacity(
+    num_tokens: int, num_experts: int, capacity_factor: float, k: int = 1, min_capacity: int = 0
+) -> int:
     """Slots per expert DeepSpeed gives ``num_tokens`` tokens: ``ceil(S / E * factor * k)``,
     at least ``min_capacity``.
 
@@ -92,9 +93,16 @@ def _keep(mask: Tensor, used: Optional[Tensor]) -> Tensor:
     return mask if used is None else mask * used.to(mask.dtype).unsqueeze(1)
 
 
-def top1gating(logits: Tensor, capacity: Optional[int] = None, used: Optional[Tensor] = None, *,
-               k: int = 1, noisy_gate_policy: Optional[str] = None, use_rts: bool = False,
-               top2_2nd_expert_sampling: bool = False) -> Routes:
+def top1gating(
+    logits: Tensor,
+    capacity: Optional[int] = None,
+    used: Optional[Tensor] = None,
+    *,
+    k: int = 1,
+    noisy_gate_policy: Optional[str] = None,
+    use_rts: bool = False,
+    top2_2nd_expert_sampling: bool = False,
+) -> Routes:
     """DeepSpeed's ``top1gating`` (sparse routes) with the capacity given.
 
     Args:
@@ -135,13 +143,26 @@ def top1gating(logits: Tensor, capacity: Optional[int] = None, used: Optional[Te
     idx = torch.where(mask.any(dim=1), idx, torch.full_like(idx, -1))
     locations = torch.sum((torch.cumsum(mask, dim=0) - 1) * mask, dim=1)  # S
     weights = torch.sum(gates * mask, dim=1)  # S
-    return Routes(l_aux, capacity, idx.to(torch.int32).unsqueeze(0),
-                  locations.to(torch.int32).unsqueeze(0), weights.unsqueeze(0), counts)
+    return Routes(
+        l_aux,
+        capacity,
+        idx.to(torch.int32).unsqueeze(0),
+        locations.to(torch.int32).unsqueeze(0),
+        weights.unsqueeze(0),
+        counts,
+    )
 
 
-def top2gating(logits: Tensor, capacity: Optional[int] = None, used: Optional[Tensor] = None, *,
-               k: int = 2, noisy_gate_policy: Optional[str] = None, use_rts: bool = False,
-               top2_2nd_expert_sampling: bool = False) -> Routes:
+def top2gating(
+    logits: Tensor,
+    capacity: Optional[int] = None,
+    used: Optional[Tensor] = None,
+    *,
+    k: int = 2,
+    noisy_gate_policy: Optional[str] = None,
+    use_rts: bool = False,
+    top2_2nd_expert_sampling: bool = False,
+) -> Routes:
     """DeepSpeed's ``top2gating`` (sparse routes) with the capacity given and a padding mask.
 
     Slots go to first choices in token order, then to second choices; routes past the
@@ -186,13 +207,26 @@ def top2gating(logits: Tensor, capacity: Optional[int] = None, used: Optional[Te
     idx1 = torch.where(mask1.any(dim=1), idx1, torch.full_like(idx1, -1))
     idx2 = torch.where(mask2.any(dim=1), idx2, torch.full_like(idx2, -1))
     locations = torch.stack([torch.sum(loc1 * mask1, dim=1), torch.sum(loc2 * mask2, dim=1)])
-    return Routes(l_aux, capacity, torch.stack([idx1, idx2]).to(torch.int32),
-                  locations.to(torch.int32), torch.stack([g1 / denom, g2 / denom]), counts)
+    return Routes(
+        l_aux,
+        capacity,
+        torch.stack([idx1, idx2]).to(torch.int32),
+        locations.to(torch.int32),
+        torch.stack([g1 / denom, g2 / denom]),
+        counts,
+    )
 
 
-def topkgating(logits: Tensor, capacity: Optional[int] = None, used: Optional[Tensor] = None, *,
-               k: int, noisy_gate_policy: Optional[str] = None, use_rts: bool = False,
-               top2_2nd_expert_sampling: bool = False) -> Routes:
+def topkgating(
+    logits: Tensor,
+    capacity: Optional[int] = None,
+    used: Optional[Tensor] = None,
+    *,
+    k: int,
+    noisy_gate_policy: Optional[str] = None,
+    use_rts: bool = False,
+    top2_2nd_expert_sampling: bool = False,
+) -> Routes:
     """DeepSpeed's ``topkgating`` (sparse routes, ``drop_policy="probs"``) with the
     capacity given and a padding mask.
 
@@ -230,14 +264,20 @@ def topkgating(logits: Tensor, capacity: Optional[int] = None, used: Optional[Te
         mask &= torch.zeros_like(gates, dtype=torch.bool).scatter_(0, chosen, True)
     locations = torch.cumsum(mask, dim=0) - 1  # S x E
     weights = gates * mask
-    weights = weights / torch.clamp(torch.sum(weights, dim=-1, keepdim=True),
-                                    min=torch.finfo(weights.dtype).eps)
+    weights = weights / torch.clamp(
+        torch.sum(weights, dim=-1, keepdim=True), min=torch.finfo(weights.dtype).eps
+    )
     kept = mask.gather(1, top_idx)  # S x k
     route_idx = torch.where(kept, top_idx, torch.full_like(top_idx, -1))
     # k x S, contiguous (DeepSpeed's _stack_routes)
-    return Routes(l_aux, capacity, route_idx.t().contiguous().to(torch.int32),
-                  (locations.gather(1, top_idx) * kept).t().contiguous().to(torch.int32),
-                  weights.gather(1, top_idx).t().contiguous(), counts)
+    return Routes(
+        l_aux,
+        capacity,
+        route_idx.t().contiguous().to(torch.int32),
+        (locations.gather(1, top_idx) * kept).t().contiguous().to(torch.int32),
+        weights.gather(1, top_idx).t().contiguous(),
+        counts,
+    )
 
 
 def no_drop_routes(logits: Tensor, k: int) -> Routes:
@@ -266,8 +306,9 @@ def no_drop_routes(logits: Tensor, k: int) -> Routes:
     if k == 1:
         counts = torch.bincount(idx1, minlength=num_experts)
         l_aux = torch.sum(me * (counts.float() / S)) * num_experts
-        return Routes(l_aux, int(counts.max()) if S else 0, idx1.unsqueeze(0), None,
-                      g1.unsqueeze(0), counts)
+        return Routes(
+            l_aux, int(counts.max()) if S else 0, idx1.unsqueeze(0), None, g1.unsqueeze(0), counts
+        )
     if k != 2:
         raise ValueError(f"no_drop_routes handles top-1 and top-2, not top-{k}")
     mask1 = F.one_hot(idx1, num_classes=num_experts)  # S x E
@@ -277,8 +318,14 @@ def no_drop_routes(logits: Tensor, k: int) -> Routes:
     g2 = gates.gather(1, idx2.unsqueeze(1)).squeeze(1)
     denom = torch.clamp(g1 + g2, min=torch.finfo(g1.dtype).eps)
     counts = torch.sum(mask1 + mask2, dim=0)
-    return Routes(l_aux, int(counts.max()) if S else 0, torch.stack([idx1, idx2]), None,
-                  torch.stack([g1 / denom, g2 / denom]), counts)
+    return Routes(
+        l_aux,
+        int(counts.max()) if S else 0,
+        torch.stack([idx1, idx2]),
+        None,
+        torch.stack([g1 / denom, g2 / denom]),
+        counts,
+    )
 
 
 #: A gating function: ``(logits S x E, capacity, used, *, k, noisy_gate_policy, use_rts,
@@ -288,11 +335,13 @@ GatingFn = Callable[..., Routes]
 
 #: The gating policies, by name: :class:`Gate` calls ``GATING[gate.policy]``. Read-only
 #: (no module-level mutable state): a policy is added here, in the source.
-GATING: Mapping[str, GatingFn] = MappingProxyType({
-    "top1": top1gating,
-    "top2": top2gating,
-    "topk": topkgating,
-})
+GATING: Mapping[str, GatingFn] = MappingProxyType(
+    {
+        "top1": top1gating,
+        "top2": top2gating,
+        "topk": topkgating,
+    }
+)
 
 #: Policies with a cheaper inference path without dropping (:func:`no_drop_routes`).
 NO_DROP_POLICIES = frozenset({"top1", "top2"})
@@ -330,17 +379,36 @@ class Gate(sharded_moe.TopKGate):
             (:func:`policy_for`).
     """
 
-    def __init__(self, wg: nn.Linear, k: int = 1, capacity_factor: float = 1.0,
-                 eval_capacity_factor: float = 1.0, min_capacity: int = 4,
-                 noisy_gate_policy: Optional[str] = None, drop_tokens: bool = True,
-                 eval_drop_tokens: bool = False, use_rts: bool = True,
-                 top2_2nd_expert_sampling: bool = True, policy: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        wg: nn.Linear,
+        k: int = 1,
+        capacity_factor: float = 1.0,
+        eval_capacity_factor: float = 1.0,
+        min_capacity: int = 4,
+        noisy_gate_policy: Optional[str] = None,
+        drop_tokens: bool = True,
+        eval_drop_tokens: bool = False,
+        use_rts: bool = True,
+        top2_2nd_expert_sampling: bool = True,
+        policy: Optional[str] = None,
+    ) -> None:
         # TopKGate builds a router of its own: on the meta device it costs no memory
         # and draws no random number
         with torch.device("meta"):
-            super().__init__(wg.in_features, wg.out_features, k, capacity_factor,
-                             eval_capacity_factor, min_capacity, noisy_gate_policy, drop_tokens,
-                             use_rts, None, top2_2nd_expert_sampling)
+            super().__init__(
+                wg.in_features,
+                wg.out_features,
+                k,
+                capacity_factor,
+                eval_capacity_factor,
+                min_capacity,
+                noisy_gate_policy,
+                drop_tokens,
+                use_rts,
+                None,
+                top2_2nd_expert_sampling,
+            )
         self.wg = wg
         self.num_experts = wg.out_features
         self.eval_drop_tokens = eval_drop_tokens
@@ -362,8 +430,9 @@ class Gate(sharded_moe.TopKGate):
         """``S x E`` fp32 router logits of ``input`` (``S x C``, any float dtype), no noise."""
         return F.linear(input.float(), self.wg.weight.float())
 
-    def forward(self, input: Tensor, used: Optional[Tensor] = None, *,
-                capacity: Optional[int] = None) -> Routes:
+    def forward(
+        self, input: Tensor, used: Optional[Tensor] = None, *, capacity: Optional[int] = None
+    ) -> Routes:
         """Route ``input`` (``S x C``).
 
         Args:
@@ -382,7 +451,10 @@ class Gate(sharded_moe.TopKGate):
             x = sharded_moe.multiplicative_jitter(x, device=input.device)
         logits = F.linear(x, self.wg.weight.float())  # S x E
         return GATING[self.policy](
-            logits, capacity, used if capacity is not None else None, k=self.k,
+            logits,
+            capacity,
+            used if capacity is not None else None,
+            k=self.k,
             noisy_gate_policy=self.noisy_gate_policy if self.training else None,
             use_rts=self.use_rts,
             top2_2nd_expert_sampling=self.top2_2nd_expert_sampling and self.training,

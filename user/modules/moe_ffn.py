@@ -99,7 +99,12 @@ class ExpertFFN(nn.Module):
         if type(self.fc1) is not nn.Linear or type(self.fc2) is not nn.Linear:
             return False
         for m in (self, self.fc1, self.fc2):
-            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            if (
+                m._forward_hooks
+                or m._forward_pre_hooks
+                or m._backward_hooks
+                or m._backward_pre_hooks
+            ):
                 return False
         return not _global_module_hooks()
 
@@ -107,9 +112,16 @@ class ExpertFFN(nn.Module):
 def _global_module_hooks() -> bool:
     from torch.nn.modules import module as _m
 
-    return any(getattr(_m, name, None) for name in (
-        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-        "_global_backward_pre_hooks", "_global_forward_hooks_always_called"))
+    return any(
+        getattr(_m, name, None)
+        for name in (
+            "_global_forward_hooks",
+            "_global_forward_pre_hooks",
+            "_global_backward_hooks",
+            "_global_backward_pre_hooks",
+            "_global_forward_hooks_always_called",
+        )
+    )
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -159,7 +171,9 @@ class MoEFeedForward(nn.Module):
     #: ... for forwards of at least this many tokens (the group's largest count).
     exact_fit_min_tokens: int = 1024
 
-    def __init__(self, embed_dim: int, expert: nn.Module, opts: MoEOptions, layer_key: str, seed: int):
+    def __init__(
+        self, embed_dim: int, expert: nn.Module, opts: MoEOptions, layer_key: str, seed: int
+    ):
         super().__init__()
         self.opts = opts
         self.moe = ds_moe.build_moe(embed_dim, expert, opts, layer_key, seed)
@@ -176,8 +190,11 @@ class MoEFeedForward(nn.Module):
         for the group's busiest expert (see :data:`EXACT_FIT`). Every rank decides
         alike: the decision depends only on the agreed token count."""
         on = EXACT_FIT if self.exact_fit is None else self.exact_fit
-        return (bool(on) and self.agreed_tokens is not None
-                and self.agreed_tokens >= self.exact_fit_min_tokens)
+        return (
+            bool(on)
+            and self.agreed_tokens is not None
+            and self.agreed_tokens >= self.exact_fit_min_tokens
+        )
 
     def uses_local_dispatch(self) -> bool:
         """Whether the next forward takes the local path (see the module docstring)."""
@@ -186,8 +203,9 @@ class MoEFeedForward(nn.Module):
 
     # -- routing ----------------------------------------------------------------------
 
-    def _route(self, tokens: Tensor, padding_mask: Optional[Tensor],
-               local: bool) -> Tuple[Routes, Optional[Tensor]]:
+    def _route(
+        self, tokens: Tensor, padding_mask: Optional[Tensor], local: bool
+    ) -> Tuple[Routes, Optional[Tensor]]:
         """The gate's routes of ``tokens`` (``T*B x C``, ``T``-major) within the capacity
         this forward needs, and the router's un-noised fp32 logits when computed here."""
         gate = ds_moe.moe_gate(self.moe)
@@ -221,8 +239,9 @@ class MoEFeedForward(nn.Module):
     # -- routing statistics ---------------------------------------------------------
 
     @torch.no_grad()
-    def _routing_stats(self, tokens: Tensor, padding_mask: Optional[Tensor],
-                       logits: Optional[Tensor] = None) -> dict:
+    def _routing_stats(
+        self, tokens: Tensor, padding_mask: Optional[Tensor], logits: Optional[Tensor] = None
+    ) -> dict:
         """Gate entropy over the real (non-padding) tokens, from the router's fp32 softmax.
 
         ``tokens`` is ``T*B x C`` in ``T``-major order; ``logits`` (``T*B x E``), when
@@ -246,8 +265,12 @@ class MoEFeedForward(nn.Module):
         """
         counts = routes.counts.detach().float().cpu()
         dropped = float((counts - routes.capacity).clamp_min(0).sum())
-        return {"counts": counts, "dropped": dropped, "routed": float(counts.sum()),
-                "aux": float(routes.l_aux.detach())}
+        return {
+            "counts": counts,
+            "dropped": dropped,
+            "routed": float(counts.sum()),
+            "aux": float(routes.l_aux.detach()),
+        }
 
     # -- forward ----------------------------------------------------------------------
 
@@ -290,8 +313,9 @@ class MoEFeedForward(nn.Module):
         the given routes: ``S x C`` -> ``S x C``."""
         moe, layer = self.moe, self.moe.deepspeed_moe
         if layer.use_tutel or groups.mpu is not None:
-            raise NotImplementedError("MoEFeedForward supports neither Tutel nor tensor-parallel "
-                                      "experts")
+            raise NotImplementedError(
+                "MoEFeedForward supports neither Tutel nor tensor-parallel experts"
+            )
         S, M = routed.shape
         E, cap = self.opts.num_experts, routes.capacity
         slots = sharded_moe._route_slots(routes.indices, routes.locations, E, cap)  # k x S
@@ -323,8 +347,13 @@ class MoEFeedForward(nn.Module):
         if routes.locations is None:
             # every route kept, each expert's slots in (choice, token) order
             order = torch.argsort(flat, stable=True)
-            return self._run_experts(tokens, order, routes.counts.tolist(), routes.gates,
-                                     complete=routes.gates.size(0) == 1)
+            return self._run_experts(
+                tokens,
+                order,
+                routes.counts.tolist(),
+                routes.gates,
+                complete=routes.gates.size(0) == 1,
+            )
         # kept routes by expert, then slot; dropped ones (expert -1) sort last and are cut off
         cap = routes.capacity
         key = torch.where(flat >= 0, flat * cap + routes.locations.reshape(-1).long(), E * cap)
@@ -332,8 +361,9 @@ class MoEFeedForward(nn.Module):
         order = torch.argsort(key)[: sum(sizes)]
         return self._run_experts(tokens, order, sizes, routes.gates)
 
-    def _run_experts(self, tokens: Tensor, order: Tensor, sizes: List[int], gates: Tensor,
-                     complete: bool = False) -> Tensor:
+    def _run_experts(
+        self, tokens: Tensor, order: Tensor, sizes: List[int], gates: Tensor, complete: bool = False
+    ) -> Tensor:
         """Run expert ``e`` on the next ``sizes[e]`` routes of ``order`` and combine.
 
         ``order`` holds route ids ``r = j * n + s`` (choice ``j`` of token ``s``) grouped by
@@ -360,8 +390,11 @@ class MoEFeedForward(nn.Module):
         if k == 1:
             # back in token order (a dropped token's row stays zero), times the gate
             # value (zero for a dropped token), in fp32
-            placed = (torch.empty_like(y, memory_format=torch.contiguous_format) if complete
-                      else y.new_zeros(n, C)).index_copy(0, order, y)
+            placed = (
+                torch.empty_like(y, memory_format=torch.contiguous_format)
+                if complete
+                else y.new_zeros(n, C)
+            ).index_copy(0, order, y)
             return (placed * gates[0].unsqueeze(1)).to(y.dtype)
         position = torch.full((k * n,), y.size(0), dtype=torch.long, device=y.device)
         position[order] = torch.arange(y.size(0), device=y.device)

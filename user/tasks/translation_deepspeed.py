@@ -56,9 +56,14 @@ class DummyWhenEmpty(BaseWrapperDataset):
         if samples:
             return self.dataset.collater(samples)
         none = torch.zeros(0, 1, dtype=torch.long)
-        return {"id": torch.zeros(0, dtype=torch.long), "nsentences": 0, "ntokens": 0,
-                "net_input": {"src_tokens": none, "src_lengths": torch.zeros(0, dtype=torch.long)},
-                "target": None, DUMMY: True}
+        return {
+            "id": torch.zeros(0, dtype=torch.long),
+            "nsentences": 0,
+            "ntokens": 0,
+            "net_input": {"src_tokens": none, "src_lengths": torch.zeros(0, dtype=torch.long)},
+            "target": None,
+            DUMMY: True,
+        }
 
 
 @dataclass
@@ -110,8 +115,12 @@ class TranslationDeepSpeedTask(TranslationTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        validate(cfg, cuda=torch.cuda.is_available() and not getattr(cfg, "cpu", False),
-                 world=world, task="translation_deepspeed")
+        validate(
+            cfg,
+            cuda=torch.cuda.is_available() and not getattr(cfg, "cpu", False),
+            world=world,
+            task="translation_deepspeed",
+        )
         model = super().build_model(cfg, from_checkpoint)
         moe_layers = [m.moe for m in getattr(model, "moe_ffn_layers", dict)().values()]
         if moe_layers:
@@ -125,7 +134,8 @@ class TranslationDeepSpeedTask(TranslationTask):
                 f"MoE: {len(moe_layers)} layers ({', '.join(model.moe_ffn_layers())}), "
                 f"{opts.num_experts} experts each, top-{opts.top_k}, --ep-world-size {opts.ep_size}: "
                 f"{opts.num_experts // opts.ep_size} experts per layer in this process, "
-                f"{local:,} expert parameters here ({local * opts.ep_size:,} in the model)")
+                f"{local:,} expert parameters here ({local * opts.ep_size:,} in the model)"
+            )
             self.expert_layout = ExpertLayout.of(model)
             # fairseq builds a model from a checkpoint for generation, interactive and hub
             self.lockstep_dummies = from_checkpoint and world > 1 and opts.ep_size > 1
@@ -190,7 +200,9 @@ class TranslationDeepSpeedTask(TranslationTask):
                 lockstep.dummy_encoder(model)
                 hypos = []
             else:
-                hypos = super().inference_step(generator, models, sample, prefix_tokens, constraints)
+                hypos = super().inference_step(
+                    generator, models, sample, prefix_tokens, constraints
+                )
             lockstep.drain(model)
         return hypos
 
