@@ -28,26 +28,19 @@ def fault_run(databin, workdir, nproc, kills, seed, max_update=10):
     return summary
 
 
+def assert_nothing_lost(s, kills):
+    """At least ``kills`` kills, and the killed run ended exactly as the uninterrupted one;
+    every kill left a checkpoint whose shared file and shards load together."""
+    assert s["kills"] >= kills
+    assert s["same_final_loss"] and s["every_logged_update_same"] and s["same_weights"]
+    assert all("checkpoint_updates" in f for f in s["faults"] if f["killed"] is True)
+
+
 @pytest.mark.timeout(900)
 def test_single_process_survives_repeated_kills(tiny_data, tmp_path):
-    s = fault_run(tiny_data["databin"], tmp_path, 1, 10, 5, max_update=30)
-    assert (
-        s["kills"] >= 10
-        and s["same_final_loss"]
-        and s["every_logged_update_same"]
-        and s["same_weights"]
-    )
-    assert all("checkpoint_updates" in f for f in s["faults"] if f["killed"] is True)
+    assert_nothing_lost(fault_run(tiny_data["databin"], tmp_path, 1, 10, 5, max_update=30), 10)
 
 
 @pytest.mark.timeout(900)
 def test_expert_parallel_run_survives_repeated_kills(tiny_data, tmp_path):
-    s = fault_run(tiny_data["databin"], tmp_path, 2, 2, 3)
-    assert (
-        s["kills"] >= 2
-        and s["same_final_loss"]
-        and s["every_logged_update_same"]
-        and s["same_weights"]
-    )
-    # every kill left a checkpoint whose shared file and shards load together
-    assert all("checkpoint_updates" in f for f in s["faults"] if f["killed"] is True)
+    assert_nothing_lost(fault_run(tiny_data["databin"], tmp_path, 2, 2, 3), 2)

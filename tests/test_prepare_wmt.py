@@ -345,7 +345,8 @@ def mirror(wmt):
     m.server.server_close()
 
 
-def run_prepare(workspace, mirror, timeout=150, **env):
+def prepare_env(workspace, mirror, env):
+    """``prepare-wmt16ende.sh``'s environment: the loopback mirror, a small vocabulary."""
     full_env = dict(os.environ)
     full_env.update(
         {
@@ -359,10 +360,14 @@ def run_prepare(workspace, mirror, timeout=150, **env):
         }
     )
     full_env.update({k: str(v) for k, v in env.items()})
+    return full_env
+
+
+def run_prepare(workspace, mirror, timeout=150, **env):
     return subprocess.run(
         ["bash", str(REPO / "prepare-wmt16ende.sh")],
         cwd=REPO,
-        env=full_env,
+        env=prepare_env(workspace, mirror, env),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -371,23 +376,10 @@ def run_prepare(workspace, mirror, timeout=150, **env):
 
 def popen_prepare(workspace, mirror, **env):
     """``prepare-wmt16ende.sh`` started in its own process group, stderr piped."""
-    full_env = dict(os.environ)
-    full_env.update(
-        {
-            "WORKSPACE": str(workspace),
-            "WMT_MIRROR": mirror.url,
-            "VOCAB_SIZE": "300",
-            "WORKERS": "2",
-            "RETRY_WAIT": "0.05",
-            "DOWNLOAD_TIMEOUT": "20",
-            "PYTHON": sys.executable,
-        }
-    )
-    full_env.update({k: str(v) for k, v in env.items()})
     return subprocess.Popen(
         ["bash", str(REPO / "prepare-wmt16ende.sh")],
         cwd=REPO,
-        env=full_env,
+        env=prepare_env(workspace, mirror, env),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

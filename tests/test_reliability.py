@@ -59,39 +59,21 @@ def test_missing_data_directory(tiny_data, tmp_path):
     assert "data directory" in last and "does not exist" in last
 
 
+def train_py(databin, save, max_update, *extra, check=True):
+    """``python user/train.py`` with the small MoE model of test_cli."""
+    args = [databin, *MODEL, "--save-dir", save, "--max-update", max_update, *extra]
+    return run_cli(["python", USER_DIR / "train.py", *args], check=check)
+
+
 @pytest.fixture(scope="module")
 def trained_once(tiny_data, tmp_path_factory):
     save = tmp_path_factory.mktemp("rel") / "ckpt"
-    run_cli(
-        [
-            "python",
-            USER_DIR / "train.py",
-            tiny_data["databin"],
-            *MODEL,
-            "--save-dir",
-            save,
-            "--max-update",
-            "2",
-        ]
-    )
+    train_py(tiny_data["databin"], save, 2)
     return save
 
 
 def resume(tiny_data, save, *extra):
-    return run_cli(
-        [
-            "python",
-            USER_DIR / "train.py",
-            tiny_data["databin"],
-            *MODEL,
-            "--save-dir",
-            save,
-            "--max-update",
-            "4",
-            *extra,
-        ],
-        check=False,
-    )
+    return train_py(tiny_data["databin"], save, 4, *extra, check=False)
 
 
 @pytest.mark.timeout(300)
@@ -137,10 +119,7 @@ def test_checkpoint_with_another_dictionary(tiny_data, trained_once, tmp_path):
     save = tmp_path / "ckpt"
     save.mkdir()
     (save / "checkpoint_last.pt").write_bytes((trained_once / "checkpoint_last.pt").read_bytes())
-    proc = run_cli(
-        ["python", USER_DIR / "train.py", other, *MODEL, "--save-dir", save, "--max-update", "4"],
-        check=False,
-    )
+    proc = train_py(other, save, 4, check=False)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert "embed_tokens.weight has" in last and "dict.*.txt" in last
@@ -172,18 +151,7 @@ def test_restarting_a_finished_run_changes_nothing(tiny_data, trained_once, tmp_
     save.mkdir()
     before = (trained_once / "checkpoint_last.pt").read_bytes()
     (save / "checkpoint_last.pt").write_bytes(before)
-    proc = run_cli(
-        [
-            "python",
-            USER_DIR / "train.py",
-            tiny_data["databin"],
-            *MODEL,
-            "--save-dir",
-            save,
-            "--max-update",
-            "2",
-        ]
-    )
+    proc = train_py(tiny_data["databin"], save, 2)
     assert "nothing to train" in proc.stdout + proc.stderr
     assert (save / "checkpoint_last.pt").read_bytes() == before
     assert '"num_updates": "3"' not in proc.stdout
