@@ -137,3 +137,37 @@ def test_interactive_and_hub_translate_with_a_consolidated_checkpoint(tiny_data,
     out = hub.translate("the file is open .")
     assert isinstance(out, str) and out.strip()
     assert hub.models[0].moe_opts.ep_size == 1 and len(hub.models[0].moe_ffn_layers()) == 2
+
+
+@pytest.mark.timeout(300)
+def test_a_checkpoints_saved_flags_are_not_held_to_this_runs_rules(tiny_data, tmp_path):
+    """Generation builds the model from the training run's saved flags: its data directory
+    may be gone and it may have trained in fp16 on GPUs; only the model's rules apply."""
+    import shutil
+
+    import torch
+
+    from test_cli import MODEL
+
+    trained_on = tmp_path / "db_then"
+    shutil.copytree(tiny_data["databin"], trained_on)
+    save = tmp_path / "ckpt"
+    run_cli(["python", USER_DIR / "train.py", trained_on, *MODEL, "--save-dir", save,
+             "--max-update", "2"])  # fmt: skip
+    shutil.rmtree(trained_on)
+    state = torch.load(save / "checkpoint_last.pt", weights_only=False)
+    state["cfg"]["model"].fp16 = True  # as a GPU run saves it
+    torch.save(state, save / "checkpoint_last.pt")
+    out = run_cli(["python", USER_DIR / "generate.py", tiny_data["databin"], *GEN,
+                   "--path", save / "checkpoint_last.pt", "--cpu"])  # fmt: skip
+    assert len(hypotheses(out.stdout)) == 40
+
+
+@pytest.mark.timeout(300)
+def test_fairseq_generate_without_task_consolidates_an_expert_parallel_checkpoint(
+    tiny_data, ep2_run
+):
+    """fairseq's default task in one process: the shards are gathered as the file loads."""
+    out = run_cli(["fairseq-generate", tiny_data["databin"], "--user-dir", USER_DIR,
+                   "--path", ep2_run["save"] / "checkpoint_last.pt", *GEN[2:], "--cpu"])  # fmt: skip
+    assert len(hypotheses(out.stdout)) == 40

@@ -182,3 +182,52 @@ def test_a_changed_deepspeed_internal_stops_with_one_line(monkeypatch):
         patches.check(dep)
     with pytest.raises(patches.PatchError):
         patches.check_all()
+
+
+# A plugin import whose version guard fails, as fairseq-train --user-dir would see it.
+WRONG_VERSION = """
+import importlib.metadata as md, sys
+from argparse import Namespace
+real = md.version
+md.version = lambda d: "0.19.9" if d == "deepspeed" else real(d)
+sys.argv[0] = "fairseq-train"
+from fairseq import utils
+utils.import_user_module(Namespace(user_dir={user!r}))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_guard_at_import_prints_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-c", WRONG_VERSION.format(user=str(REPO / "user"))],
+        capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=110,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert line.startswith("fairseq-train: error: user/patches.py: ")
+    assert "deepspeed 0.19.8" in line and "0.19.9" in line
+
+
+def test_load_hook_names_damaged_files_and_passes_other_errors_on(tmp_path):
+    damaged = tmp_path / "checkpoint.pt"
+    damaged.write_bytes(b"not a checkpoint")
+
+    def fairseq_reads(path, *_):
+        import torch
+
+        return torch.load(path, weights_only=False)
+
+    with pytest.raises(fairseq_hooks.fmt.ExpertCheckpointError, match="truncated or corrupt"):
+        fairseq_hooks.load_checkpoint_to_cpu(fairseq_reads, str(damaged))
+
+    def fails(path, *_):
+        raise ValueError("an override fairseq rejects")
+
+    with pytest.raises(ValueError, match="override"):  # not relabelled as a damaged file
+        fairseq_hooks.load_checkpoint_to_cpu(fails, str(damaged))
+    newer = {"extra_state": {"expert_shards": {"version": 99, "token": "t"}}, "model": {}}
+    with pytest.raises(fairseq_hooks.fmt.ExpertCheckpointError, match="newer than this plugin"):
+        fairseq_hooks.load_checkpoint_to_cpu(lambda *_: newer, str(damaged))
+    plain = {"extra_state": {}, "model": {"w": 1}}
+    assert fairseq_hooks.load_checkpoint_to_cpu(lambda *_: plain, str(damaged)) is plain

@@ -32,7 +32,7 @@ from torch import nn
 
 from . import patches
 from .modules.gating import Gate
-from .moe_options import MoEArgumentError, MoEOptions
+from .moe_options import MoEOptions
 
 logger = logging.getLogger(__name__)
 
@@ -255,14 +255,7 @@ def setup_expert_parallel(moe_layers: Iterable[MoE], ep_size: int) -> None:
     moe_layers = list(moe_layers)
     if not moe_layers:
         return
-    distributed = dist.is_available() and dist.is_initialized()
-    world = dist.get_world_size() if distributed else 1
-    if world % ep_size != 0:
-        raise MoEArgumentError(
-            f"--ep-world-size {ep_size} must divide the number of processes "
-            f"({world}); use --ep-world-size {world} (expert parallel across all "
-            f"processes) or a divisor of it"
-        )
+    # (--ep-world-size dividing the processes is checked with the flags: moe_options)
     if ep_size == 1:
         # Experts replicated on every rank: fairseq's DDP reduces them like any
         # parameter and DeepSpeed's MoE needs no process group.
@@ -280,8 +273,3 @@ def setup_expert_parallel(moe_layers: Iterable[MoE], ep_size: int) -> None:
             # fairseq's legacy_ddp and clip_grad_norm_ skip parameters marked
             # "expert"; reduce_expert_grads reduces them in their own group.
             p.expert = True
-
-
-def expert_data_parallel_group(ep_size: int):
-    """Process group over which expert gradients are averaged (W/E ranks)."""
-    return groups._get_expert_data_parallel_group(f"ep_size_{ep_size}")

@@ -126,6 +126,12 @@ def _gathering(main):
     return gathered_main
 
 
+def _refuse(error: Exception) -> None:
+    """One line naming the flag and the fix (no usage dump), exit status 2 as argparse's."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run(cli: str, argv: Optional[List[str]] = None) -> None:
     """Run fairseq's ``train``/``generate``/``interactive`` CLI with the plugin.
 
@@ -142,8 +148,7 @@ def run(cli: str, argv: Optional[List[str]] = None) -> None:
     try:
         validate(argv=argv)  # what fairseq's parser would reject less clearly
     except MoEArgumentError as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _refuse(e)
     parser = {
         "train": options.get_training_parser,
         "generate": options.get_generation_parser,
@@ -155,7 +160,7 @@ def run(cli: str, argv: Optional[List[str]] = None) -> None:
             args, cuda=torch.cuda.is_available(), world=args.distributed_world_size, task=args.task
         )
     except MoEArgumentError as e:
-        parser.error(str(e))
+        _refuse(e)
     main = importlib.import_module(f"fairseq_cli.{cli}").main
     if cli == "generate":
         main = _gathering(main)

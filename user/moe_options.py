@@ -26,14 +26,16 @@ import argparse
 import json
 import math
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Callable, FrozenSet, Optional, Sequence, Tuple
+
+from .errors import PluginError
 
 SIDES = ("enc", "dec")
 NOISY_GATE_POLICIES = ("None", "Jitter", "RSample")
 
 
-class MoEArgumentError(ValueError):
+class MoEArgumentError(PluginError, ValueError):
     """A bad flag value; the message names the flag and the fix."""
 
 
@@ -237,8 +239,6 @@ def options_from_args(args) -> MoEOptions:
         if f.field == "sides" or v is not None:
             values[f.field] = f.parse(v) if f.parse is not None else v
     opts = MoEOptions(**values)
-    if opts.noisy_gate_policy == "None":
-        opts = replace(opts, noisy_gate_policy=None)
     if not opts.sides:
         return opts  # dense: MoE values are not used, so not checked
     for f in FLAGS:
@@ -471,10 +471,17 @@ def _moe(args) -> Optional[MoEOptions]:
 
 @dataclass(frozen=True)
 class Rule:
-    """One check of :data:`RULES`: runs when everything in ``needs`` is known."""
+    """One check of :data:`RULES`: runs when everything in ``needs`` is known.
+
+    ``model`` rules concern the model the flags describe, and also run when fairseq builds
+    a model from a checkpoint's saved flags (generation, hub); the others concern the run
+    the flags start (its data, devices, criterion), so a checkpoint's saved flags are not
+    held to them.
+    """
 
     check: Callable[[Any, Run], Optional[str]]
     needs: Tuple[str, ...]
+    model: bool = False
 
 
 #: Checks beyond single MoE flags, in the order they run.
@@ -483,10 +490,10 @@ RULES: Tuple[Rule, ...] = (
     Rule(_half_needs_gpu, ("args", "cuda")),
     Rule(_data_directory, ("args", "task")),
     Rule(_upcycle_source, ("args",)),
-    Rule(_moe_flags, ("args",)),
+    Rule(_moe_flags, ("args",), model=True),
     Rule(_criterion, ("args",)),
-    Rule(_task_keeps_ranks_in_step, ("args", "task")),
-    Rule(_processes, ("args", "world")),
+    Rule(_task_keeps_ranks_in_step, ("args", "task"), model=True),
+    Rule(_processes, ("args", "world"), model=True),
     Rule(_legacy_ddp, ("args",)),
     Rule(_half_keeps_experts_apart, ("args",)),
 )
@@ -499,11 +506,12 @@ def _run(rules, first, second) -> None:
             raise MoEArgumentError(problem)
 
 
-def validate(args=None, **known) -> None:
+def validate(args=None, model_only: bool = False, **known) -> None:
     """Run every rule of :data:`RULES` whose inputs are known.
 
     Args:
         args: parsed flags (a Namespace or fairseq config); ``None`` before parsing.
+        model_only (bool): only the rules about the model (``args`` are a checkpoint's).
         **known: what :class:`Run` fields are known (``argv``, ``cuda``, ``world``, ``task``).
 
     Raises:
@@ -513,4 +521,5 @@ def validate(args=None, **known) -> None:
     have = {k for k, v in known.items() if v is not None} | (
         {"args"} if args is not None else set()
     )
-    _run([r.check for r in RULES if set(r.needs) <= have], args, run)
+    rules = [r for r in RULES if set(r.needs) <= have and (r.model or not model_only)]
+    _run([r.check for r in rules], args, run)

@@ -36,6 +36,8 @@ import types
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
+from .errors import PluginError
+
 ALWAYS = "always"
 TASK = "translation_deepspeed task"
 EXPERT_PARALLEL = "expert parallelism"
@@ -47,7 +49,7 @@ PYTHON = ("python", "3")
 _MARK = "_fairseq_moe_patch"  # set on every replacement: what is marked is not replaced again
 
 
-class PatchError(RuntimeError):
+class PatchError(PluginError, RuntimeError):
     """An upstream package differs from the version or signature a patch was written for."""
 
 
@@ -199,12 +201,8 @@ def one_line_errors() -> None:
     previous = sys.excepthook
 
     def hook(exc_type, exc, tb):
-        from .checkpoint import ExpertCheckpointError, UpcycleError
-        from .moe_options import MoEArgumentError
-
-        if issubclass(
-            exc_type, (MoEArgumentError, ExpertCheckpointError, UpcycleError, PatchError)
-        ):
+        # (no import here: a failed guard leaves the plugin half-imported)
+        if issubclass(exc_type, PluginError):
             print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
             return
         previous(exc_type, exc, tb)
@@ -304,6 +302,30 @@ def atomic_checkpoint_copies() -> None:
     _replace("fairseq.checkpoint_utils.PathManager", AtomicCopyPathManager)
 
 
+@patch(
+    ALWAYS,
+    "fairseq.checkpoint_utils.load_checkpoint_to_cpu",
+    FAIRSEQ,
+    signature="(path, arg_overrides=None, load_on_all_ranks=False)",
+)
+def checkpoints_load_in_any_layout() -> None:
+    """Read a checkpoint of another expert-parallel layout into the running one (one
+    process translating with an expert-parallel run's checkpoint, or a resume on another
+    number of processes), and name a damaged file in one line (see
+    :func:`user.checkpoint.fairseq_hooks.load_checkpoint_to_cpu`).
+
+    fairseq has no hook between reading a checkpoint and loading it into the model. A
+    checkpoint without expert shards is returned as fairseq read it, so any fairseq run
+    may have this; ``fairseq-generate`` without ``--task`` needs it for a sharded one.
+    """
+    from .checkpoint import fairseq_hooks
+
+    _replace(
+        "fairseq.checkpoint_utils.load_checkpoint_to_cpu",
+        _wrap(fairseq_hooks.load_checkpoint_to_cpu),
+    )
+
+
 # --------------------------------------------------------------------------- the task
 
 
@@ -325,27 +347,6 @@ def resume_restores_experts() -> None:
     from .checkpoint import fairseq_hooks
 
     _replace("fairseq.checkpoint_utils.load_checkpoint", _wrap(fairseq_hooks.load_checkpoint))
-
-
-@patch(
-    TASK,
-    "fairseq.checkpoint_utils.load_checkpoint_to_cpu",
-    FAIRSEQ,
-    signature="(path, arg_overrides=None, load_on_all_ranks=False)",
-)
-def checkpoints_load_in_any_layout() -> None:
-    """Read a checkpoint of another expert-parallel layout into the running one, and name
-    a file that cannot be read (see
-    :func:`user.checkpoint.fairseq_hooks.load_checkpoint_to_cpu`).
-
-    fairseq has no hook between reading a checkpoint and loading it into the model.
-    """
-    from .checkpoint import fairseq_hooks
-
-    _replace(
-        "fairseq.checkpoint_utils.load_checkpoint_to_cpu",
-        _wrap(fairseq_hooks.load_checkpoint_to_cpu),
-    )
 
 
 # --------------------------------------------------------------------------- expert parallelism
@@ -412,8 +413,8 @@ PATCHES: Tuple[Patch, ...] = (
     fairseq_broadcast_loads_under_torch_2_6,
     prefetch_threads_stop_at_exit,
     atomic_checkpoint_copies,
-    resume_restores_experts,
     checkpoints_load_in_any_layout,
+    resume_restores_experts,
     expert_shards_on_save,
     gradient_norm_counts_every_expert,
     no_shared_memory_op_build_on_cpu,
@@ -443,7 +444,8 @@ class Dependency:
 
 
 _T = "torch.Tensor"
-#: DeepSpeed internals the routing and dispatch call (user/modules/gating.py, moe_ffn.py).
+#: Upstream internals the plugin calls or overrides without patching them: DeepSpeed's
+#: routing and dispatch helpers (user/modules/gating.py, moe_ffn.py), fairseq's file copy.
 # fmt: off
 DEPENDENCIES: Tuple[Dependency, ...] = (
     Dependency("deepspeed.moe.sharded_moe.TopKGate.__init__", DEEPSPEED,
@@ -468,6 +470,9 @@ DEPENDENCIES: Tuple[Dependency, ...] = (
     Dependency("deepspeed.moe.sharded_moe._AllToAll.forward", DEEPSPEED,
                f"(ctx: Any, group: deepspeed.comm.comm.ProcessGroup, input: {_T}) -> {_T}",
                "moe_ffn: expert-parallel all-to-all"),
+    Dependency("fairseq.file_io.PathManager.copy", FAIRSEQ,
+               "(src_path: str, dst_path: str, overwrite: bool = False) -> bool",
+               "checkpoint.fairseq_hooks.AtomicCopyPathManager"),
     Dependency("deepspeed.utils.groups._get_expert_parallel_group", DEEPSPEED, "(group_name)",
                "ds_moe: expert groups"),
     Dependency("deepspeed.utils.groups._get_expert_data_parallel_group", DEEPSPEED,

@@ -27,7 +27,10 @@ a context variable set for the duration of that one call.
 import contextvars
 import logging
 import os
+import pickle
 import secrets
+import zipfile
+from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import torch
@@ -38,9 +41,22 @@ from . import io, upcycle
 
 logger = logging.getLogger(__name__)
 
-# The layout of the model a trainer is loading a checkpoint into; None outside such a
+# Set while the translation_deepspeed task's trainer loads a checkpoint: a _TrainerLoad
+# with the layout of the model just built (None for a dense one). Unset outside such a
 # load (generation, hub, tools: the layout then follows the processes).
 _LOADING_INTO: contextvars.ContextVar = contextvars.ContextVar("moe_loading_into", default=None)
+
+
+@dataclass(frozen=True)
+class _TrainerLoad:
+    layout: Optional[fmt.ExpertLayout]
+
+
+def _unreadable(e: Exception) -> bool:
+    """Whether ``e`` is torch failing to read a damaged file (truncated, not a checkpoint)."""
+    if isinstance(e, (pickle.UnpicklingError, EOFError, zipfile.BadZipFile)):
+        return True
+    return isinstance(e, RuntimeError) and "PytorchStreamReader" in str(e)
 
 
 def _ours(task) -> bool:
@@ -268,23 +284,36 @@ def save_checkpoint(original, cfg, trainer, epoch_itr, val_loss):
 
 
 def load_checkpoint_to_cpu(original, path, arg_overrides=None, load_on_all_ranks=False):
-    """``checkpoint_utils.load_checkpoint_to_cpu`` that names an unreadable file and
-    converts a checkpoint of another expert-parallel layout into the running one."""
+    """``checkpoint_utils.load_checkpoint_to_cpu`` that names a damaged file and converts a
+    checkpoint of another expert-parallel layout into the running one. A checkpoint
+    without expert shards, read outside the task's training, is returned as fairseq
+    read it."""
+    loading = _LOADING_INTO.get()
     try:
         state = original(path, arg_overrides, load_on_all_ranks)
     except FileNotFoundError:
         raise
     except Exception as e:
+        if loading is None and not _unreadable(e):
+            raise
+        advice = (
+            "To go on from an older one, pass it with --restore-file (e.g. an interval "
+            "checkpoint checkpoint_<epoch>_<updates>.pt) or move this file away"
+            if loading is not None
+            else "Use another checkpoint"
+        )
         raise fmt.ExpertCheckpointError(
             f"cannot read checkpoint {path} ({type(e).__name__}: {e}): the file is "
-            "truncated or corrupt. To go on from an older one, pass it with "
-            "--restore-file (e.g. an interval checkpoint checkpoint_<epoch>_<updates>.pt) "
-            "or move this file away"
+            f"truncated or corrupt. {advice}"
         ) from e
     info = (state.get("extra_state") or {}).get(fmt.SHARD_KEY)
+    if info is not None:
+        fmt.check_version(info, f"{path}'s expert_shards record")
+    layout = loading.layout if loading is not None else None
+    if info is None and layout is None:
+        return state  # nothing of this plugin's to convert or check
     ckpt_ep = info["ep_size"] if info else 1
     directory = os.path.dirname(os.path.abspath(path))
-    layout = _LOADING_INTO.get()
     if layout is not None:
         _check_against_model(state, info, path, layout)
         cur_ep = layout.ep_size
@@ -324,7 +353,7 @@ def load_checkpoint(original, cfg, trainer, **passthrough):
     task = trainer.task
     if not _ours(task):
         return original(cfg, trainer, **passthrough)
-    token = _LOADING_INTO.set(task.expert_layout)
+    token = _LOADING_INTO.set(_TrainerLoad(task.expert_layout))
     try:
         extra_state, epoch_itr = original(cfg, trainer, **passthrough)
     finally:

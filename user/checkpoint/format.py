@@ -26,6 +26,8 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..errors import PluginError
+
 SHARD_KEY = "expert_shards"
 # Entry added to a loaded model state dict: where an expert-parallel rank finds its
 # experts. The model's ``load_state_dict`` pops it (see restore_model_experts).
@@ -37,7 +39,7 @@ FORMAT_VERSION = 1
 _EXPERT = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..+)$")
 
 
-class ExpertCheckpointError(RuntimeError):
+class ExpertCheckpointError(PluginError, RuntimeError):
     """A checkpoint whose expert shards are missing, corrupt or do not match."""
 
 

@@ -158,6 +158,7 @@ def load_consolidated(path: str) -> dict:
     info = (state.get("extra_state") or {}).get(fmt.SHARD_KEY)
     if info is None:
         return state
+    fmt.check_version(info, f"{path}'s expert_shards record")
     source = {**info, "directory": os.path.dirname(os.path.abspath(path))}
     return fmt.gather(state, ShardReader(source, info["num_experts"]).read_all())
 

@@ -22,6 +22,7 @@ from typing import Dict, List, Tuple
 
 from torch import Tensor
 
+from ..errors import PluginError
 from . import io
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ _FROM_DENSE = re.compile(
 _FRESH = re.compile(r"\.moe_ffn\.moe\.(deepspeed_moe\.gate\.|coefficient\.)")
 
 
-class UpcycleError(ValueError):
+class UpcycleError(PluginError, ValueError):
     """The dense checkpoint does not fit the MoE model."""
 
 

@@ -145,7 +145,9 @@ class TransformerDSMoEModel(TransformerModel):
         moe_defaults(args)
         ours = isinstance(task, TranslationDeepSpeedTask)
         # fail on bad flags before building anything (any task can build this model)
-        validate(args, task="translation_deepspeed" if ours else type(task).__name__)
+        validate(
+            args, model_only=True, task="translation_deepspeed" if ours else type(task).__name__
+        )
         return super().build_model(args, task)
 
     @classmethod

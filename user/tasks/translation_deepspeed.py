@@ -115,11 +115,14 @@ class TranslationDeepSpeedTask(TranslationTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        # a model built from a checkpoint (generation, hub) has the training run's saved
+        # flags: only the rules about the model apply to them
         validate(
             cfg,
-            cuda=torch.cuda.is_available() and not getattr(cfg, "cpu", False),
+            model_only=from_checkpoint,
             world=world,
             task="translation_deepspeed",
+            cuda=torch.cuda.is_available() and not getattr(cfg, "cpu", False),
         )
         model = super().build_model(cfg, from_checkpoint)
         moe_layers = [m.moe for m in getattr(model, "moe_ffn_layers", dict)().values()]
