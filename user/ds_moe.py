@@ -51,6 +51,11 @@ def expert_seed(base_seed: int, layer_key: str, expert_index: int) -> int:
     return zlib.crc32(f"{base_seed}/{layer_key}/{expert_index}".encode()) & 0x7FFFFFFF
 
 
+def process_count() -> int:
+    """Processes in this run (1 without ``torch.distributed``)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def expert_parallel_rank(ep_size: int) -> int:
     """This process's rank inside its expert-parallel group.
 

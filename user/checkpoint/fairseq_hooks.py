@@ -36,6 +36,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
+from .. import ds_moe
 from . import format as fmt
 from . import io, upcycle
 
@@ -169,7 +170,7 @@ def restore_model_experts(model, reader: io.ShardReader) -> None:
     model's ``load_state_dict`` calls this with the :data:`~.format.MODEL_KEY` entry)."""
     ep = model.moe_opts.ep_size
     if ep > 1:
-        restore_local_experts(model, reader, reader.info, _dist_rank() % ep, ep)
+        restore_local_experts(model, reader, reader.info, ds_moe.expert_parallel_rank(ep), ep)
 
 
 def load_for_rank(path: str, model, ep_rank: int, ep_size: int) -> dict:
@@ -179,14 +180,7 @@ def load_for_rank(path: str, model, ep_rank: int, ep_size: int) -> dict:
     (see :func:`load_checkpoint`). Returns the shared state as loaded.
     """
     state = io.read_checkpoint(path)
-    info = state["extra_state"].get(fmt.SHARD_KEY)
-    if info is None:  # consolidated: the file just read holds every expert
-        reader = io.ShardReader(
-            {"consolidated": path}, fmt.count_experts(state["model"]), loaded=state
-        )
-    else:
-        source = {**info, "directory": os.path.dirname(os.path.abspath(path))}
-        reader = io.ShardReader(source, info["num_experts"])
+    reader = io.ShardReader.of(state, path, keep_state=True)
     model.load_state_dict(
         {k: v for k, v in state["model"].items() if fmt.expert_index(k) is None}
         | {k: v for k, v in model.state_dict().items() if fmt.expert_index(k) is not None}
@@ -307,25 +301,20 @@ def load_checkpoint_to_cpu(original, path, arg_overrides=None, load_on_all_ranks
             f"truncated or corrupt. {advice}"
         ) from e
     info = (state.get("extra_state") or {}).get(fmt.SHARD_KEY)
-    if info is not None:
-        fmt.check_version(info, f"{path}'s expert_shards record")
     layout = loading.layout if loading is not None else None
     if info is None and layout is None:
         return state  # nothing of this plugin's to convert or check
-    ckpt_ep = info["ep_size"] if info else 1
-    directory = os.path.dirname(os.path.abspath(path))
+    running = layout.param_names if layout is not None else None
+    reader = io.ShardReader.of(state, path, running)  # checks the shard format version first
+    ckpt_ep = reader.info["ep_size"]
     if layout is not None:
         _check_against_model(state, info, path, layout)
         cur_ep = layout.ep_size
     else:
         # nothing built yet (generation, hub): keep the checkpoint's layout if this
         # run's processes can hold it, else consolidate into each process
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        world = ds_moe.process_count()
         cur_ep = ckpt_ep if world > 1 and world % ckpt_ep == 0 else 1
-    num_experts = info["num_experts"] if info else fmt.count_experts(state.get("model") or {})
-    source = {**info, "directory": directory} if info else {"consolidated": path}
-    running = layout.param_names if layout is not None else None
-    reader = io.ShardReader(source, num_experts, running)
     if ckpt_ep == cur_ep:
         if info and cur_ep > 1:
             _attach_reader(state, reader)
@@ -368,7 +357,7 @@ def load_checkpoint(original, cfg, trainer, **passthrough):
         return extra_state, epoch_itr
     try:
         if not cfg.reset_optimizer:
-            rank = _dist_rank() % layout.ep_size
+            rank = ds_moe.expert_parallel_rank(layout.ep_size)
             # the weights were restored by the model's load_state_dict; now their Adam state
             restore_local_experts(
                 trainer.get_model(),

@@ -117,6 +117,25 @@ class ShardReader:
             fmt.check_version(self.source, "the checkpoint's expert_shards record")
             self.info = self.source
 
+    @classmethod
+    def of(
+        cls,
+        state: dict,
+        path: str,
+        running: Optional[Sequence[str]] = None,
+        keep_state: bool = False,
+    ) -> "ShardReader":
+        """The reader of the experts of ``state``, the checkpoint read from ``path``: the
+        shards beside it (their record's format version checked first), or the file itself
+        when it is consolidated (``keep_state``: from ``state``, not read again)."""
+        info = (state.get("extra_state") or {}).get(fmt.SHARD_KEY)
+        if info is None:
+            experts = fmt.count_experts(state.get("model") or {})
+            return cls({"consolidated": path}, experts, running, state if keep_state else None)
+        fmt.check_version(info, f"{path}'s expert_shards record")
+        source = {**info, "directory": os.path.dirname(os.path.abspath(path))}
+        return cls(source, info["num_experts"], running)
+
     def __call__(self, rank: int) -> dict:
         if rank not in self._memory:
             self._memory[rank] = self._read(rank)
@@ -155,12 +174,9 @@ def load_consolidated(path: str) -> dict:
         ExpertCheckpointError: unreadable file, missing or foreign shard.
     """
     state = read_checkpoint(path)
-    info = (state.get("extra_state") or {}).get(fmt.SHARD_KEY)
-    if info is None:
+    if fmt.SHARD_KEY not in (state.get("extra_state") or {}):
         return state
-    fmt.check_version(info, f"{path}'s expert_shards record")
-    source = {**info, "directory": os.path.dirname(os.path.abspath(path))}
-    return fmt.gather(state, ShardReader(source, info["num_experts"]).read_all())
+    return fmt.gather(state, ShardReader.of(state, path).read_all())
 
 
 def referenced_tokens(directory: str) -> Optional[set]:
@@ -170,7 +186,7 @@ def referenced_tokens(directory: str) -> Optional[set]:
         if _SHARD_FILE.match(os.path.basename(path)):
             continue
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            state = read_checkpoint(path, mmap=True)
         except Exception as e:
             logger.warning(f"not pruning expert shards: cannot read {path} ({e})")
             return None

@@ -449,7 +449,7 @@ class Gate(sharded_moe.TopKGate):
         x = input.float()
         if self.noisy_gate_policy == "Jitter" and self.training:
             x = sharded_moe.multiplicative_jitter(x, device=input.device)
-        logits = F.linear(x, self.wg.weight.float())  # S x E
+        logits = self.router_logits(x)  # S x E
         return GATING[self.policy](
             logits,
             capacity,

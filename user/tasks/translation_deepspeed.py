@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from fairseq.data import BaseWrapperDataset
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
@@ -114,7 +113,7 @@ class TranslationDeepSpeedTask(TranslationTask):
         self.lockstep_dummies = False
 
     def build_model(self, cfg, from_checkpoint=False):
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        world = ds_moe.process_count()
         # a model built from a checkpoint (generation, hub) has the training run's saved
         # flags: only the rules about the model apply to them
         validate(
