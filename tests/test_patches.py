@@ -231,3 +231,17 @@ def test_load_hook_names_damaged_files_and_passes_other_errors_on(tmp_path):
         fairseq_hooks.load_checkpoint_to_cpu(lambda *_: newer, str(damaged))
     plain = {"extra_state": {}, "model": {"w": 1}}
     assert fairseq_hooks.load_checkpoint_to_cpu(lambda *_: plain, str(damaged)) is plain
+
+
+def test_a_fairseq_that_does_not_call_the_task_hook_stops_with_one_line(monkeypatch):
+    """fairseq 0.12.2's save_checkpoint never called task.get_checkpoint_dict(): expert
+    shards would go unrecorded in every checkpoint (and resume would drop experts)."""
+    from fairseq import checkpoint_utils
+    from fairseq.dataclass.configs import CheckpointConfig
+
+    def save_checkpoint(cfg: CheckpointConfig, trainer, epoch_itr, val_loss):  # no hook call
+        return trainer.save_checkpoint(cfg.save_dir, {})
+
+    monkeypatch.setattr(checkpoint_utils, "save_checkpoint", save_checkpoint)
+    with pytest.raises(patches.PatchError, match=r"get_checkpoint_dict.*make install"):
+        patches.check_all()

@@ -147,6 +147,12 @@ def check(p) -> None:
                 f"user/patches.py: {p.name} was written for {p.target}{p.signature}, but "
                 f"{dist} {have} has {p.target}{found}: {fix}"
             )
+    calls = getattr(p, "calls", None)
+    if calls is not None and f".{calls}(" not in inspect.getsource(current):
+        raise PatchError(
+            f"user/patches.py: the plugin needs {p.target} to call {calls}(), which "
+            f"{dist} {have}'s does not: {fix}"
+        )
 
 
 def _replace(target: str, make: Callable[[object], object]) -> None:
@@ -431,12 +437,15 @@ class Dependency:
         written_against (tuple): ``(distribution, version)``.
         signature (str): ``str(inspect.signature(target))`` when written.
         used_by (str): where the plugin calls it.
+        calls (str, optional): an extension point the plugin relies on, which the
+            function must call (its source is checked).
     """
 
     target: str
     written_against: Tuple[str, str]
     signature: str
     used_by: str
+    calls: Optional[str] = None
 
     @property
     def name(self) -> str:
@@ -445,7 +454,9 @@ class Dependency:
 
 _T = "torch.Tensor"
 #: Upstream internals the plugin calls or overrides without patching them: DeepSpeed's
-#: routing and dispatch helpers (user/modules/gating.py, moe_ffn.py), fairseq's file copy.
+#: routing and dispatch helpers (user/modules/gating.py, moe_ffn.py), fairseq's file copy,
+#: and the fairseq function that must call the task's checkpoint hook (fairseq 0.12.2's
+#: did not: expert shards went unrecorded and a resume dropped experts).
 # fmt: off
 DEPENDENCIES: Tuple[Dependency, ...] = (
     Dependency("deepspeed.moe.sharded_moe.TopKGate.__init__", DEEPSPEED,
@@ -477,6 +488,10 @@ DEPENDENCIES: Tuple[Dependency, ...] = (
                "ds_moe: expert groups"),
     Dependency("deepspeed.utils.groups._get_expert_data_parallel_group", DEEPSPEED,
                "(group_name)", "ds_moe: expert gradients"),
+    Dependency("fairseq.checkpoint_utils.save_checkpoint", FAIRSEQ,
+               "(cfg: fairseq.dataclass.configs.CheckpointConfig, trainer, epoch_itr, val_loss)",
+               "TranslationDeepSpeedTask.get_checkpoint_dict: the expert shards' record",
+               calls="get_checkpoint_dict"),
 )
 # fmt: on
 
