@@ -11,7 +11,7 @@ import os
 import pytest
 
 from conftest import USER_DIR, run_cli
-from test_cli import MODEL
+from test_cli import MODEL, losses_by_update
 
 
 def refused(tiny_data, tmp_path, *args, data=None):
@@ -93,6 +93,25 @@ def test_truncated_checkpoint_is_named_and_left_alone(tiny_data, trained_once, t
     assert (save / "checkpoint_last.pt").stat().st_size == len(data) // 2, (
         "the file is kept for the user"
     )
+
+
+@pytest.mark.timeout(300)
+def test_following_the_corrupt_checkpoint_advice_resumes(tiny_data, trained_once, tmp_path):
+    """The advice names the newest interval checkpoint by its full path; passed by its
+    name only (as fairseq's docs spell it), it is found in --save-dir: training goes on
+    from its update instead of from update 0."""
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    data = (trained_once / "checkpoint_last.pt").read_bytes()  # at update 2
+    (save / "checkpoint_last.pt").write_bytes(data[: len(data) // 2])
+    (save / "checkpoint_1_2.pt").write_bytes(data)
+    (save / "checkpoint_1_1.pt").write_bytes(data)  # older: not the one advised
+    last = resume(tiny_data, save).stderr.strip().splitlines()[-1]
+    assert f"pass --restore-file {save / 'checkpoint_1_2.pt'} or move this file away" in last
+    proc = resume(tiny_data, save, "--restore-file", "checkpoint_1_2.pt")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"loading {save / 'checkpoint_1_2.pt'}" in proc.stdout + proc.stderr
+    assert sorted(losses_by_update(proc.stdout)) == [3, 4], "goes on from update 2"
 
 
 @pytest.mark.timeout(300)
