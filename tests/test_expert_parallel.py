@@ -411,8 +411,13 @@ CONFIGS = {
     "dp2_ep1": ["--num-experts", "2", "--ep-world-size", "1"],
 }
 # fmt: on
-# capacity for every token: nothing is dropped, so the split cannot change routing
-NO_DROP_CAPACITY = ["--moe-capacity-factor", "4", "--moe-eval-capacity-factor", "4"]
+
+
+def no_drop_capacity(flags):
+    """Capacity for every token (factor = experts, top-1): nothing is dropped, so the
+    split cannot change routing."""
+    experts = flags[flags.index("--num-experts") + 1]
+    return ["--moe-capacity-factor", experts, "--moe-eval-capacity-factor", experts]
 
 
 @pytest.mark.timeout(RANKS_TIMEOUT + 120)
@@ -420,7 +425,7 @@ NO_DROP_CAPACITY = ["--moe-capacity-factor", "4", "--moe-eval-capacity-factor", 
 def test_trainer_on_two_ranks_matches_one_process(tiny_data, extensions_dir, config):
     """Loss, gradients (router and experts included) and weights after three
     updates of fairseq's Trainer on two ranks equal those of one process."""
-    flags = [*MOE, *TRAIN, *CONFIGS[config], *NO_DROP_CAPACITY]
+    flags = [*MOE, *TRAIN, *CONFIGS[config], *no_drop_capacity(CONFIGS[config])]
     task, _ = build(tiny_data, "transformer_ds_moe", *_one_process(flags))
     steps = _uneven_steps(task)
     databin = str(tiny_data["databin"])
@@ -492,7 +497,8 @@ def test_uneven_batches_match_one_process_with_one_collective(tiny_data, extensi
     forward pass makes one collective besides the all-to-alls (plus, without
     dropping, one per MoE layer to fit the buffers to the busiest expert, unless
     that is turned off)."""
-    flags = [*MOE, "--num-experts", "4", "--ep-world-size", "2", *NO_DROP_CAPACITY]
+    flags = [*MOE, "--num-experts", "4", "--ep-world-size", "2"]
+    flags += no_drop_capacity(flags)
     if drop == "drop":  # DeepSpeed's capacity-limited routing, in evaluation too
         flags.append("--moe-eval-drop-tokens")
     else:  # no token dropped (evaluation's default)

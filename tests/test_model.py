@@ -81,7 +81,7 @@ def test_moe_layer_placement_and_expert_shapes(tiny_data):
 def test_gate_options_reach_deepspeed(tiny_data):
     # fmt: off
     _, model = build(tiny_data, "transformer_ds_moe_tiny", "--deepspeed_moe", "enc", "--num-experts", "4",
-                     "--top-k", "2", "--moe-capacity-factor", "1.5", "--moe-eval-capacity-factor", "3",
+                     "--top-k", "2", "--moe-capacity-factor", "1.5", "--moe-eval-capacity-factor", "1.75",
                      "--moe-min-capacity", "2", "--no-moe-drop-tokens", "--no-moe-use-rts",
                      "--moe-use-residual")
     # fmt: on
@@ -91,7 +91,7 @@ def test_gate_options_reach_deepspeed(tiny_data):
     assert (gate.k, gate.capacity_factor, gate.eval_capacity_factor, gate.min_capacity) == (
         2,
         1.5,
-        3.0,
+        1.75,
         2,
     )
     assert gate.drop_tokens is False and gate.use_rts is False and moe.use_residual

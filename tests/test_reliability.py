@@ -47,6 +47,14 @@ def refused(tiny_data, tmp_path, *args, data=None):
         ([*MODEL, "--fp16"], "--fp16 needs a CUDA GPU"),
         ([*MODEL, "--top-k", "5"], "--top-k 5 is out of range"),
         ([*MODEL, "-s", "en", "-t", "fr"], "--target-lang fr: "),
+        (
+            [*MODEL, "--restore-file", "checkpoint_9_99.pt"],
+            "--restore-file checkpoint_9_99.pt: no such file, neither as given nor in --save-dir",
+        ),
+        (
+            [a for a in MODEL if a not in ("--max-tokens", "800")],
+            "give --max-tokens N or --batch-size N",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line_before_any_work(tiny_data, tmp_path, args, message):
@@ -57,6 +65,22 @@ def test_bad_input_is_one_clear_line_before_any_work(tiny_data, tmp_path, args, 
 def test_missing_data_directory(tiny_data, tmp_path):
     last = refused(tiny_data, tmp_path, *MODEL, data=tmp_path / "nope")
     assert "data directory" in last and "does not exist" in last
+
+
+@pytest.mark.timeout(120)
+def test_missing_later_shard_of_the_data_path(tiny_data, tmp_path):
+    """fairseq reads shard 2 in epoch 2 only: checked before any work."""
+    data = f"{tiny_data['databin']}:{tmp_path / 'nope'}"
+    last = refused(tiny_data, tmp_path, *MODEL, data=data)
+    assert f"data directory {tmp_path / 'nope'} (shard 2 of 2) does not exist" in last
+
+
+@pytest.mark.timeout(120)
+def test_corrupt_upcycle_source_is_refused_before_any_work(tiny_data, tmp_path):
+    bad = tmp_path / "dense.pt"
+    bad.write_bytes(b"PK\x03\x04 not a whole checkpoint")
+    last = refused(tiny_data, tmp_path, *MODEL, "--upcycle-from", bad)
+    assert f"--upcycle-from {bad}: cannot read it" in last
 
 
 def train_py(databin, save, max_update, *extra, check=True):
