@@ -307,3 +307,18 @@ def test_restore_file_missing_as_given_and_in_save_dir(tmp_path, monkeypatch):
     validate(Namespace(restore_file="elsewhere.pt", save_dir=str(save_dir)))
     # fairseq's default: absent means a fresh start
     validate(Namespace(restore_file="checkpoint_last.pt", save_dir=str(tmp_path / "new")))
+
+
+@pytest.mark.parametrize(
+    "sides,dest,flag",
+    [
+        ("enc", "encoder_layerdrop", "--encoder-layerdrop"),
+        ("dec", "decoder_layerdrop", "--decoder-layerdrop"),
+    ],
+)
+def test_layerdrop_on_an_expert_parallel_side_is_refused(sides, dest, flag):
+    a = args(deepspeed_moe=sides, num_experts=4, ep_world_size=2, **{dest: 0.2})
+    assert refusal(a).startswith(f"{flag} 0.2 does not work with --ep-world-size 2: ")
+    validate(args(deepspeed_moe=sides, num_experts=4, **{dest: 0.2}))  # one expert-parallel rank
+    other = "dec" if sides == "enc" else "enc"  # LayerDrop on the dense side only
+    validate(args(deepspeed_moe=other, num_experts=4, ep_world_size=2, **{dest: 0.2}))

@@ -553,6 +553,23 @@ def _legacy_ddp(args, run):
         )
 
 
+def _layerdrop_in_step(args, run):
+    """(args) LayerDrop draws the layers to skip on each process: with expert parallelism,
+    a process would wait in an MoE layer's all-to-all for one that skipped the layer."""
+    opts = _moe(args)
+    if opts is None or opts.ep_size == 1:
+        return None
+    for side, flag in (("enc", "--encoder-layerdrop"), ("dec", "--decoder-layerdrop")):
+        p = getattr(args, flag[2:].replace("-", "_"), 0) or 0
+        if side in opts.sides and p > 0:
+            return (
+                f"{flag} {p:g} does not work with --ep-world-size {opts.ep_size}: each "
+                "process draws the layers it skips, so one would wait in an MoE layer's "
+                f"all-to-all for a process that skipped it; drop {flag} (LayerDrop works "
+                "with --ep-world-size 1)"
+            )
+
+
 def _half_keeps_experts_apart(args, run):
     """(args) fairseq's FP16Optimizer keeps one flat fp32 copy of all parameters."""
     opts = _moe(args)
@@ -648,6 +665,7 @@ RULES: Tuple[Rule, ...] = (
     Rule(_task_keeps_ranks_in_step, ("args", "task"), model=True),
     Rule(_processes, ("args", "world"), model=True),
     Rule(_legacy_ddp, ("args",)),
+    Rule(_layerdrop_in_step, ("args",)),
     Rule(_half_keeps_experts_apart, ("args",)),
 )
 
