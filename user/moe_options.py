@@ -9,10 +9,11 @@
   own, its check. ``add_moe_args``, ``moe_defaults`` and ``options_from_args`` are
   generated from it; the defaults are :class:`MoEOptions`' field defaults.
 * :data:`RULES`, the checks that involve several flags or the run (processes, GPUs,
-  task, data directory, criterion). :func:`validate` runs them; the entry points
-  (``user/train.py``, ``user/generate.py``) call it before any work, the task when
-  fairseq sets it up and builds the model (so ``fairseq-train --user-dir user`` gets
-  the same checks). Each failed check is one line naming the flag and the fix.
+  task, data directory, checkpoint files, criterion). :func:`validate` runs them; the
+  entry points (``user/train.py``, ``user/generate.py``) call it before any work, the
+  task when fairseq sets it up and builds the model (so ``fairseq-train --user-dir
+  user`` gets the same checks). Each failed check is one line naming the flag and the
+  fix.
 
 Pure Python at import (no DeepSpeed); the criterion checks import fairseq's registries
 when they run. Our own flags are named after DeepSpeed's ``MoE`` arguments
