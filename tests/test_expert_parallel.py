@@ -409,10 +409,21 @@ CONFIGS = {
     "ep2_clip_norm": ["--num-experts", "4", "--ep-world-size", "2", "--clip-norm", "0.05"],
     # W=2, E=1: experts replicated, ordinary data parallel
     "dp2_ep1": ["--num-experts", "2", "--ep-world-size", "1"],
+    # W=2, E=2, activation checkpointing: the backward's recompute of each MoE layer
+    # must route and exchange tokens as its forward did, on every rank
+    "ep2_checkpoint_activations": ["--num-experts", "4", "--ep-world-size", "2",
+                                   "--checkpoint-activations"],
+    "ep2_no_drop_checkpoint_activations": ["--num-experts", "4", "--ep-world-size", "2",
+                                           "--no-moe-drop-tokens", "--checkpoint-activations"],
 }
 # fmt: on
-# capacity for every token: nothing is dropped, so the split cannot change routing
-NO_DROP_CAPACITY = ["--moe-capacity-factor", "4", "--moe-eval-capacity-factor", "4"]
+
+
+def no_drop_capacity(flags):
+    """Capacity for every token (factor = experts, top-1): nothing is dropped, so the
+    split cannot change routing."""
+    experts = flags[flags.index("--num-experts") + 1]
+    return ["--moe-capacity-factor", experts, "--moe-eval-capacity-factor", experts]
 
 
 @pytest.mark.timeout(RANKS_TIMEOUT + 120)
@@ -420,7 +431,7 @@ NO_DROP_CAPACITY = ["--moe-capacity-factor", "4", "--moe-eval-capacity-factor", 
 def test_trainer_on_two_ranks_matches_one_process(tiny_data, extensions_dir, config):
     """Loss, gradients (router and experts included) and weights after three
     updates of fairseq's Trainer on two ranks equal those of one process."""
-    flags = [*MOE, *TRAIN, *CONFIGS[config], *NO_DROP_CAPACITY]
+    flags = [*MOE, *TRAIN, *CONFIGS[config], *no_drop_capacity(CONFIGS[config])]
     task, _ = build(tiny_data, "transformer_ds_moe", *_one_process(flags))
     steps = _uneven_steps(task)
     databin = str(tiny_data["databin"])
@@ -492,7 +503,8 @@ def test_uneven_batches_match_one_process_with_one_collective(tiny_data, extensi
     forward pass makes one collective besides the all-to-alls (plus, without
     dropping, one per MoE layer to fit the buffers to the busiest expert, unless
     that is turned off)."""
-    flags = [*MOE, "--num-experts", "4", "--ep-world-size", "2", *NO_DROP_CAPACITY]
+    flags = [*MOE, "--num-experts", "4", "--ep-world-size", "2"]
+    flags += no_drop_capacity(flags)
     if drop == "drop":  # DeepSpeed's capacity-limited routing, in evaluation too
         flags.append("--moe-eval-drop-tokens")
     else:  # no token dropped (evaluation's default)
@@ -530,3 +542,20 @@ def test_uneven_batches_match_one_process_with_one_collective(tiny_data, extensi
                         f"{res[mode]['others']} (expected 1 + {fit})"
                     )
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.timeout(300)
+def test_activation_checkpointing_changes_nothing_in_one_process(tiny_data):
+    """--checkpoint-activations recomputes each layer in the backward: the losses, every
+    gradient (the routers' gate-loss part included) and the weights after three updates
+    are exactly those of the run that keeps its activations."""
+    flags = [*MOE, *TRAIN, "--num-experts", "4", "--ep-world-size", "1"]
+    task, _ = build(tiny_data, "transformer_ds_moe", *flags)
+    steps = _uneven_steps(task)
+    databin = str(tiny_data["databin"])
+    want = train_job(0, 1, databin, flags, steps)
+    got = train_job(0, 1, databin, [*flags, "--checkpoint-activations"], steps)
+    assert got["losses"] == want["losses"]
+    for i in range(len(steps)):
+        _assert_same_params(got["grads"][i], want["grads"][i], f"gradients {i}", rtol=0, atol=0)
+    _assert_same_params(got["final"], want["final"], "weights", rtol=0, atol=0)

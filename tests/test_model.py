@@ -81,7 +81,7 @@ def test_moe_layer_placement_and_expert_shapes(tiny_data):
 def test_gate_options_reach_deepspeed(tiny_data):
     # fmt: off
     _, model = build(tiny_data, "transformer_ds_moe_tiny", "--deepspeed_moe", "enc", "--num-experts", "4",
-                     "--top-k", "2", "--moe-capacity-factor", "1.5", "--moe-eval-capacity-factor", "3",
+                     "--top-k", "2", "--moe-capacity-factor", "1.5", "--moe-eval-capacity-factor", "1.75",
                      "--moe-min-capacity", "2", "--no-moe-drop-tokens", "--no-moe-use-rts",
                      "--moe-use-residual")
     # fmt: on
@@ -91,7 +91,7 @@ def test_gate_options_reach_deepspeed(tiny_data):
     assert (gate.k, gate.capacity_factor, gate.eval_capacity_factor, gate.min_capacity) == (
         2,
         1.5,
-        3.0,
+        1.75,
         2,
     )
     assert gate.drop_tokens is False and gate.use_rts is False and moe.use_residual
@@ -150,3 +150,25 @@ def test_a_failed_forward_leaves_no_per_forward_state(tiny_data, monkeypatch):
     layers = list(model.moe_ffn_layers().values())
     assert model.encoder.layers[0].moe_ffn.agreed_tokens is None  # it did run with a count
     assert all(m.agreed_tokens is None and not m.collect_stats for m in layers)
+
+
+def test_layerdrop_skips_moe_layers_and_their_gate_loss(tiny_data):
+    """LayerDrop in one process: an MoE layer it skips reports no gate loss (not the one
+    of its last forward) and its router gets no gradient."""
+    # fmt: off
+    task, model = build(tiny_data, "transformer_ds_moe", "--deepspeed_moe", "enc,dec",
+                        "--moe-freq", "1", "--num-experts", "4", "--encoder-layerdrop", "1.0")
+    # fmt: on
+    sample = sample_batch(task)
+    model.eval()  # LayerDrop skips nothing in evaluation
+    with torch.no_grad():
+        model(**sample["net_input"])
+    enc, dec = model.encoder.moe_layers, model.decoder.moe_layers
+    assert all(m.l_aux is not None for m in enc + dec)
+    model.train()  # p = 1: every encoder layer is skipped
+    _, extra = model(**sample["net_input"])
+    assert all(m.l_aux is None for m in enc)
+    torch.testing.assert_close(extra["experts_gate_loss"], sum(m.l_aux for m in dec))
+    extra["experts_gate_loss"].backward()
+    assert all(ds_moe.moe_gate(m.moe).wg.weight.grad is None for m in enc)
+    assert all(ds_moe.moe_gate(m.moe).wg.weight.grad is not None for m in dec)

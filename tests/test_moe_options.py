@@ -15,6 +15,7 @@ from user.moe_options import (
     moe_defaults,
     options_from_args,
     parse_sides,
+    validate,
 )
 
 
@@ -125,3 +126,199 @@ def test_the_readme_flag_table_documents_every_flag():
     in_code = {f.names[0] for f in FLAGS}
     assert in_code - documented == set(), "flags missing from README's table"
     assert documented - in_code - {f.off for f in FLAGS} == set(), "README documents unknown flags"
+
+
+# --------------------------------------------------------------------------- validate()
+
+
+def refusal(a, **known):
+    """The one-line message ``validate`` refuses ``a`` with."""
+    with pytest.raises(MoEArgumentError) as e:
+        validate(a, **known)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 0.0, -1.0])
+@pytest.mark.parametrize("dest", ["moe_capacity_factor", "moe_eval_capacity_factor"])
+def test_capacity_factor_must_be_finite_and_positive(dest, value):
+    a = args(deepspeed_moe="enc", num_experts=4, **{dest: value})
+    flag = "--" + dest.replace("_", "-")
+    assert refusal(a).startswith(f"{flag} {value}: must be a finite positive number")
+
+
+@pytest.mark.parametrize(
+    "dest,value,experts,k,largest",
+    [
+        ("moe_capacity_factor", 1e30, 4, 1, "4"),  # the capacity overflowed to the minimum
+        ("moe_capacity_factor", 4.5, 4, 1, "4"),
+        ("moe_capacity_factor", 2.5, 4, 2, "2"),
+        ("moe_eval_capacity_factor", 1e30, 8, 3, "2.66667"),
+    ],
+)
+def test_capacity_factor_beyond_every_token_fitting_is_refused(dest, value, experts, k, largest):
+    a = args(deepspeed_moe="enc", num_experts=experts, top_k=k, **{dest: value})
+    flag = "--" + dest.replace("_", "-")
+    message = refusal(a)
+    assert message.startswith(f"{flag} {value:g}: ") and f"at most {largest}" in message
+    # a checkpoint trained with such a value still loads for generation
+    validate(a, model_only=True)
+    # the largest useful value itself is accepted
+    validate(args(deepspeed_moe="enc", num_experts=experts, top_k=k, **{dest: experts / k}))
+
+
+def criterion_args(weights, moe=True):
+    return Namespace(
+        criterion="model_and_base",
+        loss_weights=weights,
+        base_criterion="label_smoothed_cross_entropy",
+        base_criterion_config="{}",
+        deepspeed_moe="enc" if moe else "",
+    )
+
+
+@pytest.mark.parametrize(
+    "weights,moe,message",
+    [
+        ('{"base_crit": 0, "experts_gate_loss": 0}', True, "every loss a zero or null weight"),
+        ('{"base_crit": null, "experts_gate_loss": null}', True, "every loss a zero or null"),
+        ('{"base_crit": 0, "experts_gate_loss": null}', True, "every loss a zero or null"),
+        ('{"base_crit": 0}', False, "every loss a zero or null weight"),
+        ('{"base_crit": -1}', True, "the weight of 'base_crit' must be >= 0, got -1"),
+        ('{"experts_gate_loss": -0.01}', True, "the weight of 'experts_gate_loss' must be >= 0"),
+    ],
+)
+def test_loss_weights_that_train_nothing_are_refused_before_any_work(weights, moe, message):
+    assert message in refusal(criterion_args(weights, moe))
+
+
+@pytest.mark.parametrize(
+    "weights", ['{"experts_gate_loss": 0}', '{"base_crit": 0, "experts_gate_loss": 0.01}']
+)
+def test_loss_weights_with_something_to_train_pass(weights):
+    validate(criterion_args(weights))  # base_crit weighs 1 unless given
+
+
+def test_legacy_ddp_under_its_fairseq_alias_is_accepted():
+    a = args(deepspeed_moe="enc", num_experts=4, ep_world_size=2, distributed_world_size=2)
+    a.ddp_backend = "no_c10d"  # fairseq's other name for legacy_ddp
+    validate(a, world=2)
+    a.ddp_backend = "c10d"  # pytorch_ddp's alias: averages the rank-local experts
+    assert "needs --ddp-backend legacy_ddp (got c10d)" in refusal(a, world=2)
+
+
+def test_training_without_a_batch_size_is_refused():
+    a = Namespace(max_tokens=None, batch_size=None)
+    assert refusal(a, command="train").startswith("give --max-tokens N or --batch-size N")
+    validate(a, command="generate")  # fairseq-generate has a default (12000 tokens)
+    validate(Namespace(max_tokens=None, batch_size=8), command="train")
+
+
+def test_a_missing_checkpoint_of_path_is_named(tmp_path):
+    present = tmp_path / "a.pt"
+    present.write_bytes(b"")
+    missing = tmp_path / "checkpoint_bset.pt"
+    assert refusal(Namespace(path=str(missing))).startswith(f"--path: {missing} does not exist")
+    message = refusal(Namespace(path=f"{present}:{missing}"))
+    assert (
+        message.startswith(f"--path: {missing} does not exist") and "(checkpoint 2 of 2)" in message
+    )
+    assert "has a.pt" in message  # what is there, for a typo
+    validate(Namespace(path=str(present)))
+
+
+def fake_databin(path, langs=("de", "en")):
+    path.mkdir()
+    for lang in langs:
+        (path / f"dict.{lang}.txt").write_text("a 1\n")
+    return path
+
+
+def test_every_shard_of_the_data_path_is_checked(tmp_path):
+    first, second = fake_databin(tmp_path / "d1"), tmp_path / "d2"
+    data = Namespace(data=f"{first}:{second}", source_lang="en", target_lang="de")
+    message = refusal(data, task="translation_deepspeed")
+    assert message.startswith(f"data directory {second} (shard 2 of 2) does not exist")
+    fake_databin(second, langs=("en",))
+    message = refusal(data, task="translation_deepspeed")
+    assert message.startswith(f"--target-lang de: {second} (shard 2 of 2) has no dict.de.txt")
+    (second / "dict.de.txt").write_text("a 1\n")
+    validate(data, task="translation_deepspeed")
+    # without -s/-t, each shard needs the first one's dictionaries
+    (second / "dict.de.txt").unlink()
+    data = Namespace(data=f"{first}:{second}", source_lang=None, target_lang=None)
+    assert "has no dict.de.txt" in refusal(data, task="translation_deepspeed")
+
+
+def save(path, state):
+    import torch
+
+    torch.save(state, path)
+    return path
+
+
+def test_an_ensemble_of_expert_parallel_checkpoints_on_several_processes(tmp_path):
+    from user.checkpoint.format import SHARD_KEY
+
+    ep2 = save(tmp_path / "ep2.pt", {"model": {}, "extra_state": {SHARD_KEY: {"ep_size": 2}}})
+    dense = save(tmp_path / "ep1.pt", {"model": {}, "extra_state": {}})
+    ensemble = Namespace(path=f"{dense}:{ep2}")
+    message = refusal(ensemble, world=2)
+    assert message.startswith(f"--path: an ensemble with the expert-parallel checkpoint {ep2}")
+    validate(ensemble, world=1)  # one process consolidates each checkpoint as it loads
+    validate(Namespace(path=str(ep2)), world=2)  # one checkpoint: lockstep decoding
+    validate(Namespace(path=f"{dense}:{dense}"), world=2)
+
+
+def test_upcycle_from_a_file_that_is_no_dense_checkpoint(tmp_path):
+    import torch
+
+    dense = {"model": {"encoder.layers.0.fc1.weight": torch.zeros(2, 2)}}
+    good = save(tmp_path / "dense.pt", dense)
+    validate(Namespace(upcycle_from=str(good)))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(good.read_bytes()[:100])
+    assert refusal(Namespace(upcycle_from=str(bad))).startswith(
+        f"--upcycle-from {bad}: cannot read"
+    )
+    moe = save(tmp_path / "moe.pt", {"model": {"encoder.layers.0.moe_ffn.moe.x": torch.zeros(1)}})
+    message = refusal(Namespace(upcycle_from=str(moe)))
+    assert message.startswith(f"--upcycle-from {moe}: this checkpoint already has MoE layers")
+    junk = save(tmp_path / "junk.pt", [1, 2])
+    assert "is not a fairseq checkpoint" in refusal(Namespace(upcycle_from=str(junk)))
+
+
+def test_restore_file_missing_as_given_and_in_save_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    save_dir = tmp_path / "ckpt"
+    save_dir.mkdir()
+    a = Namespace(restore_file="checkpoint_3_30.pt", save_dir=str(save_dir), checkpoint_suffix="")
+    message = refusal(a)
+    assert message.startswith("--restore-file checkpoint_3_30.pt: no such file, neither as given")
+    assert str(save_dir) in message and "give the full path of a checkpoint" in message
+    for name in ("checkpoint_1_10.pt", "checkpoint_2_20.pt", "checkpoint_1_9.pt"):
+        (save_dir / name).write_bytes(b"")
+    assert f"--restore-file {save_dir / 'checkpoint_2_20.pt'}" in refusal(a)
+    # in --save-dir only: accepted (the trainer's load resolves it, see test_reliability)
+    validate(Namespace(restore_file="checkpoint_1_10.pt", save_dir=str(save_dir)))
+    # as given (relative to the current directory)
+    (tmp_path / "elsewhere.pt").write_bytes(b"")
+    validate(Namespace(restore_file="elsewhere.pt", save_dir=str(save_dir)))
+    # fairseq's default: absent means a fresh start
+    validate(Namespace(restore_file="checkpoint_last.pt", save_dir=str(tmp_path / "new")))
+
+
+@pytest.mark.parametrize(
+    "sides,dest,flag",
+    [
+        ("enc", "encoder_layerdrop", "--encoder-layerdrop"),
+        ("dec", "decoder_layerdrop", "--decoder-layerdrop"),
+    ],
+)
+def test_layerdrop_on_an_expert_parallel_side_is_refused(sides, dest, flag):
+    a = args(deepspeed_moe=sides, num_experts=4, ep_world_size=2, **{dest: 0.2})
+    assert refusal(a).startswith(f"{flag} 0.2 does not work with --ep-world-size 2: ")
+    validate(args(deepspeed_moe=sides, num_experts=4, **{dest: 0.2}))  # one expert-parallel rank
+    other = "dec" if sides == "enc" else "enc"  # LayerDrop on the dense side only
+    validate(args(deepspeed_moe=other, num_experts=4, ep_world_size=2, **{dest: 0.2}))

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from conftest import USER_DIR, run_cli
-from test_cli import MODEL
+from test_cli import MODEL, losses_by_update
 
 
 def refused(tiny_data, tmp_path, *args, data=None):
@@ -47,6 +47,14 @@ def refused(tiny_data, tmp_path, *args, data=None):
         ([*MODEL, "--fp16"], "--fp16 needs a CUDA GPU"),
         ([*MODEL, "--top-k", "5"], "--top-k 5 is out of range"),
         ([*MODEL, "-s", "en", "-t", "fr"], "--target-lang fr: "),
+        (
+            [*MODEL, "--restore-file", "checkpoint_9_99.pt"],
+            "--restore-file checkpoint_9_99.pt: no such file, neither as given nor in --save-dir",
+        ),
+        (
+            [a for a in MODEL if a not in ("--max-tokens", "800")],
+            "give --max-tokens N or --batch-size N",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line_before_any_work(tiny_data, tmp_path, args, message):
@@ -57,6 +65,22 @@ def test_bad_input_is_one_clear_line_before_any_work(tiny_data, tmp_path, args, 
 def test_missing_data_directory(tiny_data, tmp_path):
     last = refused(tiny_data, tmp_path, *MODEL, data=tmp_path / "nope")
     assert "data directory" in last and "does not exist" in last
+
+
+@pytest.mark.timeout(120)
+def test_missing_later_shard_of_the_data_path(tiny_data, tmp_path):
+    """fairseq reads shard 2 in epoch 2 only: checked before any work."""
+    data = f"{tiny_data['databin']}:{tmp_path / 'nope'}"
+    last = refused(tiny_data, tmp_path, *MODEL, data=data)
+    assert f"data directory {tmp_path / 'nope'} (shard 2 of 2) does not exist" in last
+
+
+@pytest.mark.timeout(120)
+def test_corrupt_upcycle_source_is_refused_before_any_work(tiny_data, tmp_path):
+    bad = tmp_path / "dense.pt"
+    bad.write_bytes(b"PK\x03\x04 not a whole checkpoint")
+    last = refused(tiny_data, tmp_path, *MODEL, "--upcycle-from", bad)
+    assert f"--upcycle-from {bad}: cannot read it" in last
 
 
 def train_py(databin, save, max_update, *extra, check=True):
@@ -93,6 +117,25 @@ def test_truncated_checkpoint_is_named_and_left_alone(tiny_data, trained_once, t
     assert (save / "checkpoint_last.pt").stat().st_size == len(data) // 2, (
         "the file is kept for the user"
     )
+
+
+@pytest.mark.timeout(300)
+def test_following_the_corrupt_checkpoint_advice_resumes(tiny_data, trained_once, tmp_path):
+    """The advice names the newest interval checkpoint by its full path; passed by its
+    name only (as fairseq's docs spell it), it is found in --save-dir: training goes on
+    from its update instead of from update 0."""
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    data = (trained_once / "checkpoint_last.pt").read_bytes()  # at update 2
+    (save / "checkpoint_last.pt").write_bytes(data[: len(data) // 2])
+    (save / "checkpoint_1_2.pt").write_bytes(data)
+    (save / "checkpoint_1_1.pt").write_bytes(data)  # older: not the one advised
+    last = resume(tiny_data, save).stderr.strip().splitlines()[-1]
+    assert f"pass --restore-file {save / 'checkpoint_1_2.pt'} or move this file away" in last
+    proc = resume(tiny_data, save, "--restore-file", "checkpoint_1_2.pt")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"loading {save / 'checkpoint_1_2.pt'}" in proc.stdout + proc.stderr
+    assert sorted(losses_by_update(proc.stdout)) == [3, 4], "goes on from update 2"
 
 
 @pytest.mark.timeout(300)

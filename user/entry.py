@@ -157,7 +157,11 @@ def run(cli: str, argv: Optional[List[str]] = None) -> None:
     args = options.parse_args_and_arch(parser, input_args=argv)
     try:
         validate(
-            args, cuda=torch.cuda.is_available(), world=args.distributed_world_size, task=args.task
+            args,
+            cuda=torch.cuda.is_available(),
+            world=args.distributed_world_size,
+            task=args.task,
+            command=cli,
         )
     except MoEArgumentError as e:
         _refuse(e)

@@ -52,11 +52,19 @@ def parse_loss_weights(text: Optional[str]) -> Dict[str, Optional[float]]:
             raise MoEArgumentError(
                 f"--loss-weights: the weight of {name!r} must be a finite number or null, got {w!r}"
             )
+        if w is not None and w < 0:
+            # a negative weight makes training maximise that loss
+            raise MoEArgumentError(
+                f"--loss-weights: the weight of {name!r} must be >= 0, got {w!r}; use 0 or "
+                "null to leave a loss out"
+            )
     return {k: (None if w is None else float(w)) for k, w in weights.items()}
 
 
 def check_loss_names(weights: Dict[str, Optional[float]], produced: Iterable[str]) -> None:
-    """Fail if ``--loss-weights`` names a loss nobody produces.
+    """Fail if ``--loss-weights`` names a loss nobody produces, or weighs every loss
+    that is produced zero or null (nothing to train on: fairseq would train on a zero
+    loss, or, all null, fail at the first update after its setup).
 
     Args:
         weights: parsed ``--loss-weights``.
@@ -73,6 +81,11 @@ def check_loss_names(weights: Dict[str, Optional[float]], produced: Iterable[str
                 if "experts_gate_loss" in unknown
                 else ""
             )
+        )
+    if not any(weights.get(name, 1.0) for name in known):  # a missing name weighs 1.0
+        raise MoEArgumentError(
+            f"--loss-weights gives every loss a zero or null weight ({', '.join(sorted(known))}): "
+            f"nothing to train on; give {BASE} a positive weight (usually 1)"
         )
 
 

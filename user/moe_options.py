@@ -9,10 +9,11 @@
   own, its check. ``add_moe_args``, ``moe_defaults`` and ``options_from_args`` are
   generated from it; the defaults are :class:`MoEOptions`' field defaults.
 * :data:`RULES`, the checks that involve several flags or the run (processes, GPUs,
-  task, data directory, criterion). :func:`validate` runs them; the entry points
-  (``user/train.py``, ``user/generate.py``) call it before any work, the task when
-  fairseq sets it up and builds the model (so ``fairseq-train --user-dir user`` gets
-  the same checks). Each failed check is one line naming the flag and the fix.
+  task, data directory, checkpoint files, criterion). :func:`validate` runs them; the
+  entry points (``user/train.py``, ``user/generate.py``) call it before any work, the
+  task when fairseq sets it up and builds the model (so ``fairseq-train --user-dir
+  user`` gets the same checks). Each failed check is one line naming the flag and the
+  fix.
 
 Pure Python at import (no DeepSpeed); the criterion checks import fairseq's registries
 when they run. Our own flags are named after DeepSpeed's ``MoE`` arguments
@@ -306,12 +307,15 @@ class Run:
         cuda (bool): whether a GPU is used.
         world (int): processes in the run.
         task (str): the task's registered name.
+        command (str): the fairseq CLI that runs: ``"train"``, ``"generate"`` or
+            ``"interactive"`` (known to the entry points only).
     """
 
     argv: Optional[Sequence[str]] = None
     cuda: Optional[bool] = None
     world: Optional[int] = None
     task: Optional[str] = None
+    command: Optional[str] = None
 
 
 def flag_given(argv: Sequence[str], flag: str) -> bool:
@@ -358,37 +362,157 @@ def _half_needs_gpu(args, run):
         )
 
 
+def _split_paths(value: str):
+    """fairseq's split of a ``DATA1:DATA2`` or ``a.pt:b.pt`` value."""
+    from fairseq.utils import split_paths
+
+    return split_paths(value)
+
+
 def _data_directory(args, run):
-    """(task) the databin exists and has the languages' dictionaries."""
+    """(task) every shard of the data path exists and has the languages' dictionaries
+    (fairseq reads shard ``i`` in epoch ``i`` only: a missing one failed hours later)."""
     data = getattr(args, "data", None)
     if run.task != "translation_deepspeed" or not data:
         return None
-    first = data.split(":")[0]
-    if not os.path.isdir(first):
-        return (
-            f"data directory {first} does not exist: give the databin that "
-            "fairseq-preprocess wrote (e.g. bash prepare-wmt16ende.sh, or "
-            "python scripts/prepare_demo.py for the demo corpus)"
-        )
-    have = sorted(
-        f[5:-4] for f in os.listdir(first) if f.startswith("dict.") and f.endswith(".txt")
-    )
-    for flag, dest in (("--source-lang", "source_lang"), ("--target-lang", "target_lang")):
-        lang = getattr(args, dest, None)
-        if lang is not None and lang not in have:
+    shards = _split_paths(data)
+    wanted = None
+    for i, path in enumerate(shards):
+        where = path if len(shards) == 1 else f"{path} (shard {i + 1} of {len(shards)})"
+        if not os.path.isdir(path):
             return (
-                f"{flag} {lang}: {first} has no dict.{lang}.txt; its languages are "
-                f"{', '.join(have) or 'none (no dict.*.txt)'}"
+                f"data directory {where} does not exist: give the databin that "
+                "fairseq-preprocess wrote (e.g. bash prepare-wmt16ende.sh, or "
+                "python scripts/prepare_demo.py for the demo corpus)"
+            )
+        have = sorted(
+            f[5:-4] for f in os.listdir(path) if f.startswith("dict.") and f.endswith(".txt")
+        )
+        wanted = have if wanted is None else wanted  # without -s/-t: the first shard's
+        for flag, dest in (("--source-lang", "source_lang"), ("--target-lang", "target_lang")):
+            lang = getattr(args, dest, None)
+            if lang is not None and lang not in have:
+                return (
+                    f"{flag} {lang}: {where} has no dict.{lang}.txt; its languages are "
+                    f"{', '.join(have) or 'none (no dict.*.txt)'}"
+                )
+        missing = [lang for lang in wanted if lang not in have]
+        if getattr(args, "source_lang", None) is None and missing:
+            return (
+                f"data directory {where} has no dict.{missing[0]}.txt, which {shards[0]} "
+                "has: every shard of the data path must be binarized with the same "
+                "dictionaries"
             )
 
 
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
 def _upcycle_source(args, run):
-    """(task) --upcycle-from names a file."""
+    """(args) --upcycle-from names a readable checkpoint of a dense model (read with
+    ``mmap``: its tensors are not loaded; the run reads it again when training starts)."""
     path = getattr(args, "upcycle_from", None)
-    if path is not None and not os.path.isfile(path):
+    if path is None:
+        return None
+    dense = "give a dense checkpoint (e.g. checkpoint_best.pt of a run without --deepspeed_moe)"
+    if not os.path.isfile(path):
+        return f"--upcycle-from {path}: no such file; {dense}"
+    from .checkpoint import io, upcycle
+
+    try:
+        state = io.read_checkpoint(path, mmap=True)
+    except PluginError as e:
+        return f"--upcycle-from {path}: cannot read it ({_one_line(e.__cause__ or e)}); {dense}"
+    model = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(model, dict):
+        return f"--upcycle-from {path}: is not a fairseq checkpoint (no model state); {dense}"
+    if not upcycle.is_dense_state(model):
+        return f"--upcycle-from {path}: this checkpoint already has MoE layers; {dense}"
+
+
+def _restore_file(args, run):
+    """(args) --restore-file names a file, as given or in --save-dir: fairseq looks only
+    as given and, finding nothing, trains from update 0 over the save dir's checkpoints.
+    (The trainer's load then reads the one in --save-dir: ``checkpoint.fairseq_hooks``.)"""
+    given, save_dir = getattr(args, "restore_file", None), getattr(args, "save_dir", None)
+    if given in (None, "checkpoint_last.pt") or save_dir is None:
+        return None  # fairseq's default: no checkpoint_last.pt in --save-dir = a fresh start
+    from .checkpoint import io
+
+    if io.restore_path(given, save_dir, getattr(args, "checkpoint_suffix", None) or ""):
+        return None
+    newest = io.interval_checkpoints(save_dir)
+    return (
+        f"--restore-file {given}: no such file, neither as given nor in --save-dir "
+        f"{save_dir} (fairseq would train from update 0 and overwrite its checkpoints); "
+        + (
+            f"to go on from the newest interval checkpoint there, use --restore-file {newest[0]}"
+            if newest
+            else "give the full path of a checkpoint"
+        )
+    )
+
+
+def _checkpoint_paths(args, run):
+    """(args) every checkpoint of generation's --path (an ensemble: a.pt:b.pt) exists."""
+    value = getattr(args, "path", None)
+    if not value:
+        return None
+    paths = _split_paths(value)
+    suffix = getattr(args, "checkpoint_suffix", None) or ""
+    for i, path in enumerate(paths):
+        if os.path.isfile(path.replace(".pt", suffix + ".pt")):
+            continue
+        where = f" (checkpoint {i + 1} of {len(paths)})" if len(paths) > 1 else ""
+        folder = os.path.dirname(path) or "."
+        there = sorted(
+            f for f in (os.listdir(folder) if os.path.isdir(folder) else ()) if f.endswith(".pt")
+        )
+        there = [f for f in there if not f.startswith("experts.")][:8]
+        return f"--path: {path} does not exist{where}; " + (
+            f"{folder} has {', '.join(there)}" if there else f"{folder} has no checkpoint"
+        )
+
+
+def _ensemble_processes(args, run):
+    """(world) lockstep decoding keeps the ranks of one expert-parallel model in step,
+    not those of an ensemble's models."""
+    value = getattr(args, "path", None)
+    paths = _split_paths(value) if value else []
+    if run.world <= 1 or len(paths) < 2:
+        return None
+    from .checkpoint import format as fmt
+    from .checkpoint import io
+
+    for path in paths:
+        try:
+            state = io.read_checkpoint(path, mmap=True)
+        except (FileNotFoundError, PluginError):
+            continue  # named by _checkpoint_paths, or when fairseq loads it
+        info = (
+            (state.get("extra_state") or {}).get(fmt.SHARD_KEY) if isinstance(state, dict) else None
+        )
+        if info and info.get("ep_size", 1) > 1:
+            return (
+                f"--path: an ensemble with the expert-parallel checkpoint {path} "
+                f"(--ep-world-size {info['ep_size']}) cannot run on {run.world} processes: "
+                "beam search keeps the processes of one expert-parallel model in step, not "
+                "of several; translate the ensemble in one process (each checkpoint is "
+                "consolidated as it loads) or one checkpoint at a time on several processes"
+            )
+
+
+def _batch_size(args, run):
+    """(command) fairseq-train asserts, with a traceback, that one of the two is given."""
+    if (
+        run.command == "train"
+        and getattr(args, "max_tokens", None) is None
+        and getattr(args, "batch_size", None) is None
+    ):
         return (
-            f"--upcycle-from {path}: no such file; give a dense checkpoint "
-            "(e.g. checkpoint_best.pt of a run without --deepspeed_moe)"
+            "give --max-tokens N or --batch-size N (or both): fairseq-train needs a batch "
+            "size, e.g. --max-tokens 4096"
         )
 
 
@@ -420,12 +544,31 @@ def _legacy_ddp(args, run):
     opts = _moe(args)
     backend = getattr(args, "ddp_backend", "legacy_ddp")
     wrapped = getattr(args, "distributed_world_size", 1) > 1  # fairseq wraps the model in DDP
-    if opts is not None and opts.ep_size > 1 and wrapped and backend != "legacy_ddp":
+    # no_c10d: fairseq's other name for legacy_ddp (models/distributed_fairseq_model.py)
+    legacy = backend in ("legacy_ddp", "no_c10d")
+    if opts is not None and opts.ep_size > 1 and wrapped and not legacy:
         return (
             f"--ep-world-size {opts.ep_size} needs --ddp-backend legacy_ddp (got "
             f"{backend}): other backends would average the rank-local experts "
             f"over all processes"
         )
+
+
+def _layerdrop_in_step(args, run):
+    """(args) LayerDrop draws the layers to skip on each process: with expert parallelism,
+    a process would wait in an MoE layer's all-to-all for one that skipped the layer."""
+    opts = _moe(args)
+    if opts is None or opts.ep_size == 1:
+        return None
+    for side, flag in (("enc", "--encoder-layerdrop"), ("dec", "--decoder-layerdrop")):
+        p = getattr(args, flag[2:].replace("-", "_"), 0) or 0
+        if side in opts.sides and p > 0:
+            return (
+                f"{flag} {p:g} does not work with --ep-world-size {opts.ep_size}: each "
+                "process draws the layers it skips, so one would wait in an MoE layer's "
+                f"all-to-all for a process that skipped it; drop {flag} (LayerDrop works "
+                "with --ep-world-size 1)"
+            )
 
 
 def _half_keeps_experts_apart(args, run):
@@ -461,6 +604,29 @@ def _moe_flags(args, run):
     _moe(args)
 
 
+def _useful_capacity(args, run):
+    """(args) a capacity factor above ``num_experts / top_k`` buys nothing: the capacity
+    ``ceil(tokens / experts * factor * k)`` then holds every token (an expert gets each
+    token at most once), and a factor like 1e30 overflowed to the minimum capacity,
+    dropping nearly every token. Not a model rule: a checkpoint trained with a larger
+    factor still translates."""
+    opts = _moe(args)
+    if opts is None:
+        return None
+    largest = opts.num_experts / opts.top_k
+    for flag, factor in (
+        ("--moe-capacity-factor", opts.capacity_factor),
+        ("--moe-eval-capacity-factor", opts.eval_capacity_factor),
+    ):
+        if factor > largest:
+            return (
+                f"{flag} {factor:g}: use at most {largest:g} (--num-experts "
+                f"{opts.num_experts} / --top-k {opts.top_k}), where every token already "
+                "fits its experts; a larger factor only enlarges the buffers (and a huge "
+                "one overflows to the minimum capacity)"
+            )
+
+
 def _moe(args) -> Optional[MoEOptions]:
     """The MoE options of ``args`` when it configures an MoE model, else None."""
     if not getattr(args, "deepspeed_moe", None) or not hasattr(args, "num_experts"):
@@ -488,13 +654,19 @@ class Rule:
 RULES: Tuple[Rule, ...] = (
     Rule(_moe_arch, ("argv",)),
     Rule(_half_needs_gpu, ("args", "cuda")),
+    Rule(_batch_size, ("args", "command")),
     Rule(_data_directory, ("args", "task")),
+    Rule(_checkpoint_paths, ("args",)),
+    Rule(_ensemble_processes, ("args", "world")),
+    Rule(_restore_file, ("args",)),
     Rule(_upcycle_source, ("args",)),
     Rule(_moe_flags, ("args",), model=True),
+    Rule(_useful_capacity, ("args",)),
     Rule(_criterion, ("args",)),
     Rule(_task_keeps_ranks_in_step, ("args", "task"), model=True),
     Rule(_processes, ("args", "world"), model=True),
     Rule(_legacy_ddp, ("args",)),
+    Rule(_layerdrop_in_step, ("args",)),
     Rule(_half_keeps_experts_apart, ("args",)),
 )
 
@@ -512,7 +684,8 @@ def validate(args=None, model_only: bool = False, **known) -> None:
     Args:
         args: parsed flags (a Namespace or fairseq config); ``None`` before parsing.
         model_only (bool): only the rules about the model (``args`` are a checkpoint's).
-        **known: what :class:`Run` fields are known (``argv``, ``cuda``, ``world``, ``task``).
+        **known: what :class:`Run` fields are known (``argv``, ``cuda``, ``world``, ``task``,
+            ``command``).
 
     Raises:
         MoEArgumentError: the first failed check, naming the flag and the fix.

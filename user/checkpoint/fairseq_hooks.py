@@ -290,9 +290,19 @@ def load_checkpoint_to_cpu(original, path, arg_overrides=None, load_on_all_ranks
     except Exception as e:
         if loading is None and not _unreadable(e):
             raise
+        older = [
+            p
+            for p in io.interval_checkpoints(os.path.dirname(path) or ".")
+            if p != os.path.abspath(path)
+        ]
         advice = (
-            "To go on from an older one, pass it with --restore-file (e.g. an interval "
-            "checkpoint checkpoint_<epoch>_<updates>.pt) or move this file away"
+            (
+                f"To go on from the newest interval checkpoint, pass --restore-file {older[0]}"
+                if older
+                else "To go on from an older one, pass it with --restore-file (e.g. an "
+                "interval checkpoint checkpoint_<epoch>_<updates>.pt)"
+            )
+            + " or move this file away"
             if loading is not None
             else "Use another checkpoint"
         )
@@ -342,6 +352,14 @@ def load_checkpoint(original, cfg, trainer, **passthrough):
     task = trainer.task
     if not _ours(task):
         return original(cfg, trainer, **passthrough)
+    if cfg.restore_file != "checkpoint_last.pt":
+        # fairseq reads --restore-file as given only; one that exists only in --save-dir
+        # (as the advice on a corrupt checkpoint names it) is the one meant
+        # (one that exists nowhere is refused with the flags: moe_options)
+        found = io.restore_path(cfg.restore_file, cfg.save_dir, cfg.checkpoint_suffix or "")
+        if found is not None and found != cfg.restore_file:
+            logger.info(f"--restore-file {cfg.restore_file}: loading {os.path.abspath(found)}")
+            cfg.restore_file = os.path.abspath(found)
     token = _LOADING_INTO.set(_TrainerLoad(task.expert_layout))
     try:
         extra_state, epoch_itr = original(cfg, trainer, **passthrough)

@@ -24,6 +24,7 @@ from . import format as fmt
 logger = logging.getLogger(__name__)
 
 _SHARD_FILE = re.compile(r"^experts\.([0-9A-Za-z-]+)\.(\d+)-of-(\d+)\.pt$")
+_INTERVAL_FILE = re.compile(r"^checkpoint_(\d+)_(\d+)\.pt$")
 
 
 def atomic_save(obj, path: str) -> None:
@@ -62,6 +63,28 @@ def read_checkpoint(path: str, mmap: bool = False) -> dict:
         raise
     except Exception as e:
         raise fmt.ExpertCheckpointError(f"cannot read {path}: {e}") from e
+
+
+def interval_checkpoints(directory: str) -> List[str]:
+    """fairseq's interval checkpoints (``checkpoint_<epoch>_<updates>.pt``, kept by
+    ``--keep-interval-updates``) in ``directory``, as full paths, most updates first."""
+    found = []
+    for name in os.listdir(directory) if os.path.isdir(directory) else ():
+        m = _INTERVAL_FILE.match(name)
+        if m:
+            found.append((int(m.group(2)), os.path.abspath(os.path.join(directory, name))))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def restore_path(restore_file: str, save_dir: str, suffix: str = "") -> Optional[str]:
+    """The checkpoint ``--restore-file`` names: the file as given (fairseq reads it
+    relative to the current directory), else the one in ``--save-dir``; None when
+    neither exists. fairseq itself only looks as given, and without a file trains from
+    update 0. ``suffix``: ``--checkpoint-suffix``, which fairseq inserts before ``.pt``."""
+    for path in (restore_file, os.path.join(save_dir, restore_file)):
+        if os.path.isfile(path.replace(".pt", suffix + ".pt")):
+            return path
+    return None
 
 
 def shard_file(directory: str, token: str, rank: int, ep_size: int) -> str:

@@ -16,9 +16,11 @@ the ``model_and_base`` criterion weighs with ``--loss-weights``.
 """
 
 import contextlib
+import functools
 from typing import Dict, List, Optional
 
 import torch
+import torch.utils.checkpoint
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import (
     TransformerDecoder,
@@ -26,7 +28,6 @@ from fairseq.models.transformer import (
     TransformerModel,
 )
 from fairseq.models.transformer import transformer_legacy as tl
-from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from torch import Tensor
 
 from .. import ds_moe, lockstep
@@ -43,8 +44,46 @@ from ..moe_options import MoEOptions, add_moe_args, moe_defaults, options_from_a
 
 def _wrap(layer, cfg):
     if cfg.checkpoint_activations:
-        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+        checkpoint_moe_layer(layer)
     return layer
+
+
+def checkpoint_moe_layer(layer) -> None:
+    """``--checkpoint-activations`` for an MoE layer: its activations are recomputed in
+    the backward, as fairseq's ``checkpoint_wrapper`` does for a dense layer, with two
+    differences that an MoE layer needs:
+
+    * the recompute gets the token count the model's forward agreed on with the other
+      expert-parallel ranks (by then the forward has cleared it): it routes with the
+      same capacity and makes the same all-to-alls, on every rank;
+    * torch's non-reentrant checkpoint runs the forward with autograd on, so the gate
+      loss the layer returns keeps its gradient (fairseq's runs it under ``no_grad``:
+      the routers lost the load-balancing gradient).
+
+    ``--offload-activations`` is not applied to MoE layers. fairseq's
+    ``unwrap_checkpoint`` undoes this as it undoes its own wrapper.
+    """
+    assert not hasattr(layer, "precheckpoint_forward"), "checkpointed twice"
+    layer.precheckpoint_forward = layer.forward
+    # a partial of the layer, not a closure: a deep copy of the model (EMA) stays whole
+    layer.forward = functools.partial(_checkpointed_moe_forward, layer)
+
+
+def _checkpointed_moe_forward(layer, *args, **kwargs):
+    # the agreed count is read now, in the forward, and handed to the recompute
+    return torch.utils.checkpoint.checkpoint(
+        _moe_layer_call, layer, layer.moe_ffn.agreed_tokens, *args, use_reentrant=False, **kwargs
+    )
+
+
+def _moe_layer_call(layer, agreed_tokens, *args, **kwargs):
+    """The layer's own forward with its MoE block's agreed token count set for the call."""
+    moe = layer.moe_ffn
+    saved, moe.agreed_tokens = moe.agreed_tokens, agreed_tokens
+    try:
+        return layer.precheckpoint_forward(*args, **kwargs)
+    finally:
+        moe.agreed_tokens = saved
 
 
 class MoETransformerEncoder(TransformerEncoder):
