@@ -231,3 +231,23 @@ def test_load_hook_names_damaged_files_and_passes_other_errors_on(tmp_path):
         fairseq_hooks.load_checkpoint_to_cpu(lambda *_: newer, str(damaged))
     plain = {"extra_state": {}, "model": {"w": 1}}
     assert fairseq_hooks.load_checkpoint_to_cpu(lambda *_: plain, str(damaged)) is plain
+
+
+def test_the_debug_variable_adds_the_traceback_to_the_one_line(monkeypatch, capsys):
+    from user.errors import DEBUG
+
+    assert hasattr(sys.excepthook, patches._MARK), "the plugin's one-line hook"
+    try:
+        raise fairseq_hooks.fmt.ExpertCheckpointError("x.pt: the fix")
+    except fairseq_hooks.fmt.ExpertCheckpointError as e:
+        error = e
+    monkeypatch.delenv(DEBUG, raising=False)
+    sys.excepthook(type(error), error, error.__traceback__)
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].endswith("error: x.pt: the fix")
+    assert "Traceback" not in err
+    monkeypatch.setenv(DEBUG, "1")
+    sys.excepthook(type(error), error, error.__traceback__)
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "test_patches.py" in err
+    assert err.strip().splitlines()[-1].endswith("error: x.pt: the fix")

@@ -36,7 +36,7 @@ import types
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
-from .errors import PluginError
+from .errors import DEBUG, PluginError, env_flag
 
 ALWAYS = "always"
 TASK = "translation_deepspeed task"
@@ -196,13 +196,16 @@ def one_line_errors() -> None:
 
     Under ``fairseq-train --user-dir user`` the plugin's checks run inside fairseq
     (still before any training); a bad flag or checkpoint should read like an argparse
-    error, not a traceback. Other exceptions are untouched.
+    error, not a traceback. Other exceptions are untouched. With ``FAIRSEQ_MOE_DEBUG=1``
+    the traceback is printed before the line (for a bug report).
     """
     previous = sys.excepthook
 
     def hook(exc_type, exc, tb):
         # (no import here: a failed guard leaves the plugin half-imported)
         if issubclass(exc_type, PluginError):
+            if env_flag(DEBUG, False):
+                previous(exc_type, exc, tb)
             print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
             return
         previous(exc_type, exc, tb)
