@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from conftest import USER_DIR, run_cli
+from conftest import USER_DIR, run_cli, train_py
 from test_cli import MODEL
 
 
@@ -57,19 +57,6 @@ def test_bad_input_is_one_clear_line_before_any_work(tiny_data, tmp_path, args, 
 def test_missing_data_directory(tiny_data, tmp_path):
     last = refused(tiny_data, tmp_path, *MODEL, data=tmp_path / "nope")
     assert "data directory" in last and "does not exist" in last
-
-
-def train_py(databin, save, max_update, *extra, check=True):
-    """``python user/train.py`` with the small MoE model of test_cli."""
-    args = [databin, *MODEL, "--save-dir", save, "--max-update", max_update, *extra]
-    return run_cli(["python", USER_DIR / "train.py", *args], check=check)
-
-
-@pytest.fixture(scope="module")
-def trained_once(tiny_data, tmp_path_factory):
-    save = tmp_path_factory.mktemp("rel") / "ckpt"
-    train_py(tiny_data["databin"], save, 2)
-    return save
 
 
 def resume(tiny_data, save, *extra):

@@ -27,9 +27,7 @@ a context variable set for the duration of that one call.
 import contextvars
 import logging
 import os
-import pickle
 import secrets
-import zipfile
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -37,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ds_moe
+from ..errors import PluginError
 from . import format as fmt
 from . import io, upcycle
 
@@ -51,13 +50,6 @@ _LOADING_INTO: contextvars.ContextVar = contextvars.ContextVar("moe_loading_into
 @dataclass(frozen=True)
 class _TrainerLoad:
     layout: Optional[fmt.ExpertLayout]
-
-
-def _unreadable(e: Exception) -> bool:
-    """Whether ``e`` is torch failing to read a damaged file (truncated, not a checkpoint)."""
-    if isinstance(e, (pickle.UnpicklingError, EOFError, zipfile.BadZipFile)):
-        return True
-    return isinstance(e, RuntimeError) and "PytorchStreamReader" in str(e)
 
 
 def _ours(task) -> bool:
@@ -278,28 +270,26 @@ def save_checkpoint(original, cfg, trainer, epoch_itr, val_loss):
 
 
 def load_checkpoint_to_cpu(original, path, arg_overrides=None, load_on_all_ranks=False):
-    """``checkpoint_utils.load_checkpoint_to_cpu`` that names a damaged file and converts a
-    checkpoint of another expert-parallel layout into the running one. A checkpoint
-    without expert shards, read outside the task's training, is returned as fairseq
-    read it."""
+    """``checkpoint_utils.load_checkpoint_to_cpu`` that names a file it cannot read (damaged,
+    or refused by the system: other errors pass as they are) and converts a checkpoint of
+    another expert-parallel layout into the running one. A checkpoint without expert
+    shards, read outside the task's training, is returned as fairseq read it."""
     loading = _LOADING_INTO.get()
     try:
         state = original(path, arg_overrides, load_on_all_ranks)
-    except FileNotFoundError:
+    except (FileNotFoundError, PluginError):
         raise
     except Exception as e:
-        if loading is None and not _unreadable(e):
-            raise
         advice = (
             "To go on from an older one, pass it with --restore-file (e.g. an interval "
             "checkpoint checkpoint_<epoch>_<updates>.pt) or move this file away"
             if loading is not None
             else "Use another checkpoint"
         )
-        raise fmt.ExpertCheckpointError(
-            f"cannot read checkpoint {path} ({type(e).__name__}: {e}): the file is "
-            f"truncated or corrupt. {advice}"
-        ) from e
+        error = io.read_error(path, e, advice)
+        if error is None:
+            raise  # not about the file (a bug, a changed signature): as it is
+        raise error from e
     info = (state.get("extra_state") or {}).get(fmt.SHARD_KEY)
     layout = loading.layout if loading is not None else None
     if info is None and layout is None:
