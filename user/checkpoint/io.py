@@ -190,7 +190,7 @@ def read_checkpoint(path: str, mmap: bool = False) -> dict:
     Raises:
         FileNotFoundError: no such file.
         ExpertCheckpointError: one line naming the file: it cannot be read, is damaged,
-            or would run code (:class:`~.format.UnsafeCheckpointError`).
+            would run code (:class:`~.format.UnsafeCheckpointError`) or holds no model.
     """
     try:
         state = safe_load(path, mmap=mmap)
@@ -201,6 +201,11 @@ def read_checkpoint(path: str, mmap: bool = False) -> dict:
         if error is None:
             raise
         raise error from e
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise fmt.ExpertCheckpointError(
+            f"{path} is not a fairseq checkpoint (it holds no model state): give a checkpoint "
+            "file that fairseq-train or this plugin wrote"
+        )
     return state
 
 
