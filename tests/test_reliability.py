@@ -94,6 +94,21 @@ def test_checkpoint_with_another_number_of_experts(tiny_data, trained_once, tmp_
 
 
 @pytest.mark.timeout(300)
+def test_resume_with_other_model_flags_names_each_flag(tiny_data, trained_once, tmp_path):
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    (save / "checkpoint_last.pt").write_bytes((trained_once / "checkpoint_last.pt").read_bytes())
+    proc = resume(tiny_data, save, "--moe-freq", "1", "--encoder-ffn-embed-dim", "128")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert (
+        f"--moe-freq is 1 here but 2, --encoder-ffn-embed-dim is 128 here but 64 in "
+        f"{save / 'checkpoint_last.pt'}: use --moe-freq 2 --encoder-ffn-embed-dim 64 "
+        "(or a new --save-dir)"
+    ) in last
+
+
+@pytest.mark.timeout(300)
 def test_checkpoint_with_another_dictionary(tiny_data, trained_once, tmp_path):
     # the same data with a smaller dictionary
     other = tmp_path / "databin"
