@@ -105,6 +105,22 @@ def tiny_data(tmp_path_factory):
     return {"databin": databin, "raw": raw}
 
 
+def train_py(databin, save, max_update, *extra, check=True):
+    """``python user/train.py`` with the small MoE model of test_cli."""
+    from test_cli import MODEL
+
+    args = [databin, *MODEL, "--save-dir", save, "--max-update", max_update, *extra]
+    return run_cli(["python", USER_DIR / "train.py", *args], check=check)
+
+
+@pytest.fixture(scope="session")
+def trained_once(tiny_data, tmp_path_factory):
+    """The save dir of a 1-process run of test_cli's MoE model, 2 updates."""
+    save = tmp_path_factory.mktemp("rel") / "ckpt"
+    train_py(tiny_data["databin"], save, 2)
+    return save
+
+
 @pytest.fixture(scope="session")
 def ep2_run(tiny_data, tmp_path_factory):
     """A 2-process expert-parallel training run (EP=2, 4 experts), 9 updates.

@@ -154,6 +154,39 @@ def test_prune_keeps_exactly_the_shards_a_checkpoint_names(tmp_path):
     )
 
 
+@pytest.mark.parametrize("case", ["text", "truncated", "a list", "no model", "dst is a directory"])
+def test_reshard_of_a_bad_file_is_one_clear_line(tmp_path, capsys, case):
+    """Item 5e: what is not a checkpoint, and a directory as the output, are named."""
+    from user.checkpoint.reshard import main
+
+    good = tmp_path / "good.pt"
+    torch.save(_full_state()[0], good)
+    src, dst = tmp_path / "in.pt", tmp_path / "out.pt"
+    expected = {
+        "text": "the file is truncated or corrupt",
+        "truncated": "the file is truncated or corrupt",
+        "a list": "is not a fairseq checkpoint",
+        "no model": "is not a fairseq checkpoint",
+        "dst is a directory": "is a directory: give the output file, e.g. ",
+    }[case]
+    if case == "text":
+        src.write_text("source sentences\n")
+    elif case == "truncated":
+        src.write_bytes(good.read_bytes()[:1000])
+    elif case in ("a list", "no model"):
+        torch.save([1, 2] if case == "a list" else {"args": None}, src)
+    else:
+        src, dst = good, tmp_path / "outdir"
+        dst.mkdir()
+    with pytest.raises(SystemExit) as e:
+        main([str(src), str(dst), "--ep-size", "1"])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and line.startswith("python -m user.reshard: error: ")
+    assert expected in line and str(dst if case == "dst is a directory" else src) in line
+    written = sorted(p.name for p in tmp_path.rglob("*") if p.name.startswith("out"))
+    assert written == (["outdir"] if case == "dst is a directory" else []), "nothing is written"
+
+
 def test_atomic_save_leaves_no_temp_file(tmp_path):
     ckpt_io.atomic_save({"a": torch.ones(2)}, str(tmp_path / "x.pt"))
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]

@@ -9,7 +9,9 @@ checkpoint hooks leave other tasks' trainers alone; ``user/`` keeps no module-le
 mutable state."""
 
 import ast
+import errno
 import json
+import os
 import subprocess
 import sys
 from unittest import mock
@@ -209,17 +211,24 @@ def test_a_failed_guard_at_import_prints_one_line():
     assert "deepspeed 0.19.8" in line and "0.19.9" in line
 
 
-def test_load_hook_names_damaged_files_and_passes_other_errors_on(tmp_path):
+@pytest.fixture(params=["generation", "trainer"])
+def loading(request):
+    """The load hook outside a trainer's load (generation, hub) and inside one."""
+    if request.param == "generation":
+        yield
+        return
+    token = fairseq_hooks._LOADING_INTO.set(fairseq_hooks._TrainerLoad(None))
+    yield
+    fairseq_hooks._LOADING_INTO.reset(token)
+
+
+def test_load_hook_names_damaged_files_and_passes_other_errors_on(tmp_path, loading):
+    from fairseq import checkpoint_utils
+
     damaged = tmp_path / "checkpoint.pt"
     damaged.write_bytes(b"not a checkpoint")
-
-    def fairseq_reads(path, *_):
-        import torch
-
-        return torch.load(path, weights_only=False)
-
     with pytest.raises(fairseq_hooks.fmt.ExpertCheckpointError, match="truncated or corrupt"):
-        fairseq_hooks.load_checkpoint_to_cpu(fairseq_reads, str(damaged))
+        checkpoint_utils.load_checkpoint_to_cpu(str(damaged))
 
     def fails(path, *_):
         raise ValueError("an override fairseq rejects")
@@ -245,3 +254,51 @@ def test_a_fairseq_that_does_not_call_the_task_hook_stops_with_one_line(monkeypa
     monkeypatch.setattr(checkpoint_utils, "save_checkpoint", save_checkpoint)
     with pytest.raises(patches.PatchError, match=r"get_checkpoint_dict.*make install"):
         patches.check_all()
+
+
+def test_a_checkpoint_without_read_permission_is_named_so(tmp_path, monkeypatch, loading):
+    """Not "truncated or corrupt": the file is fine, the system refused it."""
+    import builtins
+
+    import torch
+    from fairseq import checkpoint_utils
+
+    from user.checkpoint import io as ckpt_io
+
+    path = tmp_path / "checkpoint_last.pt"
+    torch.save({"model": {"w": torch.ones(1)}}, path)
+    if os.geteuid() != 0:
+        path.chmod(0)
+    else:  # root reads anything: refuse it in the functions that open the file
+
+        def denied(name, *args, **kwargs):
+            if os.fspath(name) == str(path):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(name))
+            return builtins.open(name, *args, **kwargs)
+
+        for module in (checkpoint_utils, torch.serialization):
+            monkeypatch.setattr(module, "open", denied, raising=False)
+    for load in (checkpoint_utils.load_checkpoint_to_cpu, ckpt_io.read_checkpoint):
+        with pytest.raises(fairseq_hooks.fmt.ExpertCheckpointError) as e:
+            load(str(path))
+        assert str(e.value) == f"cannot read {path}: permission denied"
+
+
+def test_the_debug_variable_adds_the_traceback_to_the_one_line(monkeypatch, capsys):
+    from user.errors import DEBUG
+
+    assert hasattr(sys.excepthook, patches._MARK), "the plugin's one-line hook"
+    try:
+        raise fairseq_hooks.fmt.ExpertCheckpointError("x.pt: the fix")
+    except fairseq_hooks.fmt.ExpertCheckpointError as e:
+        error = e
+    monkeypatch.delenv(DEBUG, raising=False)
+    sys.excepthook(type(error), error, error.__traceback__)
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].endswith("error: x.pt: the fix")
+    assert "Traceback" not in err
+    monkeypatch.setenv(DEBUG, "1")
+    sys.excepthook(type(error), error, error.__traceback__)
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "test_patches.py" in err
+    assert err.strip().splitlines()[-1].endswith("error: x.pt: the fix")

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from conftest import USER_DIR, run_cli
+from conftest import USER_DIR, run_cli, train_py
 from test_cli import MODEL, losses_by_update
 
 
@@ -83,19 +83,6 @@ def test_corrupt_upcycle_source_is_refused_before_any_work(tiny_data, tmp_path):
     assert f"--upcycle-from {bad}: cannot read it" in last
 
 
-def train_py(databin, save, max_update, *extra, check=True):
-    """``python user/train.py`` with the small MoE model of test_cli."""
-    args = [databin, *MODEL, "--save-dir", save, "--max-update", max_update, *extra]
-    return run_cli(["python", USER_DIR / "train.py", *args], check=check)
-
-
-@pytest.fixture(scope="module")
-def trained_once(tiny_data, tmp_path_factory):
-    save = tmp_path_factory.mktemp("rel") / "ckpt"
-    train_py(tiny_data["databin"], save, 2)
-    return save
-
-
 def resume(tiny_data, save, *extra):
     return train_py(tiny_data["databin"], save, 4, *extra, check=False)
 
@@ -147,6 +134,21 @@ def test_checkpoint_with_another_number_of_experts(tiny_data, trained_once, tmp_
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert "has 4 experts per MoE layer but the model has 2: use --num-experts 4" in last
+
+
+@pytest.mark.timeout(300)
+def test_resume_with_other_model_flags_names_each_flag(tiny_data, trained_once, tmp_path):
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    (save / "checkpoint_last.pt").write_bytes((trained_once / "checkpoint_last.pt").read_bytes())
+    proc = resume(tiny_data, save, "--moe-freq", "1", "--encoder-ffn-embed-dim", "128")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert (
+        f"--moe-freq is 1 here but 2, --encoder-ffn-embed-dim is 128 here but 64 in "
+        f"{save / 'checkpoint_last.pt'}: use --moe-freq 2 --encoder-ffn-embed-dim 64 "
+        "(or a new --save-dir)"
+    ) in last
 
 
 @pytest.mark.timeout(300)

@@ -14,6 +14,7 @@ import re
 import sys
 from typing import List, Optional
 
+from .errors import refuse
 from .moe_options import MoEArgumentError, flag_given, validate
 
 USER_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -127,9 +128,8 @@ def _gathering(main):
 
 
 def _refuse(error: Exception) -> None:
-    """One line naming the flag and the fix (no usage dump), exit status 2 as argparse's."""
-    print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
-    sys.exit(2)
+    """One line naming the flag and the fix (see :func:`user.errors.refuse`)."""
+    refuse(os.path.basename(sys.argv[0]), error)
 
 
 def run(cli: str, argv: Optional[List[str]] = None) -> None:

@@ -36,7 +36,7 @@ import types
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
-from .errors import PluginError
+from .errors import DEBUG, PluginError, env_flag
 
 ALWAYS = "always"
 TASK = "translation_deepspeed task"
@@ -202,13 +202,16 @@ def one_line_errors() -> None:
 
     Under ``fairseq-train --user-dir user`` the plugin's checks run inside fairseq
     (still before any training); a bad flag or checkpoint should read like an argparse
-    error, not a traceback. Other exceptions are untouched.
+    error, not a traceback. Other exceptions are untouched. With ``FAIRSEQ_MOE_DEBUG=1``
+    the traceback is printed before the line (for a bug report).
     """
     previous = sys.excepthook
 
     def hook(exc_type, exc, tb):
         # (no import here: a failed guard leaves the plugin half-imported)
         if issubclass(exc_type, PluginError):
+            if env_flag(DEBUG, False):
+                previous(exc_type, exc, tb)
             print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
             return
         previous(exc_type, exc, tb)
@@ -218,8 +221,8 @@ def one_line_errors() -> None:
         sys.excepthook = hook
 
 
-class _TorchForFairseqCheckpoints(types.ModuleType):
-    """``torch`` whose ``load`` defaults to ``weights_only=False``."""
+class _Torch(types.ModuleType):
+    """``torch``, for an upstream module whose ``torch.load`` is replaced."""
 
     def __init__(self):
         super().__init__("torch")
@@ -228,6 +231,21 @@ class _TorchForFairseqCheckpoints(types.ModuleType):
         import torch
 
         return getattr(torch, name)
+
+
+class _TorchWithSafeLoad(_Torch):
+    """``torch`` whose ``load`` is the plugin's checkpoint loader
+    (:func:`user.checkpoint.io.safe_load`: weights only, plus what fairseq checkpoints hold)."""
+
+    @staticmethod
+    def load(f, map_location=None, mmap=False):
+        from .checkpoint import io
+
+        return io.safe_load(f, map_location=map_location, mmap=mmap)
+
+
+class _TorchWithPickleLoad(_Torch):
+    """``torch`` whose ``load`` unpickles everything (``weights_only=False``)."""
 
     @staticmethod
     def load(*args, **kwargs):
@@ -244,14 +262,18 @@ class _TorchForFairseqCheckpoints(types.ModuleType):
     upstream="https://github.com/facebookresearch/fairseq/issues/5610",
 )
 def fairseq_checkpoints_load_under_torch_2_6() -> None:
-    """Let fairseq read its own checkpoints under torch >= 2.6.
+    """Let fairseq read its own checkpoints under torch >= 2.6, and nothing but data.
 
     torch 2.6 made ``torch.load`` weights-only by default; fairseq checkpoints hold an
-    ``argparse.Namespace`` and omegaconf objects, so every load failed. fairseq's
-    checkpoint module gets a ``torch`` whose ``load`` defaults to ``weights_only=False``;
-    other ``torch.load`` calls in the process keep torch's default.
+    ``argparse.Namespace`` (and, with ``--eval-bleu``, numpy arrays), so every load
+    failed; loading them with ``weights_only=False`` instead would let any checkpoint run
+    code (``--path``, ``--restore-file``, ``--finetune-from-model``, the hub). fairseq's
+    checkpoint module gets a ``torch`` whose ``load`` is the plugin's checkpoint loader,
+    which allows exactly what fairseq checkpoints hold (:data:`user.checkpoint.io.ALLOWED_GLOBALS`)
+    and refuses any other file with one line; other ``torch.load`` calls in the process
+    keep torch's default.
     """
-    _replace("fairseq.checkpoint_utils.torch", lambda _: _TorchForFairseqCheckpoints())
+    _replace("fairseq.checkpoint_utils.torch", lambda _: _TorchWithSafeLoad())
 
 
 @patch(
@@ -265,9 +287,13 @@ def fairseq_broadcast_loads_under_torch_2_6() -> None:
 
     ``fairseq.distributed.utils.broadcast_object`` serialises with ``torch.save`` and
     reads back with ``torch.load``: under torch's weights-only default a multi-process
-    resume failed there.
+    resume failed there, as a loaded checkpoint holds omegaconf objects and the plugin's
+    ``ShardReader``.
+    These bytes are not a user's file: rank 0 produced them in this run from a checkpoint
+    it had read with the safe loader, so they are unpickled in full
+    (``weights_only=False``); nothing read from disk reaches this ``load``.
     """
-    _replace("fairseq.distributed.utils.torch", lambda _: _TorchForFairseqCheckpoints())
+    _replace("fairseq.distributed.utils.torch", lambda _: _TorchWithPickleLoad())
 
 
 @patch(

@@ -16,8 +16,9 @@ original function first) and only act for the ``translation_deepspeed`` task:
   built, converted to the running layout, each rank's experts and their optimizer
   state restored; a finished run trains nothing; ``--upcycle-from`` applies;
 * :func:`load_checkpoint_to_cpu` (every read while the task is in use): a read error
-  names the file and the way back; a checkpoint of another expert-parallel layout
-  is converted (gathered, and cut to the running layout).
+  names the file and the way back; in the trainer's load, a checkpoint saved with
+  other model flags is refused naming them; a checkpoint of another expert-parallel
+  layout is converted (gathered, and cut to the running layout).
 
 fairseq's trainer calls ``load_checkpoint_to_cpu`` without the task, so
 :func:`load_checkpoint` hands the task's :class:`~.format.ExpertLayout` down through
@@ -27,16 +28,16 @@ a context variable set for the duration of that one call.
 import contextvars
 import logging
 import os
-import pickle
 import secrets
-import zipfile
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from .. import ds_moe
+from ..errors import PluginError
+from ..moe_options import FLAGS, parse_sides
 from . import format as fmt
 from . import io, upcycle
 
@@ -50,14 +51,16 @@ _LOADING_INTO: contextvars.ContextVar = contextvars.ContextVar("moe_loading_into
 
 @dataclass(frozen=True)
 class _TrainerLoad:
+    """What the trainer's load knows of the model just built.
+
+    Args:
+        layout: its :class:`~.format.ExpertLayout` (``None`` for a dense model).
+        model_cfg: its model config (``cfg.model``: an ``argparse.Namespace`` for the
+            plugin's models), to compare with the checkpoint's.
+    """
+
     layout: Optional[fmt.ExpertLayout]
-
-
-def _unreadable(e: Exception) -> bool:
-    """Whether ``e`` is torch failing to read a damaged file (truncated, not a checkpoint)."""
-    if isinstance(e, (pickle.UnpicklingError, EOFError, zipfile.BadZipFile)):
-        return True
-    return isinstance(e, RuntimeError) and "PytorchStreamReader" in str(e)
+    model_cfg: Any = None
 
 
 def _ours(task) -> bool:
@@ -193,12 +196,81 @@ def load_for_rank(path: str, model, ep_rank: int, ep_size: int) -> dict:
 # checks
 
 
-def _check_against_model(
-    state: dict, info: Optional[dict], path: str, layout: fmt.ExpertLayout
-) -> None:
-    """Refuse, with the flag to change, a checkpoint that cannot fit the model just built."""
-    if not state.get("model"):
+# The model flags that decide which parameters the model has, their shapes and where
+# its experts sit: a checkpoint saved with other values does not fit (fairseq stops in
+# load_state_dict with a traceback) or would silently compute something else. The MoE
+# ones count only when both models have MoE layers (--deepspeed_moe names the change).
+_MODEL_FLAGS = (
+    "arch",
+    "deepspeed_moe",
+    "num_experts",
+    "moe_freq",
+    "moe_use_residual",
+    "encoder_layers",
+    "decoder_layers",
+    "encoder_embed_dim",
+    "decoder_embed_dim",
+    "decoder_input_dim",
+    "decoder_output_dim",
+    "encoder_ffn_embed_dim",
+    "decoder_ffn_embed_dim",
+    "encoder_attention_heads",
+    "decoder_attention_heads",
+    "share_all_embeddings",
+    "share_decoder_input_output_embed",
+)
+_MOE_ONLY = ("num_experts", "moe_freq", "moe_use_residual")
+
+
+def _flag(dest: str) -> str:
+    """The command-line flag of a model config field."""
+    return next((f.names[0] for f in FLAGS if f.dest == dest), "--" + dest.replace("_", "-"))
+
+
+def _model_value(cfg, dest: str):
+    """A model config field (``None`` when absent) of a Namespace, dict or DictConfig."""
+    value = cfg.get(dest, None) if hasattr(cfg, "get") else getattr(cfg, dest, None)
+    if dest == "deepspeed_moe":  # "dec,enc" is "enc,dec"; "" is dense, as not given
+        return ",".join(sorted(parse_sides(value))) or None
+    return value
+
+
+def _check_model_flags(state: dict, path: str, model_cfg) -> None:
+    """Refuse a checkpoint saved with other :data:`_MODEL_FLAGS`, naming each with both values."""
+    saved = state["cfg"].get("model") if state.get("cfg") is not None else state.get("args")
+    if saved is None or model_cfg is None:
         return
+    moe = _model_value(saved, "deepspeed_moe") and _model_value(model_cfg, "deepspeed_moe")
+    differ = []
+    for dest in _MODEL_FLAGS:
+        here, there = _model_value(model_cfg, dest), _model_value(saved, dest)
+        if (dest in _MOE_ONLY and not moe) or (dest != "deepspeed_moe" and there is None):
+            continue  # no MoE on one side, or a flag the checkpoint does not record
+        if here != there:
+            differ.append((_flag(dest), here, there))
+    if not differ:
+        return
+
+    def shown(v):
+        if isinstance(v, bool):
+            return "on" if v else "off"
+        return "not given" if v is None else v
+
+    what = ", ".join(
+        f"{flag} is {shown(here)} here but {shown(there)}" for flag, here, there in differ
+    )
+    use = [flag if there is True else f"{flag} {there}" for flag, _, there in differ if there]
+    drop = [flag for flag, _, there in differ if not there]
+    fix = " and ".join(
+        part
+        for part in (use and "use " + " ".join(use), drop and "leave out " + " ".join(drop))
+        if part
+    )
+    raise fmt.ExpertCheckpointError(f"{what} in {path}: {fix} (or a new --save-dir)")
+
+
+def _check_layout(state: dict, info: Optional[dict], path: str, layout: fmt.ExpertLayout) -> None:
+    """Refuse, with the flag to change, a checkpoint whose experts or vocabulary do not fit."""
     if upcycle.is_dense_state(state["model"]):
         raise fmt.ExpertCheckpointError(
             f"{path} is a dense checkpoint (no MoE layer) but the model has "
@@ -218,6 +290,16 @@ def _check_against_model(
                 f"the data directory has {size} symbols: use the binarized data (dict.*.txt) "
                 "the checkpoint was trained with"
             )
+
+
+def _check_against_model(state: dict, info: Optional[dict], path: str, load: _TrainerLoad) -> None:
+    """Refuse, with the flags to change, a checkpoint that cannot fit the model just built:
+    its experts and vocabulary first (an MoE model), then the model flags it was saved with."""
+    if not state.get("model"):
+        return
+    if load.layout is not None:
+        _check_layout(state, info, path, load.layout)
+    _check_model_flags(state, path, load.model_cfg)
 
 
 def _stop_if_finished(trainer) -> None:
@@ -278,18 +360,17 @@ def save_checkpoint(original, cfg, trainer, epoch_itr, val_loss):
 
 
 def load_checkpoint_to_cpu(original, path, arg_overrides=None, load_on_all_ranks=False):
-    """``checkpoint_utils.load_checkpoint_to_cpu`` that names a damaged file and converts a
-    checkpoint of another expert-parallel layout into the running one. A checkpoint
-    without expert shards, read outside the task's training, is returned as fairseq
-    read it."""
+    """``checkpoint_utils.load_checkpoint_to_cpu`` that names a file it cannot read (damaged,
+    or refused by the system: other errors pass as they are), checks the checkpoint against
+    the model the trainer just built, and converts a checkpoint of another expert-parallel
+    layout into the running one. A checkpoint without expert shards, read outside the
+    task's training, is returned as fairseq read it."""
     loading = _LOADING_INTO.get()
     try:
         state = original(path, arg_overrides, load_on_all_ranks)
-    except FileNotFoundError:
+    except (FileNotFoundError, PluginError):
         raise
     except Exception as e:
-        if loading is None and not _unreadable(e):
-            raise
         older = [
             p
             for p in io.interval_checkpoints(os.path.dirname(path) or ".")
@@ -306,19 +387,22 @@ def load_checkpoint_to_cpu(original, path, arg_overrides=None, load_on_all_ranks
             if loading is not None
             else "Use another checkpoint"
         )
-        raise fmt.ExpertCheckpointError(
-            f"cannot read checkpoint {path} ({type(e).__name__}: {e}): the file is "
-            f"truncated or corrupt. {advice}"
-        ) from e
+        error = io.read_error(path, e, advice)
+        if error is None:
+            raise  # not about the file (a bug, a changed signature): as it is
+        raise error from e
     info = (state.get("extra_state") or {}).get(fmt.SHARD_KEY)
     layout = loading.layout if loading is not None else None
-    if info is None and layout is None:
-        return state  # nothing of this plugin's to convert or check
     running = layout.param_names if layout is not None else None
-    reader = io.ShardReader.of(state, path, running)  # checks the shard format version first
+    reader = None
+    if info is not None or layout is not None:
+        reader = io.ShardReader.of(state, path, running)  # checks the shard format version first
+    if loading is not None:
+        _check_against_model(state, info, path, loading)
+    if reader is None:
+        return state  # nothing of this plugin's to convert
     ckpt_ep = reader.info["ep_size"]
     if layout is not None:
-        _check_against_model(state, info, path, layout)
         cur_ep = layout.ep_size
     else:
         # nothing built yet (generation, hub): keep the checkpoint's layout if this
@@ -360,7 +444,7 @@ def load_checkpoint(original, cfg, trainer, **passthrough):
         if found is not None and found != cfg.restore_file:
             logger.info(f"--restore-file {cfg.restore_file}: loading {os.path.abspath(found)}")
             cfg.restore_file = os.path.abspath(found)
-    token = _LOADING_INTO.set(_TrainerLoad(task.expert_layout))
+    token = _LOADING_INTO.set(_TrainerLoad(task.expert_layout, trainer.cfg.model))
     try:
         extra_state, epoch_itr = original(cfg, trainer, **passthrough)
     finally:

@@ -40,7 +40,12 @@ _EXPERT = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..+)$")
 
 
 class ExpertCheckpointError(PluginError, RuntimeError):
-    """A checkpoint whose expert shards are missing, corrupt or do not match."""
+    """A checkpoint that cannot be read, or whose expert shards are missing, corrupt or
+    do not match."""
+
+
+class UnsafeCheckpointError(ExpertCheckpointError):
+    """A checkpoint whose unpickling would call more than a checkpoint's data needs."""
 
 
 @dataclass(frozen=True)

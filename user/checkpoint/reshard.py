@@ -24,8 +24,8 @@ conversion once.
 import argparse
 import os
 import secrets
-import sys
 
+from ..errors import refuse
 from . import format as fmt
 from . import io
 
@@ -76,15 +76,23 @@ def main(argv=None) -> None:
         help="target --ep-world-size; 1 writes one consolidated file",
     )
     args = parser.parse_args(argv)
+
     if args.ep_size < 1:
-        parser.error(f"--ep-size {args.ep_size}: must be at least 1")
+        refuse(parser.prog, f"--ep-size {args.ep_size}: must be at least 1")
     if os.path.abspath(args.src) == os.path.abspath(args.dst):
-        parser.error("dst must differ from src (the source is read while the output is written)")
+        refuse(
+            parser.prog, "dst must differ from src (the source is read while the output is written)"
+        )
+    if os.path.isdir(args.dst):
+        refuse(
+            parser.prog,
+            f"dst {args.dst} is a directory: give the output file, e.g. "
+            f"{os.path.join(args.dst, 'checkpoint_last.pt')}",
+        )
     try:
         written = reshard(args.src, args.dst, args.ep_size)
-    except (fmt.ExpertCheckpointError, FileNotFoundError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (fmt.ExpertCheckpointError, OSError) as e:  # a bad file; the disk refused
+        refuse(parser.prog, e)
     for path in written:
         print(path)
 

@@ -28,7 +28,6 @@ Turn the local path off with ``FAIRSEQ_MOE_FAST_DISPATCH=0`` (all layers) or
 ``layer.fast_dispatch = False`` (one layer): tests compare the two.
 """
 
-import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -41,6 +40,7 @@ from fairseq.modules.quant_noise import quant_noise
 from torch import Tensor, nn
 
 from .. import ds_moe
+from ..errors import env_flag
 from ..moe_options import MoEOptions
 from . import gating
 from .gating import Routes
@@ -124,15 +124,8 @@ def _global_module_hooks() -> bool:
     )
 
 
-def _env_flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    return value.strip().lower() not in ("0", "false", "no", "off")
-
-
 #: Default of :attr:`MoEFeedForward.fast_dispatch` (``FAIRSEQ_MOE_FAST_DISPATCH=0`` turns it off).
-FAST_DISPATCH = _env_flag("FAIRSEQ_MOE_FAST_DISPATCH", True)
+FAST_DISPATCH = env_flag("FAIRSEQ_MOE_FAST_DISPATCH", True)
 
 #: Default of :attr:`MoEFeedForward.exact_fit` (``FAIRSEQ_MOE_EXACT_FIT=0`` turns it off).
 #: Expert parallelism without token dropping (validation and generation by default,
@@ -144,7 +137,7 @@ FAST_DISPATCH = _env_flag("FAIRSEQ_MOE_FAST_DISPATCH", True)
 #: (validation: 0.38-0.41x -> 0.58-0.63x dense on 2 CPU processes); an incremental decoding
 #: step of a few hundred tokens gains nothing from it, so it applies from
 #: :attr:`MoEFeedForward.exact_fit_min_tokens` tokens on.
-EXACT_FIT = _env_flag("FAIRSEQ_MOE_EXACT_FIT", True)
+EXACT_FIT = env_flag("FAIRSEQ_MOE_EXACT_FIT", True)
 
 
 class MoEFeedForward(nn.Module):
