@@ -418,10 +418,13 @@ def _upcycle_source(args, run):
     dense = "give a dense checkpoint (e.g. checkpoint_best.pt of a run without --deepspeed_moe)"
     if not os.path.isfile(path):
         return f"--upcycle-from {path}: no such file; {dense}"
+    from .checkpoint import format as fmt
     from .checkpoint import io, upcycle
 
     try:
         state = io.read_checkpoint(path, mmap=True)
+    except fmt.UnsafeCheckpointError as e:
+        return f"--upcycle-from: {e}"
     except PluginError as e:
         return f"--upcycle-from {path}: cannot read it ({_one_line(e.__cause__ or e)}); {dense}"
     model = state.get("model") if isinstance(state, dict) else None
