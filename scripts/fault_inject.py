@@ -81,7 +81,7 @@ def install(state):
         # (a save at the end of an epoch writes checkpoint_last.pt directly: no
         # copy; strike at the first copy from that update on)
         if MODE == "copy" and state["updates"] >= UPDATE and _mine():
-            _die(f"{dst}.tmp.{os.getpid()}")
+            _die(ckpt_io.tmp_file(dst))
         return copy(src, dst)
 
     ckpt_io.atomic_copy = half_copy
@@ -90,7 +90,7 @@ def install(state):
 
     def half_shard(obj, path):
         if MODE == "shard" and state["updates"] == UPDATE and _mine():
-            _die(f"{path}.tmp.{os.getpid()}")
+            _die(ckpt_io.tmp_file(path))
         return atomic(obj, path)
 
     ckpt_io.atomic_save = half_shard
