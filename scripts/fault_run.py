@@ -22,14 +22,13 @@ import argparse
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from mt_run import fairseq_log
+from mt_run import fairseq_log, processes
 from mt_run.recipes import MICRO
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,26 +74,6 @@ def consolidated(save: Path):
     return load_consolidated(str(save / "checkpoint_last.pt"))
 
 
-def kill_tree(pid):
-    """SIGKILL ``pid`` and all its descendants at once, as a crashed machine would.
-
-    torchrun starts each worker in a session of its own: killing torchrun's
-    process group alone would leave the workers training.
-    """
-    import psutil
-
-    try:
-        parent = psutil.Process(pid)
-        procs = parent.children(recursive=True) + [parent]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-
-
 def run(cmd, timeout, kill_at_update=None, delay=0.0):
     """Run ``cmd`` (its own process group). With ``kill_at_update``, SIGKILL the
     group from outside ``delay`` seconds after it logs that update. Its output is
@@ -120,18 +99,20 @@ def run(cmd, timeout, kill_at_update=None, delay=0.0):
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     deadline = time.time() + timeout
-    while proc.poll() is None:
-        if reached.wait(0.05):
-            time.sleep(delay)
-            kill_tree(proc.pid)
-            break
-        if time.time() > deadline:
-            kill_tree(proc.pid)
-            proc.wait()
-            reader.join(10)
-            raise RuntimeError(
-                f"timed out after {timeout}s: {' '.join(cmd)}\n{''.join(lines)[-3000:]}"
-            )
+    try:
+        while proc.poll() is None:
+            if reached.wait(0.05):
+                time.sleep(delay)
+                processes.kill_tree(proc.pid)  # as a crashed machine would, workers included
+                break
+            if time.time() > deadline:
+                raise RuntimeError(
+                    f"timed out after {timeout}s: {' '.join(cmd)}\n{''.join(lines)[-3000:]}"
+                )
+    except BaseException:  # the timeout, Ctrl-C, the test's timeout: nothing left running
+        processes.kill_tree(proc.pid)
+        proc.wait()
+        raise
     proc.wait()
     reader.join(10)
     out = "".join(lines)
