@@ -56,7 +56,8 @@ def kill_tree(pid: int) -> None:
             os.killpg(group, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    psutil.wait_procs(list(tree.values()), timeout=10)
+    # (no waiting here: reaping the caller's own child would rob its Popen of the exit
+    # status, -9; the others are reaped by whoever adopted them)
 
 
 def run(
