@@ -7,6 +7,7 @@
 pruning, resharding EP=2 -> 1 -> 2, and single-process loading."""
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -315,10 +316,13 @@ def test_reshard_to_one_process_gives_the_expert_parallel_outputs(runs):
 
 
 @pytest.mark.timeout(600)
-def test_a_resharded_checkpoint_resumes_training_like_the_original(runs):
-    db, root = runs["db"], runs["root"]
+def test_a_resharded_checkpoint_resumes_training_like_the_original(runs, tmp_path):
+    db, root = runs["db"], tmp_path
+    # the other tests read runs["cut"] at 9 updates: train on from a copy of it
+    cut = root / "cut"
+    shutil.copytree(runs["cut"], cut)
     # EP=2 -> consolidated -> EP=2 again, in a new save dir
-    consolidated(runs["cut"] / "checkpoint_last.pt", root / "c9.pt")
+    consolidated(cut / "checkpoint_last.pt", root / "c9.pt")
     re2 = root / "re2"
     run_cli(
         [
@@ -332,11 +336,11 @@ def test_a_resharded_checkpoint_resumes_training_like_the_original(runs):
         ]
     )
     assert len(list(re2.glob("experts.*.pt"))) == 2
-    original = train2(db, runs["cut"], 11)
+    original = train2(db, cut, 11)
     resharded = train2(db, re2, 11)
     assert sorted(resharded) == [10, 11] and resharded == original
     assert_same_training_state(
-        consolidated(runs["cut"] / "checkpoint_last.pt", root / "o11.pt"),
+        consolidated(cut / "checkpoint_last.pt", root / "o11.pt"),
         consolidated(re2 / "checkpoint_last.pt", root / "r11.pt"),
     )
 
