@@ -16,7 +16,8 @@
 #   WMT_MIRROR           base URL serving every archive by its file name
 #                        (training-parallel-europarl-v7.tgz, ..., test-full.tgz)
 #                        instead of the WMT sites [unset]
-#   WMT_CHECKSUMS        sha256sum-style file of known archive digests [unset]
+#   WMT_CHECKSUMS        sha256sum-style file of known archive digests, checked on
+#                        every run, also against archives downloaded before [unset]
 #   SRC, TGT             direction [en, de]; de/en is supported
 #   VALID                newstest2013 or heldout (every 100th training line) [newstest2013]
 #   VOCAB_SIZE           joint sentencepiece vocabulary [32000]

@@ -35,6 +35,7 @@ from .archives import (
     fetch_archive,
     parse_checksums,
     sha256_file,
+    verified_sha256,
 )
 from .bleu import (
     ScoringError,
@@ -96,5 +97,6 @@ __all__ = [
     "sha256_file",
     "signature",
     "train_sentencepiece",
+    "verified_sha256",
     "write_lines",
 ]

@@ -4,12 +4,15 @@
 
 Downloads resume with HTTP ``Range`` (within a call and across runs) and an
 archive is verified before extraction: the whole gzip/tar stream is read,
-and a sha256 is compared when known.
+and a sha256 is compared when known. A passed check is recorded beside the
+archive (``<archive>.verified``), so a rerun checks again only an archive that
+changed on disk since, or whose expected digest is new.
 """
 
 import gzip
 import hashlib
 import http.client
+import json
 import logging
 import os
 import shutil
@@ -19,7 +22,7 @@ import urllib.error
 import urllib.request
 import zlib
 
-from .files import atomic_path
+from .files import atomic_path, remove_path, write_lines
 
 logger = logging.getLogger("mt_prep")
 
@@ -182,14 +185,55 @@ def check_archive(path, sha256=None):
     return names
 
 
+def _identity(path):
+    # what changes when the file is replaced or rewritten, without reading it
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def _record(path):
+    return path + ".verified"
+
+
+def verified_sha256(path, sha256=None):
+    """The sha256 of an archive that passed :func:`check_archive` and is unchanged since.
+
+    Args:
+        path: archive path.
+        sha256: expected hex digest, or None when unknown.
+
+    Returns:
+        the digest recorded by its last check, or None when it was never checked, has
+        changed since (size, mtime or inode), or ``sha256`` is not that digest.
+    """
+    try:
+        with open(_record(path)) as f:
+            record = json.load(f)
+        current = _identity(path)
+    except (OSError, ValueError):
+        return None
+    if {k: record.get(k) for k in current} != current:
+        return None
+    if sha256 and record.get("sha256") != sha256.lower():
+        return None
+    return record.get("sha256")
+
+
 def fetch_archive(url, dest, sha256=None, **download_kwargs):
     """Download and verify an archive, fetching it once more if it is corrupt.
+
+    An archive already on disk is checked again only when :func:`verified_sha256`
+    does not vouch for it (it changed, or ``sha256`` is new); a damaged one is
+    deleted and fetched again.
 
     Args:
         url: where to get it.
         dest: local path.
         sha256: expected digest, or None.
         download_kwargs: passed to ``download``.
+
+    Returns:
+        the archive's sha256.
 
     Raises:
         CorruptArchiveError: the second copy is corrupt too.
@@ -198,12 +242,19 @@ def fetch_archive(url, dest, sha256=None, **download_kwargs):
         if not os.path.exists(dest):
             logger.info("downloading %s", url)
             download(url, dest, **download_kwargs)
+        digest = verified_sha256(dest, sha256)
+        if digest:
+            return digest
         try:
+            identity = _identity(dest)
             check_archive(dest, sha256)
+            digest = sha256.lower() if sha256 else sha256_file(dest)
+            write_lines(_record(dest), [json.dumps({**identity, "sha256": digest})])
             logger.info("%s: integrity check passed", os.path.basename(dest))
-            return
+            return digest
         except CorruptArchiveError as e:
-            os.remove(dest)
+            remove_path(dest)
+            remove_path(_record(dest))
             if attempt == 2:
                 raise CorruptArchiveError(
                     f"{e}\nThe archive is corrupt again after a fresh download from {url}; "

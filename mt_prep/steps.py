@@ -43,7 +43,7 @@ class Pipeline:
         self._chain = ""
         os.makedirs(self.marker_dir, exist_ok=True)
 
-    def run(self, name, params, outputs, fn):
+    def run(self, name, params, outputs, fn, fresh=None):
         """Run ``fn()`` unless step ``name`` already completed with the same settings.
 
         Args:
@@ -51,12 +51,14 @@ class Pipeline:
             params: JSON-serialisable settings that determine the outputs.
             outputs: paths ``fn`` must create; all must exist for a skip.
             fn: callable doing the work, writing outputs atomically.
+            fresh: for outputs that can change on disk after the step (downloads):
+                a callable, the step is skipped only while it returns True.
         """
         sig = signature(self._chain, name, params)
         self._chain = sig
         marker = os.path.join(self.marker_dir, name)
         done = os.path.exists(marker) and read_lines(marker) == [sig]
-        if done and all(os.path.exists(p) for p in outputs):
+        if done and all(os.path.exists(p) for p in outputs) and (fresh is None or fresh()):
             logger.info("step %s: already done, skipping", name)
         else:
             remove_path(marker)

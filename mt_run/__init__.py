@@ -8,7 +8,9 @@
   ``scripts/fault_run.py`` and the tests;
 - ``fairseq_log``: fairseq's json and simple logs (records, losses by update,
   tokens/s, resume point, training time, generation speed);
-- ``wps_table``: ``run.sh bench``'s table.
+- ``wps_table``: ``run.sh bench``'s table;
+- ``processes``: run a command (torchrun, a launcher) so that a timeout or an
+  interruption kills its whole process tree, torchrun's workers included.
 
 A sibling of ``mt_prep`` rather than a part of it: ``mt_prep`` turns corpora into
 binarized data and needs neither fairseq's training nor the plugin; this package

@@ -43,7 +43,7 @@ import time
 import warnings
 from pathlib import Path
 
-from mt_run import fairseq_log, recipes
+from mt_run import fairseq_log, processes, recipes
 
 REPO = Path(__file__).resolve().parents[1]
 USER_DIR = REPO / "user"
@@ -168,10 +168,11 @@ def no_stderr():
 
 
 def run_logged(cmd, log, env=None, timeout=600):
-    """Run a command, output to ``log``; returns its output text."""
+    """Run a command, output to ``log``; returns its output text. A timeout kills its
+    whole process tree (torchrun's workers included)."""
     t0 = time.time()
     with open(log, "w") as fh:
-        proc = subprocess.run(
+        proc = processes.run(
             [str(c) for c in cmd],
             stdout=fh,
             stderr=subprocess.STDOUT,

@@ -10,14 +10,17 @@ Environment:
     FAULT_MODE    forward | between | save | copy | shard | none
     FAULT_UPDATE  the update at which to strike: ``forward`` kills during the
                   forward pass of that update; ``between`` right after it (made,
-                  not yet logged or saved); ``save`` half-way through writing
-                  the checkpoint of that update; ``copy`` half-way through
+                  not yet logged or saved); ``save`` half-way through
+                  fairseq's own write of the shared checkpoint of that update
+                  (its bytes, written by torch.save); ``copy`` half-way through
                   the first copy of a checkpoint to its other names
                   (checkpoint_last.pt) from that update on; ``shard``
-                  (expert parallel) half-way through writing an expert shard
+                  (expert parallel) half-way through the write of this rank's
+                  expert shard of that update (its bytes, written by torch.save)
     FAULT_RANK    which rank strikes [0]
 """
 
+import io
 import os
 import signal
 from argparse import Namespace
@@ -35,6 +38,44 @@ def _die(half_written=None):
         with open(half_written, "wb") as f:
             f.write(b"PK\x03\x04 half a checkpoint")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _DiesHalfWay:
+    """A file whose writer is SIGKILLed once ``half`` bytes are in it."""
+
+    def __init__(self, f, half: int):
+        self.f, self.left = f, half
+
+    def write(self, data) -> int:
+        if len(data) >= self.left:
+            self.f.write(bytes(data[: self.left]))
+            self.f.flush()  # (the page cache outlives the process: what a kill leaves)
+            _die()
+        self.left -= len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _die_half_way_through(write, obj, *args, **kwargs):
+    """``write(obj, *args, **kwargs)``, which writes ``obj`` to a file with ``torch.save``, killed by
+    SIGKILL half-way through the bytes of that file (the real write, not a stand-in)."""
+    import torch
+
+    save = torch.save
+    whole = io.BytesIO()
+    save(obj, whole)
+    half = len(whole.getvalue()) // 2
+
+    def dying_save(o, f, *a, **kw):
+        return save(o, _DiesHalfWay(f, half) if o is obj else f, *a, **kw)
+
+    torch.save = dying_save
+    try:
+        return write(obj, *args, **kwargs)
+    finally:
+        torch.save = save
 
 
 def _mine() -> bool:
@@ -70,7 +111,7 @@ def install(state):
 
     def persistent_save(obj, filename, *a, **kw):
         if MODE == "save" and state["updates"] == UPDATE and _mine():
-            _die(f"{filename}.tmp")
+            _die_half_way_through(save, obj, filename, *a, **kw)
         return save(obj, filename, *a, **kw)
 
     checkpoint_utils.torch_persistent_save = persistent_save
@@ -81,7 +122,7 @@ def install(state):
         # (a save at the end of an epoch writes checkpoint_last.pt directly: no
         # copy; strike at the first copy from that update on)
         if MODE == "copy" and state["updates"] >= UPDATE and _mine():
-            _die(f"{dst}.tmp.{os.getpid()}")
+            _die(ckpt_io.tmp_file(dst))
         return copy(src, dst)
 
     ckpt_io.atomic_copy = half_copy
@@ -90,7 +131,7 @@ def install(state):
 
     def half_shard(obj, path):
         if MODE == "shard" and state["updates"] == UPDATE and _mine():
-            _die(f"{path}.tmp.{os.getpid()}")
+            _die_half_way_through(atomic, obj, path)
         return atomic(obj, path)
 
     ckpt_io.atomic_save = half_shard

@@ -6,22 +6,26 @@
 """Kill training again and again; check that nothing is lost.
 
     python scripts/fault_run.py DATABIN --workdir W [--kills 10] [--nproc 2] [--max-update 30]
+                                [--first save,shard]
 
 Runs the same small MoE training twice: once uninterrupted, once killed with
 SIGKILL at least ``--kills`` times (a random mix of: during a forward pass,
-right after an update, half-way through writing a checkpoint, half-way through copying it to
-checkpoint_last.pt, half-way through writing an expert shard (EP), and from
-outside at a random moment (0-0.5 s) after a chosen update is logged) and restarted each time from its
-checkpoint_last.pt. After every kill the checkpoint on disk must load (shared
-file and shards matching); at the end the interrupted run's losses and
-weights must equal the uninterrupted run's exactly (CPU, fp32, same seed).
-Prints a JSON summary; exits 1 on any difference.
+right after an update, half-way through fairseq's write of the shared checkpoint,
+half-way through copying it to checkpoint_last.pt, half-way through the write of an
+expert shard (EP), and from outside, on the whole process tree, 0-20 ms after a chosen
+update is logged; ``--first`` names modes that strike before the mix) and restarted
+each time from its checkpoint_last.pt. Every failed launch must have died of SIGKILL
+(under torchrun: a worker did), and after every kill the checkpoint on disk must load
+(shared file and shards matching); at the end the interrupted run must have logged
+every update, with the uninterrupted run's losses, and end with its weights, exactly
+(CPU, fp32, same seed). Prints a JSON summary; exits 1 on any difference.
 """
 
 import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -29,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from mt_run import fairseq_log
+from mt_run import fairseq_log, processes
 from mt_run.recipes import MICRO
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,30 +73,25 @@ def checkpoint_updates(save: Path) -> int:
     return int(load_consolidated(str(last))["optimizer_history"][-1]["num_updates"])
 
 
+def died_of_sigkill(rc: int, out: str) -> bool:
+    """Whether a launch was ended by SIGKILL: its own process (``rc`` -9), or, under
+    torchrun, a worker (torchrun then exits with 1 and reports each worker's exit code;
+    the others got its SIGTERM, or failed when their peer vanished)."""
+    if rc == -signal.SIGKILL:
+        return True
+    report = out.rpartition("ChildFailedError")[2]
+    return rc == 1 and re.search(r"exitcode\s*:\s*-9\b", report) is not None
+
+
+def temp_files(save: Path):
+    """The temporary files in a save dir: what killed writes left."""
+    return sorted(p.name for p in save.iterdir() if ".tmp" in p.name) if save.exists() else []
+
+
 def consolidated(save: Path):
     from user.checkpoint import load_consolidated
 
     return load_consolidated(str(save / "checkpoint_last.pt"))
-
-
-def kill_tree(pid):
-    """SIGKILL ``pid`` and all its descendants at once, as a crashed machine would.
-
-    torchrun starts each worker in a session of its own: killing torchrun's
-    process group alone would leave the workers training.
-    """
-    import psutil
-
-    try:
-        parent = psutil.Process(pid)
-        procs = parent.children(recursive=True) + [parent]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
 
 
 def run(cmd, timeout, kill_at_update=None, delay=0.0):
@@ -120,18 +119,20 @@ def run(cmd, timeout, kill_at_update=None, delay=0.0):
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     deadline = time.time() + timeout
-    while proc.poll() is None:
-        if reached.wait(0.05):
-            time.sleep(delay)
-            kill_tree(proc.pid)
-            break
-        if time.time() > deadline:
-            kill_tree(proc.pid)
-            proc.wait()
-            reader.join(10)
-            raise RuntimeError(
-                f"timed out after {timeout}s: {' '.join(cmd)}\n{''.join(lines)[-3000:]}"
-            )
+    try:
+        while proc.poll() is None:
+            if reached.wait(0.05):
+                time.sleep(delay)
+                processes.kill_tree(proc.pid)  # as a crashed machine would, workers included
+                break
+            if time.time() > deadline:
+                raise RuntimeError(
+                    f"timed out after {timeout}s: {' '.join(cmd)}\n{''.join(lines)[-3000:]}"
+                )
+    except BaseException:  # the timeout, Ctrl-C, the test's timeout: nothing left running
+        processes.kill_tree(proc.pid)
+        proc.wait()
+        raise
     proc.wait()
     reader.join(10)
     out = "".join(lines)
@@ -157,7 +158,17 @@ def main(argv=None):
     p.add_argument("--max-update", type=int, default=30)
     p.add_argument("--seed", type=int, default=1, help="seed of the fault schedule")
     p.add_argument("--timeout", type=int, default=300, help="seconds per launch")
+    p.add_argument(
+        "--first",
+        default="",
+        help="fault modes that strike first, in this order (e.g. save,shard: surely a kill "
+        "in the middle of the write of the shared checkpoint and of a shard), then the mix",
+    )
     args = p.parse_args(argv)
+    modes = ["forward", "between", "save", "copy", "time"] + (["shard"] if args.nproc > 1 else [])
+    first = [m for m in args.first.split(",") if m]
+    if set(first) - set(modes):
+        p.error(f"--first {args.first}: modes with --nproc {args.nproc} are {', '.join(modes)}")
     rng = random.Random(args.seed)
     work = Path(args.workdir)
     ref, faulty = work / "uninterrupted", work / "interrupted"
@@ -170,7 +181,6 @@ def main(argv=None):
         raise SystemExit(f"uninterrupted run failed ({rc}):\n{out[-3000:]}")
     want = fairseq_log.losses_by_update(out)
 
-    modes = ["forward", "between", "save", "copy", "time"] + (["shard"] if args.nproc > 1 else [])
     kills, log, got, mismatched = 0, [], {}, []
 
     def record(text):
@@ -193,7 +203,7 @@ def main(argv=None):
                 raise SystemExit(f"final run failed ({rc}):\n{out[-3000:]}")
             record(out)
             break
-        mode = rng.choice(modes)
+        mode = first[0] if first else rng.choice(modes)
         if mode == "time" and left <= 4:
             mode = "between"  # the in-process faults strike for sure; see below
         # saves happen at even updates (--save-interval-updates 2)
@@ -222,9 +232,15 @@ def main(argv=None):
             delay=rng.uniform(0.0, 0.02),
         )
         record(out)
+        if rc != 0 and not died_of_sigkill(rc, out):
+            raise SystemExit(
+                f"{mode} at update {target}: failed ({rc}), not killed:\n{out[-3000:]}"
+            )
         if rc == 0:  # the run finished before the fault struck: start over from there
+            if checkpoint_updates(faulty) < args.max_update:
+                raise SystemExit(f"{mode} at update {target}: exited 0 before --max-update")
             log.append({"mode": mode, "update": target, "killed": False})
-            if checkpoint_updates(faulty) >= args.max_update and kills >= args.kills:
+            if kills >= args.kills:
                 break
             continue
         after = checkpoint_updates(faulty)  # must load: never truncated or mismatched
@@ -233,12 +249,18 @@ def main(argv=None):
             log.append({"mode": mode, "update": target, "killed": "after the end"})
             continue
         kills += 1
-        log.append({"mode": mode, "update": target, "killed": True, "checkpoint_updates": after})
+        if first and mode == first[0]:
+            first.pop(0)
+        # fmt: off
+        log.append({"mode": mode, "update": target, "killed": True, "checkpoint_updates": after,
+                    "partial": temp_files(faulty)})
+        # fmt: on
         print(f"kill {kills}: {mode} at update {target}; checkpoint_last.pt at {after}", flush=True)
 
     final = args.max_update
     same_loss = got.get(final) is not None and got.get(final) == want.get(final)
     same_all = not mismatched and all(got[u] == want.get(u) for u in got)
+    every_update = sorted(got) == list(range(1, final + 1))
     import torch
 
     a, b = consolidated(ref), consolidated(faulty)
@@ -252,13 +274,15 @@ def main(argv=None):
         "final_loss": {"uninterrupted": want.get(final), "interrupted": got.get(final)},
         "same_final_loss": same_loss,
         "every_logged_update_same": same_all,
-        "updates_logged": len(got),
+        "every_update_logged": every_update,
         "same_weights": same_weights,
         "faults": log,
+        # the killed writes' temporary files, all removed by the saves that followed
+        "temp_files_left": temp_files(faulty),
         "seconds": round(time.time() - start, 1),
     }
     print(json.dumps(summary, indent=1))
-    if not (same_loss and same_all and same_weights and kills >= args.kills):
+    if not (same_loss and same_all and every_update and same_weights and kills >= args.kills):
         sys.exit(1)
 
 

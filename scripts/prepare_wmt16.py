@@ -166,7 +166,8 @@ def main(argv=None):
         for name in ARCHIVES:
             url = archive_url(name, args.mirror)
             paths[name] = os.path.join(downloads, url.rsplit("/", 1)[1])
-        # The archives are verified here, before anything reads them.
+        # The archives are verified here, before anything reads them; on a rerun, again
+        # when one changed on disk since its check or a checksum given now disagrees.
         pipe.run(
             "fetch",
             {"urls": {n: archive_url(n, args.mirror) for n in ARCHIVES}},
@@ -182,11 +183,16 @@ def main(argv=None):
                 )
                 for n, p in paths.items()
             ],
+            fresh=lambda: all(
+                mt_prep.verified_sha256(p, checksums.get(os.path.basename(p)))
+                for p in paths.values()
+            ),
         )
         members = {n: wanted_members(n, args.src, args.tgt, extract_dir) for n in ARCHIVES}
         pipe.run(
             "extract",
-            {},
+            # an archive replaced by another (another digest) is extracted again
+            {"archives": {n: mt_prep.verified_sha256(p) for n, p in paths.items()}},
             [p for m in members.values() for p in m.values()],
             lambda: [mt_prep.extract_members(paths[n], m) for n, m in members.items()],
         )

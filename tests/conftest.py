@@ -9,12 +9,13 @@ and helpers to run the real fairseq CLIs."""
 import gzip
 import os
 import re
-import subprocess
 import sys
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
+
+from mt_run import processes
 
 REPO = Path(__file__).resolve().parents[1]
 USER_DIR = REPO / "user"
@@ -45,9 +46,12 @@ def cli_env(**extra):
 
 
 def run_cli(args, timeout=300, check=True, **env):
-    """Run a CLI (``fairseq-train`` etc. from this venv); return the CompletedProcess."""
+    """Run a CLI (``fairseq-train`` etc. from this venv); return the CompletedProcess.
+
+    On ``timeout`` (or a pytest-timeout) its whole process tree is killed, torchrun's
+    workers included (``mt_run.processes.run``)."""
     cmd = [str(BIN / args[0]) if (BIN / args[0]).exists() else args[0], *map(str, args[1:])]
-    proc = subprocess.run(
+    proc = processes.run(
         cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(**env), cwd=REPO
     )
     if check and proc.returncode != 0:

@@ -29,8 +29,8 @@ def torchrun(*args, nproc=2, timeout=300):
     # fmt: on
 
 
-def train2(databin, save_dir, max_update, *extra):
-    """``user/train.py`` on 2 CPU processes, expert parallel over both; ``{update: loss}``."""
+def train2_output(databin, save_dir, max_update, *extra):
+    """``user/train.py`` on 2 CPU processes, expert parallel over both; its output."""
     proc = torchrun(
         USER_DIR / "train.py",
         databin,
@@ -43,4 +43,9 @@ def train2(databin, save_dir, max_update, *extra):
         max_update,
         *extra,
     )
-    return losses_by_update(proc.stdout + proc.stderr)
+    return proc.stdout + proc.stderr
+
+
+def train2(databin, save_dir, max_update, *extra):
+    """:func:`train2_output`'s ``{update: loss}``."""
+    return losses_by_update(train2_output(databin, save_dir, max_update, *extra))

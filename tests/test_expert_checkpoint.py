@@ -7,6 +7,7 @@
 pruning, resharding EP=2 -> 1 -> 2, and single-process loading."""
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -193,6 +194,56 @@ def test_atomic_save_leaves_no_temp_file(tmp_path):
     assert torch.equal(torch.load(tmp_path / "x.pt")["a"], torch.ones(2))
 
 
+# a save killed half-way through torch.save's write, as a SIGKILL mid-save leaves it
+KILLED_SAVE = """
+import os, signal, sys, torch
+from user.checkpoint import io
+
+class Dying:
+    def __init__(self, f):
+        self.f, self.n = f, 0
+    def write(self, b):
+        self.n += self.f.write(b)
+        if self.n > 100_000:
+            self.f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return len(b)
+    def flush(self):
+        self.f.flush()
+
+save = torch.save
+torch.save = lambda obj, f: save(obj, Dying(f))
+io.atomic_save({"w": torch.ones(100_000)}, sys.argv[1])
+"""
+
+
+@pytest.mark.timeout(60)
+def test_the_next_save_removes_the_temp_files_of_killed_saves_only(tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    shard = tmp_path / "experts.a.0-of-2.pt"
+    with subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(shard)], cwd=REPO) as killed:
+        assert killed.wait(50) == -signal.SIGKILL
+    (left,) = tmp_path.iterdir()  # the killed save's temporary file, 100 kB and more
+    assert left.name == f"{shard.name}.tmp.{socket.gethostname()}.{killed.pid}"
+    assert left.stat().st_size > 100_000 and not shard.exists()
+    with subprocess.Popen(["sleep", "60"]) as live:
+        try:
+            keep = [
+                tmp_path / f"x.pt.tmp.{socket.gethostname()}.{live.pid}",  # a save in progress
+                tmp_path / f"x.pt.tmp.another-node.{killed.pid}",  # can't be checked from here
+            ]
+            for p in keep:
+                p.write_bytes(b"partial")
+            ckpt_io.atomic_save({"a": torch.ones(2)}, str(tmp_path / "y.pt"))
+        finally:
+            live.kill()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["y.pt", *(p.name for p in keep)])
+
+
 # --------------------------------------------------------------------------
 # real 2-process runs
 
@@ -298,10 +349,13 @@ def test_reshard_to_one_process_gives_the_expert_parallel_outputs(runs):
 
 
 @pytest.mark.timeout(600)
-def test_a_resharded_checkpoint_resumes_training_like_the_original(runs):
-    db, root = runs["db"], runs["root"]
+def test_a_resharded_checkpoint_resumes_training_like_the_original(runs, tmp_path):
+    db, root = runs["db"], tmp_path
+    # the other tests read runs["cut"] at 9 updates: train on from a copy of it
+    cut = root / "cut"
+    shutil.copytree(runs["cut"], cut)
     # EP=2 -> consolidated -> EP=2 again, in a new save dir
-    consolidated(runs["cut"] / "checkpoint_last.pt", root / "c9.pt")
+    consolidated(cut / "checkpoint_last.pt", root / "c9.pt")
     re2 = root / "re2"
     run_cli(
         [
@@ -315,11 +369,11 @@ def test_a_resharded_checkpoint_resumes_training_like_the_original(runs):
         ]
     )
     assert len(list(re2.glob("experts.*.pt"))) == 2
-    original = train2(db, runs["cut"], 11)
+    original = train2(db, cut, 11)
     resharded = train2(db, re2, 11)
     assert sorted(resharded) == [10, 11] and resharded == original
     assert_same_training_state(
-        consolidated(runs["cut"] / "checkpoint_last.pt", root / "o11.pt"),
+        consolidated(cut / "checkpoint_last.pt", root / "o11.pt"),
         consolidated(re2 / "checkpoint_last.pt", root / "r11.pt"),
     )
 

@@ -6,41 +6,61 @@
 after an update, while writing or copying a checkpoint, while writing an expert
 shard, from outside at a random moment) and restarted ends exactly where an
 uninterrupted run ends, and the checkpoint on disk always loads.
-``scripts/fault_run.py`` does the work: 10 kills in one process here; the
-2-process test kills twice (each launch costs more), the README reports the
-script's 10-kill 2-process runs."""
+``scripts/fault_run.py`` does the work: 10 kills in one process here, the first in
+the middle of fairseq's write of the shared checkpoint; 2 kills with 2 processes
+(each launch costs more), one in the middle of that write, one in the middle of a
+shard's. The README reports the script's 10-kill 2-process runs."""
 
 import json
+import re
 
 import pytest
 
 from conftest import REPO, run_cli
 
 
-def fault_run(databin, workdir, nproc, kills, seed, max_update=10):
+def fault_run(databin, workdir, nproc, kills, seed, first, max_update=10):
     # fmt: off
     proc = run_cli(["python", REPO / "scripts" / "fault_run.py", databin, "--workdir", workdir,
-                    "--nproc", nproc, "--kills", kills, "--max-update", max_update, "--seed", seed],
-                   timeout=900, check=False)
+                    "--nproc", nproc, "--kills", kills, "--max-update", max_update, "--seed", seed,
+                    "--first", first], timeout=900, check=False)
     # fmt: on
+    assert "{\n" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{\n") :])
     assert proc.returncode == 0, summary
     return summary
 
 
 def assert_nothing_lost(s, kills):
-    """At least ``kills`` kills, and the killed run ended exactly as the uninterrupted one;
-    every kill left a checkpoint whose shared file and shards load together."""
+    """At least ``kills`` kills (each a SIGKILL: fault_run.py fails on any other death),
+    and the killed run logged every update with the uninterrupted run's loss and ended
+    with its weights; the killed writes' temporary files were all removed."""
     assert s["kills"] >= kills
-    assert s["same_final_loss"] and s["every_logged_update_same"] and s["same_weights"]
-    assert all("checkpoint_updates" in f for f in s["faults"] if f["killed"] is True)
+    assert s["every_update_logged"] and s["every_logged_update_same"] and s["same_final_loss"]
+    assert s["same_weights"]
+    assert s["temp_files_left"] == []
+
+
+def assert_killed_mid_write(s, mode, partial):
+    """A ``mode`` kill struck in the middle of a write: its checkpoint never landed (the
+    previous one was there after the kill) and its half-written temporary file was."""
+    struck = [f for f in s["faults"] if f["mode"] == mode and f["killed"] is True]
+    assert struck, f"no kill during {mode}: {s['faults']}"
+    for f in struck:
+        assert f["checkpoint_updates"] < f["update"], f
+        assert any(re.fullmatch(partial, name) for name in f["partial"]), f
 
 
 @pytest.mark.timeout(900)
 def test_single_process_survives_repeated_kills(tiny_data, tmp_path):
-    assert_nothing_lost(fault_run(tiny_data["databin"], tmp_path, 1, 10, 5, max_update=30), 10)
+    s = fault_run(tiny_data["databin"], tmp_path, 1, 10, 5, "save", max_update=30)
+    assert_nothing_lost(s, 10)
+    assert_killed_mid_write(s, "save", r"checkpoint\S*\.pt\.tmp")
 
 
 @pytest.mark.timeout(900)
 def test_expert_parallel_run_survives_repeated_kills(tiny_data, tmp_path):
-    assert_nothing_lost(fault_run(tiny_data["databin"], tmp_path, 2, 2, 3), 2)
+    s = fault_run(tiny_data["databin"], tmp_path, 2, 2, 3, "save,shard")
+    assert_nothing_lost(s, 2)
+    assert_killed_mid_write(s, "save", r"checkpoint\S*\.pt\.tmp")
+    assert_killed_mid_write(s, "shard", r"experts\.\S+\.pt\.tmp\.\S+\.\d+")

@@ -11,10 +11,11 @@ import subprocess
 
 import pytest
 
+from mt_run import fairseq_log
 from user.entry import merge_generate_outputs
 
 from conftest import BIN, REPO, USER_DIR, cli_env, run_cli
-from ep_helpers import torchrun, train2
+from ep_helpers import torchrun, train2_output
 
 # fmt: off
 GEN = ["--task", "translation_deepspeed", "--gen-subset", "valid", "--beam", "3",
@@ -91,18 +92,21 @@ def test_expert_parallel_model_under_fairseqs_default_task_is_refused(tiny_data)
 def test_eval_bleu_with_expert_parallel_training(tiny_data, tmp_path):
     save = tmp_path / "ckpt"
     # fmt: off
-    proc_losses = train2(
+    out = train2_output(
         tiny_data["databin"], save, 4, "--validate-interval-updates", "2",
         "--eval-bleu", "--eval-bleu-args", '{"beam": 2, "max_len_a": 1.2, "max_len_b": 4}',
         "--eval-bleu-detok", "space", "--best-checkpoint-metric", "bleu",
         "--maximize-best-checkpoint-metric")
     # fmt: on
-    assert sorted(proc_losses) == [1, 2, 3, 4]
-    assert (save / "checkpoint_best.pt").exists()
+    assert sorted(fairseq_log.losses_by_update(out)) == [1, 2, 3, 4]
+    # every validation decoded (lockstep across the 2 ranks) and was scored
+    bleu = [v["bleu"] for v in fairseq_log.parse(out)["valid"]]
+    assert len(bleu) >= 2, out[-3000:]
     import torch
 
     best = torch.load(save / "checkpoint_best.pt", map_location="cpu", weights_only=False)
-    assert "best" in best["extra_state"] and best["extra_state"]["best"] >= 0.0
+    # the best checkpoint records the best of those scores (fairseq logs them rounded)
+    assert best["extra_state"]["best"] == pytest.approx(max(bleu), abs=0.005), bleu
 
 
 @pytest.mark.timeout(300)

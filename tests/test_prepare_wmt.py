@@ -11,6 +11,7 @@ of the pure helpers of ``mt_prep`` come first.
 """
 
 import gzip
+import hashlib
 import html
 import io
 import os
@@ -526,6 +527,56 @@ def test_checksum_mismatch_is_reported(tmp_path, mirror):
     assert "sha256" in proc.stderr and "test-full.tgz" in proc.stderr
 
 
+@pytest.mark.timeout(90)
+def test_checksums_given_after_the_first_download_are_checked(tmp_path, mirror, wmt):
+    _ok(run_prepare(tmp_path, mirror, STOP_AFTER="fetch"))
+    requests = len(mirror.log)
+    sums = tmp_path / "SHA256SUMS"
+    sums.write_text(
+        "".join(f"{hashlib.sha256(d).hexdigest()}  {n}\n" for n, d in wmt["archives"].items())
+    )
+    log = _ok(run_prepare(tmp_path, mirror, WMT_CHECKSUMS=sums, STOP_AFTER="fetch"))
+    assert "step fetch: already done, skipping" in log and len(mirror.log) == requests
+    # the fetch step is done, but the archive on disk does not have this digest
+    sums.write_text("0" * 64 + "  test-full.tgz\n")
+    proc = run_prepare(tmp_path, mirror, WMT_CHECKSUMS=sums, STOP_AFTER="fetch")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "sha256" in proc.stderr and "test-full.tgz" in proc.stderr
+    assert len(mirror.gets("test-full.tgz")) == 2, "fetched once more before giving up"
+
+
+@pytest.mark.timeout(120)
+def test_an_archive_replaced_on_disk_is_checked_and_extracted_again(tmp_path, mirror, wmt):
+    _ok(run_prepare(tmp_path, mirror, STOP_AFTER="extract"))
+    archive = tmp_path / "wmt16_downloads" / "dev.tgz"
+    sgm = tmp_path / "wmt16_en_de" / "extracted" / "newstest2013.en.sgm"
+    before = sgm.read_bytes()
+    # the same bytes written again (a new mtime): checked again, nothing to redo
+    archive.write_bytes(archive.read_bytes())
+    log = _ok(run_prepare(tmp_path, mirror, STOP_AFTER="extract"))
+    assert "step extract: already done, skipping" in log
+    # another dev set in its place: extracted again
+    other = {lang: [f"{lang} {i}" for i in range(N_EVAL)] for lang in ("en", "de")}
+    archive.write_bytes(
+        _tgz(
+            {
+                f"dev/newstest2013-{role}.{lang}.sgm": _sgml("newstest2013", lang, other[lang])
+                for role in ("src", "ref")
+                for lang in ("en", "de")
+            }
+        )
+    )
+    log = _ok(run_prepare(tmp_path, mirror, STOP_AFTER="extract"))
+    assert "step extract: running" in log
+    assert sgm.read_bytes() == _sgml("newstest2013", "en", other["en"])
+    # a damaged one: fetched from the mirror again, and extracted
+    archive.write_bytes(_damage(archive.read_bytes()))
+    requests = len(mirror.gets("dev.tgz"))
+    log = _ok(run_prepare(tmp_path, mirror, STOP_AFTER="extract"))
+    assert "corrupt archive" in log and len(mirror.gets("dev.tgz")) == requests + 1
+    assert archive.read_bytes() == wmt["archives"]["dev.tgz"] and sgm.read_bytes() == before
+
+
 @pytest.mark.timeout(420)
 def test_sigkill_mid_download_and_mid_steps_then_rerun_gives_identical_output(
     tmp_path, mirror, wmt
@@ -582,6 +633,7 @@ def test_sigkill_mid_download_and_mid_steps_then_rerun_gives_identical_output(
     after = tree(work)
     assert not [p for p in work.rglob("*") if ".tmp" in p.name or p.name == ".spm_tmp"]
     assert sorted(after) == sorted(reference)
-    # preprocess.log names fairseq-preprocess's temporary directory (a process id)
-    differ = [name for name in after if after[name] != reference[name]]
+    # preprocess.log names fairseq-preprocess's temporary directory (a process id); the
+    # archives' check records name their mtimes
+    differ = [name for name in after if after[name] != reference[name] and ".verified" not in name]
     assert differ in ([], ["wmt16_en_de/databin/preprocess.log"]), differ

@@ -170,6 +170,58 @@ def test_checkpoint_with_another_dictionary(tiny_data, trained_once, tmp_path):
     assert "embed_tokens.weight has" in last and "dict.*.txt" in last
 
 
+def test_every_checkpoint_write_fsyncs_the_file_then_renames_then_fsyncs_the_folder(
+    tmp_path, monkeypatch
+):
+    """The expert shards, the copies and the shared file fairseq writes itself survive a
+    power loss, not only a kill: data on disk before the rename, the rename after."""
+    import stat
+
+    import torch
+    from fairseq import checkpoint_utils
+
+    from user.checkpoint import io as ckpt_io
+
+    events = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            events.append(("fsync dir", os.readlink(f"/proc/self/fd/{fd}")))
+            raise OSError(22, "this file system refuses to fsync a folder")  # tolerated
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("rename", os.path.basename(a), os.path.basename(b)))
+        return real_replace(a, b)
+
+    def rename(a, b):
+        events.append(("rename", os.path.basename(a), os.path.basename(b)))
+        return real_rename(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "rename", rename)
+    folder = ("fsync dir", str(tmp_path))
+    checkpoint_utils.torch_persistent_save({"a": torch.ones(2)}, str(tmp_path / "shared.pt"))
+    assert events == [
+        ("fsync", "shared.pt.tmp"),
+        ("rename", "shared.pt.tmp", "shared.pt"),
+        folder,
+    ], "fairseq's own write of the shared checkpoint"
+    tmp = os.path.basename(ckpt_io.tmp_file(str(tmp_path / "x")))[1:]  # ".tmp.<host>.<pid>"
+    events.clear()
+    ckpt_io.atomic_save({"a": torch.ones(2)}, str(tmp_path / "shard.pt"))
+    assert events == [("fsync", "shard.pt" + tmp), ("rename", "shard.pt" + tmp, "shard.pt"), folder]
+    events.clear()
+    assert checkpoint_utils.PathManager.copy(
+        str(tmp_path / "shared.pt"), str(tmp_path / "last.pt"), overwrite=True
+    )
+    assert events == [("fsync", "last.pt" + tmp), ("rename", "last.pt" + tmp, "last.pt"), folder]
+    assert torch.equal(torch.load(tmp_path / "last.pt")["a"], torch.ones(2))
+
+
 def test_checkpoint_copies_are_atomic(tmp_path, monkeypatch):
     from fairseq import checkpoint_utils
 

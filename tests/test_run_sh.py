@@ -8,13 +8,12 @@ the dense baseline, 2 expert-parallel processes under torchrun, the bench."""
 
 import re
 import shlex
-import subprocess
 import time
 
 import pytest
 import torch
 
-from mt_run import fairseq_log
+from mt_run import fairseq_log, processes
 
 from conftest import REPO, cli_env
 
@@ -33,7 +32,7 @@ SMALL = ["--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
 def run_sh(*args, timeout=120, check=True, **env):
     """``bash run.sh ARGS`` with ``env`` added; returns the CompletedProcess."""
     start = time.time()
-    proc = subprocess.run(
+    proc = processes.run(  # run.sh may start torchrun: a timeout kills its workers too
         ["bash", str(RUN_SH), *map(str, args)],
         capture_output=True,
         text=True,

@@ -323,11 +323,13 @@ def prefetch_threads_stop_at_exit() -> None:
 
 @patch(ALWAYS, "fairseq.checkpoint_utils.PathManager", FAIRSEQ)
 def atomic_checkpoint_copies() -> None:
-    """Copy checkpoints atomically.
+    """Copy checkpoints atomically; fsync what fairseq renames into place.
 
     fairseq writes a save's first file atomically, then copies it to
     ``checkpoint_last.pt`` and the other names with a plain copy: a run killed during
     the copy left a truncated ``checkpoint_last.pt`` that the next run could not load.
+    Its atomic write fsyncs neither the file nor the folder before and after the
+    rename: a power loss could leave an empty checkpoint or undo the save.
     """
     from .checkpoint.fairseq_hooks import AtomicCopyPathManager
 
@@ -480,9 +482,9 @@ class Dependency:
 
 _T = "torch.Tensor"
 #: Upstream internals the plugin calls or overrides without patching them: DeepSpeed's
-#: routing and dispatch helpers (user/modules/gating.py, moe_ffn.py), fairseq's file copy,
-#: and the fairseq function that must call the task's checkpoint hook (fairseq 0.12.2's
-#: did not: expert shards went unrecorded and a resume dropped experts).
+#: routing and dispatch helpers (user/modules/gating.py, moe_ffn.py), fairseq's file copy
+#: and rename, and the fairseq function that must call the task's checkpoint hook
+#: (fairseq 0.12.2's did not: expert shards went unrecorded and a resume dropped experts).
 # fmt: off
 DEPENDENCIES: Tuple[Dependency, ...] = (
     Dependency("deepspeed.moe.sharded_moe.TopKGate.__init__", DEEPSPEED,
@@ -509,6 +511,8 @@ DEPENDENCIES: Tuple[Dependency, ...] = (
                "moe_ffn: expert-parallel all-to-all"),
     Dependency("fairseq.file_io.PathManager.copy", FAIRSEQ,
                "(src_path: str, dst_path: str, overwrite: bool = False) -> bool",
+               "checkpoint.fairseq_hooks.AtomicCopyPathManager"),
+    Dependency("fairseq.file_io.PathManager.rename", FAIRSEQ, "(src: str, dst: str)",
                "checkpoint.fairseq_hooks.AtomicCopyPathManager"),
     Dependency("deepspeed.utils.groups._get_expert_parallel_group", DEEPSPEED, "(group_name)",
                "ds_moe: expert groups"),

@@ -481,11 +481,15 @@ def load_checkpoint(original, cfg, trainer, **passthrough):
 
 
 class AtomicCopyPathManager:
-    """fairseq's ``PathManager`` whose ``copy`` of local files is atomic.
+    """fairseq's ``PathManager`` whose ``copy`` of local files is atomic and whose
+    ``rename`` is durable.
 
     fairseq writes a save's first file atomically but then *copies* it to
     ``checkpoint_last.pt`` etc. with a plain copy: a kill during the copy
     leaves a truncated ``checkpoint_last.pt`` that the next run cannot load.
+    Its atomic write (``torch_persistent_save``: ``<file>.tmp``, then
+    ``PathManager.rename``) fsyncs nothing: after a power loss the renamed file
+    could be empty or the rename undone.
     """
 
     def __init__(self, base):
@@ -501,3 +505,8 @@ class AtomicCopyPathManager:
             return False
         io.atomic_copy(src_path, dst_path)
         return True
+
+    def rename(self, src: str, dst: str) -> None:
+        if "://" in str(src) or "://" in str(dst):
+            return self._base.rename(src, dst)
+        io.durable_rename(src, dst)

@@ -5,7 +5,10 @@
 """Checkpoint files: atomic writes and copies, reads, expert shards, pruning.
 
 Every file is written to a temporary name and renamed, so a process killed at
-any moment leaves either the previous file or the new one, never half of one.
+any moment leaves either the previous file or the new one, never half of one;
+the file and then its folder are fsynced, so a power loss does not undo a save
+either. A killed write leaves its temporary file (full size, possibly): the
+next save in that folder removes those of processes that no longer exist.
 Shards are written before the shared file that names them; a shard set is
 deleted once no shared file in the folder names it (:func:`prune_shards`).
 
@@ -23,6 +26,7 @@ import pickle
 import pickletools
 import re
 import shutil
+import socket
 import zipfile
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -64,31 +68,107 @@ ALLOWED_GLOBALS = (
 _REFUSED = re.compile(r"GLOBAL (\S+) was not an allowed global|but got <class '([^']+)'>")
 
 
+def tmp_file(path: str) -> str:
+    """The temporary name this process writes ``path`` under before the rename.
+
+    It names the host and the process, so that :func:`remove_dead_tmp_files` can tell
+    a killed writer's leftovers from a live writer's file, even in a folder that
+    several nodes share.
+    """
+    return f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_dead_tmp_files(directory: str) -> List[str]:
+    """Delete the temporary files (:func:`tmp_file`) in ``directory`` whose writer, a
+    process of this host, no longer exists (it was killed mid-write).
+
+    Another host's files are left alone: its processes cannot be checked from here.
+
+    Returns:
+        the deleted paths.
+    """
+    mine = re.compile(rf"^.+\.tmp\.{re.escape(socket.gethostname())}\.(\d+)$")
+    removed = []
+    for name in os.listdir(directory):
+        m = mine.match(name)
+        if m and not _alive(int(m.group(1))):
+            path = os.path.join(directory, name)
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                continue  # another rank of this run removed it first
+            removed.append(path)
+    if removed:
+        logger.info(f"removed {len(removed)} temporary file(s) of killed saves in {directory}")
+    return removed
+
+
+def fsync_dir(directory: str) -> None:
+    """Make the renames in ``directory`` durable (a power loss could undo them otherwise).
+
+    Some file systems refuse to fsync a folder; the rename is then as durable as they
+    make it.
+    """
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _replace_durably(tmp: str, path: str) -> None:
+    """Rename the complete, fsynced ``tmp`` to ``path`` and fsync the folder."""
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
 def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to ``path`` through a temp file and a rename."""
-    tmp = f"{path}.tmp.{os.getpid()}"
+    """``torch.save`` to ``path`` through a temp file and a rename, both fsynced."""
+    remove_dead_tmp_files(os.path.dirname(os.path.abspath(path)))
+    tmp = tmp_file(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _replace_durably(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def atomic_copy(src: str, dst: str) -> None:
-    """Copy ``src`` to ``dst`` through a temp file and a rename."""
-    tmp = f"{dst}.tmp.{os.getpid()}"
+    """Copy ``src`` to ``dst`` through a temp file and a rename, both fsynced."""
+    remove_dead_tmp_files(os.path.dirname(os.path.abspath(dst)))
+    tmp = tmp_file(dst)
     try:
         shutil.copyfile(src, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, dst)
+        _replace_durably(tmp, dst)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def durable_rename(src: str, dst: str) -> None:
+    """Rename a file someone else wrote (fairseq's ``checkpoint.pt.tmp``) to ``dst``:
+    its data fsynced first, the folder after."""
+    with open(src, "rb") as f:
+        os.fsync(f.fileno())
+    _replace_durably(src, dst)
 
 
 def _name(f) -> str:

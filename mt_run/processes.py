@@ -1,0 +1,91 @@
+# MIT License
+# Copyright (c) the fairseq-moe plugin authors
+"""Commands whose whole process tree ends with them: torchrun and what launches it.
+
+torchrun starts each worker in a session of its own (torch's elastic
+``SubprocessHandler``), so killing torchrun, or its process group, leaves the
+workers running: a timed-out test or script left them training, holding CPU
+cores and ports, with nobody to wait for them. :func:`run` is ``subprocess.run``
+for such commands, :func:`kill_tree` what it does on a timeout; the tests
+(``run_cli``, ``run_sh``), ``scripts/fault_run.py`` and ``scripts/bench_perf.py``
+use them.
+"""
+
+import os
+import signal
+import subprocess
+
+import psutil  # a dependency of DeepSpeed
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL process ``pid`` and every process below it, as a crashed machine would.
+
+    Each process is stopped before its children are listed, so that none starts
+    another unseen, and the whole tree is listed before anything is killed (a killed
+    parent's children are adopted by init and are no longer below it). The process
+    groups led by a process of the tree (the command's own when it was started with
+    ``start_new_session``, torchrun's workers') are killed too, with any member that
+    left the tree before.
+    """
+    try:
+        todo = [psutil.Process(pid)]
+    except psutil.NoSuchProcess:
+        return
+    tree = {}
+    while todo:
+        p = todo.pop()
+        if p.pid in tree:
+            continue
+        try:
+            p.suspend()
+            tree[p.pid] = p
+            todo.extend(p.children())
+        except psutil.NoSuchProcess:
+            pass
+    leaders = set()
+    for p in tree.values():
+        try:
+            if os.getpgid(p.pid) == p.pid:
+                leaders.add(p.pid)
+            p.kill()
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    for group in leaders:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    # (no waiting here: reaping the caller's own child would rob its Popen of the exit
+    # status, -9; the others are reaped by whoever adopted them)
+
+
+def run(
+    cmd, timeout=None, input=None, capture_output=False, **popen
+) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, ...)`` for a command that starts processes of its own.
+
+    The command runs in a session of its own. When ``timeout`` (seconds) passes, or
+    anything interrupts the wait (Ctrl-C, pytest-timeout's signal), its whole tree is
+    killed (:func:`kill_tree`) before the exception goes on: ``subprocess.TimeoutExpired``
+    with the output so far, as from ``subprocess.run``.
+
+    Args:
+        cmd: the command (a list).
+        timeout (float, optional): seconds before the tree is killed.
+        input: sent to its standard input.
+        capture_output (bool): collect stdout and stderr, as ``subprocess.run``.
+        popen: more ``subprocess.Popen`` arguments (``text``, ``env``, ``cwd``, ...).
+    """
+    if capture_output:
+        popen.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if input is not None:
+        popen["stdin"] = subprocess.PIPE
+    with subprocess.Popen(cmd, start_new_session=True, **popen) as proc:
+        try:
+            stdout, stderr = proc.communicate(input, timeout=timeout)
+        except BaseException:
+            kill_tree(proc.pid)
+            proc.wait()
+            raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
