@@ -37,6 +37,7 @@ setup(
         "sentencepiece==0.2.3",
         "tensorboard==2.21.0",
         "matplotlib==3.11.2",  # scripts/plot_experts.py and the benchmark plots
+        "psutil>=5.9",  # mt_run.processes: a timed-out run's whole process tree is killed
     ],
     extras_require={"test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "ruff==0.17.6"]},
     entry_points={

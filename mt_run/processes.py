@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 
-import psutil  # a dependency of DeepSpeed
+import psutil
 
 
 def kill_tree(pid: int) -> None:
