@@ -20,6 +20,7 @@ from fairseq import checkpoint_utils
 
 from user.checkpoint import format as fmt
 from user.checkpoint import io as ckpt_io
+from user.checkpoint import reading
 
 from conftest import USER_DIR, run_cli
 from test_cli import MODEL
@@ -119,7 +120,7 @@ def test_pruning_reads_tokens_without_running_any_pickle(trained_once, crafted, 
     _, marker = crafted  # crafted.pt sits in the save dir and names no shards
     token = "-".join(["u2", "abc"])  # one str object, pickled twice
     _shared_file(trained_once, tmp_path / "checkpoint_last.pt", token)
-    assert ckpt_io.shard_token(str(tmp_path / "checkpoint_last.pt")) == token
+    assert reading.shard_token(str(tmp_path / "checkpoint_last.pt")) == token
     for t in (token, "u1-old", "u3-new"):
         for r in range(2):
             torch.save({}, ckpt_io.shard_file(str(tmp_path), t, r, 2))
@@ -152,15 +153,18 @@ def test_what_fairseq_checkpoints_hold_loads_without_trust(trained_once, tmp_pat
     --eval-bleu metrics (numpy arrays of n-gram counts), also as numpy 1.x named them."""
     monkeypatch.delenv(TRUST, raising=False)
     state = load_state(trained_once / "checkpoint_last.pt")
-    counts = np.array([12, 7, 3, 1])
-    meter = {"val": counts, "sum": counts, "count": 1, "round": None}
-    state["extra_state"]["metrics"]["valid"].append((10, "_bleu_counts", "AverageMeter", meter))
+    counts = np.array([12, 7, 3, 1])  # int64 in one process
+    totals = np.array([20.0, 16.0, 12.0, 8.0])  # float64: summed over processes (all-reduce)
+    for name, value in (("_bleu_counts", counts), ("_bleu_totals", totals)):
+        meter = {"val": value, "sum": value, "count": 1, "round": None}
+        state["extra_state"]["metrics"]["valid"].append((10, name, "AverageMeter", meter))
     path = tmp_path / "checkpoint_best.pt"
     torch.save(state, path)
     _renamed_globals(path, b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
     loaded = checkpoint_utils.load_checkpoint_to_cpu(str(path))
     assert loaded["cfg"]["model"].arch == "transformer_ds_moe_tiny"
-    assert np.array_equal(loaded["extra_state"]["metrics"]["valid"][-1][3]["sum"], counts)
+    assert np.array_equal(loaded["extra_state"]["metrics"]["valid"][-2][3]["sum"], counts)
+    assert np.array_equal(loaded["extra_state"]["metrics"]["valid"][-1][3]["sum"], totals)
     assert ckpt_io.read_checkpoint(str(path))["model"].keys() == state["model"].keys()
 
 
@@ -177,3 +181,30 @@ def test_a_legacy_pickle_loads_only_when_trusted_and_says_so(tmp_path, monkeypat
     assert state["extra_state"]["meters"].value == 3
     (warning,) = [r.getMessage() for r in caplog.records if TRUST in r.getMessage()]
     assert str(path) in warning and "run any code" in warning
+
+
+def test_only_a_damaged_file_is_called_damaged(tmp_path, monkeypatch):
+    """A failure that is not about the file (a changed signature, memory) keeps its own
+    type; damaged files of every kind are one kind (named "truncated or corrupt")."""
+    good = tmp_path / "ok.pt"
+    torch.save({"model": {"w": torch.ones(3)}}, good)
+    data = good.read_bytes()
+    for i, damaged in enumerate((b"text\n", data[: len(data) // 2], os.urandom(2000), b"")):
+        path = tmp_path / f"bad{i}.pt"
+        path.write_bytes(damaged)
+        with pytest.raises(fmt.ExpertCheckpointError, match="truncated or corrupt"):
+            ckpt_io.read_checkpoint(str(path), mmap=True)
+
+    def changed(*args, **kwargs):
+        raise TypeError("load() got an unexpected keyword argument 'mmap'")
+
+    monkeypatch.setattr(torch, "load", changed)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        ckpt_io.read_checkpoint(str(good))
+
+
+def test_a_legacy_format_file_is_read_with_mmap_asked(tmp_path):
+    """torch maps only zip checkpoints: a file in torch's pre-1.6 format is read plainly."""
+    path = tmp_path / "old.pt"
+    torch.save({"model": {"w": torch.ones(3)}}, path, _use_new_zipfile_serialization=False)
+    assert ckpt_io.read_checkpoint(str(path), mmap=True)["model"]["w"].sum() == 3

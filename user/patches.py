@@ -235,13 +235,13 @@ class _Torch(types.ModuleType):
 
 class _TorchWithSafeLoad(_Torch):
     """``torch`` whose ``load`` is the plugin's checkpoint loader
-    (:func:`user.checkpoint.io.safe_load`: weights only, plus what fairseq checkpoints hold)."""
+    (:func:`user.checkpoint.reading.safe_load`: weights only, plus what fairseq checkpoints hold)."""
 
     @staticmethod
     def load(f, map_location=None, mmap=False):
-        from .checkpoint import io
+        from .checkpoint import reading
 
-        return io.safe_load(f, map_location=map_location, mmap=mmap)
+        return reading.safe_load(f, map_location=map_location, mmap=mmap)
 
 
 class _TorchWithPickleLoad(_Torch):
@@ -269,7 +269,7 @@ def fairseq_checkpoints_load_under_torch_2_6() -> None:
     failed; loading them with ``weights_only=False`` instead would let any checkpoint run
     code (``--path``, ``--restore-file``, ``--finetune-from-model``, the hub). fairseq's
     checkpoint module gets a ``torch`` whose ``load`` is the plugin's checkpoint loader,
-    which allows exactly what fairseq checkpoints hold (:data:`user.checkpoint.io.ALLOWED_GLOBALS`)
+    which allows exactly what fairseq checkpoints hold (:data:`user.checkpoint.reading.ALLOWED_GLOBALS`)
     and refuses any other file with one line; other ``torch.load`` calls in the process
     keep torch's default.
     """

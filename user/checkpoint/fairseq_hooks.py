@@ -39,7 +39,7 @@ from .. import ds_moe
 from ..errors import PluginError
 from ..moe_options import FLAGS, parse_sides
 from . import format as fmt
-from . import io, upcycle
+from . import io, reading, upcycle
 
 logger = logging.getLogger(__name__)
 
@@ -387,7 +387,7 @@ def load_checkpoint_to_cpu(original, path, arg_overrides=None, load_on_all_ranks
             if loading is not None
             else "Use another checkpoint"
         )
-        error = io.read_error(path, e, advice)
+        error = reading.read_error(path, e, advice)
         if error is None:
             raise  # not about the file (a bug, a changed signature): as it is
         raise error from e
