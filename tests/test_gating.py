@@ -83,6 +83,20 @@ def test_tokens_over_capacity_are_dropped_in_training_only():
     assert (layer(x).abs().sum(-1) > 0).all()
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_a_huge_capacity_factor_keeps_every_token(k):
+    """A factor above experts / k means room for every token: 1e30 overflowed DeepSpeed's
+    float32 capacity to the minimum and dropped nearly every token."""
+    layer = make_layer(
+        top_k=k, capacity_factor=1e30, eval_capacity_factor=1e30, eval_drop_tokens=True
+    )
+    gate = ds_moe.moe_gate(layer.moe)
+    for training in (True, False):
+        layer.train(training)
+        assert gate.capacity(40) == 40
+        assert (layer(tokens_for([0] * 8)).abs().sum(-1) > 0).all()
+
+
 def test_eval_drop_tokens_uses_eval_capacity_factor():
     layer = make_layer(top_k=1, eval_drop_tokens=True, eval_capacity_factor=2.0)
     layer.eval()
@@ -444,7 +458,7 @@ def test_gate_is_deepspeeds_topkgate_with_its_router():
         num_experts=E,
         top_k=2,
         capacity_factor=1.5,
-        eval_capacity_factor=3.0,
+        eval_capacity_factor=1.75,
         min_capacity=2,
         drop_tokens=False,
         eval_drop_tokens=True,
@@ -465,7 +479,7 @@ def test_gate_is_deepspeeds_topkgate_with_its_router():
     assert (gate.k, gate.capacity_factor, gate.eval_capacity_factor, gate.min_capacity) == (
         2,
         1.5,
-        3.0,
+        1.75,
         2,
     )
     assert (
@@ -477,7 +491,7 @@ def test_gate_is_deepspeeds_topkgate_with_its_router():
         gate.policy,
     ) == (False, True, False, False, None, "top2")
     assert gate.drops() is False and gate.eval().drops() is True
-    assert gate.capacity(100) == gating.expert_capacity(100, E, 3.0, 2, 2)
+    assert gate.capacity(100) == gating.expert_capacity(100, E, 1.75, 2, 2)
 
 
 def public_state(module):

@@ -118,7 +118,7 @@ def test_following_the_corrupt_checkpoint_advice_resumes(tiny_data, trained_once
     (save / "checkpoint_1_2.pt").write_bytes(data)
     (save / "checkpoint_1_1.pt").write_bytes(data)  # older: not the one advised
     last = resume(tiny_data, save).stderr.strip().splitlines()[-1]
-    assert f"pass --restore-file {save / 'checkpoint_1_2.pt'} or move this file away" in last
+    assert f"use --restore-file {save / 'checkpoint_1_2.pt'} or move this file away" in last
     proc = resume(tiny_data, save, "--restore-file", "checkpoint_1_2.pt")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"loading {save / 'checkpoint_1_2.pt'}" in proc.stdout + proc.stderr

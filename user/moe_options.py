@@ -370,13 +370,13 @@ def _split_paths(value: str):
 
 
 def _data_directory(args, run):
-    """(task) every shard of the data path exists and has the languages' dictionaries
-    (fairseq reads shard ``i`` in epoch ``i`` only: a missing one failed hours later)."""
+    """(task) every shard of the data path exists (fairseq reads shard ``i`` in epoch
+    ``i`` only: a missing one failed hours later), and the first, where fairseq reads the
+    dictionaries from, has the languages'."""
     data = getattr(args, "data", None)
     if run.task != "translation_deepspeed" or not data:
         return None
     shards = _split_paths(data)
-    wanted = None
     for i, path in enumerate(shards):
         where = path if len(shards) == 1 else f"{path} (shard {i + 1} of {len(shards)})"
         if not os.path.isdir(path):
@@ -385,23 +385,16 @@ def _data_directory(args, run):
                 "fairseq-preprocess wrote (e.g. bash prepare-wmt16ende.sh, or "
                 "python scripts/prepare_demo.py for the demo corpus)"
             )
-        have = sorted(
-            f[5:-4] for f in os.listdir(path) if f.startswith("dict.") and f.endswith(".txt")
-        )
-        wanted = have if wanted is None else wanted  # without -s/-t: the first shard's
-        for flag, dest in (("--source-lang", "source_lang"), ("--target-lang", "target_lang")):
-            lang = getattr(args, dest, None)
-            if lang is not None and lang not in have:
-                return (
-                    f"{flag} {lang}: {where} has no dict.{lang}.txt; its languages are "
-                    f"{', '.join(have) or 'none (no dict.*.txt)'}"
-                )
-        missing = [lang for lang in wanted if lang not in have]
-        if getattr(args, "source_lang", None) is None and missing:
+    first = shards[0]
+    have = sorted(
+        f[5:-4] for f in os.listdir(first) if f.startswith("dict.") and f.endswith(".txt")
+    )
+    for flag, dest in (("--source-lang", "source_lang"), ("--target-lang", "target_lang")):
+        lang = getattr(args, dest, None)
+        if lang is not None and lang not in have:
             return (
-                f"data directory {where} has no dict.{missing[0]}.txt, which {shards[0]} "
-                "has: every shard of the data path must be binarized with the same "
-                "dictionaries"
+                f"{flag} {lang}: {first} has no dict.{lang}.txt; its languages are "
+                f"{', '.join(have) or 'none (no dict.*.txt)'}"
             )
 
 
@@ -435,25 +428,24 @@ def _upcycle_source(args, run):
 
 
 def _restore_file(args, run):
-    """(args) --restore-file names a file, as given or in --save-dir: fairseq looks only
-    as given and, finding nothing, trains from update 0 over the save dir's checkpoints.
-    (The trainer's load then reads the one in --save-dir: ``checkpoint.fairseq_hooks``.)"""
+    """(task) --restore-file names a file: fairseq looks only as given and, finding
+    nothing, trains from update 0 over the save dir's checkpoints. The
+    translation_deepspeed task also looks in --save-dir (its trainer load reads the one
+    there: ``checkpoint.fairseq_hooks``); other tasks do not."""
     given, save_dir = getattr(args, "restore_file", None), getattr(args, "save_dir", None)
     if given in (None, "checkpoint_last.pt") or save_dir is None:
         return None  # fairseq's default: no checkpoint_last.pt in --save-dir = a fresh start
     from .checkpoint import io
 
-    if io.restore_path(given, save_dir, getattr(args, "checkpoint_suffix", None) or ""):
+    ours = run.task == "translation_deepspeed"
+    suffix = getattr(args, "checkpoint_suffix", None) or ""
+    if io.restore_path(given, save_dir if ours else None, suffix):
         return None
-    newest = io.interval_checkpoints(save_dir)
+    where = f"neither as given nor in --save-dir {save_dir}" if ours else "(read as given)"
     return (
-        f"--restore-file {given}: no such file, neither as given nor in --save-dir "
-        f"{save_dir} (fairseq would train from update 0 and overwrite its checkpoints); "
-        + (
-            f"to go on from the newest interval checkpoint there, use --restore-file {newest[0]}"
-            if newest
-            else "give the full path of a checkpoint"
-        )
+        f"--restore-file {given}: no such file, {where} (fairseq would train from update 0 "
+        "and overwrite its checkpoints); "
+        + (io.restore_advice(save_dir) or "give the full path of a checkpoint")
     )
 
 
@@ -462,10 +454,14 @@ def _checkpoint_paths(args, run):
     value = getattr(args, "path", None)
     if not value:
         return None
+    if "://" in value or (getattr(args, "checkpoint_shard_count", 1) or 1) > 1:
+        return None  # fairseq's PathManager, or -shard<i>/_part<i> files: fairseq checks
+    from .checkpoint import io
+
     paths = _split_paths(value)
     suffix = getattr(args, "checkpoint_suffix", None) or ""
     for i, path in enumerate(paths):
-        if os.path.isfile(path.replace(".pt", suffix + ".pt")):
+        if os.path.isfile(io.suffixed(path, suffix)):
             continue
         where = f" (checkpoint {i + 1} of {len(paths)})" if len(paths) > 1 else ""
         folder = os.path.dirname(path) or "."
@@ -607,29 +603,6 @@ def _moe_flags(args, run):
     _moe(args)
 
 
-def _useful_capacity(args, run):
-    """(args) a capacity factor above ``num_experts / top_k`` buys nothing: the capacity
-    ``ceil(tokens / experts * factor * k)`` then holds every token (an expert gets each
-    token at most once), and a factor like 1e30 overflowed to the minimum capacity,
-    dropping nearly every token. Not a model rule: a checkpoint trained with a larger
-    factor still translates."""
-    opts = _moe(args)
-    if opts is None:
-        return None
-    largest = opts.num_experts / opts.top_k
-    for flag, factor in (
-        ("--moe-capacity-factor", opts.capacity_factor),
-        ("--moe-eval-capacity-factor", opts.eval_capacity_factor),
-    ):
-        if factor > largest:
-            return (
-                f"{flag} {factor:g}: use at most {largest:g} (--num-experts "
-                f"{opts.num_experts} / --top-k {opts.top_k}), where every token already "
-                "fits its experts; a larger factor only enlarges the buffers (and a huge "
-                "one overflows to the minimum capacity)"
-            )
-
-
 def _moe(args) -> Optional[MoEOptions]:
     """The MoE options of ``args`` when it configures an MoE model, else None."""
     if not getattr(args, "deepspeed_moe", None) or not hasattr(args, "num_experts"):
@@ -661,10 +634,9 @@ RULES: Tuple[Rule, ...] = (
     Rule(_data_directory, ("args", "task")),
     Rule(_checkpoint_paths, ("args",)),
     Rule(_ensemble_processes, ("args", "world")),
-    Rule(_restore_file, ("args",)),
+    Rule(_restore_file, ("args", "task")),
     Rule(_upcycle_source, ("args",)),
     Rule(_moe_flags, ("args",), model=True),
-    Rule(_useful_capacity, ("args",)),
     Rule(_criterion, ("args",)),
     Rule(_task_keeps_ranks_in_step, ("args", "task"), model=True),
     Rule(_processes, ("args", "world"), model=True),

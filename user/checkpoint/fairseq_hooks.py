@@ -371,21 +371,15 @@ def load_checkpoint_to_cpu(original, path, arg_overrides=None, load_on_all_ranks
     except (FileNotFoundError, PluginError):
         raise
     except Exception as e:
-        older = [
-            p
-            for p in io.interval_checkpoints(os.path.dirname(path) or ".")
-            if p != os.path.abspath(path)
-        ]
         advice = (
             (
-                f"To go on from the newest interval checkpoint, pass --restore-file {older[0]}"
-                if older
-                else "To go on from an older one, pass it with --restore-file (e.g. an "
+                io.restore_advice(os.path.dirname(path) or ".", but=path)
+                or "to go on from an older one, pass it with --restore-file (e.g. an "
                 "interval checkpoint checkpoint_<epoch>_<updates>.pt)"
             )
             + " or move this file away"
             if loading is not None
-            else "Use another checkpoint"
+            else "use another checkpoint"
         )
         error = reading.read_error(path, e, advice)
         if error is None:

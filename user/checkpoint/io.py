@@ -175,14 +175,29 @@ def interval_checkpoints(directory: str) -> List[str]:
     return [path for _, path in sorted(found, reverse=True)]
 
 
-def restore_path(restore_file: str, save_dir: str, suffix: str = "") -> Optional[str]:
+def suffixed(path: str, suffix: str = "") -> str:
+    """The file fairseq reads for ``path`` under ``--checkpoint-suffix`` ``suffix``
+    (inserted before ``.pt``)."""
+    return path.replace(".pt", suffix + ".pt")
+
+
+def restore_path(restore_file: str, save_dir: Optional[str], suffix: str = "") -> Optional[str]:
     """The checkpoint ``--restore-file`` names: the file as given (fairseq reads it
-    relative to the current directory), else the one in ``--save-dir``; None when
-    neither exists. fairseq itself only looks as given, and without a file trains from
-    update 0. ``suffix``: ``--checkpoint-suffix``, which fairseq inserts before ``.pt``."""
-    for path in (restore_file, os.path.join(save_dir, restore_file)):
-        if os.path.isfile(path.replace(".pt", suffix + ".pt")):
+    relative to the current directory), else the one in ``save_dir`` (``--save-dir``,
+    where the translation_deepspeed task looks too; None: not there); None when neither
+    exists. fairseq itself only looks as given, and without a file trains from update 0."""
+    for path in (restore_file, os.path.join(save_dir, restore_file) if save_dir else None):
+        if path is not None and os.path.isfile(suffixed(path, suffix)):
             return path
+    return None
+
+
+def restore_advice(directory: str, but: Optional[str] = None) -> Optional[str]:
+    """``--restore-file`` advice naming the newest interval checkpoint in ``directory``
+    (other than ``but``) by its full path; None when there is none."""
+    older = [p for p in interval_checkpoints(directory) if p != os.path.abspath(but or "")]
+    if older:
+        return f"to go on from the newest interval checkpoint there, use --restore-file {older[0]}"
     return None
 
 

@@ -181,7 +181,7 @@ def read_error(path: str, e: BaseException, advice: str = "") -> Optional[Except
         cause = e.__cause__ or e  # what torch's reader raised (see safe_load)
         return fmt.ExpertCheckpointError(
             f"cannot read checkpoint {path} ({type(cause).__name__}: {_reason(cause)}): the "
-            f"file is truncated or corrupt (or not a checkpoint){'. ' + advice if advice else ''}"
+            f"file is truncated or corrupt (or not a checkpoint){'; ' + advice if advice else ''}"
         )
     return None
 

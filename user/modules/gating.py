@@ -422,8 +422,11 @@ class Gate(sharded_moe.TopKGate):
 
     def capacity(self, num_tokens: int) -> int:
         """Slots per expert for ``num_tokens`` tokens with the training or evaluation
-        capacity factor (:func:`expert_capacity`)."""
+        capacity factor (:func:`expert_capacity`). A factor above experts / k, where every
+        token fits, counts as that: a larger one only enlarged the buffers, and a huge
+        one (1e30) overflowed DeepSpeed's float32 capacity to the minimum."""
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        factor = min(factor, self.num_experts / self.k)
         return expert_capacity(num_tokens, self.num_experts, factor, self.k, self.min_capacity)
 
     def router_logits(self, input: Tensor) -> Tensor:
