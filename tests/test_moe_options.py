@@ -257,7 +257,7 @@ def test_upcycle_from_a_file_that_is_no_dense_checkpoint(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(good.read_bytes()[:100])
     assert refusal(Namespace(upcycle_from=str(bad))).startswith(
-        f"--upcycle-from {bad}: cannot read"
+        f"--upcycle-from: cannot read checkpoint {bad} ("
     )
     moe = save(tmp_path / "moe.pt", {"model": {"encoder.layers.0.moe_ffn.moe.x": torch.zeros(1)}})
     message = refusal(Namespace(upcycle_from=str(moe)))

@@ -80,7 +80,7 @@ def test_corrupt_upcycle_source_is_refused_before_any_work(tiny_data, tmp_path):
     bad = tmp_path / "dense.pt"
     bad.write_bytes(b"PK\x03\x04 not a whole checkpoint")
     last = refused(tiny_data, tmp_path, *MODEL, "--upcycle-from", bad)
-    assert f"--upcycle-from {bad}: cannot read it" in last
+    assert f"--upcycle-from: cannot read checkpoint {bad} (" in last and "corrupt" in last
 
 
 def resume(tiny_data, save, *extra):
@@ -273,3 +273,19 @@ def test_missing_data_directory_under_fairseq_train(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert "fairseq-train: error: data directory" in last and "does not exist" in last
     assert "Traceback" not in proc.stderr
+
+
+def test_a_dense_fairseq_checkpoint_resumes_into_its_ds_moe_twin():
+    """transformer_ds_moe_X without --deepspeed_moe has transformer_X's parameters."""
+    from argparse import Namespace
+
+    from user.checkpoint import fairseq_hooks
+    from user.checkpoint.format import ExpertCheckpointError
+
+    dense = {"arch": "transformer_iwslt_de_en", "encoder_layers": 6, "decoder_layers": 6}
+    state = {"cfg": {"model": Namespace(**dense)}}
+    twin = Namespace(**{**dense, "arch": "transformer_ds_moe_iwslt_de_en"})
+    fairseq_hooks._check_model_flags(state, "c.pt", twin)
+    other = Namespace(**{**dense, "arch": "transformer_ds_moe_wmt_en_de"})
+    with pytest.raises(ExpertCheckpointError, match="--arch is transformer_ds_moe_wmt_en_de here"):
+        fairseq_hooks._check_model_flags(state, "c.pt", other)

@@ -398,10 +398,6 @@ def _data_directory(args, run):
             )
 
 
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
-
-
 def _upcycle_source(args, run):
     """(args) --upcycle-from names a readable checkpoint of a dense model (read with
     ``mmap``: its tensors are not loaded; the run reads it again when training starts)."""
@@ -418,12 +414,9 @@ def _upcycle_source(args, run):
         state = io.read_checkpoint(path, mmap=True)
     except fmt.UnsafeCheckpointError as e:
         return f"--upcycle-from: {e}"
-    except PluginError as e:
-        return f"--upcycle-from {path}: cannot read it ({_one_line(e.__cause__ or e)}); {dense}"
-    model = state.get("model") if isinstance(state, dict) else None
-    if not isinstance(model, dict):
-        return f"--upcycle-from {path}: is not a fairseq checkpoint (no model state); {dense}"
-    if not upcycle.is_dense_state(model):
+    except PluginError as e:  # the reader's one line names the file and what is wrong
+        return f"--upcycle-from: {e}; {dense}"
+    if not upcycle.is_dense_state(state["model"]):
         return f"--upcycle-from {path}: this checkpoint already has MoE layers; {dense}"
 
 

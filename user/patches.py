@@ -65,6 +65,8 @@ class Patch:
         signature (str, optional): ``str(inspect.signature(target))`` when written,
             for a replaced function.
         upstream (str, optional): the upstream issue.
+        calls (str, optional): an extension point the plugin relies on, which the
+            replaced function must call (its source is checked).
     """
 
     install: Callable[[], None]
@@ -73,6 +75,7 @@ class Patch:
     written_against: Tuple[str, str]
     signature: Optional[str] = None
     upstream: Optional[str] = None
+    calls: Optional[str] = None
 
     @property
     def name(self) -> str:
@@ -89,11 +92,12 @@ def patch(
     written_against: Tuple[str, str],
     signature: Optional[str] = None,
     upstream: Optional[str] = None,
+    calls: Optional[str] = None,
 ):
     """Declare a function as the installer of a :class:`Patch`."""
 
     def declare(install: Callable[[], None]) -> Patch:
-        return Patch(install, scope, target, written_against, signature, upstream)
+        return Patch(install, scope, target, written_against, signature, upstream, calls)
 
     return declare
 
@@ -147,7 +151,7 @@ def check(p) -> None:
                 f"user/patches.py: {p.name} was written for {p.target}{p.signature}, but "
                 f"{dist} {have} has {p.target}{found}: {fix}"
             )
-    calls = getattr(p, "calls", None)
+    calls = getattr(p, "calls", None)  # a Patch's (a Dependency has none)
     if calls is not None and f".{calls}(" not in inspect.getsource(current):
         raise PatchError(
             f"user/patches.py: the plugin needs {p.target} to call {calls}(), which "
@@ -391,6 +395,9 @@ def resume_restores_experts() -> None:
     "fairseq.checkpoint_utils.save_checkpoint",
     FAIRSEQ,
     signature="(cfg: fairseq.dataclass.configs.CheckpointConfig, trainer, epoch_itr, val_loss)",
+    # the shards' record reaches the checkpoint through the task's hook (fairseq 0.12.2's
+    # save_checkpoint did not call it: shards went unrecorded, a resume dropped experts)
+    calls="get_checkpoint_dict",
 )
 def expert_shards_on_save() -> None:
     """Every expert-parallel rank writes its experts' shard next to the checkpoint.
@@ -465,15 +472,12 @@ class Dependency:
         written_against (tuple): ``(distribution, version)``.
         signature (str): ``str(inspect.signature(target))`` when written.
         used_by (str): where the plugin calls it.
-        calls (str, optional): an extension point the plugin relies on, which the
-            function must call (its source is checked).
     """
 
     target: str
     written_against: Tuple[str, str]
     signature: str
     used_by: str
-    calls: Optional[str] = None
 
     @property
     def name(self) -> str:
@@ -483,8 +487,7 @@ class Dependency:
 _T = "torch.Tensor"
 #: Upstream internals the plugin calls or overrides without patching them: DeepSpeed's
 #: routing and dispatch helpers (user/modules/gating.py, moe_ffn.py), fairseq's file copy
-#: and rename, and the fairseq function that must call the task's checkpoint hook
-#: (fairseq 0.12.2's did not: expert shards went unrecorded and a resume dropped experts).
+#: and rename.
 # fmt: off
 DEPENDENCIES: Tuple[Dependency, ...] = (
     Dependency("deepspeed.moe.sharded_moe.TopKGate.__init__", DEEPSPEED,
@@ -518,10 +521,6 @@ DEPENDENCIES: Tuple[Dependency, ...] = (
                "ds_moe: expert groups"),
     Dependency("deepspeed.utils.groups._get_expert_data_parallel_group", DEEPSPEED,
                "(group_name)", "ds_moe: expert gradients"),
-    Dependency("fairseq.checkpoint_utils.save_checkpoint", FAIRSEQ,
-               "(cfg: fairseq.dataclass.configs.CheckpointConfig, trainer, epoch_itr, val_loss)",
-               "TranslationDeepSpeedTask.get_checkpoint_dict: the expert shards' record",
-               calls="get_checkpoint_dict"),
 )
 # fmt: on
 

@@ -227,6 +227,12 @@ def _flag(dest: str) -> str:
     return next((f.names[0] for f in FLAGS if f.dest == dest), "--" + dest.replace("_", "-"))
 
 
+def _twin(arch):
+    """fairseq's architecture that ``arch`` (a ``transformer_ds_moe_*``) is the MoE twin
+    of: without ``--deepspeed_moe`` they have the same parameters."""
+    return arch.replace("transformer_ds_moe", "transformer", 1) if isinstance(arch, str) else arch
+
+
 def _model_value(cfg, dest: str):
     """A model config field (``None`` when absent) of a Namespace, dict or DictConfig."""
     value = cfg.get(dest, None) if hasattr(cfg, "get") else getattr(cfg, dest, None)
@@ -246,7 +252,7 @@ def _check_model_flags(state: dict, path: str, model_cfg) -> None:
         here, there = _model_value(model_cfg, dest), _model_value(saved, dest)
         if (dest in _MOE_ONLY and not moe) or (dest != "deepspeed_moe" and there is None):
             continue  # no MoE on one side, or a flag the checkpoint does not record
-        if here != there:
+        if here != there and not (dest == "arch" and _twin(here) == _twin(there)):
             differ.append((_flag(dest), here, there))
     if not differ:
         return
