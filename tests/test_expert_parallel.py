@@ -385,15 +385,26 @@ def _length_sorted(task, n):
     return sorted(range(len(sizes)), key=lambda i: (-int(sizes[i]), i))[:n]
 
 
-def _uneven_steps(task):
-    """Per update, rank 0's and rank 1's sentences: different sentence and token counts,
-    the bigger share alternating between the ranks."""
+def _uneven_steps(task, world=2):
+    """Per update, each rank's sentences: different sentence and token counts, the
+    bigger share moving between the ranks."""
     s = _length_sorted(task, 40)
-    return [
-        [[s[0], s[1], s[2]], [s[39]]],  # 3 long sentences vs 1 short one
-        [[s[38], s[30]], [s[3], s[4], s[5], s[6]]],
-        [[s[10], s[20], s[25]], [s[7], s[35]]],
-    ]
+    if world == 2:
+        return [
+            [[s[0], s[1], s[2]], [s[39]]],  # 3 long sentences vs 1 short one
+            [[s[38], s[30]], [s[3], s[4], s[5], s[6]]],
+            [[s[10], s[20], s[25]], [s[7], s[35]]],
+        ]
+    # rank r takes 1 + (r + u) % 3 sentences in update u, long and short ones in turn
+    steps, i = [], 0
+    for u in range(3):
+        update = []
+        for r in range(world):
+            n = 1 + (r + u) % 3
+            update.append([s[(i + j * 13) % len(s)] for j in range(n)])
+            i += 7
+        steps.append(update)
+    return steps
 
 
 # ---------------------------------------------------------------------------
@@ -416,6 +427,15 @@ CONFIGS = {
     "ep2_no_drop_checkpoint_activations": ["--num-experts", "4", "--ep-world-size", "2",
                                            "--no-moe-drop-tokens", "--checkpoint-activations"],
 }
+# More ranks than 2: (processes W, flags).
+SCALE_CONFIGS = {
+    # W=4, E=2: two expert-data-parallel replicas of each expert, clipped gradients
+    "w4_ep2": (4, ["--num-experts", "4", "--ep-world-size", "2", "--clip-norm", "0.05"]),
+    # W=4, E=4, two experts per rank
+    "w4_ep4": (4, ["--num-experts", "8", "--ep-world-size", "4"]),
+    # W=8, E=8: the reference's shape (--ep-world-size 8 on 8 GPUs), one expert per rank
+    "w8_ep8": (8, ["--num-experts", "8", "--ep-world-size", "8"]),
+}
 # fmt: on
 
 
@@ -431,19 +451,36 @@ def no_drop_capacity(flags):
 def test_trainer_on_two_ranks_matches_one_process(tiny_data, extensions_dir, config):
     """Loss, gradients (router and experts included) and weights after three
     updates of fairseq's Trainer on two ranks equal those of one process."""
-    flags = [*MOE, *TRAIN, *CONFIGS[config], *no_drop_capacity(CONFIGS[config])]
+    _check_trainer_matches_one_process(tiny_data, extensions_dir, CONFIGS[config], 2)
+
+
+@pytest.mark.timeout(2 * RANKS_TIMEOUT + 120)
+@pytest.mark.parametrize("config", sorted(SCALE_CONFIGS))
+def test_trainer_on_four_and_eight_ranks_matches_one_process(tiny_data, extensions_dir, config):
+    """The same at W = 4 and 8: expert-data-parallel replicas (E < W) average their
+    experts' gradients over W / E ranks, several experts per rank, the reference's
+    W = E = 8; uneven batches on every rank, clipping counts each expert once."""
+    world, flags = SCALE_CONFIGS[config]
+    _check_trainer_matches_one_process(tiny_data, extensions_dir, flags, world)
+
+
+def _check_trainer_matches_one_process(tiny_data, extensions_dir, config_flags, world):
+    """Train 3 updates on ``world`` ranks and in one process (every rank's batch a
+    micro-batch of the same update, as --update-freq W) and compare them."""
+    flags = [*MOE, *TRAIN, *config_flags, *no_drop_capacity(config_flags)]
     task, _ = build(tiny_data, "transformer_ds_moe", *_one_process(flags))
-    steps = _uneven_steps(task)
+    steps = _uneven_steps(task, world)
     databin = str(tiny_data["databin"])
 
     want = train_job(0, 1, databin, _one_process(flags), steps)
     got = run_ranks(
         "train",
-        2,
+        world,
         extensions_dir,
+        timeout=RANKS_TIMEOUT * world // 2,
         databin=databin,
         steps=steps,
-        flags=[*flags, "--distributed-world-size", "2"],
+        flags=[*flags, "--distributed-world-size", str(world)],
     )
 
     expert_parallel = _one_process(flags) != flags
