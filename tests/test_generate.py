@@ -62,6 +62,28 @@ def test_two_process_lockstep_generation_equals_one_process(tiny_data, ep2_run):
     assert ids == sorted(ids), "gathered output is in sentence order"
 
 
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("ep_size", [2, 4])
+def test_four_process_lockstep_generation_equals_one_process(tiny_data, ep2_run, tmp_path, ep_size):
+    """4 processes: E=2 with two data-parallel replicas (the checkpoint's layout), or
+    E=4 (the checkpoint resharded). 40 sentences in batches of 8: rank 0 decodes two
+    batches, the others one and then dummies, each batch ending at its own step."""
+    from user.checkpoint.reshard import reshard
+
+    ckpt = ep2_run["save"] / "checkpoint_last.pt"
+    if ep_size == 4:
+        ckpt = tmp_path / "ep4" / "checkpoint_last.pt"
+        ckpt.parent.mkdir()
+        reshard(str(ep2_run["save"] / "checkpoint_last.pt"), str(ckpt), 4)
+    db = tiny_data["databin"]
+    one = run_cli(["python", USER_DIR / "generate.py", db, *GEN, "--path", ckpt, "--cpu"])
+    four = torchrun(USER_DIR / "generate.py", db, *GEN[2:], "--path", ckpt, nproc=4, timeout=500)
+    assert f"--ep-world-size {ep_size}: " in four.stderr, four.stderr[-3000:]
+    h1, h4 = hypotheses(one.stdout), hypotheses(four.stdout)
+    assert len(h1) == 40
+    assert h4 == h1
+
+
 @pytest.mark.timeout(60)
 def test_expert_parallel_model_under_fairseqs_default_task_is_refused(tiny_data):
     """fairseq's ``translation`` task (``fairseq-generate`` without ``--task``) would
