@@ -42,7 +42,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_helpers import build
+from moe_helpers import TINY, build
 
 REPO = Path(__file__).resolve().parents[1]
 USER_DIR = REPO / "user"
@@ -266,6 +266,7 @@ class CollectiveCounter:
 
     def __init__(self):
         self.counts = {}
+        self.bytes = {}
         self._saved = {}
 
     def __enter__(self):
@@ -279,6 +280,13 @@ class CollectiveCounter:
 
             def counted(*a, _fn=fn, _name=name, **kw):
                 self.counts[_name] = self.counts.get(_name, 0) + 1
+                # what this rank sends: all_to_all_single(output, input), else the first tensor
+                sent = a[1] if _name == "all_to_all_single" and len(a) > 1 else kw.get("input")
+                if sent is None:
+                    sent = next((t for t in a if isinstance(t, torch.Tensor)), None)
+                if isinstance(sent, torch.Tensor):
+                    size = sent.numel() * sent.element_size()
+                    self.bytes[_name] = self.bytes.get(_name, 0) + size
                 return _fn(*a, **kw)
 
             setattr(dist, name, counted)
@@ -292,6 +300,7 @@ class CollectiveCounter:
 
     def reset(self):
         self.counts = {}
+        self.bytes = {}
 
     def others(self):
         return {k: v for k, v in self.counts.items() if k not in ALL_TO_ALL}
@@ -339,7 +348,27 @@ def forward_job(rank, world, databin, flags, steps, exact_fit=None):
     return results
 
 
-JOBS = {"train": train_job, "forward": forward_job}
+def comm_job(rank, world, databin, flags, sentences):
+    """One training forward and backward of ``sentences`` (the same on every rank): the
+    collectives it made (calls and bytes sent, by name), and each MoE layer's tokens."""
+    task, model = build(_data(databin), "transformer_ds_moe", *flags, seed=1)
+    task.load_dataset("valid")
+    net_input = _collate(task, sentences)["net_input"]
+    model.train()
+    with CollectiveCounter() as counter:
+        x, extra = model(**net_input)
+        (x.float().pow(2).mean() + extra["experts_gate_loss"]).backward()
+    src, prev = net_input["src_tokens"], net_input["prev_output_tokens"]
+    return {
+        "counts": dict(counter.counts),
+        "bytes": dict(counter.bytes),
+        "tokens": [
+            src.numel() if n.startswith("encoder") else prev.numel() for n in model.moe_ffn_layers()
+        ],
+    }
+
+
+JOBS = {"train": train_job, "forward": forward_job, "comm": comm_job}
 
 
 # ---------------------------------------------------------------------------
@@ -596,3 +625,42 @@ def test_activation_checkpointing_changes_nothing_in_one_process(tiny_data):
     for i in range(len(steps)):
         _assert_same_params(got["grads"][i], want["grads"][i], f"gradients {i}", rtol=0, atol=0)
     _assert_same_params(got["final"], want["final"], "weights", rtol=0, atol=0)
+
+
+@pytest.mark.timeout(3 * RANKS_TIMEOUT)
+def test_communication_per_moe_layer_does_not_grow_with_world(tiny_data, extensions_dir):
+    """One training update (forward and backward) at W = 2, 4, 8 with E = W, each rank
+    holding the same batch: per MoE layer 2 all-to-alls forward and 2 backward, each
+    sending the dispatch buffer (experts x capacity x model dim, the theoretical volume);
+    besides them one all-reduce per forward, for the whole model (the agreed token
+    counts): no per-layer barrier or all-reduce. Neither grows with W."""
+    from user.modules.gating import expert_capacity
+
+    dim = int(TINY[TINY.index("--encoder-embed-dim") + 1])
+    table, rows = [], {}
+    for world in (2, 4, 8):
+        flags = [*MOE, *TRAIN, "--num-experts", str(world), "--ep-world-size", str(world),
+                 "--distributed-world-size", str(world)]  # fmt: skip
+        got = run_ranks("comm", world, extensions_dir, timeout=RANKS_TIMEOUT * world // 2,
+                        databin=str(tiny_data["databin"]), flags=flags,
+                        sentences=list(range(6)))  # fmt: skip
+        for r, g in enumerate(got):
+            n_moe = len(g["tokens"])
+            # 4 byte floats; capacity as DeepSpeed computes it (factor 1, top-1, min 4)
+            per_a2a = [world * expert_capacity(s, world, 1.0, 1, 4) * dim * 4 for s in g["tokens"]]
+            theory = 4 * sum(per_a2a)
+            a2a_calls = sum(g["counts"].get(k, 0) for k in ALL_TO_ALL)
+            a2a_bytes = sum(g["bytes"].get(k, 0) for k in ALL_TO_ALL)
+            others = {k: v for k, v in g["counts"].items() if k not in ALL_TO_ALL}
+            assert a2a_calls == 4 * n_moe, f"W={world} rank {r}: {g['counts']}"
+            assert a2a_bytes == theory, f"W={world} rank {r}: {a2a_bytes} bytes, theory {theory}"
+            assert others == {"all_reduce": 1}, f"W={world} rank {r}: {others}"
+            rows[world] = (a2a_calls / n_moe, a2a_bytes / n_moe, theory / n_moe)
+        table.append(f"W={world}: per MoE layer per update {rows[world][0]:.0f} all-to-alls, "
+                     f"{rows[world][1]:,.0f} bytes sent per rank (theory {rows[world][2]:,.0f}); "
+                     f"1 all-reduce per forward")  # fmt: skip
+    print("\n".join(table))
+    # the per-rank volume is the rank's own tokens' buffer: it does not grow with W (only
+    # the capacity's rounding up to a multiple of E, at most E - 1 slots per layer)
+    for world in (4, 8):
+        assert rows[world][1] <= rows[2][1] + world * dim * 4 * 4, table
