@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import socket
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -102,14 +102,15 @@ def _replace_durably(tmp: str, path: str) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to ``path`` through a temp file and a rename, both fsynced."""
+def _write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temp file of this process, fsync it, rename it to ``path`` and
+    fsync the folder; the temp file is gone afterwards whatever happened (and a killed
+    writer's is removed by the next write in the folder)."""
     remove_dead_tmp_files(os.path.dirname(os.path.abspath(path)))
     tmp = tmp_file(path)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         _replace_durably(tmp, path)
     finally:
@@ -117,18 +118,19 @@ def atomic_save(obj, path: str) -> None:
             os.remove(tmp)
 
 
+def atomic_save(obj, path: str) -> None:
+    """``torch.save`` to ``path`` through a temp file and a rename, both fsynced."""
+
+    def save(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    _write_atomically(path, save)
+
+
 def atomic_copy(src: str, dst: str) -> None:
     """Copy ``src`` to ``dst`` through a temp file and a rename, both fsynced."""
-    remove_dead_tmp_files(os.path.dirname(os.path.abspath(dst)))
-    tmp = tmp_file(dst)
-    try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        _replace_durably(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _write_atomically(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def durable_rename(src: str, dst: str) -> None:
