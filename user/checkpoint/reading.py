@@ -57,6 +57,20 @@ ALLOWED_GLOBALS = (
 _REFUSED = re.compile(r"GLOBAL (\S+) was not an allowed global|but got <class '([^']+)'>")
 
 
+def _rewound(f):
+    """``f`` itself; a file object back at its start (a path needs nothing)."""
+    if hasattr(f, "seek"):
+        f.seek(0)
+    return f
+
+
+def _data_pkl(z: zipfile.ZipFile) -> bytes:
+    """The pickle of a torch zip checkpoint (``<archive>/data.pkl``; the tensors are
+    other records), unread. ``ValueError`` when there is not exactly one."""
+    (name,) = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+    return z.read(name)
+
+
 def _name(f) -> str:
     return os.fspath(f) if isinstance(f, (str, os.PathLike)) else getattr(f, "name", "checkpoint")
 
@@ -67,10 +81,8 @@ def _unsafe_globals(f, error: Exception) -> List[str]:
     torch's error names (``[]``: nothing, the file is damaged)."""
     found = {a or b for a, b in _REFUSED.findall(str(error))}
     try:
-        if hasattr(f, "seek"):
-            f.seek(0)
         with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
-            found.update(torch.serialization.get_unsafe_globals_in_checkpoint(f))
+            found.update(torch.serialization.get_unsafe_globals_in_checkpoint(_rewound(f)))
     except Exception:  # not a zip checkpoint, or damaged: torch's error says all we know
         pass
     return sorted(found)
@@ -121,9 +133,7 @@ def safe_load(f, map_location="cpu", mmap: bool = False):
         f"{TRUST_PICKLE}=1: loading {_name(f)} with full pickle although it calls "
         f"{calls}: a file from a source you do not trust can run any code on this machine"
     )
-    if hasattr(f, "seek"):
-        f.seek(0)
-    return torch.load(f, map_location=map_location, weights_only=False, mmap=mmap)
+    return torch.load(_rewound(f), map_location=map_location, weights_only=False, mmap=mmap)
 
 
 def _intact(f) -> bool:
@@ -131,23 +141,16 @@ def _intact(f) -> bool:
     their CRC check and whose pickle parses, or a file that starts with a pickle (torch's
     legacy format). Parsed by :mod:`pickletools`, which runs nothing."""
     try:
-        if hasattr(f, "seek"):
-            f.seek(0)
-        if zipfile.is_zipfile(f):
-            if hasattr(f, "seek"):
-                f.seek(0)
-            with zipfile.ZipFile(f) as z:
+        if zipfile.is_zipfile(_rewound(f)):
+            with zipfile.ZipFile(_rewound(f)) as z:
                 if z.testzip() is not None:
                     return False
-                (pkl,) = [n for n in z.namelist() if n.endswith("/data.pkl")]
-                data = z.read(pkl)
+                data = _data_pkl(z)
+        elif hasattr(f, "read"):
+            data = _rewound(f).read()
         else:
-            if hasattr(f, "seek"):
-                f.seek(0)
-                data = f.read()
-            else:
-                with open(f, "rb") as fh:
-                    data = fh.read()
+            with open(f, "rb") as fh:
+                data = fh.read()
         for _ in pickletools.genops(data):
             pass
         return True
@@ -230,8 +233,7 @@ def shard_token(path: str) -> Optional[str]:
     """
     try:
         with zipfile.ZipFile(path) as z:
-            (pkl,) = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-            data = z.read(pkl)
+            data = _data_pkl(z)
     except (zipfile.BadZipFile, ValueError) as e:
         raise ValueError(f"not a torch checkpoint: {e}") from e
     values = _pickle_values(data)
