@@ -28,10 +28,16 @@ def env_flag(name: str, default: bool) -> bool:
     return value.strip().lower() not in ("0", "false", "no", "off")
 
 
-def refuse(prog: str, error) -> NoReturn:
-    """Stop a command with one line, ``prog: error: ...`` (no usage dump), exit status 2
-    as argparse's; with ``FAIRSEQ_MOE_DEBUG=1`` an exception's traceback comes first."""
+def report(prog: str, error) -> None:
+    """Print the one line ``prog: error: ...``; with ``FAIRSEQ_MOE_DEBUG=1`` an exception's
+    traceback comes first."""
     if env_flag(DEBUG, False) and isinstance(error, BaseException):
         traceback.print_exception(error)
     print(f"{prog}: error: {error}", file=sys.stderr)
+
+
+def refuse(prog: str, error) -> NoReturn:
+    """Stop a command with one line (:func:`report`, no usage dump), exit status 2 as
+    argparse's."""
+    report(prog, error)
     sys.exit(2)

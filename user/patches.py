@@ -36,7 +36,7 @@ import types
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
-from .errors import DEBUG, PluginError, env_flag
+from .errors import PluginError, report
 
 ALWAYS = "always"
 TASK = "translation_deepspeed task"
@@ -214,9 +214,7 @@ def one_line_errors() -> None:
     def hook(exc_type, exc, tb):
         # (no import here: a failed guard leaves the plugin half-imported)
         if issubclass(exc_type, PluginError):
-            if env_flag(DEBUG, False):
-                previous(exc_type, exc, tb)
-            print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
+            report(os.path.basename(sys.argv[0]), exc)
             return
         previous(exc_type, exc, tb)
 
