@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export DS_BUILD_OPS := 0
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install test lint format demo bench bench-perf clean
+.PHONY: install test test-scale lint format demo bench bench-perf clean
 
 install: $(STAMP)
 
@@ -21,8 +21,13 @@ $(STAMP): setup.py
 	$(PIP) install --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
+# the suite but its scale cases (under 20 minutes on 2 cores)
 test: $(STAMP)
-	$(PY) -m pytest tests -q -rs
+	$(PY) -m pytest tests -q -rs -m "not scale"
+
+# the scale cases: 4 and 8 processes, two simulated nodes (CI runs both targets)
+test-scale: $(STAMP)
+	$(PY) -m pytest tests -q -rs -m scale
 
 # ruff (settings in ruff.toml): lint and formatting, as CI checks them
 lint: $(STAMP)

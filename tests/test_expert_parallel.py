@@ -483,6 +483,7 @@ def test_trainer_on_two_ranks_matches_one_process(tiny_data, extensions_dir, con
     _check_trainer_matches_one_process(tiny_data, extensions_dir, CONFIGS[config], 2)
 
 
+@pytest.mark.scale
 @pytest.mark.timeout(2 * RANKS_TIMEOUT + 120)
 @pytest.mark.parametrize("config", sorted(SCALE_CONFIGS))
 def test_trainer_on_four_and_eight_ranks_matches_one_process(tiny_data, extensions_dir, config):
@@ -627,6 +628,7 @@ def test_activation_checkpointing_changes_nothing_in_one_process(tiny_data):
     _assert_same_params(got["final"], want["final"], "weights", rtol=0, atol=0)
 
 
+@pytest.mark.scale
 @pytest.mark.timeout(3 * RANKS_TIMEOUT)
 def test_communication_per_moe_layer_does_not_grow_with_world(tiny_data, extensions_dir):
     """One training update (forward and backward) at W = 2, 4, 8 with E = W, each rank

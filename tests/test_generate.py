@@ -70,6 +70,7 @@ def test_two_process_lockstep_generation_equals_one_process(tiny_data, ep2_run, 
     assert ids == sorted(ids), "gathered output is in sentence order"
 
 
+@pytest.mark.scale
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("ep_size", [2, 4])
 def test_four_process_lockstep_generation_equals_one_process(
