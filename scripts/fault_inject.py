@@ -130,6 +130,11 @@ def install(state):
     atomic = ckpt_io.atomic_save
 
     def half_shard(obj, path):
+        # for fault_run.py: which ranks write expert shards (only the first E may)
+        print(
+            f"fault_inject: rank {os.environ.get('RANK', '0')} writes {os.path.basename(path)}",
+            flush=True,
+        )
         if MODE == "shard" and state["updates"] == UPDATE and _mine():
             _die_half_way_through(atomic, obj, path)
         return atomic(obj, path)

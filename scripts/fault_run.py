@@ -6,7 +6,7 @@
 """Kill training again and again; check that nothing is lost.
 
     python scripts/fault_run.py DATABIN --workdir W [--kills 10] [--nproc 2] [--max-update 30]
-                                [--first save,shard]
+                                [--ep-world-size E] [--first save,shard]
 
 Runs the same small MoE training twice: once uninterrupted, once killed with
 SIGKILL at least ``--kills`` times (a random mix of: during a forward pass,
@@ -14,7 +14,9 @@ right after an update, half-way through fairseq's write of the shared checkpoint
 half-way through copying it to checkpoint_last.pt, half-way through the write of an
 expert shard (EP), and from outside, on the whole process tree, 0-20 ms after a chosen
 update is logged; ``--first`` names modes that strike before the mix) and restarted
-each time from its checkpoint_last.pt. Every failed launch must have died of SIGKILL
+each time from its checkpoint_last.pt. Several processes are expert parallel over
+``--ep-world-size`` of them (all by default; fewer: expert-data-parallel replicas), and
+only the first ``E`` ranks may write expert shards: the summary lists the ranks that did. Every failed launch must have died of SIGKILL
 (under torchrun: a worker did), and after every kill the checkpoint on disk must load
 (shared file and shards matching); at the end the interrupted run must have logged
 every update, with the uninterrupted run's losses, and end with its weights, exactly
@@ -45,15 +47,24 @@ MODEL = [*MICRO, "--seed", "7", "--save-interval-updates", "2", "--keep-interval
 # fmt: on
 
 
-def command(databin, save, max_update, nproc, port):
+def command(databin, save, max_update, nproc, ep, port):
     args = [str(databin), *MODEL, "--save-dir", str(save), "--max-update", str(max_update)]
     script = str(REPO / "scripts" / "fault_inject.py")
     if nproc == 1:
         return [sys.executable, script, *args]
     # fmt: off
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(port), script, *args, "--ep-world-size", str(nproc)]
+            "--master_port", str(port), script, *args, "--ep-world-size", str(ep)]
     # fmt: on
+
+
+#: the line scripts/fault_inject.py prints when a rank starts writing an expert shard
+SHARD_WRITE = re.compile(r"^fault_inject: rank (\d+) writes (experts\.\S+\.pt)$", re.M)
+
+
+def shard_writes(out: str) -> set:
+    """``{(rank, shard file name)}`` of the expert-shard writes a launch logged."""
+    return {(int(r), name) for r, name in SHARD_WRITE.findall(out)}
 
 
 def env(**extra):
@@ -155,6 +166,9 @@ def main(argv=None):
     p.add_argument("--workdir", required=True)
     p.add_argument("--kills", type=int, default=10)
     p.add_argument("--nproc", type=int, default=1, help="processes (2 = expert parallel EP=2)")
+    p.add_argument(
+        "--ep-world-size", type=int, help="expert-parallel size with --nproc > 1 [--nproc]"
+    )
     p.add_argument("--max-update", type=int, default=30)
     p.add_argument("--seed", type=int, default=1, help="seed of the fault schedule")
     p.add_argument("--timeout", type=int, default=300, help="seconds per launch")
@@ -165,6 +179,9 @@ def main(argv=None):
         "in the middle of the write of the shared checkpoint and of a shard), then the mix",
     )
     args = p.parse_args(argv)
+    ep = args.ep_world_size or args.nproc
+    if args.nproc > 1 and (ep < 2 or args.nproc % ep):
+        p.error(f"--ep-world-size {ep}: use a divisor of --nproc {args.nproc} above 1")
     modes = ["forward", "between", "save", "copy", "time"] + (["shard"] if args.nproc > 1 else [])
     first = [m for m in args.first.split(",") if m]
     if set(first) - set(modes):
@@ -176,14 +193,16 @@ def main(argv=None):
     start = time.time()
     run.logdir = work / "logs"
 
-    rc, out = run(command(args.databin, ref, args.max_update, args.nproc, port), args.timeout)
+    rc, out = run(command(args.databin, ref, args.max_update, args.nproc, ep, port), args.timeout)
     if rc != 0:
         raise SystemExit(f"uninterrupted run failed ({rc}):\n{out[-3000:]}")
     want = fairseq_log.losses_by_update(out)
+    writes = shard_writes(out)
 
     kills, log, got, mismatched = 0, [], {}, []
 
     def record(text):
+        writes.update(shard_writes(text))
         # replayed updates must repeat exactly
         for u, v in fairseq_log.losses_by_update(text).items():
             if u in got and got[u] != v:
@@ -196,7 +215,7 @@ def main(argv=None):
         if kills >= args.kills or left < 2:
             run.extra = {"FAULT_MODE": "none"}
             rc, out = run(
-                command(args.databin, faulty, args.max_update, args.nproc, port + 1 + kills),
+                command(args.databin, faulty, args.max_update, args.nproc, ep, port + 1 + kills),
                 args.timeout,
             )
             if rc != 0:
@@ -213,8 +232,10 @@ def main(argv=None):
             target = min(target, args.max_update - (args.max_update % 2))
         if mode == "copy" and left <= 6:
             mode = "save"  # the last saves may all be end-of-epoch ones, without a copy
-        # fairseq writes the shared file from rank 0; each of the E ranks its shard
-        rank = 0 if mode in ("save", "copy") else rng.randrange(args.nproc)
+        # fairseq writes the shared file from rank 0; each of the first E ranks its shard
+        rank = (
+            0 if mode in ("save", "copy") else rng.randrange(ep if mode == "shard" else args.nproc)
+        )
         if mode == "time":
             # from outside, 0-20 ms after an update is logged (an update takes
             # ~30 ms here: the next forward/backward, a save, or between); never
@@ -226,7 +247,7 @@ def main(argv=None):
             "FAULT_RANK": rank,
         }
         rc, out = run(
-            command(args.databin, faulty, args.max_update, args.nproc, port + 1 + kills),
+            command(args.databin, faulty, args.max_update, args.nproc, ep, port + 1 + kills),
             args.timeout,
             kill_at_update=target if mode == "time" else None,
             delay=rng.uniform(0.0, 0.02),
@@ -269,6 +290,12 @@ def main(argv=None):
     )
     summary = {
         "nproc": args.nproc,
+        "ep_world_size": ep if args.nproc > 1 else 1,
+        # the ranks that wrote expert shards, and the shard files each wrote (all launches)
+        "shard_writers": sorted({r for r, _ in writes}),
+        "shard_files_by_rank": {
+            r: sorted({n for w, n in writes if w == r}) for r in sorted({r for r, _ in writes})
+        },
         "kills": kills,
         "max_update": final,
         "final_loss": {"uninterrupted": want.get(final), "interrupted": got.get(final)},
