@@ -12,11 +12,14 @@ import shutil
 import pytest
 import torch
 
+from mt_run.fairseq_log import losses_by_update
+from mt_run.recipes import MICRO
 from user.checkpoint import format as fmt
 from user.checkpoint import io as ckpt_io
 
 from conftest import REPO, USER_DIR, run_cli
 from ep_helpers import torchrun, train2
+from moe_helpers import KEY_BIAS
 
 E = "m.layers.0.moe_ffn.moe.deepspeed_moe.experts.deepspeed_experts"
 
@@ -423,3 +426,69 @@ def test_reshard_errors_are_one_clear_line(runs, tmp_path):
     )
     assert proc.returncode == 2 and "is missing" in proc.stderr and "experts." in proc.stderr
     assert not (tmp_path / "y.pt").exists()
+
+
+# --------------------------------------------------------------------------
+# at the reference's scale: 8 processes, one expert each
+
+
+@pytest.mark.scale
+@pytest.mark.timeout(900)
+def test_an_eight_process_checkpoint_resharded_to_four_trains_on_alike(tiny_data, tmp_path):
+    """W = E = 8 trains two epochs, saving at the end of each. Its epoch-1 checkpoint,
+    resharded 8 -> 1 -> 4, resumes on 4 processes (two experts each, --update-freq 2: the
+    same global batches) with the 8-process run's epoch-2 losses; the 8-process
+    checkpoint translates in one process exactly as its consolidated copy does."""
+    db = tiny_data["databin"]
+    # every token fits (capacity factor = experts) and no dropout: splitting the batch
+    # changes nothing; epoch checkpoints, so that the resume starts a fresh epoch
+    # fmt: off
+    flags = [f for f in MICRO if f != "--no-epoch-checkpoints"] + [
+        "--num-experts", "8", "--moe-capacity-factor", "8", "--moe-eval-capacity-factor", "8",
+        "--dropout", "0", "--seed", "5", "--max-epoch", "2", "--disable-validation"]
+    # fmt: on
+    w8 = tmp_path / "w8"
+    out8 = torchrun(
+        USER_DIR / "train.py", db, *flags, "--ep-world-size", "8", "--save-dir", w8,
+        nproc=8, timeout=600,
+    )  # fmt: skip
+    losses8 = losses_by_update(out8.stdout + out8.stderr)
+    epoch1 = torch.load(w8 / "checkpoint1.pt", map_location="cpu", weights_only=False)
+    u1 = epoch1["optimizer_history"][-1]["num_updates"]
+    assert epoch1["extra_state"][fmt.SHARD_KEY]["ep_size"] == 8
+    assert 1 < u1 < max(losses8) and sorted(losses8) == list(range(1, max(losses8) + 1))
+
+    one, four = tmp_path / "one.pt", tmp_path / "w4"
+    run_cli(["python", "-m", "user.reshard", w8 / "checkpoint1.pt", one, "--ep-size", "1"])
+    run_cli(["python", "-m", "user.reshard", one, four / "checkpoint_last.pt", "--ep-size", "4"])
+    assert sorted(p.name.rpartition(".")[0][-6:] for p in four.glob("experts.*.pt")) == [
+        f"{r}-of-4" for r in range(4)
+    ]
+    out4 = torchrun(
+        USER_DIR / "train.py", db, *flags, "--ep-world-size", "4", "--update-freq", "2",
+        "--save-dir", four, nproc=4, timeout=600,
+    )  # fmt: skip
+    losses4 = losses_by_update(out4.stdout + out4.stderr)
+    assert sorted(losses4) == [u for u in sorted(losses8) if u > u1], (u1, losses4)
+    # the log's 3 decimals
+    assert losses4 == {u: pytest.approx(v, abs=1.5e-3) for u, v in losses8.items() if u > u1}
+    # and the same weights at the end of epoch 2 (the sums of gradients are split
+    # differently: equal up to rounding, key biases aside, see moe_helpers.KEY_BIAS)
+    a = consolidated(w8 / "checkpoint_last.pt", tmp_path / "a.pt")["model"]
+    b = consolidated(four / "checkpoint_last.pt", tmp_path / "b.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        if not KEY_BIAS.search(k):
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+
+    # the 8-process checkpoint in one process: the consolidated file's translations
+    def translate(path):
+        # fmt: off
+        proc = run_cli(["python", USER_DIR / "generate.py", db, "--task", "translation_deepspeed",
+                        "--path", path, "--gen-subset", "valid", "--beam", "2", "--max-len-b", "10",
+                        "--num-workers", "0", "--cpu"])
+        # fmt: on
+        return sorted(ln for ln in proc.stdout.splitlines() if ln.startswith("H-"))
+
+    direct = translate(w8 / "checkpoint1.pt")
+    assert len(direct) == 40 and direct == translate(one)

@@ -42,13 +42,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_helpers import TINY, build
+from moe_helpers import KEY_BIAS, TINY, build
 
 REPO = Path(__file__).resolve().parents[1]
 USER_DIR = REPO / "user"
 RANKS_TIMEOUT = 240  # seconds the test process waits for its ranks
 EXPERT = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
-KEY_BIAS = re.compile(r"\.k_proj\.bias$")
 GATE_WEIGHT = 0.1
 
 # fmt: off
