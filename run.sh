@@ -113,6 +113,7 @@ fi
 NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
 is_int NUM_GPUS "$NUM_GPUS"; is_int NNODES "$NNODES"; is_int NODE_RANK "$NODE_RANK"
+[[ -z "${MASTER_PORT:-}" ]] || is_int MASTER_PORT "$MASTER_PORT"
 ((NUM_GPUS >= 1 && NNODES >= 1)) || die "NUM_GPUS and NNODES must be at least 1"
 ((NODE_RANK < NNODES)) || die "NODE_RANK $NODE_RANK must be below NNODES $NNODES"
 WORLD=$((NNODES * NUM_GPUS))

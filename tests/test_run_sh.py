@@ -156,6 +156,7 @@ def test_dry_run_dense_generate_bench_and_bad_input():
     for env, message in (
         ({"NNODES": 2}, "needs MASTER_ADDR"),
         ({"NNODES": 2, "NODE_RANK": 2, "MASTER_ADDR": "h"}, "NODE_RANK 2 must be below NNODES 2"),
+        ({"NNODES": 2, "MASTER_ADDR": "h", "MASTER_PORT": "h:1"}, "MASTER_PORT must be a whole"),
         ({"DENSE": "yes"}, "DENSE must be 0 or 1"),
         ({"NUM_GPUS": "two"}, "NUM_GPUS must be a whole number"),
     ):
