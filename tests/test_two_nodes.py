@@ -96,8 +96,8 @@ def test_two_nodes_train_resume_generate_with_experts_within_a_node(tiny_data, t
 
     # run.sh generate is one process: it translates the two-node checkpoint
     proc = run_sh("generate", NODE_RANK=0, **env)
-    hyps = [line for line in (save / "generate-test.txt").read_text().splitlines()]
-    hyps = [line for line in hyps if line.startswith("D-")]
+    lines = (save / "generate-test.txt").read_text().splitlines()
+    hyps = [line for line in lines if line.startswith("D-")]
     assert len(hyps) == len((tiny_data["raw"] / "test.de").read_text().splitlines()) == 24
     assert re.search(r"^BLEU\S* = \d", proc.stdout, re.M), proc.output
     print(f"generate + score: {proc.seconds:.1f}s")
