@@ -9,7 +9,8 @@
 #
 #   train     (default) train, resuming from the run's checkpoint_last.pt
 #   generate  translate the test split with the run's checkpoint_best.pt (else
-#             checkpoint_last.pt) and score it with scripts/sacrebleu.sh
+#             checkpoint_last.pt) and score it with scripts/sacrebleu.sh; one
+#             process, on one node (NUM_GPUS and NNODES select the run's name only)
 #   bench     train dense and MoE for BENCH_UPDATES updates with the same
 #             settings (nothing saved) and print their train tokens/s side by side
 #
@@ -44,9 +45,20 @@
 #   NUM_GPUS       processes per node [GPUs seen by torch; 1 on CPU]; more than
 #                  one process (per node or in all) starts torchrun, CPU
 #                  processes (gloo) when there is no GPU
-#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT
-#                  multi-node torchrun [1, 0, required when NNODES > 1, 29500];
-#                  on one node MASTER_PORT, when set, replaces torchrun --standalone
+#   NNODES         nodes [1]; more than one: run the same command on every node,
+#                  OUT_DIR on a filesystem they all share; torchrun's c10d
+#                  rendezvous at MASTER_ADDR:MASTER_PORT, which the agents reach
+#                  in any order
+#   MASTER_ADDR    NNODES > 1: the address of one node, the same on every node
+#                  (its agent hosts the rendezvous) [required]
+#   MASTER_PORT    NNODES > 1: the rendezvous port [29500]; on one node, when
+#                  set, replaces torchrun --standalone
+#   RDZV_ID        NNODES > 1: the rendezvous id, the same on every node
+#                  [$ARCH-$RUN_NAME]
+#   NODE_RANK      [0, below NNODES] not used by the launch: torchrun numbers the
+#                  nodes itself once all have joined (whatever NODE_RANK says), and
+#                  node n runs global ranks n*NUM_GPUS .. n*NUM_GPUS+NUM_GPUS-1
+#                  (rank 0, which logs training, may be on any node)
 #   BEAM, LENPEN   generate: beam size and length penalty [4, 0.6; 4, 1.0 tiny]
 #   REF            generate: plain-text reference [dirname($DATABIN)/raw/test.$TGT]
 #   BENCH_UPDATES  bench: updates per model [200 WMT, 30 tiny]
@@ -101,22 +113,13 @@ fi
 NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
 is_int NUM_GPUS "$NUM_GPUS"; is_int NNODES "$NNODES"; is_int NODE_RANK "$NODE_RANK"
+[[ -z "${MASTER_PORT:-}" ]] || is_int MASTER_PORT "$MASTER_PORT"
 ((NUM_GPUS >= 1 && NNODES >= 1)) || die "NUM_GPUS and NNODES must be at least 1"
 ((NODE_RANK < NNODES)) || die "NODE_RANK $NODE_RANK must be below NNODES $NNODES"
 WORLD=$((NNODES * NUM_GPUS))
 
-launch=("$PYTHON")
 if ((NNODES > 1)); then
-    [[ -n "${MASTER_ADDR:-}" ]] || die "NNODES=$NNODES needs MASTER_ADDR (the address of the node with NODE_RANK=0)"
-    launch=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK"
-            --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" --nproc_per_node "$NUM_GPUS")
-elif ((NUM_GPUS > 1)); then
-    if [[ -n "${MASTER_PORT:-}" ]]; then
-        launch=("$PYTHON" -m torch.distributed.run --nnodes 1 --node_rank 0
-                --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$MASTER_PORT" --nproc_per_node "$NUM_GPUS")
-    else
-        launch=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NUM_GPUS")
-    fi
+    [[ -n "${MASTER_ADDR:-}" ]] || die "NNODES=$NNODES needs MASTER_ADDR (the address of one node, the same on every node: it hosts torchrun's rendezvous)"
 fi
 
 # ---------------------------------------------------------------- data
@@ -197,6 +200,24 @@ prepare_data() {
     fi
     dry || [[ -f "$DATABIN/dict.$SRC.txt" ]] || die "DATABIN=$DATABIN holds no dict.$SRC.txt: is it a fairseq-preprocess output?"
 }
+
+# the launcher (train and bench; generate is one process)
+launch=("$PYTHON")
+if ((NNODES > 1)); then
+    # torchrun's c10d rendezvous: the agents meet at MASTER_ADDR:MASTER_PORT in any
+    # order, then it numbers the nodes (not NODE_RANK) and gives node n the global
+    # ranks n*NUM_GPUS .. n*NUM_GPUS+NUM_GPUS-1
+    launch=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$NUM_GPUS"
+            --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}"
+            --rdzv_id "${RDZV_ID:-$ARCH-$RUN_NAME}")
+elif ((NUM_GPUS > 1)); then
+    if [[ -n "${MASTER_PORT:-}" ]]; then
+        launch=("$PYTHON" -m torch.distributed.run --nnodes 1 --node_rank 0
+                --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$MASTER_PORT" --nproc_per_node "$NUM_GPUS")
+    else
+        launch=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NUM_GPUS")
+    fi
+fi
 
 SAVE_DIR="$OUT_DIR/checkpoints/$ARCH-$RUN_NAME"
 TB_DIR="$OUT_DIR/tb/$ARCH-$RUN_NAME"

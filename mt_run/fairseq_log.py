@@ -15,7 +15,7 @@ epoch (``train``) and one per validation (``valid``), in the format of
 one dict per record, keys without json's ``train_``/``valid_`` prefix, numbers as
 floats. The other readers build on it, or read the few lines that are not
 records (a resumed checkpoint, the training time, ``fairseq-generate``'s
-"Translated" line). ``python -m mt_run.fairseq_log summary LOG`` prints a run's
+"Translated" line, the plugin's "expert groups" line of each rank). ``python -m mt_run.fairseq_log summary LOG`` prints a run's
 progress for bash (``scripts/demo.sh``).
 """
 
@@ -33,6 +33,7 @@ _EPOCH = re.compile(r"^epoch (\d+)")
 _LOADED = re.compile(r"Loaded checkpoint .* @ (\d+) updates")
 _DONE = re.compile(r"done training in ([0-9.]+) seconds")
 _TRANSLATED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s")
+_GROUPS = re.compile(r"\| expert groups (\{.*\})\s*$")
 
 
 def _value(v):
@@ -128,6 +129,23 @@ def translated(text):
         "tokens": int(tokens.replace(",", "")),
         "seconds": float(seconds),
     }
+
+
+def expert_groups(text):
+    """The "expert groups" line each expert-parallel rank logs (``user/ds_moe.py``).
+
+    Returns:
+        ``{rank: {"rank", "node", "local_rank", "expert_parallel", "expert_data_parallel"}}``,
+        the groups' ranks as lists, ``node`` and ``local_rank`` None where the launcher
+        set no such variable.
+    """
+    found = {}
+    for line in text.splitlines():
+        m = _GROUPS.search(line)
+        if m:
+            rec = json.loads(m.group(1))
+            found[rec["rank"]] = rec
+    return found
 
 
 def summary(text):

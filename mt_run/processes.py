@@ -6,7 +6,8 @@ torchrun starts each worker in a session of its own (torch's elastic
 ``SubprocessHandler``), so killing torchrun, or its process group, leaves the
 workers running: a timed-out test or script left them training, holding CPU
 cores and ports, with nobody to wait for them. :func:`run` is ``subprocess.run``
-for such commands, :func:`kill_tree` what it does on a timeout; the tests
+for such commands, :func:`kill_tree` what it does on a timeout, :func:`run_together`
+several such commands at once (the agents of a multi-node launch); the tests
 (``run_cli``, ``run_sh``), ``scripts/fault_run.py`` and ``scripts/bench_perf.py``
 use them.
 """
@@ -14,6 +15,8 @@ use them.
 import os
 import signal
 import subprocess
+import tempfile
+import time
 
 import psutil
 
@@ -89,3 +92,71 @@ def run(
             proc.wait()
             raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def run_together(cmds, timeout=None, text=False, **popen) -> list:
+    """:func:`run` for several commands at once, e.g. the torchrun agents of two nodes.
+
+    Each command runs in a session of its own, its stdout and stderr collected in
+    temporary files (no pipe fills while another command is waited for). When one
+    exits with an error, the others' trees are killed: an agent whose peer is gone
+    would wait for it until its own timeout. When ``timeout`` passes, or anything
+    interrupts the wait, every tree is killed before the exception goes on:
+    ``subprocess.TimeoutExpired`` with every command's output so far, one after the
+    other under a line naming the command.
+
+    Args:
+        cmds: the commands (lists).
+        timeout (float, optional): seconds for all of them together.
+        text (bool): decode the output.
+        popen: more ``subprocess.Popen`` arguments (``env``, ``cwd``, ...).
+
+    Returns:
+        a ``subprocess.CompletedProcess`` per command, in order (``-9``: killed).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    procs, files = [], []
+
+    def read(f):
+        f.seek(0)
+        data = f.read()
+        return data.decode(errors="replace") if text else data
+
+    def joined(which):
+        parts = []
+        for cmd, pair in zip(cmds, files):
+            head = f"--- {' '.join(map(str, cmd))}\n"
+            parts += [head if text else head.encode(), read(pair[which])]
+        return ("" if text else b"").join(parts)
+
+    try:
+        for cmd in cmds:
+            files.append((tempfile.TemporaryFile(), tempfile.TemporaryFile()))
+            out, err = files[-1]
+            procs.append(
+                subprocess.Popen(cmd, start_new_session=True, stdout=out, stderr=err, **popen)
+            )
+        while None in [p.poll() for p in procs]:  # (each polled: none short-circuited)
+            if any(p.returncode for p in procs):  # one failed: end the others
+                for p in procs:
+                    if p.returncode is None:
+                        kill_tree(p.pid)
+                        p.wait()
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(cmds, timeout, output=joined(0), stderr=joined(1))
+            time.sleep(0.2)
+        return [
+            subprocess.CompletedProcess(p.args, p.returncode, read(out), read(err))
+            for p, (out, err) in zip(procs, files)
+        ]
+    except BaseException:
+        for p in procs:
+            kill_tree(p.pid)
+        for p in procs:
+            p.wait()
+        raise
+    finally:
+        for pair in files:
+            for f in pair:
+                f.close()

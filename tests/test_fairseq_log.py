@@ -117,3 +117,18 @@ def test_translated_line():
     )
     assert fairseq_log.translated(text) == {"sentences": 1000, "tokens": 4997, "seconds": 1.9}
     assert fairseq_log.translated(SIMPLE) is None
+
+
+def test_expert_groups_lines_of_every_rank():
+    # as two ranks of a two-node run logged them (user.ds_moe.log_expert_groups)
+    text = (
+        '2026-11-30 09:58:12 | INFO | user.ds_moe.groups | expert groups {"rank": 3, "node": 1, '
+        '"local_rank": 1, "expert_parallel": [2, 3], "expert_data_parallel": [1, 3]}\n'
+        "2026-11-30 09:58:12 | INFO | fairseq.trainer | no expert groups here\n"
+        '2026-11-30 09:58:12 | INFO | user.ds_moe.groups | expert groups {"rank": 0, "node": null, '
+        '"local_rank": null, "expert_parallel": [0, 1], "expert_data_parallel": [0, 2]}\n'
+    )
+    got = fairseq_log.expert_groups(text)
+    assert sorted(got) == [0, 3]
+    assert got[3]["node"] == 1 and got[3]["expert_data_parallel"] == [1, 3]
+    assert got[0]["node"] is None and got[0]["expert_parallel"] == [0, 1]

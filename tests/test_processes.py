@@ -103,3 +103,30 @@ def test_an_interrupted_wait_leaves_no_worker_running(tmp_path):
     pids, left = workers_after(tmp_path, launch)
     assert len(pids) == 2
     assert left == [], "torchrun's workers outlived the interrupted wait"
+
+
+def outlived(pid):
+    """``[pid]`` if it still runs 5 s from now (SIGKILL is immediate, not its reaping)."""
+    deadline = time.monotonic() + 5
+    while running([pid]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return running([pid])
+
+
+@pytest.mark.timeout(60)
+def test_run_together_ends_the_others_when_one_fails_or_time_runs_out(tmp_path):
+    """Two agents of one launch: when one fails, its peer would wait for it until its
+    own timeout; ``run_together`` kills the peer's whole tree at once instead."""
+    pidfile = tmp_path / "child"
+    # a command whose child (the "worker") writes its pid, then sleeps
+    waits = ["bash", "-c", f"sleep 600 & echo $! > {pidfile}; echo started; wait"]
+    start = time.monotonic()
+    ok, failed = processes.run_together([waits, ["bash", "-c", "sleep 1; exit 3"]], text=True)
+    assert (failed.returncode, ok.returncode) == (3, -9) and ok.stdout == "started\n"
+    assert time.monotonic() - start < 20
+    assert outlived(int(pidfile.read_text())) == [], "the peer's worker outlived it"
+
+    with pytest.raises(subprocess.TimeoutExpired) as timed_out:
+        processes.run_together([waits, ["sleep", "600"]], timeout=2, text=True)
+    assert "started" in timed_out.value.output
+    assert outlived(int(pidfile.read_text())) == [], "a worker outlived the timeout"

@@ -86,21 +86,21 @@ def test_dry_run_picks_the_launcher_and_defaults():
     assert cmd[5] == "2" and flag(cmd, "--ep-world-size") == "2"
     assert flag(cmd, "--save-dir").endswith(f"{ARCH}-moe_g2_ep2_ex4_k1_encdec")
 
-    # two GPU nodes: static rendezvous at MASTER_ADDR, the WMT recipe, fp16 that keeps experts apart
+    # two GPU nodes: torchrun's c10d rendezvous at MASTER_ADDR (NODE_RANK is not passed:
+    # torchrun numbers the nodes), the WMT recipe, fp16 that keeps experts apart
     (cmd,) = dry(DEVICE="cuda", NUM_GPUS=8, NNODES=2, NODE_RANK=1, MASTER_ADDR="10.1.2.3")
-    run = cmd[cmd.index("--nnodes") : cmd.index("--nproc_per_node") + 2]
-    assert run == [
-        "--nnodes",
-        "2",
-        "--node_rank",
-        "1",
-        "--master_addr",
-        "10.1.2.3",
-        "--master_port",
-        "29500",
-        "--nproc_per_node",
-        "8",
-    ]
+    run = cmd[cmd.index("--nnodes") : cmd.index("--rdzv_id") + 2]
+    # fmt: off
+    assert run == ["--nnodes", "2", "--nproc_per_node", "8", "--rdzv_backend", "c10d",
+                   "--rdzv_endpoint", "10.1.2.3:29500",
+                   "--rdzv_id", "transformer_ds_moe_wmt_en_de-moe_g16_ep8_ex8_k1_encdec"]
+    # fmt: on
+    assert "--node_rank" not in cmd and "--master_addr" not in cmd
+    (other,) = dry(DEVICE="cuda", NUM_GPUS=8, NNODES=2, MASTER_ADDR="10.1.2.3", MASTER_PORT=7)
+    assert flag(other, "--rdzv_endpoint") == "10.1.2.3:7"
+    assert other[: other.index("--rdzv_endpoint")] == cmd[: cmd.index("--rdzv_endpoint")]
+    (other,) = dry(DEVICE="cuda", NUM_GPUS=8, NNODES=2, MASTER_ADDR="h", RDZV_ID="job42")
+    assert flag(other, "--rdzv_id") == "job42"
     assert (
         flag(cmd, "--arch") == "transformer_ds_moe_wmt_en_de"
         and flag(cmd, "--max-tokens") == "4096"
@@ -155,6 +155,8 @@ def test_dry_run_dense_generate_bench_and_bad_input():
 
     for env, message in (
         ({"NNODES": 2}, "needs MASTER_ADDR"),
+        ({"NNODES": 2, "NODE_RANK": 2, "MASTER_ADDR": "h"}, "NODE_RANK 2 must be below NNODES 2"),
+        ({"NNODES": 2, "MASTER_ADDR": "h", "MASTER_PORT": "h:1"}, "MASTER_PORT must be a whole"),
         ({"DENSE": "yes"}, "DENSE must be 0 or 1"),
         ({"NUM_GPUS": "two"}, "NUM_GPUS must be a whole number"),
     ):

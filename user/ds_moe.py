@@ -14,12 +14,15 @@ is imported, is a patch in ``user/patches.py``. Provides:
 * :func:`setup_expert_parallel`: DeepSpeed's communication backend and expert
   process groups, created once, after fairseq's distributed setup (or not at
   all in a single process with ``--ep-world-size 1``, where DeepSpeed's MoE
-  needs no collective);
+  needs no collective); each rank then logs the groups it holds
+  (:func:`log_expert_groups`);
 * expert gradients: reduced over their expert-data-parallel group, and counted
   once in ``--clip-norm``'s global norm.
 """
 
+import json
 import logging
+import os
 import zlib
 from typing import Iterable, List, Sequence
 
@@ -278,3 +281,39 @@ def setup_expert_parallel(moe_layers: Iterable[MoE], ep_size: int) -> None:
             # fairseq's legacy_ddp and clip_grad_norm_ skip parameters marked
             # "expert"; reduce_expert_grads reduces them in their own group.
             p.expert = True
+    log_expert_groups(moe_layers[0].expert_group_name)
+
+
+def log_expert_groups(group_name: str) -> None:
+    """Log, on every rank, the ranks of the expert groups this rank holds.
+
+    One INFO line, ``expert groups {json}``: ``rank`` (global), ``node`` (torchrun's
+    ``GROUP_RANK``, else SLURM's ``SLURM_NODEID``), ``local_rank`` (``LOCAL_RANK``,
+    else ``SLURM_LOCALID``; both None without such a launcher), and the ranks of
+    ``expert_parallel`` and ``expert_data_parallel``, read from the process groups
+    DeepSpeed created. ``mt_run.fairseq_log.expert_groups`` reads it back.
+
+    Args:
+        group_name (str): DeepSpeed's name of the groups (``ep_size_<E>``).
+    """
+
+    def env_int(*names):
+        found = [os.environ[n] for n in names if os.environ.get(n, "").isdigit()]
+        return int(found[0]) if found else None
+
+    held = {
+        "rank": dist.get_rank(),
+        "node": env_int("GROUP_RANK", "SLURM_NODEID"),
+        "local_rank": env_int("LOCAL_RANK", "SLURM_LOCALID"),
+        "expert_parallel": dist.get_process_group_ranks(
+            groups._get_expert_parallel_group(group_name)
+        ),
+        "expert_data_parallel": dist.get_process_group_ranks(
+            groups._get_expert_data_parallel_group(group_name)
+        ),
+    }
+    # fairseq raises the root logger to WARNING on every rank but the first; this line
+    # is each rank's own, so its logger keeps INFO
+    out = logging.getLogger(f"{__name__}.groups")
+    out.setLevel(logging.INFO)
+    out.info(f"expert groups {json.dumps(held)}")
