@@ -664,21 +664,22 @@ def part_dist_worker(a):
 
 def valid_times(trainers, reps):
     """Validation (``trainer.valid_step``, no token dropped) on the valid split, each
-    rank its shard, ``reps`` times after one warm-up batch: dense, MoE with buffers
-    fit to the busiest expert (the default), MoE with room for every token in every
-    expert; a batch of each in turn."""
+    rank its shard, ``reps`` times after one warm-up batch: dense, MoE (the default:
+    the exchange, each expert sent exactly its routes) and MoE on DeepSpeed's buffer
+    path fit to the busiest expert (``FAIRSEQ_MOE_FAST_DISPATCH=0``); a batch of each
+    in turn."""
     import torch
     import torch.distributed as dist
 
-    def set_exact_fit(trainer, on):
+    def set_fast(trainer, on):
         for m in trainer.get_model().modules():
             if hasattr(m, "uses_exact_fit"):
-                m.exact_fit = on
+                m.fast_dispatch = on
 
     variants = {
         "dense": (trainers["dense"], None),
-        "moe": (trainers["moe"], True),
-        "moe_no_fit": (trainers["moe"], False),
+        "moe": (trainers["moe"], None),
+        "moe_buffers": (trainers["moe"], False),
     }
     trainers["dense"].task.load_dataset("valid")
     itr = trainers["dense"].get_valid_iterator("valid").next_epoch_itr(shuffle=False)
@@ -690,9 +691,9 @@ def valid_times(trainers, reps):
     names = list(variants)
     for i, batch in enumerate(batches):
         for name in names[i % 3 :] + names[: i % 3]:
-            trainer, fit = variants[name]
-            if fit is not None:
-                set_exact_fit(trainer, fit)
+            trainer, fast = variants[name]
+            if name != "dense":
+                set_fast(trainer, fast)
             sample = copy.deepcopy(batch)
             dist.barrier()
             t = time.perf_counter()
@@ -703,13 +704,13 @@ def valid_times(trainers, reps):
         dist.all_reduce(n)
         if i >= warmup:
             tokens.append(float(n))
-    set_exact_fit(trainers["moe"], None)
+    set_fast(trainers["moe"], None)
     return {
         "batches": len(tokens),
         "global_tokens": sum(tokens),
         **{f"{k}_wps_total": sum(tokens) / sum(v) for k, v in times.items()},
         "moe_ratio": median([d / m for d, m in zip(times["dense"], times["moe"])]),
-        "moe_no_fit_ratio": median([d / m for d, m in zip(times["dense"], times["moe_no_fit"])]),
+        "moe_buffers_ratio": median([d / m for d, m in zip(times["dense"], times["moe_buffers"])]),
     }
 
 
@@ -1105,8 +1106,8 @@ def dist_section(a, r):
         lines.append(
             f"  validation ({v['batches']} batches, no token dropped): dense "
             f"{fmt(v['dense_wps_total'])}   moe {fmt(v['moe_wps_total'])} "
-            f"({v['moe_ratio']:.2f}x)   moe without exact fit "
-            f"{fmt(v['moe_no_fit_wps_total'])} ({v['moe_no_fit_ratio']:.2f}x) tokens/s"
+            f"({v['moe_ratio']:.2f}x)   moe buffer path "
+            f"{fmt(v['moe_buffers_wps_total'])} ({v['moe_buffers_ratio']:.2f}x) tokens/s"
         )
     c = r.get("cli")
     if c:

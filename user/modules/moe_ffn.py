@@ -23,14 +23,21 @@ of two ways, with the same results:
   (validation, beam search) top-1 and top-2 routes come from
   :func:`~user.modules.gating.no_drop_routes` (DeepSpeed's formulas without the
   capacity machinery), so an incremental decoding step costs a dozen small ops.
+* the *exchange* (``fast_dispatch``, on by default with expert parallelism when no
+  token is dropped: validation, beam search, ``--no-moe-drop-tokens``): the local
+  path across the expert-parallel group. A small all-to-all of per-expert route
+  counts, then variable-size all-to-alls (``all_to_all_single`` with split sizes)
+  carry exactly the routes to the experts' ranks and their outputs back: no buffer
+  padded to the busiest expert, and no all-reduce to agree on its size.
 
-Turn the local path off with ``FAIRSEQ_MOE_FAST_DISPATCH=0`` (all layers) or
-``layer.fast_dispatch = False`` (one layer): tests compare the two.
+Turn the local path and the exchange off with ``FAIRSEQ_MOE_FAST_DISPATCH=0`` (all
+layers) or ``layer.fast_dispatch = False`` (one layer): tests compare the paths.
 """
 
 from typing import List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.moe import sharded_moe
 from deepspeed.utils import groups
@@ -194,13 +201,27 @@ class MoEFeedForward(nn.Module):
         on = FAST_DISPATCH if self.fast_dispatch is None else self.fast_dispatch
         return bool(on) and self.agreed_tokens is None and ds_moe.local_dispatch_supported(self.moe)
 
+    def uses_exchange(self) -> bool:
+        """Whether the next forward takes the exchange (see the module docstring): expert
+        parallelism (the group's token count agreed), no token dropped. Every rank of the
+        group decides alike (the same flags, mode and layer)."""
+        on = FAST_DISPATCH if self.fast_dispatch is None else self.fast_dispatch
+        return (
+            bool(on)
+            and self.agreed_tokens is not None
+            and ds_moe.exchange_supported(self.moe)
+            and not ds_moe.moe_gate(self.moe).drops()
+        )
+
     # -- routing ----------------------------------------------------------------------
 
     def _route(
         self, tokens: Tensor, padding_mask: Optional[Tensor], local: bool
     ) -> Tuple[Routes, Optional[Tensor]]:
         """The gate's routes of ``tokens`` (``T*B x C``, ``T``-major) within the capacity
-        this forward needs, and the router's un-noised fp32 logits when computed here."""
+        this forward needs, and the router's un-noised fp32 logits when computed here.
+        ``local``: each expert gets exactly its routes (the local path or the exchange),
+        so no buffer size is agreed."""
         gate = ds_moe.moe_gate(self.moe)
         if gate.drops():
             # DeepSpeed's capacity for the token count; with expert parallelism the
@@ -212,7 +233,7 @@ class MoEFeedForward(nn.Module):
             logits = gate.router_logits(tokens)
             return gating.no_drop_routes(logits, gate.k), logits
         routes = gate(tokens)  # capacity: the busiest expert's count, nothing dropped
-        if self.agreed_tokens is None:
+        if self.agreed_tokens is None or local:
             return routes, None
         # Expert parallelism: one buffer size on every rank of the group (never the
         # rank's own busiest count: ranks with uneven batches would disagree), at least
@@ -281,19 +302,20 @@ class MoEFeedForward(nn.Module):
         T, B, C = x.shape
         tokens = x.reshape(T * B, C)
         local = self.uses_local_dispatch()
+        exchange = not local and self.uses_exchange()
         # DeepSpeed's MoE.forward routes a view of its input (MOELayer's reshape) and runs
         # the residual MLP on the input itself: so do the buffers, and the input's
         # gradient sums its parts in DeepSpeed's order, bit for bit
-        routed = tokens if local else tokens.reshape(-1, C)
-        routes, logits = self._route(routed, padding_mask, local)
+        routed = tokens if local or exchange else tokens.reshape(-1, C)
+        routes, logits = self._route(routed, padding_mask, local or exchange)
         self.l_aux, self.exp_counts = routes.l_aux, routes.counts
         # as after DeepSpeed's MOELayer.forward
         layer = self.moe.deepspeed_moe
         layer.l_aux, layer.exp_counts = routes.l_aux, routes.counts
         if self.collect_stats:
             self.stats = self._routing_stats(tokens, padding_mask, logits)
-        if local:
-            out = self._forward_local(tokens, routes)
+        if local or exchange:
+            out = self._forward_local(tokens, routes, exchange)
         else:
             out = self._forward_buffers(routed, tokens, routes)
         if self.collect_stats:
@@ -332,9 +354,10 @@ class MoEFeedForward(nn.Module):
             return sharded_moe._AllToAll.apply(self.moe.deepspeed_moe.ep_group, x)
         return x.contiguous()
 
-    def _forward_local(self, tokens: Tensor, routes: Routes) -> Tensor:
+    def _forward_local(self, tokens: Tensor, routes: Routes, exchange: bool = False) -> Tensor:
         """Each expert on exactly its kept routes, in DeepSpeed's slot order:
-        ``S x C`` -> ``S x C``."""
+        ``S x C`` -> ``S x C``. ``exchange``: the experts are spread over the
+        expert-parallel group (:meth:`_exchange`)."""
         E = self.opts.num_experts
         flat = routes.indices.reshape(-1).long()  # k*S, choice-major
         if routes.locations is None:
@@ -346,18 +369,26 @@ class MoEFeedForward(nn.Module):
                 routes.counts.tolist(),
                 routes.gates,
                 complete=routes.gates.size(0) == 1,
+                exchange=exchange,
             )
         # kept routes by expert, then slot; dropped ones (expert -1) sort last and are cut off
         cap = routes.capacity
         key = torch.where(flat >= 0, flat * cap + routes.locations.reshape(-1).long(), E * cap)
         sizes = torch.bincount(flat + 1, minlength=E + 1)[1:].tolist()
         order = torch.argsort(key)[: sum(sizes)]
-        return self._run_experts(tokens, order, sizes, routes.gates)
+        return self._run_experts(tokens, order, sizes, routes.gates, exchange=exchange)
 
     def _run_experts(
-        self, tokens: Tensor, order: Tensor, sizes: List[int], gates: Tensor, complete: bool = False
+        self,
+        tokens: Tensor,
+        order: Tensor,
+        sizes: List[int],
+        gates: Tensor,
+        complete: bool = False,
+        exchange: bool = False,
     ) -> Tensor:
         """Run expert ``e`` on the next ``sizes[e]`` routes of ``order`` and combine.
+        ``exchange``: expert ``e`` may live on another rank (:meth:`_exchange`).
 
         ``order`` holds route ids ``r = j * n + s`` (choice ``j`` of token ``s``) grouped by
         expert; ``gates`` is ``k x n`` (fp32); ``complete``: every token has a route (top-1
@@ -368,18 +399,11 @@ class MoEFeedForward(nn.Module):
         n, C = tokens.shape
         k = gates.size(0)
         x = tokens.index_select(0, order % n if k > 1 else order)
-        outs = []
-        start = 0
-        # an expert with no token still runs (on zero rows): its parameters then get
-        # zero gradients, as in DeepSpeed's buffer, rather than none
-        experts = ds_moe.local_experts(self.moe)
-        plain = all(isinstance(e, ExpertFFN) for e in experts) and all(e.plain() for e in experts)
-        for expert, size in zip(experts, sizes):
-            chunk = x[start : start + size]
-            out = expert.compute(chunk) if plain else expert(chunk)
-            outs.append(out[0] if isinstance(out, tuple) else out)
-            start += size
-        y = torch.cat(outs) if len(outs) > 1 else outs[0]
+        if exchange:
+            y = self._exchange(x, sizes)
+        else:
+            outs = self._experts(list(x.split(sizes)))
+            y = torch.cat(outs) if len(outs) > 1 else outs[0]
         if k == 1:
             # back in token order (a dropped token's row stays zero), times the gate
             # value (zero for a dropped token), in fp32
@@ -394,3 +418,60 @@ class MoEFeedForward(nn.Module):
         padded = torch.cat([y, y.new_zeros(1, C)])
         routed = padded.index_select(0, position).view(k, n, C)
         return (routed * gates.unsqueeze(-1)).sum(0).to(y.dtype)
+
+    def _experts(self, chunks: List[Tensor]) -> List[Tensor]:
+        """This process's expert ``l`` on ``chunks[l]`` (``N_l x C`` each)."""
+        # an expert with no token still runs (on zero rows): its parameters then get
+        # zero gradients, as in DeepSpeed's buffer, rather than none
+        experts = ds_moe.local_experts(self.moe)
+        plain = all(isinstance(e, ExpertFFN) for e in experts) and all(e.plain() for e in experts)
+        outs = []
+        for expert, chunk in zip(experts, chunks):
+            out = expert.compute(chunk) if plain else expert(chunk)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+        return outs
+
+    def _exchange(self, x: Tensor, sizes: List[int]) -> Tensor:
+        """The experts' outputs for this rank's routes across the expert-parallel group,
+        without padding: ``x`` holds ``sizes[e]`` rows for expert ``e`` of all ``E``, in
+        expert order, and so does the result (``N x C`` -> ``N x C``).
+
+        Rank ``g`` holds experts ``g * L ... (g + 1) * L - 1`` (``L`` per rank, as
+        DeepSpeed places them). One all-to-all of the ``E`` counts tells every rank how
+        many rows each rank sends each of its experts; then an all-to-all with those split
+        sizes brings the rows, each expert runs once on its rows from every rank, and
+        the reverse all-to-all takes the outputs back.
+        """
+        group, G = self.moe.deepspeed_moe.ep_group, self.moe.ep_size
+        E = len(sizes)
+        L = E // G
+        send = torch.tensor(sizes, dtype=torch.int64, device=x.device)  # E
+        recv = torch.empty_like(send)  # G x L: rows from rank g for local expert l
+        dist.all_to_all_single(recv, send, group=group)
+        got_sizes = recv.tolist()
+        send_splits = [sum(sizes[g * L : (g + 1) * L]) for g in range(G)]
+        recv_splits = [sum(got_sizes[g * L : (g + 1) * L]) for g in range(G)]
+        got = _AllToAllV.apply(group, x, recv_splits, send_splits)  # by rank, then expert
+        pieces = got.split(got_sizes)  # [g * L + l]
+        outs = self._experts([torch.cat(pieces[l::L]) for l in range(L)])
+        # back to (rank, expert) order: expert l's rows from rank g
+        back = [out.split(got_sizes[l::L]) for l, out in enumerate(outs)]
+        y = torch.cat([back[l][g] for g in range(G) for l in range(L)])
+        return _AllToAllV.apply(group, y, send_splits, recv_splits)
+
+
+class _AllToAllV(torch.autograd.Function):
+    """``all_to_all_single`` with split sizes (rows sent to and received from each rank
+    of ``group``); its gradient is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, group, x: Tensor, recv_splits: List[int], send_splits: List[int]) -> Tensor:
+        ctx.group, ctx.splits = group, (recv_splits, send_splits)
+        out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        recv_splits, send_splits = ctx.splits
+        return None, _AllToAllV.apply(ctx.group, grad, send_splits, recv_splits), None, None
