@@ -46,6 +46,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 from mt_run import fairseq_log, processes, recipes
 
@@ -152,7 +153,9 @@ def first_batches(trainer, n: int):
     return [next(itr) for _ in range(n)]
 
 
-def set_fast(model, on: bool):
+def set_fast(model, on: Optional[bool]):
+    """``fast_dispatch`` of every MoE layer: local dispatch and the exchange (None: the
+    default, ``FAIRSEQ_MOE_FAST_DISPATCH``), or DeepSpeed's buffers (False)."""
     for m in model.modules():
         if hasattr(m, "uses_local_dispatch"):
             m.fast_dispatch = on
@@ -671,11 +674,6 @@ def valid_times(trainers, reps):
     import torch
     import torch.distributed as dist
 
-    def set_fast(trainer, on):
-        for m in trainer.get_model().modules():
-            if hasattr(m, "uses_exact_fit"):
-                m.fast_dispatch = on
-
     variants = {
         "dense": (trainers["dense"], None),
         "moe": (trainers["moe"], None),
@@ -693,7 +691,7 @@ def valid_times(trainers, reps):
         for name in names[i % 3 :] + names[: i % 3]:
             trainer, fast = variants[name]
             if name != "dense":
-                set_fast(trainer, fast)
+                set_fast(trainer.get_model(), fast)
             sample = copy.deepcopy(batch)
             dist.barrier()
             t = time.perf_counter()
@@ -704,7 +702,7 @@ def valid_times(trainers, reps):
         dist.all_reduce(n)
         if i >= warmup:
             tokens.append(float(n))
-    set_fast(trainers["moe"], None)
+    set_fast(trainers["moe"].get_model(), None)
     return {
         "batches": len(tokens),
         "global_tokens": sum(tokens),
@@ -718,8 +716,9 @@ def gen_times(trainers, a):
     """Beam search (``task.inference_step``, as ``fairseq-generate``) on the test split,
     each rank its own share of the sentences (fairseq's sharding), ``--gen-batch-size``
     sentences per batch and rank, every hypothesis ``--gen-len`` tokens: the dense model
-    (data parallel: every rank decodes alone) and the MoE model (expert parallel: the
-    ranks decode in lockstep, :mod:`user.lockstep`) in turn on every batch. Each batch
+    (data parallel: every rank decodes alone), the MoE model (expert parallel: the
+    ranks decode in lockstep, :mod:`user.lockstep`) and the MoE model on DeepSpeed's
+    buffer path (``FAIRSEQ_MOE_FAST_DISPATCH=0``) in turn on every batch. Each batch
     is timed from a barrier to a barrier, so both models are charged their slowest rank.
     Global tokens/s: the hypotheses' tokens of all ranks over rank 0's time."""
     import torch
@@ -743,14 +742,16 @@ def gen_times(trainers, a):
     for name, trainer in trainers.items():
         model = trainer.get_model().eval()
         models[name] = (model, trainer.task, trainer.task.build_generator([model], cfg))
+    models["moe_buffers"] = models["moe"]
     names = list(models)
     times = {k: [] for k in names}
     tokens = []
     with torch.no_grad():
         for i, batch in enumerate(batches[:1] + batches * a.gen_reps):  # the first: warm-up
             ntok = 0
-            for name in names if i % 2 == 0 else names[::-1]:
+            for name in names[i % 3 :] + names[: i % 3]:
                 model, task, gen = models[name]
+                set_fast(model, False if name == "moe_buffers" else None)
                 dist.barrier()
                 t = time.perf_counter()
                 hypos = task.inference_step(gen, [model], batch)
@@ -772,6 +773,7 @@ def gen_times(trainers, a):
         **{f"{k}_tps_total": sum(tokens) / sum(v) for k, v in times.items()},
         **{f"{k}_tps_median": median([n / t for n, t in zip(tokens, v)]) for k, v in times.items()},
         "moe_ratio": median([d / m for d, m in zip(times["dense"], times["moe"])]),
+        "moe_buffers_ratio": median([d / m for d, m in zip(times["dense"], times["moe_buffers"])]),
     }
 
 
@@ -848,17 +850,18 @@ def part_scale(a):
 
 def scale_progress(world: int, r: dict) -> str:
     line = f"W={world}: train MoE/dense {r['moe_ratio']:.2f}x"
-    if r.get("valid"):
-        line += f", valid {r['valid']['moe_ratio']:.2f}x"
-    if r.get("generate"):
-        line += f", beam {r['generate']['moe_ratio']:.2f}x"
+    for part in ("valid", "generate"):
+        if r.get(part):
+            p = r[part]
+            line += f", {part} {p['moe_ratio']:.2f}x (buffer path {p['moe_buffers_ratio']:.2f}x)"
     return line + f" ({r['seconds']} s, load {r['load_start']} -> {r['load_end']})"
 
 
 def scale_rows(res: dict) -> list:
     """One row per W: global tokens/s of dense and MoE and the MoE/dense ratio (the
     median of per-batch ratios) for training, validation and beam search (``None``
-    where not measured), with the load average at the start and end of the run."""
+    where not measured; for the latter two also the ratio of MoE on DeepSpeed's buffer
+    path), with the load average at the start and end of the run."""
     rows = []
     for w, r in sorted(res["worlds"].items(), key=lambda kv: int(kv[0])):
         row = {"W": int(w), "load": f"{r['load_start']} -> {r['load_end']}"}
@@ -869,6 +872,7 @@ def scale_rows(res: dict) -> list:
             row[f"{kind}_dense"] = p.get(f"dense_{key}")
             row[f"{kind}_moe"] = p.get(f"moe_{key}")
             row[f"{kind}_ratio"] = p.get("moe_ratio")
+            row[f"{kind}_buffers_ratio"] = p.get("moe_buffers_ratio")
         rows.append(row)
     return rows
 
@@ -877,8 +881,13 @@ def scale_markdown(rows: list, info: dict, a) -> str:
     """The table of :func:`scale_rows` in markdown, under a header naming the machine:
     its cores (W processes of one thread each: beyond the cores they share them), the load
     average and the targets."""
-    n = lambda x: "–" if x is None else f"{x:,.0f}"  # noqa: E731
-    q = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
+
+    def n(x):
+        return "–" if x is None else f"{x:,.0f}"
+
+    def q(x, buffers=None):
+        return "–" if x is None else f"{x:.2f}" + ("" if buffers is None else f" ({buffers:.2f})")
+
     lines = [
         f"MoE x{a.experts} top-{a.top_k} (expert parallel, --ep-world-size W) vs dense data "
         f"parallel, W processes of OMP_NUM_THREADS={info['omp_threads']} on {info['cpu']}, "
@@ -889,8 +898,10 @@ def scale_markdown(rows: list, info: dict, a) -> str:
         f"Global tokens/s. Train: --max-tokens {a.dist_max_tokens} per process. Validation: "
         "no token dropped. Beam: beam "
         f"{a.beam}, {a.gen_batch_size} sentences per batch and process, {a.gen_len} tokens "
-        f"per hypothesis. Targets: train >= {SCALE_TARGETS['train']}, validation >= "
-        f"{SCALE_TARGETS['valid']}.",
+        f"per hypothesis. MoE/dense: the median of per-batch ratios, models measured in turn "
+        "in the same processes; in parentheses MoE on DeepSpeed's buffer path "
+        f"(FAIRSEQ_MOE_FAST_DISPATCH=0). Targets: train >= {SCALE_TARGETS['train']}, "
+        f"validation >= {SCALE_TARGETS['valid']}.",
         "",
         "| W | train dense | train MoE | MoE/dense | valid dense | valid MoE | MoE/dense "
         "| beam dense | beam MoE | MoE/dense | load (1, 5, 15 min) |",
@@ -900,8 +911,8 @@ def scale_markdown(rows: list, info: dict, a) -> str:
         lines.append(
             f"| {r['W']} | {n(r['train_dense'])} | {n(r['train_moe'])} | "
             f"{q(r['train_ratio'])} | {n(r['valid_dense'])} | {n(r['valid_moe'])} | "
-            f"{q(r['valid_ratio'])} | {n(r['beam_dense'])} | {n(r['beam_moe'])} | "
-            f"{q(r['beam_ratio'])} | {r['load']} |"
+            f"{q(r['valid_ratio'], r['valid_buffers_ratio'])} | {n(r['beam_dense'])} | "
+            f"{n(r['beam_moe'])} | {q(r['beam_ratio'], r['beam_buffers_ratio'])} | {r['load']} |"
         )
     return "\n".join(lines) + "\n"
 

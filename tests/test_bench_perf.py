@@ -39,6 +39,7 @@ def scale_results():
     w2 = {"dense_wps_median": 3000.0, "moe_wps_median": 2700.0, "moe_ratio": 0.9}
     w2["valid"] = {"dense_wps_total": 7000.0, "moe_wps_total": 4200.0, "moe_ratio": 0.6}
     w2["generate"] = {"dense_tps_total": 1000.0, "moe_tps_total": 500.0, "moe_ratio": 0.5}
+    w2["valid"]["moe_buffers_ratio"], w2["generate"]["moe_buffers_ratio"] = 0.4, 0.3
     for r in (w1, w2):
         r.update(load_start="1.0 1.0 1.0", load_end="2.0 1.5 1.0")
     return {"worlds": {"2": w2, "1": w1}}
@@ -55,7 +56,7 @@ def test_scale_table_has_a_row_per_world_with_its_ratios(tmp_path):
     assert "**2 cores**" in lines[0]
     assert lines[-2].startswith("| 1 | 2,000 | 1,900 | 0.95 | – |")
     assert lines[-1].startswith(
-        "| 2 | 3,000 | 2,700 | 0.90 | 7,000 | 4,200 | 0.60 | 1,000 | 500 | 0.50 |"
+        "| 2 | 3,000 | 2,700 | 0.90 | 7,000 | 4,200 | 0.60 (0.40) | 1,000 | 500 | 0.50 (0.30) |"
     )
     assert (tmp_path / "scale.md").read_text().splitlines() == lines
     assert (tmp_path / "scale.png").read_bytes()[:4] == b"\x89PNG"
