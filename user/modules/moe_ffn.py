@@ -7,15 +7,16 @@
 The gate (:class:`~user.modules.gating.Gate`) routes the tokens within the capacity
 this block gives it: when tokens are dropped, DeepSpeed's capacity for the token
 count (with expert parallelism, the group's largest count); otherwise the busiest
-expert's count (with expert parallelism, the group's busiest, or room for all of
-the group's largest token count, see :data:`EXACT_FIT`). The tokens then take one
-of two ways, with the same results:
+expert's count (with expert parallelism on the buffer path, the group's busiest, or
+room for all of the group's largest token count, see :data:`EXACT_FIT`). The tokens
+then take one of three ways, with the same results:
 
 * through DeepSpeed's buffers: its ``experts x capacity`` dispatch buffer
   (``sharded_moe._sparse_encode``), the all-to-alls over the expert-parallel
   group, the experts and its combine (``_sparse_decode``), then the residual MLP of
   ``--moe-use-residual`` as in DeepSpeed's ``MoE.forward``. Always used with
-  expert parallelism (``--ep-world-size`` > 1) and ``--moe-use-residual``.
+  ``--moe-use-residual``, and with expert parallelism (``--ep-world-size`` > 1) when
+  tokens are dropped (training by default).
 * the *local* path (``fast_dispatch``, on by default when every expert lives in
   this process): each expert runs on exactly the tokens it kept, without the
   buffer's padding slots; DeepSpeed's combine (gate value times expert output,
@@ -136,8 +137,8 @@ FAST_DISPATCH = env_flag("FAIRSEQ_MOE_FAST_DISPATCH", True)
 
 #: Default of :attr:`MoEFeedForward.exact_fit` (``FAIRSEQ_MOE_EXACT_FIT=0`` turns it off).
 #: Expert parallelism without token dropping (validation and generation by default,
-#: training with ``--no-moe-drop-tokens``): every rank's all-to-all buffers need one
-#: size. On: the group's busiest expert count (from the gate's routes), agreed with
+#: training with ``--no-moe-drop-tokens``) on the buffer path (the exchange, the
+#: default, sizes nothing): every rank's all-to-all buffers need one size. On: the group's busiest expert count (from the gate's routes), agreed with
 #: one small all-reduce per MoE layer. Off: room for all of the group's largest token
 #: count in every expert (no per-layer collective, but the experts compute and the
 #: all-to-alls carry ``num_experts`` times the tokens). On pays off with many tokens
