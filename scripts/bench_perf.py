@@ -1228,7 +1228,7 @@ def parse_args(argv=None):
         help="scale: the W at which validation and beam search are measured too",
     )
     ap.add_argument(
-        "--scale-updates", type=int, default=8, help="scale: measured updates per model and W"
+        "--scale-updates", type=int, default=12, help="scale: measured updates per model and W"
     )
     ap.add_argument("--dist-valid", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--dist-generate", action=argparse.BooleanOptionalAction, default=False)
