@@ -940,6 +940,7 @@ def scale_plot(rows: list, info: dict, path: Path) -> None:
     axes[1].set(title="MoE / dense", xlabel="processes W", xscale="log", ylim=(0, 1.3))
     for ax in axes:
         ax.set_xticks([r["W"] for r in rows], [str(r["W"]) for r in rows])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.axvline(info["cores"], color="red", ls=":", lw=1)
         ax.legend(fontsize=7)
     fig.suptitle(
