@@ -714,8 +714,9 @@ def valid_times(trainers, reps):
 
 def gen_times(trainers, a):
     """Beam search (``task.inference_step``, as ``fairseq-generate``) on the test split,
-    each rank its own share of the sentences (fairseq's sharding), ``--gen-batch-size``
-    sentences per batch and rank, every hypothesis ``--gen-len`` tokens: the dense model
+    each rank its own share of the sentences (fairseq's sharding), ``--gen-batches``
+    batches of ``--gen-batch-size`` sentences per rank (weak scaling), ``--gen-reps``
+    passes, every hypothesis ``--gen-len`` tokens: the dense model
     (data parallel: every rank decodes alone), the MoE model (expert parallel: the
     ranks decode in lockstep, :mod:`user.lockstep`) and the MoE model on DeepSpeed's
     buffer path (``FAIRSEQ_MOE_FAST_DISPATCH=0``) in turn on every batch. Each batch
@@ -733,8 +734,7 @@ def gen_times(trainers, a):
         task.dataset("test"), max_sentences=a.gen_batch_size, num_shards=world, shard_id=rank
     ).next_epoch_itr(shuffle=False)
     # every rank the same number of batches (no rank waits in lockstep for another's last)
-    per_rank = max(1, a.gen_sentences // (world * a.gen_batch_size))
-    batches = [b for _, b in zip(range(per_rank), itr)]
+    batches = [b for _, b in zip(range(a.gen_batches), itr)]
     n = torch.tensor([len(batches)])
     dist.all_reduce(n, op=dist.ReduceOp.MIN)
     batches = batches[: int(n)]
@@ -897,8 +897,8 @@ def scale_markdown(rows: list, info: dict, a) -> str:
         "",
         f"Global tokens/s. Train: --max-tokens {a.dist_max_tokens} per process. Validation: "
         "no token dropped. Beam: beam "
-        f"{a.beam}, {a.gen_batch_size} sentences per batch and process, {a.gen_len} tokens "
-        f"per hypothesis. MoE/dense: the median of per-batch ratios, models measured in turn "
+        f"{a.beam}, {a.gen_batches} batches of {a.gen_batch_size} sentences per process, "
+        f"{a.gen_len} tokens per hypothesis. MoE/dense: the median of per-batch ratios, models measured in turn "
         "in the same processes; in parentheses MoE on DeepSpeed's buffer path "
         f"(FAIRSEQ_MOE_FAST_DISPATCH=0). Targets: train >= {SCALE_TARGETS['train']}, "
         f"validation >= {SCALE_TARGETS['valid']}.",
@@ -986,6 +986,7 @@ def passthrough(a):
         "gen_len",
         "gen_batch_size",
         "gen_sentences",
+        "gen_batches",
         "gen_reps",
         "cli_reps",
         "layer_reps",
@@ -1199,6 +1200,9 @@ def parse_args(argv=None):
     ap.add_argument("--gen-batch-size", type=int, default=64)
     ap.add_argument("--gen-sentences", type=int, default=256)
     ap.add_argument("--gen-reps", type=int, default=2)
+    ap.add_argument(
+        "--gen-batches", type=int, default=3, help="scale: beam-search batches per process"
+    )
     ap.add_argument("--cli-reps", type=int, default=2, help="user/generate.py runs per model")
     ap.add_argument(
         "--layer-tokens",
@@ -1243,7 +1247,7 @@ def parse_args(argv=None):
         a.gen_sentences, a.gen_batch_size, a.gen_reps, a.gen_len, a.cli_reps = 32, 16, 1, 8, 1
         a.layer_tokens, a.layer_reps, a.max_tokens, a.dist_max_tokens = [512, 1024], 2, 1024, 512
         a.valid_reps, a.worlds, a.scale_inference_worlds = 1, [1, 2], [2]
-        a.scale_updates = 3
+        a.scale_updates, a.gen_batches = 3, 1
     return a
 
 

@@ -608,8 +608,9 @@ def test_uneven_batches_match_one_process_with_one_collective(tiny_data, extensi
     rank's output and gate loss equal one process's on the same sentences, and a
     forward pass makes one collective besides the all-to-alls. Per MoE layer: with
     dropping, DeepSpeed's 2 all-to-alls of padded buffers; without, the exchange's 3
-    (the counts, then the routes and back), or on the buffer path 2 and one
-    all-reduce to fit the buffers to the busiest expert (unless that is turned off)."""
+    (the counts, then the routes and back; 2 in evaluation, which sends the counts with
+    the routes), or on the buffer path 2 and one all-reduce to fit the buffers to the
+    busiest expert (unless that is turned off)."""
     flags = [*MOE, "--num-experts", "4", "--ep-world-size", "2"]
     flags += no_drop_capacity(flags)
     if drop == "drop":  # DeepSpeed's capacity-limited routing, in evaluation too
@@ -648,7 +649,8 @@ def test_uneven_batches_match_one_process_with_one_collective(tiny_data, extensi
                         )
                     except AssertionError as e:
                         problems.append(f"{where}: {key} differs: {str(e).splitlines()[-2:]}")
-                per_layer = 3 if drop == "no_drop" else 2
+                # the exchange: counts, rows, outputs; without autograd counts and rows in one
+                per_layer = {"train": 3, "eval": 2}[mode] if drop == "no_drop" else 2
                 if res[mode]["all_to_all"] != per_layer * res[mode]["n_moe"]:
                     problems.append(f"{where}: {res[mode]['all_to_all']} all-to-alls")
                 fit = res[mode]["n_moe"] if drop == "no_drop_buffers" else 0
@@ -665,8 +667,9 @@ def test_exchange_equals_the_buffer_path(tiny_data, extensions_dir):
     """Without dropping, the exchange (variable-size all-to-alls of exactly the routes)
     gives the buffer path's outputs, gate losses and gradients (router and experts) on
     uneven batches, top-2 with two experts per rank, in training and evaluation; and it
-    is the path taken: 3 all-to-alls per MoE layer and no per-layer all-reduce, where
-    the buffer path makes 2 and one all-reduce per layer (exact fit)."""
+    is the path taken: per MoE layer 3 all-to-alls in training, 2 in evaluation (the
+    counts sent with the routes) and no all-reduce, where the buffer path makes 2
+    all-to-alls."""
     flags = [*MOE, *TRAIN, "--num-experts", "4", "--ep-world-size", "2", "--top-k", "2"]
     flags += ["--no-moe-drop-tokens"]
     task, _ = build(tiny_data, "transformer_ds_moe", *_one_process(flags))
@@ -684,7 +687,7 @@ def test_exchange_equals_the_buffer_path(tiny_data, extensions_dir):
                     torch.testing.assert_close(
                         have[key], want[key], rtol=1e-5, atol=1e-6, msg=where
                     )
-                assert have["all_to_all"] == 3 * n_moe, where
+                assert have["all_to_all"] == {"train": 3, "eval": 2}[mode] * n_moe, where
                 assert have["others"] == {"all_reduce": 1}, (where, have["others"])
                 if mode == "eval":  # exact fit applies from 1024 tokens; these are fewer
                     assert want["all_to_all"] == 2 * n_moe, where

@@ -171,6 +171,10 @@ class MoEFeedForward(nn.Module):
     exact_fit: Optional[bool] = None
     #: ... for forwards of at least this many tokens (the group's largest count).
     exact_fit_min_tokens: int = 1024
+    #: The exchange without autograd sends the route counts with the rows (one all-to-all
+    #: fewer, see :meth:`_send_with_counts`) while its send buffer, sized for the group's
+    #: largest token count, is at most this many bytes (decoding steps, not validation).
+    fused_send_max_bytes: int = 1 << 20
 
     def __init__(
         self, embed_dim: int, expert: nn.Module, opts: MoEOptions, layer_key: str, seed: int
@@ -401,7 +405,7 @@ class MoEFeedForward(nn.Module):
         k = gates.size(0)
         x = tokens.index_select(0, order % n if k > 1 else order)
         if exchange:
-            y = self._exchange(x, sizes)
+            y = self._exchange(x, sizes, most=self.agreed_tokens * k)
         else:
             outs = self._experts(list(x.split(sizes)))
             y = torch.cat(outs) if len(outs) > 1 else outs[0]
@@ -432,33 +436,74 @@ class MoEFeedForward(nn.Module):
             outs.append(out[0] if isinstance(out, tuple) else out)
         return outs
 
-    def _exchange(self, x: Tensor, sizes: List[int]) -> Tensor:
+    def _exchange(self, x: Tensor, sizes: List[int], most: int) -> Tensor:
         """The experts' outputs for this rank's routes across the expert-parallel group,
         without padding: ``x`` holds ``sizes[e]`` rows for expert ``e`` of all ``E``, in
-        expert order, and so does the result (``N x C`` -> ``N x C``).
+        expert order, and so does the result (``N x C`` -> ``N x C``). ``most``: the
+        most rows any rank of the group has (the agreed token count times ``k``).
 
         Rank ``g`` holds experts ``g * L ... (g + 1) * L - 1`` (``L`` per rank, as
         DeepSpeed places them). One all-to-all of the ``E`` counts tells every rank how
         many rows each rank sends each of its experts; then an all-to-all with those split
         sizes brings the rows, each expert runs once on its rows from every rank, and
-        the reverse all-to-all takes the outputs back.
+        the reverse all-to-all takes the outputs back. A small forward without autograd
+        (a decoding step) sends the counts with the rows instead (:meth:`_send_with_counts`).
         """
         group, G = self.moe.deepspeed_moe.ep_group, self.moe.ep_size
         E = len(sizes)
         L = E // G
-        send = torch.tensor(sizes, dtype=torch.int64, device=x.device)  # E
-        recv = torch.empty_like(send)  # G x L: rows from rank g for local expert l
-        dist.all_to_all_single(recv, send, group=group)
-        got_sizes = recv.tolist()
         send_splits = [sum(sizes[g * L : (g + 1) * L]) for g in range(G)]
-        recv_splits = [sum(got_sizes[g * L : (g + 1) * L]) for g in range(G)]
-        got = _AllToAllV.apply(group, x, recv_splits, send_splits)  # by rank, then expert
-        pieces = got.split(got_sizes)  # [g * L + l]
+        row_bytes = x.size(1) * x.element_size()
+        if not torch.is_grad_enabled() and G * most * row_bytes <= self.fused_send_max_bytes:
+            got_sizes, pieces = self._send_with_counts(x, sizes, send_splits, most, group)
+            recv_splits = [sum(got_sizes[g * L : (g + 1) * L]) for g in range(G)]
+        else:
+            send = torch.tensor(sizes, dtype=torch.int64, device=x.device)  # E
+            recv = torch.empty_like(send)  # G x L: rows from rank g for local expert l
+            dist.all_to_all_single(recv, send, group=group)
+            got_sizes = recv.tolist()
+            recv_splits = [sum(got_sizes[g * L : (g + 1) * L]) for g in range(G)]
+            got = _AllToAllV.apply(group, x, recv_splits, send_splits)  # by rank, then expert
+            pieces = got.split(got_sizes)  # [g * L + l]
         outs = self._experts([torch.cat(pieces[l::L]) for l in range(L)])
         # back to (rank, expert) order: expert l's rows from rank g
         back = [out.split(got_sizes[l::L]) for l, out in enumerate(outs)]
         y = torch.cat([back[l][g] for g in range(G) for l in range(L)])
         return _AllToAllV.apply(group, y, send_splits, recv_splits)
+
+    def _send_with_counts(
+        self, x: Tensor, sizes: List[int], send_splits: List[int], most: int, group
+    ) -> Tuple[List[int], Tuple[Tensor, ...]]:
+        """The counts all-to-all and the rows' in one: to each rank, as bytes, this rank's
+        ``L`` counts for its experts then the rows, in a block sized for ``most`` rows
+        (every rank knows that size; the padding is sent, never computed on).
+
+        Returns:
+            the rows' counts received (``[g * L + l]``: from rank ``g`` for local expert
+            ``l``) and the rows themselves, one tensor per count.
+        """
+        G = len(send_splits)
+        L = len(sizes) // G
+        C = x.size(1)
+        head, row = 8 * L, C * x.element_size()
+        block = head + most * row
+        buf = torch.empty(G, block, dtype=torch.uint8, device=x.device)
+        counts = torch.tensor(sizes, dtype=torch.int64, device=x.device).view(G, L)
+        buf[:, :head] = counts.view(torch.uint8)
+        rows = x.contiguous().view(torch.uint8)  # N x row
+        start = 0
+        for g, n in enumerate(send_splits):
+            buf[g, head : head + n * row] = rows[start : start + n].reshape(-1)
+            start += n
+        got = torch.empty_like(buf)
+        dist.all_to_all_single(got, buf, group=group)
+        got_sizes = got[:, :head].contiguous().view(torch.int64).reshape(-1).tolist()
+        pieces = []
+        for g in range(G):
+            n = sum(got_sizes[g * L : (g + 1) * L])
+            block_rows = got[g, head : head + n * row].view(x.dtype).view(n, C)
+            pieces.extend(block_rows.split(got_sizes[g * L : (g + 1) * L]))
+        return got_sizes, tuple(pieces)
 
 
 class _AllToAllV(torch.autograd.Function):
