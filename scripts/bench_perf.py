@@ -1155,8 +1155,9 @@ def report(a, results, info):
         f"layer (enc,dec), {a.experts} experts, top-{a.top_k}, capacity factor 1.0 (train), no "
         "drop (inference)",
         f"load average: start {info['load_start']}, end {info['load_end']}",
-        "'moe' = the plugin's default (local dispatch in one process), 'moe_ds' = DeepSpeed's "
-        "MOELayer path (FAIRSEQ_MOE_FAST_DISPATCH=0)",
+        "'moe' = the plugin's default (local dispatch in one process; with expert parallelism "
+        "and no token dropped, the exchange), 'moe_ds' / 'buffer path' = DeepSpeed's MOELayer "
+        "path (FAIRSEQ_MOE_FAST_DISPATCH=0)",
     ]
     for part in PARTS:
         if part in results and part in SECTIONS:
