@@ -55,7 +55,7 @@ bench-perf: $(STAMP)
 
 # dense data parallel vs expert-parallel MoE at W = 1, 2, 4, 8 processes: train tokens/s,
 # and validation and beam search at W = 2, 4: workspace/bench_scale/scale.{md,png} and
-# results.json (about 12 minutes on 2 cores). BENCH_SCALE_ARGS: more flags, e.g. --quick.
+# results.json (about 7 minutes on 2 cores). BENCH_SCALE_ARGS: more flags, e.g. --quick.
 bench-scale: $(STAMP)
 	$(PY) scripts/prepare_demo.py --workspace workspace
 	$(PY) scripts/bench_perf.py --parts scale --out workspace/bench_scale $(BENCH_SCALE_ARGS)
