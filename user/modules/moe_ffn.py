@@ -29,7 +29,8 @@ then take one of three ways, with the same results:
   path across the expert-parallel group. A small all-to-all of per-expert route
   counts, then variable-size all-to-alls (``all_to_all_single`` with split sizes)
   carry exactly the routes to the experts' ranks and their outputs back: no buffer
-  padded to the busiest expert, and no all-reduce to agree on its size.
+  padded to the busiest expert, and no all-reduce to agree on its size. A decoding
+  step sends the counts with the routes, in one all-to-all.
 
 Turn the local path and the exchange off with ``FAIRSEQ_MOE_FAST_DISPATCH=0`` (all
 layers) or ``layer.fast_dispatch = False`` (one layer): tests compare the paths.
@@ -138,12 +139,13 @@ FAST_DISPATCH = env_flag("FAIRSEQ_MOE_FAST_DISPATCH", True)
 #: Default of :attr:`MoEFeedForward.exact_fit` (``FAIRSEQ_MOE_EXACT_FIT=0`` turns it off).
 #: Expert parallelism without token dropping (validation and generation by default,
 #: training with ``--no-moe-drop-tokens``) on the buffer path (the exchange, the
-#: default, sizes nothing): every rank's all-to-all buffers need one size. On: the group's busiest expert count (from the gate's routes), agreed with
-#: one small all-reduce per MoE layer. Off: room for all of the group's largest token
-#: count in every expert (no per-layer collective, but the experts compute and the
-#: all-to-alls carry ``num_experts`` times the tokens). On pays off with many tokens
-#: (validation: 0.38-0.41x -> 0.58-0.63x dense on 2 CPU processes); an incremental decoding
-#: step of a few hundred tokens gains nothing from it, so it applies from
+#: default, sizes nothing): every rank's all-to-all buffers need one size. On: the
+#: group's busiest expert count (from the gate's routes), agreed with one small
+#: all-reduce per MoE layer. Off: room for all of the group's largest token count in
+#: every expert (no per-layer collective, but the experts compute and the all-to-alls
+#: carry ``num_experts`` times the tokens). On pays off with many tokens (validation:
+#: 0.38-0.41x -> 0.58-0.63x dense on 2 CPU processes); an incremental decoding step of
+#: a few hundred tokens gains nothing from it, so it applies from
 #: :attr:`MoEFeedForward.exact_fit_min_tokens` tokens on.
 EXACT_FIT = env_flag("FAIRSEQ_MOE_EXACT_FIT", True)
 
