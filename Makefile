@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export DS_BUILD_OPS := 0
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install test test-scale lint format demo bench bench-perf clean
+.PHONY: install test test-scale lint format demo bench bench-perf bench-scale clean
 
 install: $(STAMP)
 
@@ -52,6 +52,13 @@ bench: $(STAMP)
 bench-perf: $(STAMP)
 	$(PY) scripts/prepare_demo.py --workspace workspace
 	$(PY) scripts/bench_perf.py $(BENCH_PERF_ARGS)
+
+# dense data parallel vs expert-parallel MoE at W = 1, 2, 4, 8 processes: train tokens/s,
+# and validation and beam search at W = 2, 4: workspace/bench_scale/scale.{md,png} and
+# results.json (about 7 minutes on 2 cores). BENCH_SCALE_ARGS: more flags, e.g. --quick.
+bench-scale: $(STAMP)
+	$(PY) scripts/prepare_demo.py --workspace workspace
+	$(PY) scripts/bench_perf.py --parts scale --out workspace/bench_scale $(BENCH_SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

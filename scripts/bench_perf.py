@@ -19,7 +19,11 @@ corpus (``workspace/demo_en_de/databin``, prepared by ``scripts/prepare_demo.py`
   work), then ``user/generate.py`` itself on the same sentences;
 * ``dist``: 2 processes (torchrun, gloo): expert-parallel MoE (EP=2) against
   data-parallel dense (``legacy_ddp`` for both), an update of each in turn in the same
-  processes, then ``user/train.py`` under torchrun for each.
+  processes, then ``user/train.py`` under torchrun for each;
+* ``scale`` (``make bench-scale``, not run by default): the ``dist`` worker at W = 1, 2,
+  4, 8 processes (``--worlds``), MoE with ``--ep-world-size W`` against dense data
+  parallel: training at every W, validation and beam search (lockstep) at W = 2, 4
+  (``--scale-inference-worlds``); ``scale.md`` and ``scale.png`` besides ``results.json``.
 
 MoE and dense are timed interleaved in the same processes (the machine may be
 shared: a load change then hits both); each ratio is the median of per-batch
@@ -42,13 +46,16 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 from mt_run import fairseq_log, processes, recipes
 
 REPO = Path(__file__).resolve().parents[1]
 USER_DIR = REPO / "user"
-PARTS = ("layer", "train", "generate", "dist")
+PARTS = ("layer", "train", "generate", "dist", "scale")
+DEFAULT_PARTS = PARTS[:4]  # scale: make bench-scale
 TARGETS = {"train": 0.95, "generate": 0.9, "dist": 0.8}
+SCALE_TARGETS = {"train": 0.9, "valid": 0.85}
 # the benchmarked model: make demo's (the tiny recipe), twice as wide (d=128, FFN/expert
 # 512: --dim, --ffn), with 8 experts (--experts), dropout 0.1 and lr 0.002; dense: the
 # same criterion (model_and_base) without gate loss
@@ -146,7 +153,9 @@ def first_batches(trainer, n: int):
     return [next(itr) for _ in range(n)]
 
 
-def set_fast(model, on: bool):
+def set_fast(model, on: Optional[bool]):
+    """``fast_dispatch`` of every MoE layer: local dispatch and the exchange (None: the
+    default, ``FAIRSEQ_MOE_FAST_DISPATCH``), or DeepSpeed's buffers (False)."""
     for m in model.modules():
         if hasattr(m, "uses_local_dispatch"):
             m.fast_dispatch = on
@@ -572,7 +581,10 @@ def part_generate(a):
 
 
 def part_dist_worker(a):
-    """One of 2 torchrun processes: dense DDP and EP=2 MoE trainers, an update each in turn."""
+    """One of W torchrun processes (W = ``WORLD_SIZE``): dense data parallel and MoE with
+    ``--ep-world-size W`` (MoE at W = 1: one process, every expert local), an update each
+    in turn; then, as ``--dist-valid`` and ``--dist-generate`` say, validation and beam
+    search, the two models in turn. Rank 0 writes the results to ``--json``."""
     import torch
     import torch.distributed as dist
     from fairseq.distributed import utils as distributed_utils
@@ -619,7 +631,8 @@ def part_dist_worker(a):
         # a rank with no batch left validates this one and discards it (as fairseq's
         # validate with the first batch it saw)
         trainer._dummy_batch = batches[0]
-    valid = valid_times(trainers, reps=3)
+    valid = valid_times(trainers, reps=a.valid_reps) if a.dist_valid else None
+    gen = gen_times(trainers, a) if a.dist_generate else None
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -647,27 +660,24 @@ def part_dist_worker(a):
             res[f"{name}_step_s"] = times[name]
         res["moe_ratio"] = median([d / m for d, m in zip(times["dense"], times["moe"])])
         res["valid"] = valid
+        res["generate"] = gen
         Path(a.json).write_text(json.dumps(res))
     dist.barrier()
 
 
 def valid_times(trainers, reps):
     """Validation (``trainer.valid_step``, no token dropped) on the valid split, each
-    rank its shard, ``reps`` times after one warm-up batch: dense, MoE with buffers
-    fit to the busiest expert (the default), MoE with room for every token in every
-    expert; a batch of each in turn."""
+    rank its shard, ``reps`` times after one warm-up batch: dense, MoE (the default:
+    the exchange, each expert sent exactly its routes) and MoE on DeepSpeed's buffer
+    path fit to the busiest expert (``FAIRSEQ_MOE_FAST_DISPATCH=0``); a batch of each
+    in turn."""
     import torch
     import torch.distributed as dist
 
-    def set_exact_fit(trainer, on):
-        for m in trainer.get_model().modules():
-            if hasattr(m, "uses_exact_fit"):
-                m.exact_fit = on
-
     variants = {
         "dense": (trainers["dense"], None),
-        "moe": (trainers["moe"], True),
-        "moe_no_fit": (trainers["moe"], False),
+        "moe": (trainers["moe"], None),
+        "moe_buffers": (trainers["moe"], False),
     }
     trainers["dense"].task.load_dataset("valid")
     itr = trainers["dense"].get_valid_iterator("valid").next_epoch_itr(shuffle=False)
@@ -679,9 +689,9 @@ def valid_times(trainers, reps):
     names = list(variants)
     for i, batch in enumerate(batches):
         for name in names[i % 3 :] + names[: i % 3]:
-            trainer, fit = variants[name]
-            if fit is not None:
-                set_exact_fit(trainer, fit)
+            trainer, fast = variants[name]
+            if name != "dense":
+                set_fast(trainer.get_model(), fast)
             sample = copy.deepcopy(batch)
             dist.barrier()
             t = time.perf_counter()
@@ -692,29 +702,104 @@ def valid_times(trainers, reps):
         dist.all_reduce(n)
         if i >= warmup:
             tokens.append(float(n))
-    set_exact_fit(trainers["moe"], None)
+    set_fast(trainers["moe"].get_model(), None)
     return {
         "batches": len(tokens),
         "global_tokens": sum(tokens),
         **{f"{k}_wps_total": sum(tokens) / sum(v) for k, v in times.items()},
         "moe_ratio": median([d / m for d, m in zip(times["dense"], times["moe"])]),
-        "moe_no_fit_ratio": median([d / m for d, m in zip(times["dense"], times["moe_no_fit"])]),
+        "moe_buffers_ratio": median([d / m for d, m in zip(times["dense"], times["moe_buffers"])]),
     }
+
+
+def gen_times(trainers, a):
+    """Beam search (``task.inference_step``, as ``fairseq-generate``) on the test split,
+    each rank its own share of the sentences (fairseq's sharding), ``--gen-batches``
+    batches of ``--gen-batch-size`` sentences per rank (weak scaling), ``--gen-reps``
+    passes, every hypothesis ``--gen-len`` tokens: the dense model
+    (data parallel: every rank decodes alone), the MoE model (expert parallel: the
+    ranks decode in lockstep, :mod:`user.lockstep`) and the MoE model on DeepSpeed's
+    buffer path (``FAIRSEQ_MOE_FAST_DISPATCH=0``) in turn on every batch. Each batch
+    is timed from a barrier to a barrier, so both models are charged their slowest rank.
+    Global tokens/s: the hypotheses' tokens of all ranks over rank 0's time."""
+    import torch
+    import torch.distributed as dist
+    from fairseq.dataclass.configs import GenerationConfig
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = GenerationConfig(beam=a.beam, max_len_a=0, max_len_b=a.gen_len, min_len=a.gen_len)
+    task = trainers["dense"].task
+    task.load_dataset("test")
+    itr = task.get_batch_iterator(
+        task.dataset("test"), max_sentences=a.gen_batch_size, num_shards=world, shard_id=rank
+    ).next_epoch_itr(shuffle=False)
+    # every rank the same number of batches (no rank waits in lockstep for another's last)
+    batches = [b for _, b in zip(range(a.gen_batches), itr)]
+    n = torch.tensor([len(batches)])
+    dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    batches = batches[: int(n)]
+    models = {}
+    for name, trainer in trainers.items():
+        model = trainer.get_model().eval()
+        models[name] = (model, trainer.task, trainer.task.build_generator([model], cfg))
+    models["moe_buffers"] = models["moe"]
+    names = list(models)
+    times = {k: [] for k in names}
+    tokens = []
+    with torch.no_grad():
+        for i, batch in enumerate(batches[:1] + batches * a.gen_reps):  # the first: warm-up
+            ntok = 0
+            for name in names[i % 3 :] + names[: i % 3]:
+                model, task, gen = models[name]
+                set_fast(model, False if name == "moe_buffers" else None)
+                dist.barrier()
+                t = time.perf_counter()
+                hypos = task.inference_step(gen, [model], batch)
+                dist.barrier()
+                if i > 0:
+                    times[name].append(time.perf_counter() - t)
+                ntok = sum(len(h[0]["tokens"]) for h in hypos)
+            c = torch.tensor([float(ntok)])
+            dist.all_reduce(c)
+            if i > 0:
+                tokens.append(float(c))
+    for trainer in trainers.values():
+        trainer.get_model().train()
+    return {
+        "batches_per_rank": len(batches),
+        "reps": a.gen_reps,
+        "sentences": len(batches) * world * a.gen_batch_size,
+        "global_tokens": sum(tokens),
+        **{f"{k}_tps_total": sum(tokens) / sum(v) for k, v in times.items()},
+        **{f"{k}_tps_median": median([n / t for n, t in zip(tokens, v)]) for k, v in times.items()},
+        "moe_ratio": median([d / m for d, m in zip(times["dense"], times["moe"])]),
+        "moe_buffers_ratio": median([d / m for d, m in zip(times["dense"], times["moe_buffers"])]),
+    }
+
+
+def run_dist_worker(a, world: int, name: str, valid: bool, generate: bool) -> dict:
+    """:func:`part_dist_worker` in ``world`` torchrun processes (output in
+    ``$OUT/<name>.log``); rank 0's results. A timeout kills the whole process tree."""
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    tmp = out / f"{name}.json"
+    if tmp.exists():
+        tmp.unlink()
+    flags = [*passthrough(a), "--dist-valid" if valid else "--no-dist-valid"]
+    flags.append("--dist-generate" if generate else "--no-dist-generate")
+    # fmt: off
+    run_logged([torchrun, "--nproc_per_node", world, "--master_port", free_port(), __file__,
+                "--worker", "dist", "--json", tmp, *flags],
+               out / f"{name}.log", env=cli_env(), timeout=a.timeout)
+    # fmt: on
+    return json.loads(tmp.read_text())
 
 
 def part_dist(a):
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     torchrun = Path(sys.executable).parent / "torchrun"
-    tmp = out / "dist_worker.json"
-    if tmp.exists():
-        tmp.unlink()
-    # fmt: off
-    run_logged([torchrun, "--nproc_per_node", "2", "--master_port", free_port(), __file__,
-                "--worker", "dist", "--json", tmp, *passthrough(a)],
-               out / "dist_worker.log", env=cli_env(), timeout=a.timeout)
-    # fmt: on
-    res = json.loads(tmp.read_text())
+    res = run_dist_worker(a, 2, "dist_worker", valid=True, generate=False)
     cli = {}
     if a.cli:
         for name, moe in (("dense", False), ("moe", True)):
@@ -743,6 +828,141 @@ def part_dist(a):
     return res
 
 
+# ----------------------------------------------------------------------------- scale
+
+
+def part_scale(a):
+    """:func:`part_dist_worker` at every W of ``--worlds``: training at each, validation
+    and beam search at those of ``--scale-inference-worlds``."""
+    res = {"worlds": {}}
+    a = copy.copy(a)
+    a.dist_updates = a.scale_updates
+    for world in a.worlds:
+        inference = world in a.scale_inference_worlds
+        load0 = loadavg()
+        t0 = time.time()
+        r = run_dist_worker(a, world, f"scale_w{world}", valid=inference, generate=inference)
+        r.update(load_start=load0, seconds=round(time.time() - t0, 1))
+        res["worlds"][str(world)] = r
+        print("  " + scale_progress(world, r), flush=True)
+    return res
+
+
+def scale_progress(world: int, r: dict) -> str:
+    line = f"W={world}: train MoE/dense {r['moe_ratio']:.2f}x"
+    for part in ("valid", "generate"):
+        if r.get(part):
+            p = r[part]
+            line += f", {part} {p['moe_ratio']:.2f}x (buffer path {p['moe_buffers_ratio']:.2f}x)"
+    return line + f" ({r['seconds']} s, load {r['load_start']} -> {r['load_end']})"
+
+
+def scale_rows(res: dict) -> list:
+    """One row per W: global tokens/s of dense and MoE and the MoE/dense ratio (the
+    median of per-batch ratios) for training, validation and beam search (``None``
+    where not measured; for the latter two also the ratio of MoE on DeepSpeed's buffer
+    path), with the load average at the start and end of the run."""
+    rows = []
+    for w, r in sorted(res["worlds"].items(), key=lambda kv: int(kv[0])):
+        row = {"W": int(w), "load": f"{r['load_start']} -> {r['load_end']}"}
+        row.update(train_dense=r["dense_wps_median"], train_moe=r["moe_wps_median"])
+        row["train_ratio"] = r["moe_ratio"]
+        for kind, key, part in (("valid", "wps_total", "valid"), ("beam", "tps_total", "generate")):
+            p = r.get(part) or {}
+            row[f"{kind}_dense"] = p.get(f"dense_{key}")
+            row[f"{kind}_moe"] = p.get(f"moe_{key}")
+            row[f"{kind}_ratio"] = p.get("moe_ratio")
+            row[f"{kind}_buffers_ratio"] = p.get("moe_buffers_ratio")
+        rows.append(row)
+    return rows
+
+
+def scale_markdown(rows: list, info: dict, a) -> str:
+    """The table of :func:`scale_rows` in markdown, under a header naming the machine:
+    its cores (W processes of one thread each: beyond the cores they share them), the load
+    average and the targets."""
+
+    def n(x):
+        return "–" if x is None else f"{x:,.0f}"
+
+    def q(x, buffers=None):
+        return "–" if x is None else f"{x:.2f}" + ("" if buffers is None else f" ({buffers:.2f})")
+
+    lines = [
+        f"MoE x{a.experts} top-{a.top_k} (expert parallel, --ep-world-size W) vs dense data "
+        f"parallel, W processes of OMP_NUM_THREADS={info['omp_threads']} on {info['cpu']}, "
+        f"**{info['cores']} cores** (W > {info['cores']}: oversubscribed); load average "
+        f"{info['load_start']} at the start, {info['load_end']} at the end; "
+        f"{', '.join(f'{k} {v}' for k, v in info['versions'].items())}.",
+        "",
+        f"Global tokens/s. Train: --max-tokens {a.dist_max_tokens} per process. Validation: "
+        "no token dropped. Beam: beam "
+        f"{a.beam}, {a.gen_batches} batches of {a.gen_batch_size} sentences per process, "
+        f"{a.gen_len} tokens per hypothesis. MoE/dense: the median of per-batch ratios, models measured in turn "
+        "in the same processes; in parentheses MoE on DeepSpeed's buffer path "
+        f"(FAIRSEQ_MOE_FAST_DISPATCH=0). Targets: train >= {SCALE_TARGETS['train']}, "
+        f"validation >= {SCALE_TARGETS['valid']}.",
+        "",
+        "| W | train dense | train MoE | MoE/dense | valid dense | valid MoE | MoE/dense "
+        "| beam dense | beam MoE | MoE/dense | load (1, 5, 15 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['W']} | {n(r['train_dense'])} | {n(r['train_moe'])} | "
+            f"{q(r['train_ratio'])} | {n(r['valid_dense'])} | {n(r['valid_moe'])} | "
+            f"{q(r['valid_ratio'], r['valid_buffers_ratio'])} | {n(r['beam_dense'])} | "
+            f"{n(r['beam_moe'])} | {q(r['beam_ratio'], r['beam_buffers_ratio'])} | {r['load']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def scale_plot(rows: list, info: dict, path: Path) -> None:
+    """Tokens/s against W (dense and MoE, per kind) and the MoE/dense ratios, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, kind in enumerate(("train", "valid", "beam")):
+        pts = [r for r in rows if r[f"{kind}_ratio"] is not None]
+        if not pts:
+            continue
+        ws = [r["W"] for r in pts]
+        axes[0].plot(ws, [r[f"{kind}_dense"] for r in pts], f"C{i}--o", label=f"{kind} dense")
+        axes[0].plot(ws, [r[f"{kind}_moe"] for r in pts], f"C{i}-s", label=f"{kind} MoE")
+        axes[1].plot(ws, [r[f"{kind}_ratio"] for r in pts], f"C{i}-o", label=kind)
+    for kind, target in SCALE_TARGETS.items():
+        axes[1].axhline(target, color="grey", ls=":", lw=1)
+        axes[1].annotate(f"{kind} target", (1, target), fontsize=7, color="grey")
+    axes[0].set(title="global tokens/s", xlabel="processes W", xscale="log", yscale="log")
+    axes[1].set(title="MoE / dense", xlabel="processes W", xscale="log", ylim=(0, 1.3))
+    for ax in axes:
+        ax.set_xticks([r["W"] for r in rows], [str(r["W"]) for r in rows])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.axvline(info["cores"], color="red", ls=":", lw=1)
+        ax.legend(fontsize=7)
+    fig.suptitle(
+        f"{info['cpu']}, {info['cores']} cores (red: W = cores), 1 thread per process; "
+        f"load {info['load_start']} -> {info['load_end']}",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_scale(a, res: dict, info: dict) -> list:
+    """``scale.md`` and ``scale.png`` in ``--out``; returns the markdown's lines."""
+    rows = scale_rows(res)
+    md = scale_markdown(rows, info, a)
+    out = Path(a.out)
+    (out / "scale.md").write_text(md)
+    scale_plot(rows, info, out / "scale.png")
+    return md.splitlines()
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -766,9 +986,11 @@ def passthrough(a):
         "gen_len",
         "gen_batch_size",
         "gen_sentences",
+        "gen_batches",
         "gen_reps",
         "cli_reps",
         "layer_reps",
+        "valid_reps",
         "timeout",
     )
     flags = []
@@ -897,8 +1119,8 @@ def dist_section(a, r):
         lines.append(
             f"  validation ({v['batches']} batches, no token dropped): dense "
             f"{fmt(v['dense_wps_total'])}   moe {fmt(v['moe_wps_total'])} "
-            f"({v['moe_ratio']:.2f}x)   moe without exact fit "
-            f"{fmt(v['moe_no_fit_wps_total'])} ({v['moe_no_fit_ratio']:.2f}x) tokens/s"
+            f"({v['moe_ratio']:.2f}x)   moe buffer path "
+            f"{fmt(v['moe_buffers_wps_total'])} ({v['moe_buffers_ratio']:.2f}x) tokens/s"
         )
     c = r.get("cli")
     if c:
@@ -933,11 +1155,12 @@ def report(a, results, info):
         f"layer (enc,dec), {a.experts} experts, top-{a.top_k}, capacity factor 1.0 (train), no "
         "drop (inference)",
         f"load average: start {info['load_start']}, end {info['load_end']}",
-        "'moe' = the plugin's default (local dispatch in one process), 'moe_ds' = DeepSpeed's "
-        "MOELayer path (FAIRSEQ_MOE_FAST_DISPATCH=0)",
+        "'moe' = the plugin's default (local dispatch in one process; with expert parallelism "
+        "and no token dropped, the exchange), 'moe_ds' / 'buffer path' = DeepSpeed's MOELayer "
+        "path (FAIRSEQ_MOE_FAST_DISPATCH=0)",
     ]
     for part in PARTS:
-        if part in results:
+        if part in results and part in SECTIONS:
             lines += ["", *SECTIONS[part](a, results[part])]
     lines.append("=" * 78)
     print("\n".join(lines), flush=True)
@@ -948,7 +1171,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    ap.add_argument(
+        "--parts", default=",".join(DEFAULT_PARTS), help=f"comma-separated subset of {PARTS}"
+    )
     ap.add_argument("--databin", default=str(REPO / "workspace" / "demo_en_de" / "databin"))
     ap.add_argument("--out", default=str(REPO / "workspace" / "bench_perf"))
     ap.add_argument("--dim", type=int, default=MODEL["dim"])
@@ -976,6 +1201,9 @@ def parse_args(argv=None):
     ap.add_argument("--gen-batch-size", type=int, default=64)
     ap.add_argument("--gen-sentences", type=int, default=256)
     ap.add_argument("--gen-reps", type=int, default=2)
+    ap.add_argument(
+        "--gen-batches", type=int, default=3, help="scale: beam-search batches per process"
+    )
     ap.add_argument("--cli-reps", type=int, default=2, help="user/generate.py runs per model")
     ap.add_argument(
         "--layer-tokens",
@@ -992,6 +1220,24 @@ def parse_args(argv=None):
         action="store_false",
         help="skip the user/generate.py and torchrun user/train.py runs",
     )
+    ap.add_argument("--valid-reps", type=int, default=3, help="passes over the valid split")
+    ap.add_argument(
+        "--worlds",
+        default="1,2,4,8",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="scale: process counts W (MoE with --ep-world-size W)",
+    )
+    ap.add_argument(
+        "--scale-inference-worlds",
+        default="2,4",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        help="scale: the W at which validation and beam search are measured too",
+    )
+    ap.add_argument(
+        "--scale-updates", type=int, default=12, help="scale: measured updates per model and W"
+    )
+    ap.add_argument("--dist-valid", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--dist-generate", action=argparse.BooleanOptionalAction, default=False)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per part")
     ap.add_argument("--quick", action="store_true", help="few updates and sentences (a smoke test)")
     ap.add_argument("--worker", choices=PARTS, help=argparse.SUPPRESS)
@@ -1001,6 +1247,8 @@ def parse_args(argv=None):
         a.updates, a.dist_updates, a.cli_updates, a.warmup = 4, 3, 3, 1
         a.gen_sentences, a.gen_batch_size, a.gen_reps, a.gen_len, a.cli_reps = 32, 16, 1, 8, 1
         a.layer_tokens, a.layer_reps, a.max_tokens, a.dist_max_tokens = [512, 1024], 2, 1024, 512
+        a.valid_reps, a.worlds, a.scale_inference_worlds = 1, [1, 2], [2]
+        a.scale_updates, a.gen_batches = 3, 1
     return a
 
 
@@ -1056,6 +1304,8 @@ def main(argv=None):
         tmp = out / f"{part}.json"
         if part == "dist":
             res = part_dist(a)
+        elif part == "scale":
+            res = part_scale(a)
         else:
             proc = subprocess.run(
                 [sys.executable, __file__, "--worker", part, "--json", tmp, *passthrough(a)],
@@ -1073,6 +1323,10 @@ def main(argv=None):
     info["load_end"] = loadavg()
     info["part_seconds"] = timing
     lines = report(a, results, info)
+    if "scale" in results:
+        md = write_scale(a, results["scale"], info)
+        print("\n".join(md) + f"\ntable: {out / 'scale.md'}, plot: {out / 'scale.png'}")
+        lines += md
     (out / "results.json").write_text(
         json.dumps({"info": info, "results": results, "table": lines}, indent=1, default=str)
     )

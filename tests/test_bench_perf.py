@@ -7,7 +7,7 @@ linearity check and the log parsing. No timing here: the benchmark itself
 measures."""
 
 from mt_run.fairseq_log import wps
-from scripts.bench_perf import median, memory_fit
+from scripts.bench_perf import median, memory_fit, parse_args, scale_rows, write_scale
 
 
 def test_memory_fit_calls_linear_growth_linear():
@@ -31,3 +31,32 @@ def test_parse_wps_skips_warmup_lines():
     )
     assert wps(log, skip=1) == [2000.5, 2100.0, 1900.0]
     assert median(wps(log, skip=1)) == 2000.5
+
+
+def scale_results():
+    """Results of ``bench_perf.py --parts scale`` at W = 1, 2 (synthetic numbers)."""
+    w1 = {"dense_wps_median": 2000.0, "moe_wps_median": 1900.0, "moe_ratio": 0.95}
+    w2 = {"dense_wps_median": 3000.0, "moe_wps_median": 2700.0, "moe_ratio": 0.9}
+    w2["valid"] = {"dense_wps_total": 7000.0, "moe_wps_total": 4200.0, "moe_ratio": 0.6}
+    w2["generate"] = {"dense_tps_total": 1000.0, "moe_tps_total": 500.0, "moe_ratio": 0.5}
+    w2["valid"]["moe_buffers_ratio"], w2["generate"]["moe_buffers_ratio"] = 0.4, 0.3
+    for r in (w1, w2):
+        r.update(load_start="1.0 1.0 1.0", load_end="2.0 1.5 1.0")
+    return {"worlds": {"2": w2, "1": w1}}
+
+
+def test_scale_table_has_a_row_per_world_with_its_ratios(tmp_path):
+    a = parse_args(["--out", str(tmp_path)])
+    info = {"cpu": "CPU X", "cores": 2, "omp_threads": "1", "versions": {"torch": "2"}}
+    info.update(load_start="1.0 1.0 1.0", load_end="2.0 1.5 1.0")
+    rows = scale_rows(scale_results())
+    assert [r["W"] for r in rows] == [1, 2]
+    assert rows[0]["valid_ratio"] is None and rows[1]["beam_moe"] == 500.0
+    lines = write_scale(a, scale_results(), info)
+    assert "**2 cores**" in lines[0]
+    assert lines[-2].startswith("| 1 | 2,000 | 1,900 | 0.95 | – |")
+    assert lines[-1].startswith(
+        "| 2 | 3,000 | 2,700 | 0.90 | 7,000 | 4,200 | 0.60 (0.40) | 1,000 | 500 | 0.50 (0.30) |"
+    )
+    assert (tmp_path / "scale.md").read_text().splitlines() == lines
+    assert (tmp_path / "scale.png").read_bytes()[:4] == b"\x89PNG"

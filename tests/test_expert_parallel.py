@@ -308,16 +308,18 @@ class CollectiveCounter:
         return sum(v for k, v in self.counts.items() if k in ALL_TO_ALL)
 
 
-def forward_job(rank, world, databin, flags, steps, exact_fit=None):
+def forward_job(rank, world, databin, flags, steps, exact_fit=None, fast_dispatch=None):
     """Forward (train and eval mode) and backward on rank r's sentences ``steps[i][r]``.
 
     In one process (``world == 1``) every rank's sentences are run one after the other.
     Returns the outputs, the gate losses and the collectives each forward made.
-    ``exact_fit``: set on every MoE layer (None: the default; True: for every size).
+    ``exact_fit``, ``fast_dispatch``: set on every MoE layer (None: the default; exact
+    fit True: for every size).
     """
     task, model = build(_data(databin), "transformer_ds_moe", *flags, seed=1)
     for m in model.moe_ffn_layers().values():
         m.exact_fit = exact_fit
+        m.fast_dispatch = fast_dispatch
         if exact_fit:
             m.exact_fit_min_tokens = 0  # these batches are small
     task.load_dataset("valid")
@@ -367,7 +369,44 @@ def comm_job(rank, world, databin, flags, sentences):
     }
 
 
-JOBS = {"train": train_job, "forward": forward_job, "comm": comm_job}
+def paths_job(rank, world, databin, flags, steps):
+    """Each step on the buffer path, then through the exchange (``fast_dispatch``),
+    in training (forward and backward) and evaluation: outputs, gate losses, gradients
+    and the collectives of each forward, per path."""
+    task, model = build(_data(databin), "transformer_ds_moe", *flags, seed=1)
+    task.load_dataset("valid")
+    layers = list(model.moe_ffn_layers().values())
+    results = []
+    with CollectiveCounter() as counter:
+        for per_rank in steps:
+            for idx in per_rank[rank::world]:
+                net_input = _collate(task, idx)["net_input"]
+                step = {}
+                for path, fast in (("buffers", False), ("exchange", True)):
+                    for m in layers:
+                        m.fast_dispatch = fast
+                    for mode in ("train", "eval"):
+                        model.train(mode == "train")
+                        counter.reset()
+                        torch.manual_seed(len(results))  # the same gate samples on both paths
+                        with torch.set_grad_enabled(mode == "train"):
+                            x, extra = model(**net_input)
+                        got = {
+                            "out": x.detach().clone(),
+                            "gate_loss": extra["experts_gate_loss"].detach().clone(),
+                            "others": counter.others(),
+                            "all_to_all": counter.all_to_all(),
+                        }
+                        if mode == "train":
+                            (x.float().pow(2).mean() + extra["experts_gate_loss"]).backward()
+                            got["grads"] = _grads(model)
+                            model.zero_grad()
+                        step[path, mode] = got
+                results.append(step)
+    return {"steps": results, "n_moe": len(layers)}
+
+
+JOBS = {"train": train_job, "forward": forward_job, "comm": comm_job, "paths": paths_job}
 
 
 # ---------------------------------------------------------------------------
@@ -562,20 +601,23 @@ def _check_trainer_matches_one_process(tiny_data, extensions_dir, config_flags, 
 
 
 @pytest.mark.timeout(RANKS_TIMEOUT + 120)
-@pytest.mark.parametrize("drop", ["drop", "no_drop", "no_drop_no_fit"])
+@pytest.mark.parametrize("drop", ["drop", "no_drop", "no_drop_buffers", "no_drop_buffers_no_fit"])
 def test_uneven_batches_match_one_process_with_one_collective(tiny_data, extensions_dir, drop):
     """Ranks with different sentence and token counts every step: no hang, each
     rank's output and gate loss equal one process's on the same sentences, and a
-    forward pass makes one collective besides the all-to-alls (plus, without
-    dropping, one per MoE layer to fit the buffers to the busiest expert, unless
-    that is turned off)."""
+    forward pass makes one collective besides the all-to-alls. Per MoE layer: with
+    dropping, DeepSpeed's 2 all-to-alls of padded buffers; without, the exchange's 3
+    (the counts, then the routes and back; 2 in evaluation, which sends the counts with
+    the routes), or on the buffer path 2 and one all-reduce to fit the buffers to the
+    busiest expert (unless that is turned off)."""
     flags = [*MOE, "--num-experts", "4", "--ep-world-size", "2"]
     flags += no_drop_capacity(flags)
     if drop == "drop":  # DeepSpeed's capacity-limited routing, in evaluation too
         flags.append("--moe-eval-drop-tokens")
     else:  # no token dropped (evaluation's default)
         flags.append("--no-moe-drop-tokens")
-    exact_fit = {"drop": None, "no_drop": True, "no_drop_no_fit": False}[drop]
+    exact_fit = {"no_drop_buffers": True, "no_drop_buffers_no_fit": False}.get(drop)
+    fast_dispatch = False if drop.startswith("no_drop_buffers") else None
     task, _ = build(tiny_data, "transformer_ds_moe", *_one_process(flags))
     steps = _uneven_steps(task)
     databin = str(tiny_data["databin"])
@@ -583,7 +625,14 @@ def test_uneven_batches_match_one_process_with_one_collective(tiny_data, extensi
     # one process runs, per update, rank 0's sentences, then rank 1's
     want = forward_job(0, 1, databin, _one_process(flags), steps)
     got = run_ranks(
-        "forward", 2, extensions_dir, databin=databin, flags=flags, steps=steps, exact_fit=exact_fit
+        "forward",
+        2,
+        extensions_dir,
+        databin=databin,
+        flags=flags,
+        steps=steps,
+        exact_fit=exact_fit,
+        fast_dispatch=fast_dispatch,
     )
 
     problems = []
@@ -599,15 +648,55 @@ def test_uneven_batches_match_one_process_with_one_collective(tiny_data, extensi
                         )
                     except AssertionError as e:
                         problems.append(f"{where}: {key} differs: {str(e).splitlines()[-2:]}")
-                if res[mode]["all_to_all"] != 2 * res[mode]["n_moe"]:
+                # the exchange: counts, rows, outputs; without autograd counts and rows in one
+                per_layer = {"train": 3, "eval": 2}[mode] if drop == "no_drop" else 2
+                if res[mode]["all_to_all"] != per_layer * res[mode]["n_moe"]:
                     problems.append(f"{where}: {res[mode]['all_to_all']} all-to-alls")
-                fit = res[mode]["n_moe"] if drop == "no_drop" else 0
+                fit = res[mode]["n_moe"] if drop == "no_drop_buffers" else 0
                 if sum(res[mode]["others"].values()) != 1 + fit:
                     problems.append(
                         f"{where}: collectives besides all-to-all: "
                         f"{res[mode]['others']} (expected 1 + {fit})"
                     )
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.timeout(RANKS_TIMEOUT + 120)
+def test_exchange_equals_the_buffer_path(tiny_data, extensions_dir):
+    """Without dropping, the exchange (variable-size all-to-alls of exactly the routes)
+    gives the buffer path's outputs, gate losses and gradients (router and experts) on
+    uneven batches, top-2 with two experts per rank, in training and evaluation; and it
+    is the path taken: per MoE layer 3 all-to-alls in training, 2 in evaluation (the
+    counts sent with the routes) and no all-reduce, where the buffer path makes 2
+    all-to-alls."""
+    flags = [*MOE, *TRAIN, "--num-experts", "4", "--ep-world-size", "2", "--top-k", "2"]
+    flags += ["--no-moe-drop-tokens"]
+    task, _ = build(tiny_data, "transformer_ds_moe", *_one_process(flags))
+    steps = _uneven_steps(task)
+    got = run_ranks(
+        "paths", 2, extensions_dir, databin=str(tiny_data["databin"]), flags=flags, steps=steps
+    )
+    for r, res in enumerate(got):
+        n_moe = res["n_moe"]
+        for i, step in enumerate(res["steps"]):
+            for mode in ("train", "eval"):
+                where = f"rank {r}, batch {i}, {mode}"
+                want, have = step["buffers", mode], step["exchange", mode]
+                for key in ("out", "gate_loss"):
+                    torch.testing.assert_close(
+                        have[key], want[key], rtol=1e-5, atol=1e-6, msg=where
+                    )
+                assert have["all_to_all"] == {"train": 3, "eval": 2}[mode] * n_moe, where
+                assert have["others"] == {"all_reduce": 1}, (where, have["others"])
+                if mode == "eval":  # exact fit applies from 1024 tokens; these are fewer
+                    assert want["all_to_all"] == 2 * n_moe, where
+            _assert_same_params(
+                step["exchange", "train"]["grads"],
+                step["buffers", "train"]["grads"],
+                f"rank {r}, batch {i}: gradients",
+                rtol=1e-4,
+                atol=1e-6,
+            )
 
 
 @pytest.mark.timeout(300)

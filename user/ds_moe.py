@@ -159,6 +159,15 @@ def local_dispatch_supported(moe: MoE) -> bool:
     return moe.ep_size == 1 and not moe.use_residual and not layer.use_tutel and groups.mpu is None
 
 
+def exchange_supported(moe: MoE) -> bool:
+    """Whether ``moe`` is expert parallel with nothing but the gate, the experts and the
+    combine between its all-to-alls (no residual MLP, no tensor-parallel experts, no
+    Tutel): then :class:`~user.modules.moe_ffn.MoEFeedForward` can send each expert
+    exactly its routes, without dropping, instead of DeepSpeed's padded buffers."""
+    layer = moe.deepspeed_moe
+    return moe.ep_size > 1 and not moe.use_residual and not layer.use_tutel and groups.mpu is None
+
+
 def is_expert_param(param: torch.nn.Parameter) -> bool:
     """True for parameters DeepSpeed keeps rank-local (experts, not the router)."""
     return getattr(param, "allreduce", True) is False

@@ -7,15 +7,16 @@
 The gate (:class:`~user.modules.gating.Gate`) routes the tokens within the capacity
 this block gives it: when tokens are dropped, DeepSpeed's capacity for the token
 count (with expert parallelism, the group's largest count); otherwise the busiest
-expert's count (with expert parallelism, the group's busiest, or room for all of
-the group's largest token count, see :data:`EXACT_FIT`). The tokens then take one
-of two ways, with the same results:
+expert's count (with expert parallelism on the buffer path, the group's busiest, or
+room for all of the group's largest token count, see :data:`EXACT_FIT`). The tokens
+then take one of three ways, with the same results:
 
 * through DeepSpeed's buffers: its ``experts x capacity`` dispatch buffer
   (``sharded_moe._sparse_encode``), the all-to-alls over the expert-parallel
   group, the experts and its combine (``_sparse_decode``), then the residual MLP of
   ``--moe-use-residual`` as in DeepSpeed's ``MoE.forward``. Always used with
-  expert parallelism (``--ep-world-size`` > 1) and ``--moe-use-residual``.
+  ``--moe-use-residual``, and with expert parallelism (``--ep-world-size`` > 1) when
+  tokens are dropped (training by default).
 * the *local* path (``fast_dispatch``, on by default when every expert lives in
   this process): each expert runs on exactly the tokens it kept, without the
   buffer's padding slots; DeepSpeed's combine (gate value times expert output,
@@ -23,14 +24,22 @@ of two ways, with the same results:
   (validation, beam search) top-1 and top-2 routes come from
   :func:`~user.modules.gating.no_drop_routes` (DeepSpeed's formulas without the
   capacity machinery), so an incremental decoding step costs a dozen small ops.
+* the *exchange* (``fast_dispatch``, on by default with expert parallelism when no
+  token is dropped: validation, beam search, ``--no-moe-drop-tokens``): the local
+  path across the expert-parallel group. A small all-to-all of per-expert route
+  counts, then variable-size all-to-alls (``all_to_all_single`` with split sizes)
+  carry exactly the routes to the experts' ranks and their outputs back: no buffer
+  padded to the busiest expert, and no all-reduce to agree on its size. A decoding
+  step sends the counts with the routes, in one all-to-all.
 
-Turn the local path off with ``FAIRSEQ_MOE_FAST_DISPATCH=0`` (all layers) or
-``layer.fast_dispatch = False`` (one layer): tests compare the two.
+Turn the local path and the exchange off with ``FAIRSEQ_MOE_FAST_DISPATCH=0`` (all
+layers) or ``layer.fast_dispatch = False`` (one layer): tests compare the paths.
 """
 
 from typing import List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.moe import sharded_moe
 from deepspeed.utils import groups
@@ -129,13 +138,14 @@ FAST_DISPATCH = env_flag("FAIRSEQ_MOE_FAST_DISPATCH", True)
 
 #: Default of :attr:`MoEFeedForward.exact_fit` (``FAIRSEQ_MOE_EXACT_FIT=0`` turns it off).
 #: Expert parallelism without token dropping (validation and generation by default,
-#: training with ``--no-moe-drop-tokens``): every rank's all-to-all buffers need one
-#: size. On: the group's busiest expert count (from the gate's routes), agreed with
-#: one small all-reduce per MoE layer. Off: room for all of the group's largest token
-#: count in every expert (no per-layer collective, but the experts compute and the
-#: all-to-alls carry ``num_experts`` times the tokens). On pays off with many tokens
-#: (validation: 0.38-0.41x -> 0.58-0.63x dense on 2 CPU processes); an incremental decoding
-#: step of a few hundred tokens gains nothing from it, so it applies from
+#: training with ``--no-moe-drop-tokens``) on the buffer path (the exchange, the
+#: default, sizes nothing): every rank's all-to-all buffers need one size. On: the
+#: group's busiest expert count (from the gate's routes), agreed with one small
+#: all-reduce per MoE layer. Off: room for all of the group's largest token count in
+#: every expert (no per-layer collective, but the experts compute and the all-to-alls
+#: carry ``num_experts`` times the tokens). On pays off with many tokens (validation:
+#: 0.38-0.41x -> 0.58-0.63x dense on 2 CPU processes); an incremental decoding step of
+#: a few hundred tokens gains nothing from it, so it applies from
 #: :attr:`MoEFeedForward.exact_fit_min_tokens` tokens on.
 EXACT_FIT = env_flag("FAIRSEQ_MOE_EXACT_FIT", True)
 
@@ -163,6 +173,10 @@ class MoEFeedForward(nn.Module):
     exact_fit: Optional[bool] = None
     #: ... for forwards of at least this many tokens (the group's largest count).
     exact_fit_min_tokens: int = 1024
+    #: The exchange without autograd sends the route counts with the rows (one all-to-all
+    #: fewer, see :meth:`_send_with_counts`) while its send buffer, sized for the group's
+    #: largest token count, is at most this many bytes (decoding steps, not validation).
+    fused_send_max_bytes: int = 1 << 20
 
     def __init__(
         self, embed_dim: int, expert: nn.Module, opts: MoEOptions, layer_key: str, seed: int
@@ -194,13 +208,27 @@ class MoEFeedForward(nn.Module):
         on = FAST_DISPATCH if self.fast_dispatch is None else self.fast_dispatch
         return bool(on) and self.agreed_tokens is None and ds_moe.local_dispatch_supported(self.moe)
 
+    def uses_exchange(self) -> bool:
+        """Whether the next forward takes the exchange (see the module docstring): expert
+        parallelism (the group's token count agreed), no token dropped. Every rank of the
+        group decides alike (the same flags, mode and layer)."""
+        on = FAST_DISPATCH if self.fast_dispatch is None else self.fast_dispatch
+        return (
+            bool(on)
+            and self.agreed_tokens is not None
+            and ds_moe.exchange_supported(self.moe)
+            and not ds_moe.moe_gate(self.moe).drops()
+        )
+
     # -- routing ----------------------------------------------------------------------
 
     def _route(
         self, tokens: Tensor, padding_mask: Optional[Tensor], local: bool
     ) -> Tuple[Routes, Optional[Tensor]]:
         """The gate's routes of ``tokens`` (``T*B x C``, ``T``-major) within the capacity
-        this forward needs, and the router's un-noised fp32 logits when computed here."""
+        this forward needs, and the router's un-noised fp32 logits when computed here.
+        ``local``: each expert gets exactly its routes (the local path or the exchange),
+        so no buffer size is agreed."""
         gate = ds_moe.moe_gate(self.moe)
         if gate.drops():
             # DeepSpeed's capacity for the token count; with expert parallelism the
@@ -212,7 +240,7 @@ class MoEFeedForward(nn.Module):
             logits = gate.router_logits(tokens)
             return gating.no_drop_routes(logits, gate.k), logits
         routes = gate(tokens)  # capacity: the busiest expert's count, nothing dropped
-        if self.agreed_tokens is None:
+        if self.agreed_tokens is None or local:
             return routes, None
         # Expert parallelism: one buffer size on every rank of the group (never the
         # rank's own busiest count: ranks with uneven batches would disagree), at least
@@ -281,19 +309,20 @@ class MoEFeedForward(nn.Module):
         T, B, C = x.shape
         tokens = x.reshape(T * B, C)
         local = self.uses_local_dispatch()
+        exchange = not local and self.uses_exchange()
         # DeepSpeed's MoE.forward routes a view of its input (MOELayer's reshape) and runs
         # the residual MLP on the input itself: so do the buffers, and the input's
         # gradient sums its parts in DeepSpeed's order, bit for bit
-        routed = tokens if local else tokens.reshape(-1, C)
-        routes, logits = self._route(routed, padding_mask, local)
+        routed = tokens if local or exchange else tokens.reshape(-1, C)
+        routes, logits = self._route(routed, padding_mask, local or exchange)
         self.l_aux, self.exp_counts = routes.l_aux, routes.counts
         # as after DeepSpeed's MOELayer.forward
         layer = self.moe.deepspeed_moe
         layer.l_aux, layer.exp_counts = routes.l_aux, routes.counts
         if self.collect_stats:
             self.stats = self._routing_stats(tokens, padding_mask, logits)
-        if local:
-            out = self._forward_local(tokens, routes)
+        if local or exchange:
+            out = self._forward_local(tokens, routes, exchange)
         else:
             out = self._forward_buffers(routed, tokens, routes)
         if self.collect_stats:
@@ -332,9 +361,10 @@ class MoEFeedForward(nn.Module):
             return sharded_moe._AllToAll.apply(self.moe.deepspeed_moe.ep_group, x)
         return x.contiguous()
 
-    def _forward_local(self, tokens: Tensor, routes: Routes) -> Tensor:
+    def _forward_local(self, tokens: Tensor, routes: Routes, exchange: bool = False) -> Tensor:
         """Each expert on exactly its kept routes, in DeepSpeed's slot order:
-        ``S x C`` -> ``S x C``."""
+        ``S x C`` -> ``S x C``. ``exchange``: the experts are spread over the
+        expert-parallel group (:meth:`_exchange`)."""
         E = self.opts.num_experts
         flat = routes.indices.reshape(-1).long()  # k*S, choice-major
         if routes.locations is None:
@@ -346,18 +376,26 @@ class MoEFeedForward(nn.Module):
                 routes.counts.tolist(),
                 routes.gates,
                 complete=routes.gates.size(0) == 1,
+                exchange=exchange,
             )
         # kept routes by expert, then slot; dropped ones (expert -1) sort last and are cut off
         cap = routes.capacity
         key = torch.where(flat >= 0, flat * cap + routes.locations.reshape(-1).long(), E * cap)
         sizes = torch.bincount(flat + 1, minlength=E + 1)[1:].tolist()
         order = torch.argsort(key)[: sum(sizes)]
-        return self._run_experts(tokens, order, sizes, routes.gates)
+        return self._run_experts(tokens, order, sizes, routes.gates, exchange=exchange)
 
     def _run_experts(
-        self, tokens: Tensor, order: Tensor, sizes: List[int], gates: Tensor, complete: bool = False
+        self,
+        tokens: Tensor,
+        order: Tensor,
+        sizes: List[int],
+        gates: Tensor,
+        complete: bool = False,
+        exchange: bool = False,
     ) -> Tensor:
         """Run expert ``e`` on the next ``sizes[e]`` routes of ``order`` and combine.
+        ``exchange``: expert ``e`` may live on another rank (:meth:`_exchange`).
 
         ``order`` holds route ids ``r = j * n + s`` (choice ``j`` of token ``s``) grouped by
         expert; ``gates`` is ``k x n`` (fp32); ``complete``: every token has a route (top-1
@@ -368,18 +406,11 @@ class MoEFeedForward(nn.Module):
         n, C = tokens.shape
         k = gates.size(0)
         x = tokens.index_select(0, order % n if k > 1 else order)
-        outs = []
-        start = 0
-        # an expert with no token still runs (on zero rows): its parameters then get
-        # zero gradients, as in DeepSpeed's buffer, rather than none
-        experts = ds_moe.local_experts(self.moe)
-        plain = all(isinstance(e, ExpertFFN) for e in experts) and all(e.plain() for e in experts)
-        for expert, size in zip(experts, sizes):
-            chunk = x[start : start + size]
-            out = expert.compute(chunk) if plain else expert(chunk)
-            outs.append(out[0] if isinstance(out, tuple) else out)
-            start += size
-        y = torch.cat(outs) if len(outs) > 1 else outs[0]
+        if exchange:
+            y = self._exchange(x, sizes, most=self.agreed_tokens * k)
+        else:
+            outs = self._experts(list(x.split(sizes)))
+            y = torch.cat(outs) if len(outs) > 1 else outs[0]
         if k == 1:
             # back in token order (a dropped token's row stays zero), times the gate
             # value (zero for a dropped token), in fp32
@@ -394,3 +425,101 @@ class MoEFeedForward(nn.Module):
         padded = torch.cat([y, y.new_zeros(1, C)])
         routed = padded.index_select(0, position).view(k, n, C)
         return (routed * gates.unsqueeze(-1)).sum(0).to(y.dtype)
+
+    def _experts(self, chunks: List[Tensor]) -> List[Tensor]:
+        """This process's expert ``l`` on ``chunks[l]`` (``N_l x C`` each)."""
+        # an expert with no token still runs (on zero rows): its parameters then get
+        # zero gradients, as in DeepSpeed's buffer, rather than none
+        experts = ds_moe.local_experts(self.moe)
+        plain = all(isinstance(e, ExpertFFN) for e in experts) and all(e.plain() for e in experts)
+        outs = []
+        for expert, chunk in zip(experts, chunks):
+            out = expert.compute(chunk) if plain else expert(chunk)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+        return outs
+
+    def _exchange(self, x: Tensor, sizes: List[int], most: int) -> Tensor:
+        """The experts' outputs for this rank's routes across the expert-parallel group,
+        without padding: ``x`` holds ``sizes[e]`` rows for expert ``e`` of all ``E``, in
+        expert order, and so does the result (``N x C`` -> ``N x C``). ``most``: the
+        most rows any rank of the group has (the agreed token count times ``k``).
+
+        Rank ``g`` holds experts ``g * L ... (g + 1) * L - 1`` (``L`` per rank, as
+        DeepSpeed places them). One all-to-all of the ``E`` counts tells every rank how
+        many rows each rank sends each of its experts; then an all-to-all with those split
+        sizes brings the rows, each expert runs once on its rows from every rank, and
+        the reverse all-to-all takes the outputs back. A small forward without autograd
+        (a decoding step) sends the counts with the rows instead (:meth:`_send_with_counts`).
+        """
+        group, G = self.moe.deepspeed_moe.ep_group, self.moe.ep_size
+        E = len(sizes)
+        L = E // G
+        send_splits = [sum(sizes[g * L : (g + 1) * L]) for g in range(G)]
+        row_bytes = x.size(1) * x.element_size()
+        if not torch.is_grad_enabled() and G * most * row_bytes <= self.fused_send_max_bytes:
+            got_sizes, pieces = self._send_with_counts(x, sizes, send_splits, most, group)
+            recv_splits = [sum(got_sizes[g * L : (g + 1) * L]) for g in range(G)]
+        else:
+            send = torch.tensor(sizes, dtype=torch.int64, device=x.device)  # E
+            recv = torch.empty_like(send)  # G x L: rows from rank g for local expert l
+            dist.all_to_all_single(recv, send, group=group)
+            got_sizes = recv.tolist()
+            recv_splits = [sum(got_sizes[g * L : (g + 1) * L]) for g in range(G)]
+            got = _AllToAllV.apply(group, x, recv_splits, send_splits)  # by rank, then expert
+            pieces = got.split(got_sizes)  # [g * L + l]
+        outs = self._experts([torch.cat(pieces[l::L]) for l in range(L)])
+        # back to (rank, expert) order: expert l's rows from rank g
+        back = [out.split(got_sizes[l::L]) for l, out in enumerate(outs)]
+        y = torch.cat([back[l][g] for g in range(G) for l in range(L)])
+        return _AllToAllV.apply(group, y, send_splits, recv_splits)
+
+    def _send_with_counts(
+        self, x: Tensor, sizes: List[int], send_splits: List[int], most: int, group
+    ) -> Tuple[List[int], Tuple[Tensor, ...]]:
+        """The counts all-to-all and the rows' in one: to each rank, as bytes, this rank's
+        ``L`` counts for its experts then the rows, in a block sized for ``most`` rows
+        (every rank knows that size; the padding is sent, never computed on).
+
+        Returns:
+            the rows' counts received (``[g * L + l]``: from rank ``g`` for local expert
+            ``l``) and the rows themselves, one tensor per count.
+        """
+        G = len(send_splits)
+        L = len(sizes) // G
+        C = x.size(1)
+        head, row = 8 * L, C * x.element_size()
+        block = head + most * row
+        buf = torch.empty(G, block, dtype=torch.uint8, device=x.device)
+        counts = torch.tensor(sizes, dtype=torch.int64, device=x.device).view(G, L)
+        buf[:, :head] = counts.view(torch.uint8)
+        rows = x.contiguous().view(torch.uint8)  # N x row
+        start = 0
+        for g, n in enumerate(send_splits):
+            buf[g, head : head + n * row] = rows[start : start + n].reshape(-1)
+            start += n
+        got = torch.empty_like(buf)
+        dist.all_to_all_single(got, buf, group=group)
+        got_sizes = got[:, :head].contiguous().view(torch.int64).reshape(-1).tolist()
+        pieces = []
+        for g in range(G):
+            n = sum(got_sizes[g * L : (g + 1) * L])
+            block_rows = got[g, head : head + n * row].view(x.dtype).view(n, C)
+            pieces.extend(block_rows.split(got_sizes[g * L : (g + 1) * L]))
+        return got_sizes, tuple(pieces)
+
+
+class _AllToAllV(torch.autograd.Function):
+    """``all_to_all_single`` with split sizes (rows sent to and received from each rank
+    of ``group``); its gradient is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, group, x: Tensor, recv_splits: List[int], send_splits: List[int]) -> Tensor:
+        ctx.group, ctx.splits = group, (recv_splits, send_splits)
+        out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        recv_splits, send_splits = ctx.splits
+        return None, _AllToAllV.apply(ctx.group, grad, send_splits, recv_splits), None, None
