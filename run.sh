@@ -118,7 +118,7 @@ is_int NUM_GPUS "$NUM_GPUS"; is_int NNODES "$NNODES"; is_int NODE_RANK "$NODE_RA
 ((NODE_RANK < NNODES)) || die "NODE_RANK $NODE_RANK must be below NNODES $NNODES"
 WORLD=$((NNODES * NUM_GPUS))
 
-if ((NNODES > 1)); then
+if ((NNODES > 1)) && [[ $MODE != generate ]]; then  # (generate is one process)
     [[ -n "${MASTER_ADDR:-}" ]] || die "NNODES=$NNODES needs MASTER_ADDR (the address of one node, the same on every node: it hosts torchrun's rendezvous)"
 fi
 
@@ -201,9 +201,11 @@ prepare_data() {
     dry || [[ -f "$DATABIN/dict.$SRC.txt" ]] || die "DATABIN=$DATABIN holds no dict.$SRC.txt: is it a fairseq-preprocess output?"
 }
 
-# the launcher (train and bench; generate is one process)
+# the launcher of training (train and bench; generate is one process)
 launch=("$PYTHON")
-if ((NNODES > 1)); then
+if [[ $MODE == generate ]]; then
+    :
+elif ((NNODES > 1)); then
     # torchrun's c10d rendezvous: the agents meet at MASTER_ADDR:MASTER_PORT in any
     # order, then it numbers the nodes (not NODE_RANK) and gives node n the global
     # ranks n*NUM_GPUS .. n*NUM_GPUS+NUM_GPUS-1

@@ -152,7 +152,8 @@ def run_together(cmds, timeout=None, text=False, **popen) -> list:
         ]
     except BaseException:
         for p in procs:
-            kill_tree(p.pid)
+            if p.returncode is None:  # (a reaped pid may be another process's now)
+                kill_tree(p.pid)
         for p in procs:
             p.wait()
         raise

@@ -1240,7 +1240,7 @@ def parse_args(argv=None):
     ap.add_argument("--dist-generate", action=argparse.BooleanOptionalAction, default=False)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per part")
     ap.add_argument("--quick", action="store_true", help="few updates and sentences (a smoke test)")
-    ap.add_argument("--worker", choices=PARTS, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=DEFAULT_PARTS, help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.quick:
@@ -1268,7 +1268,6 @@ def main(argv=None):
             "layer": part_layer,
             "train": part_train,
             "generate": part_generate,
-            "dist": part_dist,
         }[a.worker](a)
         Path(a.json).write_text(json.dumps(res))
         return

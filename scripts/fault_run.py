@@ -180,6 +180,8 @@ def main(argv=None):
     )
     args = p.parse_args(argv)
     ep = args.ep_world_size or args.nproc
+    if args.nproc == 1 and ep != 1:
+        p.error(f"--ep-world-size {ep} needs --nproc {ep} or more: one process holds every expert")
     if args.nproc > 1 and (ep < 2 or args.nproc % ep):
         p.error(f"--ep-world-size {ep}: use a divisor of --nproc {args.nproc} above 1")
     modes = ["forward", "between", "save", "copy", "time"] + (["shard"] if args.nproc > 1 else [])

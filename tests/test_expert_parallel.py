@@ -373,10 +373,21 @@ def paths_job(rank, world, databin, flags, steps):
     """Each step on the buffer path, then through the exchange (``fast_dispatch``),
     in training (forward and backward) and evaluation: outputs, gate losses, gradients
     and the collectives of each forward, per path."""
+    from user.modules.moe_ffn import MoEFeedForward
+
     task, model = build(_data(databin), "transformer_ds_moe", *flags, seed=1)
     task.load_dataset("valid")
     layers = list(model.moe_ffn_layers().values())
     results = []
+    # which path each layer took: the buffer path's forwards are counted
+    buffer_forwards = [0]
+    forward_buffers = MoEFeedForward._forward_buffers
+
+    def counted(self, *a, **kw):
+        buffer_forwards[0] += 1
+        return forward_buffers(self, *a, **kw)
+
+    MoEFeedForward._forward_buffers = counted  # (this rank's own process)
     with CollectiveCounter() as counter:
         for per_rank in steps:
             for idx in per_rank[rank::world]:
@@ -388,6 +399,7 @@ def paths_job(rank, world, databin, flags, steps):
                     for mode in ("train", "eval"):
                         model.train(mode == "train")
                         counter.reset()
+                        buffer_forwards[0] = 0
                         torch.manual_seed(len(results))  # the same gate samples on both paths
                         with torch.set_grad_enabled(mode == "train"):
                             x, extra = model(**net_input)
@@ -396,6 +408,7 @@ def paths_job(rank, world, databin, flags, steps):
                             "gate_loss": extra["experts_gate_loss"].detach().clone(),
                             "others": counter.others(),
                             "all_to_all": counter.all_to_all(),
+                            "buffer_forwards": buffer_forwards[0],
                         }
                         if mode == "train":
                             (x.float().pow(2).mean() + extra["experts_gate_loss"]).backward()
@@ -481,7 +494,7 @@ def _uneven_steps(task, world=2):
 CONFIGS = {
     # W=2 ranks, E=2: one expert per rank, tokens over capacity dropped (none here)
     "ep2_drop_1_local": ["--num-experts", "2", "--ep-world-size", "2"],
-    # W=2, E=2: two experts per rank, DeepSpeed's no-drop routing
+    # W=2, E=2: two experts per rank, no token dropped: the exchange
     "ep2_no_drop_2_local": ["--num-experts", "4", "--ep-world-size", "2", "--no-moe-drop-tokens"],
     # W=2, E=2, gradients clipped: the global norm counts every expert once
     "ep2_clip_norm": ["--num-experts", "4", "--ep-world-size", "2", "--clip-norm", "0.05"],
@@ -496,8 +509,10 @@ CONFIGS = {
 }
 # More ranks than 2: (processes W, flags).
 SCALE_CONFIGS = {
-    # W=4, E=2: two expert-data-parallel replicas of each expert, clipped gradients
-    "w4_ep2": (4, ["--num-experts", "4", "--ep-world-size", "2", "--clip-norm", "0.05"]),
+    # W=4, E=2: two expert-data-parallel replicas of each expert, clipped gradients, no
+    # token dropped (the exchange)
+    "w4_ep2": (4, ["--num-experts", "4", "--ep-world-size", "2", "--clip-norm", "0.05",
+                   "--no-moe-drop-tokens"]),
     # W=4, E=4, two experts per rank
     "w4_ep4": (4, ["--num-experts", "8", "--ep-world-size", "4"]),
     # W=8, E=8: the reference's shape (--ep-world-size 8 on 8 GPUs), one expert per rank
@@ -686,10 +701,12 @@ def test_exchange_equals_the_buffer_path(tiny_data, extensions_dir):
                     torch.testing.assert_close(
                         have[key], want[key], rtol=1e-5, atol=1e-6, msg=where
                     )
+                # each path is the one taken: every layer on the buffers, or none
+                assert (want["buffer_forwards"], have["buffer_forwards"]) == (n_moe, 0), where
                 assert have["all_to_all"] == {"train": 3, "eval": 2}[mode] * n_moe, where
                 assert have["others"] == {"all_reduce": 1}, (where, have["others"])
-                if mode == "eval":  # exact fit applies from 1024 tokens; these are fewer
-                    assert want["all_to_all"] == 2 * n_moe, where
+                # exact fit applies from 1024 tokens; these are fewer
+                assert want["all_to_all"] == 2 * n_moe, where
             _assert_same_params(
                 step["exchange", "train"]["grads"],
                 step["buffers", "train"]["grads"],

@@ -117,16 +117,27 @@ def outlived(pid):
 def test_run_together_ends_the_others_when_one_fails_or_time_runs_out(tmp_path):
     """Two agents of one launch: when one fails, its peer would wait for it until its
     own timeout; ``run_together`` kills the peer's whole tree at once instead."""
-    pidfile = tmp_path / "child"
-    # a command whose child (the "worker") writes its pid, then sleeps
-    waits = ["bash", "-c", f"sleep 600 & echo $! > {pidfile}; echo started; wait"]
+
+    def waits(pidfile):
+        # a command whose child (the "worker") writes its pid, then sleeps
+        return [
+            "bash",
+            "-c",
+            f"sleep 600 & echo $! > {pidfile}.new; echo started; mv {pidfile}.new {pidfile}; wait",
+        ]
+
+    def after(pidfile, then):
+        # a peer that waits until the worker is there
+        return ["bash", "-c", f"while [ ! -s {pidfile} ]; do sleep 0.1; done; {then}"]
+
+    first, second = tmp_path / "first", tmp_path / "second"
     start = time.monotonic()
-    ok, failed = processes.run_together([waits, ["bash", "-c", "sleep 1; exit 3"]], text=True)
+    ok, failed = processes.run_together([waits(first), after(first, "exit 3")], text=True)
     assert (failed.returncode, ok.returncode) == (3, -9) and ok.stdout == "started\n"
     assert time.monotonic() - start < 20
-    assert outlived(int(pidfile.read_text())) == [], "the peer's worker outlived it"
+    assert outlived(int(first.read_text())) == [], "the peer's worker outlived it"
 
     with pytest.raises(subprocess.TimeoutExpired) as timed_out:
-        processes.run_together([waits, ["sleep", "600"]], timeout=2, text=True)
+        processes.run_together([waits(second), after(second, "sleep 600")], timeout=6, text=True)
     assert "started" in timed_out.value.output
-    assert outlived(int(pidfile.read_text())) == [], "a worker outlived the timeout"
+    assert outlived(int(second.read_text())) == [], "a worker outlived the timeout"

@@ -128,6 +128,9 @@ def test_dry_run_dense_generate_bench_and_bad_input():
     assert flag(cmd, "--criterion") == "label_smoothed_cross_entropy"
     assert flag(cmd, "--save-dir") == f"/out/checkpoints/{ARCH}-baseline"
 
+    # generate is one process: the run of two nodes needs no rendezvous address
+    (gen, _) = dry("generate", DEVICE="cpu", NNODES=2, NUM_GPUS=2, EP_WORLD_SIZE=2)
+    assert gen[1].endswith("user/generate.py") and "moe_g4_ep2_ex4" in flag(gen, "--path")
     gen, score = dry("generate", DEVICE="cpu", SRC="de", TGT="en")
     assert gen[1].endswith("user/generate.py") and flag(gen, "--gen-subset") == "test"
     assert (

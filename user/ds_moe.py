@@ -149,23 +149,25 @@ def expert_params(moe: MoE) -> List[nn.Parameter]:
     return list(moe.deepspeed_moe.experts.parameters())
 
 
-def local_dispatch_supported(moe: MoE) -> bool:
-    """Whether every expert of ``moe`` is in this process and nothing but the gate,
-    the experts and the combine happens between them: no expert parallelism (no
-    all-to-all), no tensor-parallel experts, no residual MLP, no Tutel. Then
-    :class:`~user.modules.moe_ffn.MoEFeedForward` can run each expert on exactly
-    its tokens instead of DeepSpeed's padded ``experts x capacity`` buffer."""
+def runs_plain(moe: MoE) -> bool:
+    """Whether nothing but the gate, the experts and the combine happens in ``moe``: no
+    residual MLP, no tensor-parallel experts, no Tutel. Then
+    :class:`~user.modules.moe_ffn.MoEFeedForward` can run each expert on exactly its
+    routes instead of DeepSpeed's padded ``experts x capacity`` buffer: in this process
+    (the local path) or across the expert-parallel group (the exchange)."""
     layer = moe.deepspeed_moe
-    return moe.ep_size == 1 and not moe.use_residual and not layer.use_tutel and groups.mpu is None
+    return not moe.use_residual and not layer.use_tutel and groups.mpu is None
+
+
+def local_dispatch_supported(moe: MoE) -> bool:
+    """Whether every expert of ``moe`` is in this process (no all-to-all) and it
+    :func:`runs_plain`: the local path."""
+    return moe.ep_size == 1 and runs_plain(moe)
 
 
 def exchange_supported(moe: MoE) -> bool:
-    """Whether ``moe`` is expert parallel with nothing but the gate, the experts and the
-    combine between its all-to-alls (no residual MLP, no tensor-parallel experts, no
-    Tutel): then :class:`~user.modules.moe_ffn.MoEFeedForward` can send each expert
-    exactly its routes, without dropping, instead of DeepSpeed's padded buffers."""
-    layer = moe.deepspeed_moe
-    return moe.ep_size > 1 and not moe.use_residual and not layer.use_tutel and groups.mpu is None
+    """Whether ``moe`` is expert parallel and :func:`runs_plain`: the exchange."""
+    return moe.ep_size > 1 and runs_plain(moe)
 
 
 def is_expert_param(param: torch.nn.Parameter) -> bool:

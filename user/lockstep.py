@@ -4,23 +4,24 @@
 # LICENSE file in the root directory of this source tree.
 """Lockstep decoding across expert-parallel ranks.
 
-Every MoE layer's forward is a pair of all-to-alls over the expert-parallel
-group, so all its ranks must run the same MoE layers the same number of times
-with equally sized buffers. Beam search breaks both: ranks finish their
+Every MoE layer's forward makes all-to-alls over the expert-parallel group,
+so all its ranks must run the same MoE layers the same number of times, with
+what they send sized alike (the exchange's block, or DeepSpeed's buffers).
+Beam search breaks both: ranks finish their
 sentences after different numbers of steps, and run out of data after
 different numbers of batches. While lockstep is on:
 
 * every encoder and decoder call first agrees, in one all-reduce, on "is any
-  rank still decoding" and the group's largest token count (which sizes the
-  dispatch buffers of all MoE layers of that call);
+  rank still decoding" and the group's largest token count (which sizes what
+  all MoE layers of that call send);
 * a rank whose sentences are finished, or that has no batch left, keeps
   running dummy decoder steps (one token, no encoder) until no rank of its
   group is active (:func:`drain`); a dummy batch runs the encoder once on one
   token (:func:`dummy_encoder`).
 
 Every rank thus makes the same sequence of encoder/decoder calls and beam
-search never hangs. Outputs are unchanged: dummy tokens are only ever routed
-on the rank that made them, into buffer room sized for the largest rank.
+search never hangs. Outputs are unchanged: a dummy token's route goes to its
+expert and back to the rank that made it, and no other token's.
 """
 
 import contextlib

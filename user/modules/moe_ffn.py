@@ -156,8 +156,10 @@ class MoEFeedForward(nn.Module):
     After each forward, ``l_aux`` holds the layer's gate (load-balancing) loss
     and ``exp_counts`` the number of tokens routed to each expert (``E``).
     Across expert-parallel ranks, set ``agreed_tokens`` to the largest token
-    count of the group (the model does, once per forward): every rank then
-    sizes its dispatch buffers for that count, so the all-to-all shapes match.
+    count of the group (the model does, once per forward): every rank then takes
+    the same path (the exchange or the buffers) and sizes what it sends for that
+    count (the buffers, or the exchange's block that carries the counts with the
+    rows), so the all-to-all shapes match.
 
     Args:
         embed_dim (int): model dimension.
@@ -174,8 +176,9 @@ class MoEFeedForward(nn.Module):
     #: ... for forwards of at least this many tokens (the group's largest count).
     exact_fit_min_tokens: int = 1024
     #: The exchange without autograd sends the route counts with the rows (one all-to-all
-    #: fewer, see :meth:`_send_with_counts`) while its send buffer, sized for the group's
-    #: largest token count, is at most this many bytes (decoding steps, not validation).
+    #: fewer, see :meth:`_send_with_counts`) while its send block's rows, sized for the
+    #: group's largest token count, are at most this many bytes (decoding steps and
+    #: small validation batches; large ones send the counts first).
     fused_send_max_bytes: int = 1 << 20
 
     def __init__(
@@ -203,18 +206,24 @@ class MoEFeedForward(nn.Module):
             and self.agreed_tokens >= self.exact_fit_min_tokens
         )
 
+    def _fast(self) -> bool:
+        """:attr:`fast_dispatch`, or its default :data:`FAST_DISPATCH`."""
+        return bool(FAST_DISPATCH if self.fast_dispatch is None else self.fast_dispatch)
+
     def uses_local_dispatch(self) -> bool:
         """Whether the next forward takes the local path (see the module docstring)."""
-        on = FAST_DISPATCH if self.fast_dispatch is None else self.fast_dispatch
-        return bool(on) and self.agreed_tokens is None and ds_moe.local_dispatch_supported(self.moe)
+        return (
+            self._fast()
+            and self.agreed_tokens is None
+            and ds_moe.local_dispatch_supported(self.moe)
+        )
 
     def uses_exchange(self) -> bool:
         """Whether the next forward takes the exchange (see the module docstring): expert
         parallelism (the group's token count agreed), no token dropped. Every rank of the
         group decides alike (the same flags, mode and layer)."""
-        on = FAST_DISPATCH if self.fast_dispatch is None else self.fast_dispatch
         return (
-            bool(on)
+            self._fast()
             and self.agreed_tokens is not None
             and ds_moe.exchange_supported(self.moe)
             and not ds_moe.moe_gate(self.moe).drops()
@@ -454,17 +463,21 @@ class MoEFeedForward(nn.Module):
         group, G = self.moe.deepspeed_moe.ep_group, self.moe.ep_size
         E = len(sizes)
         L = E // G
-        send_splits = [sum(sizes[g * L : (g + 1) * L]) for g in range(G)]
+
+        def per_rank(counts):  # E counts, [g * L + l] -> rows to or from each rank g
+            return [sum(counts[g * L : (g + 1) * L]) for g in range(G)]
+
+        send_splits = per_rank(sizes)
         row_bytes = x.size(1) * x.element_size()
         if not torch.is_grad_enabled() and G * most * row_bytes <= self.fused_send_max_bytes:
             got_sizes, pieces = self._send_with_counts(x, sizes, send_splits, most, group)
-            recv_splits = [sum(got_sizes[g * L : (g + 1) * L]) for g in range(G)]
+            recv_splits = per_rank(got_sizes)
         else:
             send = torch.tensor(sizes, dtype=torch.int64, device=x.device)  # E
             recv = torch.empty_like(send)  # G x L: rows from rank g for local expert l
             dist.all_to_all_single(recv, send, group=group)
             got_sizes = recv.tolist()
-            recv_splits = [sum(got_sizes[g * L : (g + 1) * L]) for g in range(G)]
+            recv_splits = per_rank(got_sizes)
             got = _AllToAllV.apply(group, x, recv_splits, send_splits)  # by rank, then expert
             pieces = got.split(got_sizes)  # [g * L + l]
         outs = self._experts([torch.cat(pieces[l::L]) for l in range(L)])
