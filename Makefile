@@ -21,11 +21,11 @@ $(STAMP): setup.py
 	$(PIP) install --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
-# the suite but its scale cases (under 20 minutes on 2 cores)
+# the suite but its scale cases (7 to 15 minutes on 2 cores)
 test: $(STAMP)
 	$(PY) -m pytest tests -q -rs -m "not scale"
 
-# the scale cases: 4 and 8 processes, two simulated nodes (CI runs both targets)
+# the scale cases: 4 and 8 processes, two simulated nodes (4 to 9 minutes; CI runs both targets)
 test-scale: $(STAMP)
 	$(PY) -m pytest tests -q -rs -m scale
 
