@@ -5,12 +5,13 @@
 # Train, translate and benchmark DeepSpeed MoE Transformers (and their dense
 # baseline) with fairseq, configured by environment variables.
 #
-# Usage: bash run.sh [train|generate|bench|help] [fairseq options...]
+# Usage: bash run.sh [train|generate|test|bench|help] [fairseq options...]
 #
 #   train     (default) train, resuming from the run's checkpoint_last.pt
 #   generate  translate the test split with the run's checkpoint_best.pt (else
 #             checkpoint_last.pt) and score it with scripts/sacrebleu.sh; one
 #             process, on one node (NUM_GPUS and NNODES select the run's name only)
+#   test      the same as generate (the reference plugin's name for it)
 #   bench     train dense and MoE for BENCH_UPDATES updates with the same
 #             settings (nothing saved) and print their train tokens/s side by side
 #
@@ -35,7 +36,11 @@
 #   MOE_MODE       --deepspeed_moe: enc, dec or enc,dec [enc,dec]
 #   MOE_FREQ       every MOE_FREQ-th layer is MoE [2 WMT, 1 tiny]
 #   TOP_K          experts per token [1]
-#   EP_WORLD_SIZE  --ep-world-size [NUM_GPUS if it divides NUM_EXPERTS, else 1]
+#   EP_WORLD_SIZE  --ep-world-size [the largest size that divides NUM_GPUS and
+#                  NUM_EXPERTS (their gcd): NUM_GPUS when it divides NUM_EXPERTS,
+#                  e.g. 4 for 8 GPUs and 4 experts; a line says so when it is not
+#                  NUM_GPUS. Expert groups stay within a node, the rest is data
+#                  parallel. It is part of RUN_NAME]
 #   MAX_TOKENS     tokens per batch and process [4096 on GPUs; on CPU 1024 tiny, else 2048]
 #   UPDATE_FREQ    batches per update [1]
 #   MAX_UPDATE     updates [300000 WMT, 2000 tiny]
@@ -75,8 +80,9 @@ MODE=train
 if [[ $# -gt 0 && $1 != -* ]]; then
     case "$1" in
         train | generate | bench) MODE="$1"; shift ;;
+        test) MODE=generate; shift ;;  # the reference plugin's name
         help) sed -n '5,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) die "unknown mode '$1': use train, generate, bench or help (fairseq options start with -)" ;;
+        *) die "unknown mode '$1': use train, generate (or test), bench or help (fairseq options start with -)" ;;
     esac
 fi
 
@@ -153,7 +159,13 @@ TOP_K="${TOP_K:-$recipe_top_k}"
 is_int NUM_EXPERTS "$NUM_EXPERTS"; is_int TOP_K "$TOP_K"
 ((NUM_EXPERTS >= 1)) || die "NUM_EXPERTS must be at least 1"
 if [[ -z "${EP_WORLD_SIZE:-}" ]]; then
-    if ((NUM_EXPERTS % NUM_GPUS == 0)); then EP_WORLD_SIZE=$NUM_GPUS; else EP_WORLD_SIZE=1; fi
+    # the largest expert-parallel size that divides both: the experts split evenly, each
+    # group within a node, and data parallelism over the rest
+    EP_WORLD_SIZE=$NUM_GPUS rest=$NUM_EXPERTS
+    while ((rest)); do r=$((EP_WORLD_SIZE % rest)); EP_WORLD_SIZE=$rest rest=$r; done
+    if ((EP_WORLD_SIZE != NUM_GPUS)) && [[ $DENSE == 0 ]]; then
+        note "EP_WORLD_SIZE=$EP_WORLD_SIZE: NUM_GPUS=$NUM_GPUS does not divide NUM_EXPERTS=$NUM_EXPERTS, so experts are split over $EP_WORLD_SIZE processes (their gcd) and copied over the rest; set EP_WORLD_SIZE to choose"
+    fi
 fi
 is_int EP_WORLD_SIZE "$EP_WORLD_SIZE"
 if [[ $DEVICE == cpu ]]; then

@@ -112,13 +112,43 @@ def test_dry_run_picks_the_launcher_and_defaults():
         "transformer_ds_moe_wmt_en_de-moe_g16_ep8_ex8_k1_encdec"
     )
 
-    # experts not divisible by the processes: EP 1; EP_WORLD_SIZE and pass-through flags win
+    # experts not divisible by the processes: EP gcd(4, 6) = 2; EP_WORLD_SIZE and
+    # pass-through flags win
     (cmd,) = dry(DEVICE="cuda", NUM_GPUS=4, NUM_EXPERTS=6, MASTER_PORT=12345)
-    assert flag(cmd, "--ep-world-size") == "1" and flag(cmd, "--master_port") == "12345"
-    assert "--memory-efficient-fp16" not in cmd
+    assert flag(cmd, "--ep-world-size") == "2" and flag(cmd, "--master_port") == "12345"
+    assert "--memory-efficient-fp16" in cmd
+    (cmd,) = dry(DEVICE="cuda", NUM_GPUS=3, NUM_EXPERTS=8, FP16=0)
+    assert flag(cmd, "--ep-world-size") == "1" and "--memory-efficient-fp16" not in cmd
     (cmd,) = dry("train", "--max-update", "7", DEVICE="cuda", NUM_GPUS=4, EP_WORLD_SIZE=2, FP16=0)
     assert flag(cmd, "--ep-world-size") == "2" and flag(cmd, "--max-update") == "7"
     assert "--fp16" not in cmd
+
+
+@pytest.mark.timeout(60)
+def test_dry_run_ep_default_is_the_gcd_of_gpus_and_experts_and_says_so():
+    # 4 experts on 8 GPUs: EP 4 (each process one expert, two data-parallel copies), not 1
+    env = dict(DRY_RUN=1, DATABIN="/data/bin", OUT_DIR="/out", DEVICE="cuda", NUM_GPUS=8)
+    proc = run_sh(NUM_EXPERTS=4, **env)
+    (cmd,) = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
+    assert flag(cmd, "--ep-world-size") == "4"
+    assert flag(cmd, "--save-dir").endswith("-moe_g8_ep4_ex4_k1_encdec")
+    (line,) = [x for x in proc.stderr.splitlines() if "EP_WORLD_SIZE" in x]
+    assert line.startswith("run.sh: EP_WORLD_SIZE=4") and "NUM_GPUS=8" in line
+    assert "NUM_EXPERTS=4" in line
+    # EP = NUM_GPUS, a dense run or an explicit EP_WORLD_SIZE: nothing to say
+    for extra in ({"NUM_EXPERTS": 16}, {"NUM_EXPERTS": 4, "DENSE": 1}, {"EP_WORLD_SIZE": 2}):
+        proc = run_sh(**{"NUM_EXPERTS": 4, **env, **extra})
+        assert "EP_WORLD_SIZE" not in proc.stderr, (extra, proc.stderr)
+
+
+@pytest.mark.timeout(60)
+def test_dry_run_test_mode_is_generate():
+    # the reference's name for translating the test set
+    assert dry("test", DEVICE="cpu", SRC="de", TGT="en") == dry(
+        "generate", DEVICE="cpu", SRC="de", TGT="en"
+    )
+    assert dry("test", "--beam", "2", DEVICE="cpu")[0][-2:] == ["--beam", "2"]
+    assert re.search(r"^ *test +the same as generate", run_sh("help").stdout, re.M)
 
 
 @pytest.mark.timeout(60)
