@@ -12,6 +12,7 @@ reference and score with sacreBLEU, signature included.
 
 import os
 import re
+import socket
 from typing import Iterable, List, Optional, Tuple
 
 SPM_SPACE = "\u2581"  # sentencepiece's word-boundary mark "▁"
@@ -101,6 +102,65 @@ def detokenize(hyps: List[str], mode: str = "auto") -> List[str]:
     raise ValueError(f"unknown detokenization mode {mode!r}")
 
 
+# a language code as sacrebleu's pairs write them (de, sah), or a regional one (pt_BR)
+_LANG = re.compile(r"^[A-Za-z]{2,3}([_-][A-Za-z0-9]+)?$")
+
+
+def is_test_set(name: str) -> bool:
+    """Whether ``name`` is a sacrebleu test set name (``wmt14/full``) and no file."""
+    from sacrebleu.dataset import DATASETS
+
+    return name in DATASETS and not os.path.isfile(name)
+
+
+def order_arguments(args: List[str]) -> List[str]:
+    """``[GEN_OUTPUT, REFERENCE, SRC, TGT]`` from either argument order.
+
+    Ours is ``GEN_OUTPUT REFERENCE [SRC TGT]``; the reference plugin's (and
+    fairseq's ``scripts/sacrebleu.sh``) is ``TEST_SET SRC TGT GEN_OUTPUT``. With
+    four arguments the order is the one where the generate output is an existing
+    file (or ``-``), the reference a file or a test set name and the languages
+    look like language codes. When neither fits, a test set name first or an
+    existing file last means the reference plugin's order (so that the error
+    names the right argument), anything else ours.
+
+    Args:
+        args: the positional arguments, 2 to 4.
+
+    Returns:
+        the arguments in our order, missing languages as None.
+
+    Raises:
+        ScoringError: both orders fit (files named like language codes).
+    """
+    args = list(args) + [None] * (4 - len(args))
+    if args[3] is None:
+        return args
+    a, b, c, d = args
+
+    def gen(x):
+        return x == "-" or os.path.isfile(x)
+
+    def ref(x):
+        return os.path.isfile(x) or is_test_set(x)
+
+    def lang(x):
+        return _LANG.match(x) is not None
+
+    ours = gen(a) and ref(b) and lang(c) and lang(d)
+    theirs = ref(a) and lang(b) and lang(c) and gen(d)
+    if ours and theirs:
+        name = d if os.path.isfile(d) else b
+        raise ScoringError(
+            f"cannot tell the argument order of '{a} {b} {c} {d}': files named like language "
+            f"codes fit both GEN_OUTPUT REFERENCE SRC TGT and TEST_SET SRC TGT GEN_OUTPUT; "
+            f"write such a file with its folder (./{name})"
+        )
+    if theirs or (not ours and (is_test_set(a) or gen(d))):
+        return [d, a, b, c]
+    return args
+
+
 def load_references(
     reference: str, src: Optional[str] = None, tgt: Optional[str] = None
 ) -> Tuple[List[str], str]:
@@ -132,12 +192,28 @@ def load_references(
             f"test set {reference!r} needs SRC_LANG TGT_LANG (as sacrebleu's -l src-tgt)"
         )
     langpair = f"{src}-{tgt}"
+    pairs = [p for p in DATASETS[reference].langpairs if p != "meta"]
+    if langpair not in pairs:
+        raise ScoringError(
+            f"test set {reference!r} has no {langpair} pair (it has: {', '.join(sorted(pairs))})"
+        )
+    from sacrebleu.utils import SACREBLEU_DIR
+
+    # sacrebleu downloads once, with no retry and no timeout: bound a stalled connection
+    timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)
     try:
         paths = get_reference_files(reference, langpair)
-    except BaseException as e:  # sacrebleu calls sys.exit on unknown pairs and failed downloads
+    except BaseException as e:  # sacrebleu calls sys.exit on failed downloads
+        reason = "sacrebleu exited" if isinstance(e, SystemExit) else e
         raise ScoringError(
-            f"cannot get references of {reference} {langpair} (offline?): {e}"
+            f"could not download the test set {reference} ({langpair}) into sacrebleu's cache "
+            f"(SACREBLEU={SACREBLEU_DIR}: {reason}): give the plain-text reference file "
+            f"instead of {reference!r}, or set SACREBLEU to a copy of a sacrebleu cache that "
+            f"holds it (~/.sacrebleu of a machine online)"
         ) from None
+    finally:
+        socket.setdefaulttimeout(timeout)
     if len(paths) != 1:
         raise ScoringError(
             f"{reference} {langpair} has {len(paths)} references; this script scores one"

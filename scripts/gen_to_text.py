@@ -15,11 +15,15 @@ Usage::
     python scripts/gen_to_text.py GEN_OUTPUT REFERENCE_FILE
     python scripts/gen_to_text.py GEN_OUTPUT wmt14/full en de   # sacrebleu test set
     python scripts/gen_to_text.py GEN_OUTPUT REF --write-hyp hyp.txt
+    python scripts/gen_to_text.py wmt14/full en de GEN_OUTPUT   # the reference plugin's order
 
 A REFERENCE that names an existing file is a plain reference (one sentence a
 line, original test order); anything else is taken as a sacrebleu test set
 name, which needs SRC TGT and sacrebleu's download (or its cache,
-``~/.sacrebleu``). Exit status 2 on a usage or count error, with one message.
+``~/.sacrebleu``, or the folder ``$SACREBLEU``). The reference plugin's order
+``TEST_SET SRC TGT GEN_OUTPUT`` is accepted too (``mt_prep.bleu.order_arguments``
+says how it is told apart). Exit status 2 on a usage or count error, with one
+message.
 """
 
 import argparse
@@ -27,7 +31,14 @@ import os
 import sys
 from typing import List, Optional
 
-from mt_prep.bleu import ScoringError, detokenize, load_references, parse_generate_output, score
+from mt_prep.bleu import (
+    ScoringError,
+    detokenize,
+    load_references,
+    order_arguments,
+    parse_generate_output,
+    score,
+)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -57,6 +68,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
+        positional = [args.gen_output, args.reference, args.src_lang, args.tgt_lang]
+        args.gen_output, args.reference, args.src_lang, args.tgt_lang = order_arguments(
+            [x for x in positional if x is not None]
+        )
         if args.gen_output == "-":
             hyps = parse_generate_output(sys.stdin)
         else:

@@ -39,14 +39,15 @@ EXPECTED = ["Klicken Sie auf OK.", "Formatvorlage (Standard)", "Die Zelle ist le
 REFS = ["Klicken Sie auf OK.", "Formatvorlage (Standard)", "Die Zelle ist nicht leer.", "Speichern"]
 
 
-def run_script(*args, **kwargs):
-    """Run ``bash scripts/sacrebleu.sh ARGS`` with this interpreter; return the CompletedProcess."""
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONWARNINGS="ignore")
+def run_script(*args, env=None, timeout=60, **kwargs):
+    """Run ``bash scripts/sacrebleu.sh ARGS`` with this interpreter and ``env`` added;
+    return the CompletedProcess."""
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONWARNINGS="ignore", **(env or {}))
     return subprocess.run(
         ["bash", str(REPO / "scripts" / "sacrebleu.sh"), *map(str, args)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         env=env,
         **kwargs,
     )
@@ -121,3 +122,54 @@ def test_script_usage_and_test_set_needs_languages(tmp_path):
     assert proc.returncode == 2 and "needs SRC_LANG TGT_LANG" in proc.stderr
     proc = run_script(gen, tmp_path / "no-such-file")
     assert proc.returncode == 2 and "neither a file nor a sacrebleu test set" in proc.stderr
+
+
+def write_gen_and_ref(folder, ref_name="ref.de"):
+    gen, ref = folder / "gen.txt", folder / ref_name
+    gen.write_text(GEN_OUTPUT, encoding="utf-8")
+    ref.write_text("".join(r + "\n" for r in REFS), encoding="utf-8")
+    return gen, ref
+
+
+@pytest.mark.timeout(60)
+def test_script_takes_the_reference_plugins_order_too(tmp_path):
+    # the reference plugin's order: TEST_SET SRC TGT GEN_OUTPUT (here a plain reference file)
+    gen, ref = write_gen_and_ref(tmp_path)
+    ours = run_script(gen, ref, "en", "de")
+    theirs = run_script(ref, "en", "de", gen)
+    assert ours.returncode == 0 and ours.stdout.startswith("BLEU|"), ours.stderr
+    assert theirs.returncode == 0 and theirs.stdout == ours.stdout, theirs.stderr
+    expected = sacrebleu.corpus_bleu(EXPECTED, [REFS]).score
+    assert ours.stdout.split(" = ")[1].split()[0] == f"{expected:.2f}"
+    # a missing reference is named as such in either order
+    for args in ((tmp_path / "no.de", "en", "de", gen), (gen, tmp_path / "no.de", "en", "de")):
+        proc = run_script(*args)
+        assert proc.returncode == 2 and "no.de' is neither a file nor a sacrebleu" in proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_script_refuses_an_order_it_cannot_tell(tmp_path):
+    # a reference file named "de" and a generate output named "de": either order reads
+    gen, _ = write_gen_and_ref(tmp_path, ref_name="de")
+    proc = run_script("gen.txt", "de", "en", "de", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.splitlines()
+    assert "cannot tell the argument order" in line and "./de" in line
+    proc = run_script("gen.txt", "./de", "en", "de", cwd=tmp_path)  # the fix it names
+    assert proc.returncode == 0 and proc.stdout.startswith("BLEU|"), proc.stderr
+
+
+@pytest.mark.timeout(90)
+def test_script_says_how_to_score_offline_when_the_download_fails(tmp_path):
+    # an empty sacrebleu cache and a proxy that refuses: the download fails, network or not
+    gen, _ = write_gen_and_ref(tmp_path)
+    cache = tmp_path / "cache"
+    dead = "http://127.0.0.1:9"
+    env = {"SACREBLEU": str(cache), "http_proxy": dead, "https_proxy": dead, "no_proxy": ""}
+    env.update({k.upper(): v for k, v in env.items() if k.endswith("proxy")})
+    for args in ((gen, "wmt14/full", "en", "de"), ("wmt14/full", "en", "de", gen)):
+        proc = run_script(*args, env=env, timeout=60)
+        assert proc.returncode == 2 and proc.stdout == ""
+        (line,) = proc.stderr.splitlines()  # one line, no traceback
+        assert "could not download the test set wmt14/full (en-de)" in line, line
+        assert f"SACREBLEU={cache}" in line and "plain-text reference file" in line, line
