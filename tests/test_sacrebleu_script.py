@@ -173,3 +173,6 @@ def test_script_says_how_to_score_offline_when_the_download_fails(tmp_path):
         (line,) = proc.stderr.splitlines()  # one line, no traceback
         assert "could not download the test set wmt14/full (en-de)" in line, line
         assert f"SACREBLEU={cache}" in line and "plain-text reference file" in line, line
+    # a pair the test set lacks is no download failure
+    proc = run_script(gen, "wmt14/full", "en", "xx", env=env, timeout=60)
+    assert proc.returncode == 2 and "'wmt14/full' has no en-xx pair (it has: " in proc.stderr
