@@ -163,3 +163,32 @@ def test_bad_flag_under_fairseq_train_is_one_clear_line(tiny_data, tmp_path):
     assert "fairseq-train: error: --deepspeed_moe 'enc,dex': unknown part 'dex'" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list((tmp_path / "ckpt").glob("*.pt"))
+
+
+@pytest.mark.timeout(180)
+def test_a_reference_command_line_trains_with_warnings(tiny_data, tmp_path):
+    """The reference plugin's spellings and gate weight, through user/train.py."""
+    from fairseq import checkpoint_utils
+
+    from conftest import train_py
+
+    save = tmp_path / "ckpt"
+    # fmt: off
+    proc = train_py(tiny_data["databin"], save, 2, "--min-capacity", "2",
+                    "--noisy-gate-policy", "Jitter",
+                    "--loss-weights", '{"base_crit": 1, "experts_gate_loss": 10}')
+    # fmt: on
+    out = proc.stdout + proc.stderr
+    for old, new in (("--min-capacity", "--moe-min-capacity"), (NOISY_OLD, NOISY_NEW)):
+        (line,) = [ln for ln in out.splitlines() if f"{old} is deprecated" in ln]
+        assert "WARNING" in line and f"use {new}" in line
+    (line,) = [ln for ln in out.splitlines() if "--loss-weights: experts_gate_loss 10" in ln]
+    assert "WARNING" in line
+    assert fairseq_log.losses_by_update(out).keys() >= {1, 2}  # training went on
+    # the checkpoint saved the new names and builds the model again
+    models, cfg = checkpoint_utils.load_model_ensemble([str(save / "checkpoint_last.pt")])
+    assert (cfg.model.moe_min_capacity, cfg.model.moe_noisy_gate_policy) == (2, "Jitter")
+    assert models[0].moe_opts.min_capacity == 2
+
+
+NOISY_OLD, NOISY_NEW = "--noisy-gate-policy", "--moe-noisy-gate-policy"

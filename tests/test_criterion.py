@@ -4,6 +4,7 @@
 # LICENSE file in the root directory of this source tree.
 """The model_and_base criterion against hand-computed values on a real model."""
 
+import logging
 import math
 
 import pytest
@@ -159,3 +160,19 @@ def test_two_criteria_reduce_their_own_base_metrics(tiny_data, monkeypatch):
         _, _, log = crit(model, batch)
         type(crit).reduce_metrics([log])
     assert calls == ["LabelSmoothedCrossEntropyCriterion", "CrossEntropyCriterion"]
+
+
+def test_a_gate_weight_above_one_is_warned_once_when_the_criterion_is_built(tiny_data, caplog):
+    """The reference plugin's weight of 10: training goes on, after one warning."""
+    with caplog.at_level(logging.WARNING):
+        task, model, crit = setup(
+            tiny_data, "--loss-weights", '{"base_crit": 1, "experts_gate_loss": 10}'
+        )
+    (warning,) = [r for r in caplog.records if "--loss-weights" in r.getMessage()]
+    assert warning.levelno == logging.WARNING and "experts_gate_loss 10" in warning.getMessage()
+    total, _, _ = crit(model, sample_batch(task))  # the criterion works as weighted
+    assert torch.isfinite(total)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        setup(tiny_data, "--loss-weights", '{"base_crit": 1, "experts_gate_loss": 0.01}')
+    assert [r for r in caplog.records if "--loss-weights" in r.getMessage()] == []

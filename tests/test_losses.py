@@ -7,7 +7,7 @@
 import pytest
 import torch
 
-from user.losses import check_loss_names, combine_losses, parse_loss_weights
+from user.losses import check_loss_names, combine_losses, parse_loss_weights, weight_warning
 from user.moe_options import MoEArgumentError
 
 
@@ -76,3 +76,37 @@ def test_unknown_loss_name():
         check_loss_names({"gate_loss": 1}, ["experts_gate_loss"])
     with pytest.raises(MoEArgumentError, match="exists only with --deepspeed_moe"):
         check_loss_names({"experts_gate_loss": 1}, [])
+
+
+@pytest.mark.parametrize(
+    "weights,named",
+    [
+        ({"base_crit": 1.0, "experts_gate_loss": 10.0}, "experts_gate_loss 10"),  # the reference's
+        ({"experts_gate_loss": 1.5}, "experts_gate_loss 1.5"),
+        ({"base_crit": 0.5, "experts_gate_loss": 2.0}, "experts_gate_loss 2"),
+    ],
+)
+def test_a_model_loss_weight_above_one_gets_one_line_of_advice(weights, named):
+    from conftest import REPO
+
+    line = weight_warning(weights)
+    assert line is not None and "\n" not in line
+    assert line.startswith(f"--loss-weights: {named} is above 1")
+    assert "per-token" in line and "about 0.01" in line  # why, and the recommended weight
+    page, anchor = "docs/moe-options.md", "#choosing-the-gate-loss-weight"
+    assert page + anchor in line
+    assert "### Choosing the gate-loss weight" in (REPO / page).read_text()  # the pointer holds
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        {},
+        {"experts_gate_loss": 0.01},
+        {"experts_gate_loss": 1.0},  # the default (unnamed terms weigh 1)
+        {"experts_gate_loss": None},
+        {"base_crit": 10.0, "experts_gate_loss": 0.01},  # the base loss is not a model loss
+    ],
+)
+def test_no_advice_for_model_loss_weights_up_to_one(weights):
+    assert weight_warning(weights) is None

@@ -4,6 +4,7 @@
 # LICENSE file in the root directory of this source tree.
 """Pure tests of the MoE flags: parsing, defaults, validation messages."""
 
+import logging
 import re
 from argparse import Namespace
 
@@ -126,6 +127,104 @@ def test_the_readme_flag_table_documents_every_flag():
     in_code = {f.names[0] for f in FLAGS}
     assert in_code - documented == set(), "flags missing from README's table"
     assert documented - in_code - {f.off for f in FLAGS} == set(), "README documents unknown flags"
+
+
+# --------------------------------------------------------------------------- old spellings
+
+
+def parse(*flags):
+    """Flags parsed by fairseq's training parser, as ``fairseq-train`` parses them."""
+    from fairseq import options
+
+    # fmt: off
+    return options.parse_args_and_arch(options.get_training_parser(), [
+        "databin", "--task", "translation_deepspeed", "--arch", "transformer_ds_moe_tiny",
+        "--deepspeed_moe", "enc", "--num-experts", "4", *flags])
+    # fmt: on
+
+
+NOISY = "--moe-noisy-gate-policy"
+
+
+def deprecation_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    "given,field,value,new",
+    [
+        (["--min-capacity", "2"], "min_capacity", 2, "--moe-min-capacity"),
+        (["--min-capacity=0"], "min_capacity", 0, "--moe-min-capacity"),
+        (["--noisy-gate-policy", "Jitter"], "noisy_gate_policy", "Jitter", NOISY),
+        (["--noisy-gate-policy=None"], "noisy_gate_policy", None, NOISY),
+    ],
+)
+def test_the_reference_spellings_set_our_flags_with_one_warning(given, field, value, new, caplog):
+    with caplog.at_level(logging.WARNING):
+        a = parse(*given)
+    assert getattr(options_from_args(a), field) == value
+    old = given[0].split("=")[0]
+    (warning,) = deprecation_warnings(caplog)
+    assert warning.startswith(f"{old} is deprecated") and f"use {new}" in warning
+    # one flag, one dest: the saved config (and a checkpoint's) knows only the new name
+    assert not hasattr(a, old[2:].replace("-", "_"))
+
+
+def test_our_spellings_give_no_warning_and_the_last_one_wins(caplog):
+    with caplog.at_level(logging.WARNING):
+        a = parse("--moe-min-capacity", "2", "--moe-noisy-gate-policy", "RSample")
+    assert (a.moe_min_capacity, a.moe_noisy_gate_policy) == (2, "RSample")
+    assert deprecation_warnings(caplog) == []
+    a = parse("--min-capacity", "3", "--moe-min-capacity", "5")  # one action: as for any flag
+    assert a.moe_min_capacity == 5
+
+
+def test_an_old_spelling_given_twice_warns_once(caplog):
+    with caplog.at_level(logging.WARNING):
+        a = parse("--min-capacity", "3", "--min-capacity", "5")
+    assert a.moe_min_capacity == 5 and len(deprecation_warnings(caplog)) == 1
+
+
+def test_an_old_spelling_is_checked_like_the_new_one():
+    with pytest.raises(SystemExit):  # argparse's "invalid choice" for either spelling
+        parse("--noisy-gate-policy", "Gumbel")
+    with pytest.raises(MoEArgumentError, match=r"^--moe-min-capacity -1: must be >= 0"):
+        options_from_args(parse("--min-capacity", "-1"))
+
+
+def test_a_checkpoint_of_a_run_with_old_spellings_loads_with_the_options(tmp_path):
+    """A checkpoint saves fairseq's config of the parsed flags: new names only."""
+    import torch
+    from fairseq import checkpoint_utils
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from omegaconf import OmegaConf
+
+    cfg = convert_namespace_to_omegaconf(
+        parse("--min-capacity", "2", "--noisy-gate-policy", "Jitter")
+    )
+    saved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # as fairseq's Trainer
+    history = [{"criterion_name": "ModelAndBaseCriterion", "optimizer_name": "Adam",
+                "lr_scheduler_state": {"best": None}, "num_updates": 0}]  # fmt: skip
+    state = {"cfg": saved, "model": {}, "optimizer_history": history, "extra_state": {}}
+    path = tmp_path / "checkpoint.pt"
+    torch.save(state, path)
+    model_cfg = checkpoint_utils.load_checkpoint_to_cpu(str(path))["cfg"].model
+    opts = options_from_args(model_cfg)
+    assert (opts.min_capacity, opts.noisy_gate_policy) == (2, "Jitter")
+    assert not hasattr(model_cfg, "min_capacity") and not hasattr(model_cfg, "noisy_gate_policy")
+
+
+def test_every_old_spelling_is_documented():
+    from user.moe_options import FLAGS
+
+    from conftest import REPO
+
+    old = [(name, f.names[0]) for f in FLAGS for name in f.old]
+    assert old, "the reference plugin's spellings are in the flag table"
+    for page in ("README.md", "docs/moe-options.md"):
+        text = (REPO / page).read_text()
+        for name, new in old:
+            assert f"`{name}" in text and f"`{new}" in text, f"{page} misses {name}"
 
 
 # --------------------------------------------------------------------------- validate()

@@ -89,6 +89,31 @@ def check_loss_names(weights: Dict[str, Optional[float]], produced: Iterable[str
         )
 
 
+def weight_warning(weights: Dict[str, Optional[float]]) -> Optional[str]:
+    """One line of advice when a model loss weighs more than 1, else None.
+
+    A model loss is a per-token mean, scaled like the per-token base loss (the module
+    docstring), so its weight is comparable to ``base_crit``'s: the reference plugin's
+    ``experts_gate_loss: 10`` (which acted like about 1e-5 there, its gate loss being
+    unscaled) would make load balancing outweigh translation here. Training goes on:
+    a user may want a large weight on purpose.
+
+    Args:
+        weights: parsed ``--loss-weights``.
+    """
+    heavy = [(n, w) for n, w in weights.items() if n != BASE and w is not None and w > 1]
+    if not heavy:
+        return None
+    named = ", ".join(f"{n} {w:g}" for n, w in heavy)
+    return (
+        f"--loss-weights: {named} {'is' if len(heavy) == 1 else 'are'} above 1: a model loss "
+        "is a per-token mean, scaled like the per-token translation loss, so this makes load "
+        "balancing outweigh translation; use about 0.01 (the reference plugin's 10 acted like "
+        "about 1e-5 there, its gate loss unscaled); see "
+        "docs/moe-options.md#choosing-the-gate-loss-weight"
+    )
+
+
 def combine_losses(
     base_loss: Tensor,
     model_losses: Dict[str, Tensor],

@@ -25,6 +25,7 @@ a test.
 
 import argparse
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, fields
@@ -32,6 +33,7 @@ from typing import Any, Callable, FrozenSet, Optional, Sequence, Tuple
 
 from .errors import PluginError
 
+logger = logging.getLogger(__name__)
 SIDES = ("enc", "dec")
 NOISY_GATE_POLICIES = ("None", "Jitter", "RSample")
 
@@ -119,6 +121,8 @@ class Flag:
     Args:
         field (str): the :class:`MoEOptions` field it sets.
         names (tuple): the flag and its aliases (``dest`` comes from the first).
+        old (tuple): deprecated spellings (the reference plugin's): the same flag, with
+            a warning naming the new spelling when one is used.
         help (str): the flag's help; for an on/off pair, the "on" flag's.
         type: argparse type (``None`` for an on/off pair).
         metavar, choices: as argparse's.
@@ -130,6 +134,7 @@ class Flag:
     field: str
     names: Tuple[str, ...]
     help: str
+    old: Tuple[str, ...] = ()
     type: Optional[Callable] = None
     metavar: Optional[str] = None
     choices: Optional[Tuple[str, ...]] = None
@@ -179,9 +184,10 @@ FLAGS: Tuple[Flag, ...] = (
          help="DeepSpeed eval_capacity_factor, used in evaluation when "
               "--moe-eval-drop-tokens is set (default 1.0)"),
     Flag("min_capacity", ("--moe-min-capacity",), type=int, metavar="N", check=_at_least(0),
+         old=("--min-capacity",),
          help="DeepSpeed min_capacity: minimum slots per expert (default 4)"),
     Flag("noisy_gate_policy", ("--moe-noisy-gate-policy",), choices=NOISY_GATE_POLICIES,
-         parse=lambda v: None if v == "None" else v,
+         old=("--noisy-gate-policy",), parse=lambda v: None if v == "None" else v,
          help="DeepSpeed noisy_gate_policy (top-1 only) (default None)"),
     Flag("drop_tokens", ("--moe-drop-tokens",), off="--no-moe-drop-tokens", parse=bool,
          help="drop tokens over expert capacity in training (default)",
@@ -203,11 +209,43 @@ FLAGS: Tuple[Flag, ...] = (
 # fmt: on
 
 
+class _StoreWarningOldSpellings(argparse.Action):
+    """argparse's ``store``, also under deprecated spellings: using one logs a warning
+    naming the new spelling (once per parser: fairseq may parse a command line twice).
+
+    argparse tells an action the option string it matched, so ``--min-capacity=4`` is
+    recognised too, on every fairseq command line (``fairseq-train``, ``user/train.py``,
+    ``user/generate.py``), and the value lands in the new flag's ``dest`` only.
+    """
+
+    def __init__(self, option_strings, dest, old=(), **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.old = tuple(old)
+        self._warned = False
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        if option_string in self.old and not self._warned:
+            self._warned = True
+            logger.warning(
+                f"{option_string} is deprecated (the reference plugin's spelling): use "
+                f"{self.option_strings[0]}, which it sets; unlike the reference plugin, the "
+                "value is used"
+            )
+
+
 def add_moe_args(parser: argparse.ArgumentParser) -> None:
     """Add the MoE flags. Defaults are set by the architectures (fairseq's model
     flags are parsed with ``argparse.SUPPRESS``), see :func:`moe_defaults`."""
     for f in FLAGS:
-        if f.type is not None or f.choices is not None:
+        if f.old:
+            assert f.type is not None or f.choices is not None, f"{f.old}: a valued flag only"
+            help = f"{f.help}; {', '.join(f.old)}: deprecated spelling"
+            parser.add_argument(
+                *f.names, *f.old, action=_StoreWarningOldSpellings, old=f.old,
+                type=f.type, metavar=f.metavar, choices=f.choices, help=help,
+            )  # fmt: skip
+        elif f.type is not None or f.choices is not None:
             parser.add_argument(
                 *f.names, type=f.type, metavar=f.metavar, choices=f.choices, help=f.help
             )

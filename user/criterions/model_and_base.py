@@ -18,6 +18,7 @@ same unit (base 2, per sample-size unit), so ``loss = sum of loss_<name>``.
 
 import argparse
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -33,6 +34,8 @@ from omegaconf import OmegaConf
 
 from .. import losses
 from ..moe_options import MoEArgumentError, parse_json_flag
+
+logger = logging.getLogger(__name__)
 
 # logging-output key naming the base criterion (summable: its value is 1 per output)
 BASE_KEY = "_base_criterion:"
@@ -149,6 +152,9 @@ class ModelAndBaseCriterion(FairseqCriterion):
     def __init__(self, task, cfg: ModelAndBaseCriterionConfig):
         super().__init__(task)
         self.weights = losses.parse_loss_weights(cfg.loss_weights)
+        advice = losses.weight_warning(self.weights)
+        if advice:  # built once per process, as training starts
+            logger.warning(advice)
         root = cfg._get_root() if OmegaConf.is_config(cfg) else None
         base_cls, base_cfg = resolve_base_criterion(
             cfg.base_criterion, cfg.base_criterion_config, root
