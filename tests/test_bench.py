@@ -5,7 +5,7 @@
 """The benchmark table is computed from fairseq's own log lines."""
 
 from mt_run.fairseq_log import parse
-from scripts.bench import markdown, summarize
+from scripts.bench import comparable_rows, markdown, summarize
 
 
 def log_text(bleus, wps):
@@ -47,3 +47,51 @@ def test_rows_come_from_the_logs():
         and "| updates to comparable | 20 | 30 |" in table
     )
     assert "MoE/dense train tokens/s: 0.67×" in table
+
+
+def two_epoch_log(bleus):
+    """30 updates over 2 epochs, logged every 10 (1 s each, cumulative ``wall``), validated
+    at updates 10, 20, 30: fairseq's per-epoch ``train`` lines carry the cumulative wall
+    clock (json ``train_wall``) and the epoch's training time (``train_train_wall``)."""
+    lines = []
+    for u in (10, 20, 30):
+        lines.append(
+            f'x | INFO | train_inner | {{"epoch": {1 + (u > 20)}, "loss": "9", "wps": "100", '
+            f'"wpb": "100", "num_updates": "{u}", "train_wall": "10", "wall": "{u + u // 10}"}}'
+        )
+        lines.append(
+            f'x | INFO | valid | {{"epoch": {1 + (u > 20)}, "valid_loss": "5", '
+            f'"valid_bleu": "{bleus[u // 10 - 1]}", "valid_wps": "50", '
+            f'"valid_num_updates": "{u}"}}'
+        )
+        if u in (20, 30):  # the end of each epoch
+            lines.append(
+                f'x | INFO | train | {{"epoch": {u // 10 - 1}, "train_wps": "99", '
+                f'"train_wall": "{u + u // 10}", "train_train_wall": "{u}", '
+                f'"train_num_updates": "{u}"}}'
+            )
+    return parse("\n".join(lines))
+
+
+def test_seconds_per_update_counts_a_two_epoch_run_once():
+    # 33 s of wall clock for 30 updates, whatever the number of epochs
+    assert summarize(two_epoch_log([1.0, 2.0, 3.0]))["seconds_per_update"] == 33 / 30
+
+
+def test_comparable_is_the_moes_best_bleu_as_in_the_reference():
+    """The reference's mark: the MoE's best valid BLEU; each run's row, the first
+    validation at which it comes within 0.1 BLEU of it, its BLEU, update and wall clock."""
+    dense_log, moe_log = two_epoch_log([1.0, 2.95, 3.5]), two_epoch_log([2.0, 3.0, 2.5])
+    dense, moe = comparable_rows(dense_log, moe_log)
+    assert (moe["comparable_bleu"], moe["updates_to_comparable"]) == (3.0, 20)
+    assert (dense["comparable_bleu"], dense["updates_to_comparable"]) == (2.95, 20)
+    assert dense["seconds_to_comparable"] == moe["seconds_to_comparable"] == 22
+    # a dense model that never gets there
+    dense, _ = comparable_rows(two_epoch_log([1.0, 2.0, 2.5]), moe_log)
+    assert dense["comparable_bleu"] is None and dense["updates_to_comparable"] is None
+    table = markdown(
+        {"dense": {**dense, "experts": "–"}, "moe": {**moe, "experts": 4}},
+        {"hardware": "h", "settings": "s", "versions": "v", "date": "d"},
+    )
+    assert "| updates to comparable | – | 20 |" in table
+    assert "| seconds to comparable | – | 22 |" in table
