@@ -9,7 +9,7 @@
 # scripts/prepare_wmt16.py; this wrapper maps environment variables to its flags.
 #
 # Environment (defaults in brackets):
-#   WORKSPACE            root of all outputs [.]; data lands in
+#   WORKSPACE            root of all outputs [<repo>/workspace, as run.sh]; data lands in
 #                        $WORKSPACE/wmt16_${SRC}_${TGT}/databin, archives in
 #                        $WORKSPACE/wmt16_downloads
 #   OUT                  output root instead of $WORKSPACE/wmt16_${SRC}_${TGT}
@@ -37,11 +37,11 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-source "$HERE/scripts/lib.sh"  # PYTHON
+source "$HERE/scripts/lib.sh"  # PYTHON, WORKSPACE_DEFAULT
 NPROC="$(nproc 2>/dev/null || echo 1)"
 
 args=(
-    --workspace "${WORKSPACE:-.}"
+    --workspace "${WORKSPACE:-$WORKSPACE_DEFAULT}"
     --src "${SRC:-en}" --tgt "${TGT:-de}"
     --valid "${VALID:-newstest2013}"
     --vocab-size "${VOCAB_SIZE:-32000}"

@@ -21,8 +21,10 @@
 # Environment (defaults in brackets; "tiny" is the ARCH=transformer_ds_moe_tiny
 # recipe, "WMT" every other ARCH, both in mt_run/recipes.py; see README.md, section run.sh):
 #   WORKSPACE      data root [<repo>/workspace]
-#   DATABIN        fairseq-preprocess output [the bundled demo corpus, prepared by
-#                  scripts/prepare_demo.py in $WORKSPACE/demo_${SRC}_${TGT}/databin]
+#   DATABIN        fairseq-preprocess output [$WORKSPACE/wmt16_${SRC}_${TGT}/databin
+#                  when prepare-wmt16ende.sh has written it, else the bundled demo
+#                  corpus, prepared by scripts/prepare_demo.py in
+#                  $WORKSPACE/demo_${SRC}_${TGT}/databin]; named at start
 #   SRC, TGT       translation direction [en, de]
 #   OUT_DIR        artifacts [$WORKSPACE/train_artifacts]: checkpoints in
 #                  $OUT_DIR/checkpoints/$ARCH-$RUN_NAME, tensorboard logs in
@@ -72,7 +74,7 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-source "$repo/scripts/lib.sh"  # PYTHON, die, run_tool, read_values, read_lines
+source "$repo/scripts/lib.sh"  # PYTHON, WORKSPACE_DEFAULT, die, run_tool, read_values, read_lines
 
 note() { echo "run.sh: $*" >&2; }
 
@@ -131,12 +133,20 @@ fi
 # ---------------------------------------------------------------- data
 SRC="${SRC:-en}"
 TGT="${TGT:-de}"
-WORKSPACE="${WORKSPACE:-$repo/workspace}"
+WORKSPACE="${WORKSPACE:-$WORKSPACE_DEFAULT}"
 prepare=()
+corpus="DATABIN"
 if [[ -z "${DATABIN:-}" ]]; then
-    DATABIN="$WORKSPACE/demo_${SRC}_${TGT}/databin"
-    prepare=("$PYTHON" "$repo/scripts/prepare_demo.py" --workspace "$WORKSPACE" --src "$SRC" --tgt "$TGT")
+    # what prepare-wmt16ende.sh wrote under the same WORKSPACE, else the demo corpus
+    DATABIN="$WORKSPACE/wmt16_${SRC}_${TGT}/databin"
+    corpus="WMT16 $SRC-$TGT, prepared by prepare-wmt16ende.sh"
+    if [[ ! -f "$DATABIN/dict.$SRC.txt" ]]; then
+        DATABIN="$WORKSPACE/demo_${SRC}_${TGT}/databin"
+        corpus="the bundled demo corpus; for WMT16 run prepare-wmt16ende.sh with this WORKSPACE, or set DATABIN"
+        prepare=("$PYTHON" "$repo/scripts/prepare_demo.py" --workspace "$WORKSPACE" --src "$SRC" --tgt "$TGT")
+    fi
 fi
+note "data: $DATABIN ($corpus)"
 OUT_DIR="${OUT_DIR:-$WORKSPACE/train_artifacts}"
 
 # ---------------------------------------------------------------- model and recipe

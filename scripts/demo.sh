@@ -61,10 +61,10 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-source scripts/lib.sh  # PYTHON, die, run_tool, read_values, read_lines
+source scripts/lib.sh  # PYTHON, WORKSPACE_DEFAULT, die, run_tool, read_values, read_lines
 
 read_values tiny mt_run.recipes tiny
-WORKSPACE="${WORKSPACE:-./workspace}"
+WORKSPACE="${WORKSPACE:-$WORKSPACE_DEFAULT}"
 ARCH="${ARCH:-$tiny_arch}"
 DIM="${DIM:-$tiny_dim}"
 FFN_DIM="${FFN_DIM:-$tiny_ffn}"

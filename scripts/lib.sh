@@ -6,6 +6,8 @@
 #
 #   PYTHON                      set unless the environment sets it: the repository's
 #                               .venv/bin/python if present, else python3
+#   WORKSPACE_DEFAULT           the data root when WORKSPACE is unset: <repo>/workspace
+#                               (prepare-wmt16ende.sh writes there, run.sh reads there)
 #   die MESSAGE                 "<script>: error: MESSAGE" on stderr, exit status 2
 #   run_tool MODULE ARGS        python -m MODULE ARGS from the repository's root, so that
 #                               a script uses its own checkout's mt_run (its recipes),
@@ -26,6 +28,8 @@ if [[ -z "${PYTHON:-}" ]]; then
 elif [[ $PYTHON == */* && $PYTHON != /* ]]; then
     PYTHON="$PWD/$PYTHON"  # still found from the repository's root
 fi
+
+WORKSPACE_DEFAULT="$_repo/workspace"
 
 die() { echo "${0##*/}: error: $*" >&2; exit 2; }
 

@@ -311,3 +311,36 @@ def test_bench_prints_dense_and_moe_wps(env):
     assert num_updates(logs["dense"]) == num_updates(logs["moe"]) == [1, 2, 3]
     assert not list((env["OUT_DIR"] / "bench").rglob("*.pt")), "bench saves nothing"
     print(f"bench 2 x 3 updates: {proc.seconds:.1f}s")
+
+
+def test_unset_databin_trains_the_prepared_wmt_data_and_says_which(tmp_path):
+    """DATABIN unset: the WMT16 databin prepare-wmt16ende.sh wrote under the same WORKSPACE
+    when there is one, else the bundled demo corpus (prepared first); the corpus is named
+    at start. Both scripts default WORKSPACE to the repository's workspace folder."""
+
+    def commands(**env):
+        proc = run_sh(DRY_RUN=1, DATABIN="", DEVICE="cpu", OUT_DIR="/out", timeout=30, **env)
+        cmds = [shlex.split(ln[2:]) for ln in proc.stdout.splitlines() if ln.startswith("+ ")]
+        return cmds, proc.stderr
+
+    (prepare, train), said = commands(WORKSPACE=tmp_path)
+    demo = f"{tmp_path}/demo_en_de/databin"
+    assert prepare[1].endswith("prepare_demo.py") and flag(prepare, "--workspace") == str(tmp_path)
+    assert train[2] == demo and f"data: {demo} (the bundled demo corpus" in said
+
+    wmt = tmp_path / "wmt16_en_de" / "databin"
+    wmt.mkdir(parents=True)
+    (wmt / "dict.en.txt").write_text("a 1\n")
+    (train,), said = commands(WORKSPACE=tmp_path)
+    assert train[2] == str(wmt) and f"data: {wmt} (WMT16 en-de" in said
+
+    # the same default WORKSPACE in both scripts
+    (first, *_), _ = commands(WORKSPACE="")  # preparing the demo, or training on WMT16
+    assert str(REPO / "workspace") in " ".join(first)
+    prep = processes.run(
+        ["bash", str(REPO / "prepare-wmt16ende.sh")],
+        capture_output=True, text=True, timeout=30, cwd=tmp_path,
+        env=cli_env(PYTHON="echo", WORKSPACE=""),
+    )  # fmt: skip
+    words = prep.stdout.split()
+    assert words[words.index("--workspace") + 1] == str(REPO / "workspace"), prep.stdout
