@@ -47,7 +47,7 @@
 #   UPDATE_FREQ    batches per update [1]
 #   MAX_UPDATE     updates [300000 WMT, 2000 tiny]
 #   SEED           [43821]
-#   FP16           1 = --fp16 (plus --memory-efficient-fp16 when EP_WORLD_SIZE > 1)
+#   FP16           1 = --fp16 (plus --memory-efficient-fp16 for MoE when EP_WORLD_SIZE > 1)
 #                  [1 on GPUs, 0 on CPU]
 #   NUM_GPUS       processes per node [GPUs seen by torch; 1 on CPU]; more than
 #                  one process (per node or in all) starts torchrun, CPU
@@ -174,7 +174,12 @@ if [[ -z "${EP_WORLD_SIZE:-}" ]]; then
     EP_WORLD_SIZE=$NUM_GPUS rest=$NUM_EXPERTS
     while ((rest)); do r=$((EP_WORLD_SIZE % rest)); EP_WORLD_SIZE=$rest rest=$r; done
     if ((EP_WORLD_SIZE != NUM_GPUS)) && [[ $DENSE == 0 ]]; then
-        note "EP_WORLD_SIZE=$EP_WORLD_SIZE: NUM_GPUS=$NUM_GPUS does not divide NUM_EXPERTS=$NUM_EXPERTS, so experts are split over $EP_WORLD_SIZE processes (their gcd) and copied over the rest; set EP_WORLD_SIZE to choose"
+        if ((EP_WORLD_SIZE > 1)); then
+            how="experts are split over $EP_WORLD_SIZE processes (their gcd) and copied over the rest"
+        else
+            how="they have no common divisor above 1: every process holds every expert"
+        fi
+        note "EP_WORLD_SIZE=$EP_WORLD_SIZE: NUM_GPUS=$NUM_GPUS does not divide NUM_EXPERTS=$NUM_EXPERTS, so $how; set EP_WORLD_SIZE to choose"
     fi
 fi
 is_int EP_WORLD_SIZE "$EP_WORLD_SIZE"
@@ -195,7 +200,7 @@ if [[ $DEVICE == cpu ]]; then
 elif [[ $FP16 == 1 ]]; then
     device_args=(--fp16)
     # the plugin saves each rank's experts on their own: needs fp16 without a flat fp32 copy
-    if ((EP_WORLD_SIZE > 1)); then device_args+=(--memory-efficient-fp16); fi
+    if ((EP_WORLD_SIZE > 1)) && [[ $DENSE == 0 ]]; then device_args+=(--memory-efficient-fp16); fi
 fi
 
 # train_cmd DENSE SAVE_DIR TB_DIR: the training command line in the array `cmd`

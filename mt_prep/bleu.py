@@ -138,8 +138,8 @@ def order_arguments(args: List[str]) -> List[str]:
         return args
     a, b, c, d = args
 
-    def gen(x):
-        return x == "-" or os.path.isfile(x)
+    def gen(x):  # a file, a pipe (<(...)) or stdin
+        return x == "-" or (os.path.exists(x) and not os.path.isdir(x))
 
     def ref(x):
         return os.path.isfile(x) or is_test_set(x)
@@ -150,11 +150,12 @@ def order_arguments(args: List[str]) -> List[str]:
     ours = gen(a) and ref(b) and lang(c) and lang(d)
     theirs = ref(a) and lang(b) and lang(c) and gen(d)
     if ours and theirs:
-        name = d if os.path.isfile(d) else b
         raise ScoringError(
             f"cannot tell the argument order of '{a} {b} {c} {d}': files named like language "
             f"codes fit both GEN_OUTPUT REFERENCE SRC TGT and TEST_SET SRC TGT GEN_OUTPUT; "
-            f"write such a file with its folder (./{name})"
+            f"write the file with its folder: './{b}' if {b!r} is your reference (GEN_OUTPUT "
+            f"REFERENCE SRC TGT), './{d}' if {d!r} is your generate output (TEST_SET SRC TGT "
+            f"GEN_OUTPUT)"
         )
     if theirs or (not ours and (is_test_set(a) or gen(d))):
         return [d, a, b, c]
@@ -192,7 +193,9 @@ def load_references(
             f"test set {reference!r} needs SRC_LANG TGT_LANG (as sacrebleu's -l src-tgt)"
         )
     langpair = f"{src}-{tgt}"
-    pairs = [p for p in DATASETS[reference].langpairs if p != "meta"]
+    # sacrebleu >= 2.2: a dataset object with langpairs; before: a dict, pairs among its keys
+    info = DATASETS[reference]
+    pairs = [p for p in getattr(info, "langpairs", info) if p != "meta" and "-" in p]
     if langpair not in pairs:
         raise ScoringError(
             f"test set {reference!r} has no {langpair} pair (it has: {', '.join(sorted(pairs))})"
@@ -201,9 +204,12 @@ def load_references(
 
     # sacrebleu downloads once, with no retry and no timeout: bound a stalled connection
     timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(60)
+    if timeout is None:  # (a timeout the caller set stays)
+        socket.setdefaulttimeout(60)
     try:
         paths = get_reference_files(reference, langpair)
+    except KeyboardInterrupt:
+        raise
     except BaseException as e:  # sacrebleu calls sys.exit on failed downloads
         reason = "sacrebleu exited" if isinstance(e, SystemExit) else e
         raise ScoringError(

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional, Tuple
 
 from mt_run import fairseq_log, recipes
 
@@ -41,18 +42,17 @@ TINY = recipes.TINY  # the defaults: make demo's model
 COMPARABLE_WITHIN = 0.1
 
 
-def wall_clock(log: dict, upto: float = float("inf")) -> float:
-    """Seconds since the start of training at the last log record up to update ``upto``:
-    fairseq's ``wall``, cumulative (validations included) in every ``train_inner`` and
-    per-epoch ``train`` record. 0 when no record carries it."""
-    return max(
-        (
-            v["wall"]
-            for v in log["train_inner"] + log["train"]
-            if "wall" in v and v.get("num_updates", 0) <= upto
-        ),
-        default=0.0,
-    )
+def wall_clock(log: dict, upto: float = float("inf")) -> Tuple[Optional[float], int]:
+    """Seconds since the start of training at the last log record up to update ``upto``,
+    and that record's update: fairseq's ``wall``, cumulative (the validations before that
+    record included) in every ``train_inner`` and per-epoch ``train`` record. ``(None, 0)``
+    when no record carries it."""
+    at = [
+        (v["wall"], int(v.get("num_updates", 0)))
+        for v in log["train_inner"] + log["train"]
+        if "wall" in v and v.get("num_updates", 0) <= upto
+    ]
+    return max(at, default=(None, 0))
 
 
 def summarize(log: dict, comparable: float = None, within: float = COMPARABLE_WITHIN) -> dict:
@@ -72,9 +72,7 @@ def summarize(log: dict, comparable: float = None, within: float = COMPARABLE_WI
         "updates_to_best": int(best["num_updates"]) if best else None,
         "epochs_to_best": int(best["epoch"]) if best else None,
         # the wall clock is cumulative: the last record's, not a sum over epochs
-        "seconds_per_update": (
-            wall_clock(log) / max(1, int(inner[-1]["num_updates"]) if inner else 1)
-        ),
+        "seconds_per_update": _per(*wall_clock(log)),
         "valid_curve": [
             (int(v["num_updates"]), v.get("bleu"), v.get("nll_loss", v.get("loss")))
             for v in log["valid"]
@@ -84,7 +82,9 @@ def summarize(log: dict, comparable: float = None, within: float = COMPARABLE_WI
         reached = next((v for v in valid if comparable - v["bleu"] <= within + 1e-9), None)
         row["comparable_bleu"] = reached["bleu"] if reached else None
         row["updates_to_comparable"] = int(reached["num_updates"]) if reached else None
-        row["seconds_to_comparable"] = wall_clock(log, reached["num_updates"]) if reached else None
+        row["seconds_to_comparable"] = (
+            wall_clock(log, reached["num_updates"])[0] if reached else None
+        )
     return row
 
 
@@ -94,6 +94,10 @@ def comparable_rows(dense_log: dict, moe_log: dict, within: float = COMPARABLE_W
     at the latest its best; the dense model may never get there)."""
     mark = summarize(moe_log)["best_valid_bleu"]
     return summarize(dense_log, mark, within), summarize(moe_log, mark, within)
+
+
+def _per(seconds: Optional[float], updates: int) -> Optional[float]:
+    return None if seconds is None or updates == 0 else seconds / updates
 
 
 def _mean(values):

@@ -76,6 +76,9 @@ def two_epoch_log(bleus):
 def test_seconds_per_update_counts_a_two_epoch_run_once():
     # 33 s of wall clock for 30 updates, whatever the number of epochs
     assert summarize(two_epoch_log([1.0, 2.0, 3.0]))["seconds_per_update"] == 33 / 30
+    # a log without fairseq's wall clock: unknown, not 0
+    no_wall = {**parse(log_text([1.0], [1, 2])), "train": []}  # (only train_inner's train_wall)
+    assert summarize(no_wall)["seconds_per_update"] is None
 
 
 def test_comparable_is_the_moes_best_bleu_as_in_the_reference():

@@ -117,6 +117,9 @@ def test_dry_run_picks_the_launcher_and_defaults():
     (cmd,) = dry(DEVICE="cuda", NUM_GPUS=4, NUM_EXPERTS=6, MASTER_PORT=12345)
     assert flag(cmd, "--ep-world-size") == "2" and flag(cmd, "--master_port") == "12345"
     assert "--memory-efficient-fp16" in cmd
+    # the dense baseline keeps fp16 with fp32 master weights (no experts to keep apart)
+    (cmd,) = dry(DEVICE="cuda", NUM_GPUS=4, NUM_EXPERTS=6, DENSE=1)
+    assert "--fp16" in cmd and "--memory-efficient-fp16" not in cmd
     (cmd,) = dry(DEVICE="cuda", NUM_GPUS=3, NUM_EXPERTS=8, FP16=0)
     assert flag(cmd, "--ep-world-size") == "1" and "--memory-efficient-fp16" not in cmd
     (cmd,) = dry("train", "--max-update", "7", DEVICE="cuda", NUM_GPUS=4, EP_WORLD_SIZE=2, FP16=0)

@@ -141,6 +141,14 @@ def test_script_takes_the_reference_plugins_order_too(tmp_path):
     assert theirs.returncode == 0 and theirs.stdout == ours.stdout, theirs.stderr
     expected = sacrebleu.corpus_bleu(EXPECTED, [REFS]).score
     assert ours.stdout.split(" = ")[1].split()[0] == f"{expected:.2f}"
+    # the generate output through a pipe (bash's <(...)), in the reference's order
+    script = REPO / "scripts" / "sacrebleu.sh"
+    piped = subprocess.run(
+        ["bash", "-c", 'bash "$0" "$1" en de <(cat "$2")', script, ref, gen],
+        capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, PYTHON=sys.executable, PYTHONWARNINGS="ignore"),
+    )  # fmt: skip
+    assert piped.returncode == 0 and piped.stdout == ours.stdout, piped.stderr
     # a missing reference is named as such in either order
     for args in ((tmp_path / "no.de", "en", "de", gen), (gen, tmp_path / "no.de", "en", "de")):
         proc = run_script(*args)
@@ -154,7 +162,7 @@ def test_script_refuses_an_order_it_cannot_tell(tmp_path):
     proc = run_script("gen.txt", "de", "en", "de", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stdout == ""
     (line,) = proc.stderr.splitlines()
-    assert "cannot tell the argument order" in line and "./de" in line
+    assert "cannot tell the argument order" in line and "'./de' if 'de' is your reference" in line
     proc = run_script("gen.txt", "./de", "en", "de", cwd=tmp_path)  # the fix it names
     assert proc.returncode == 0 and proc.stdout.startswith("BLEU|"), proc.stderr
 

@@ -94,8 +94,8 @@ def weight_warning(weights: Dict[str, Optional[float]]) -> Optional[str]:
 
     A model loss is a per-token mean, scaled like the per-token base loss (the module
     docstring), so its weight is comparable to ``base_crit``'s: the reference plugin's
-    ``experts_gate_loss: 10`` (which acted like about 1e-5 there, its gate loss being
-    unscaled) would make load balancing outweigh translation here. Training goes on:
+    ``experts_gate_loss: 10`` (its gate loss was unscaled: 10 there acted like about 1e-5
+    does here) would make load balancing outweigh translation here. Training goes on:
     a user may want a large weight on purpose.
 
     Args:
@@ -108,8 +108,8 @@ def weight_warning(weights: Dict[str, Optional[float]]) -> Optional[str]:
     return (
         f"--loss-weights: {named} {'is' if len(heavy) == 1 else 'are'} above 1: a model loss "
         "is a per-token mean, scaled like the per-token translation loss, so this makes load "
-        "balancing outweigh translation; use about 0.01 (the reference plugin's 10 acted like "
-        "about 1e-5 there, its gate loss unscaled); see "
+        "balancing outweigh translation; use about 0.01 (the reference plugin's gate loss was "
+        "unscaled: its 10 acted like about 1e-5 does here); see "
         "docs/moe-options.md#choosing-the-gate-loss-weight"
     )
 

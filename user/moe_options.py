@@ -214,8 +214,9 @@ class _StoreWarningOldSpellings(argparse.Action):
     naming the new spelling (once per parser: fairseq may parse a command line twice).
 
     argparse tells an action the option string it matched, so ``--min-capacity=4`` is
-    recognised too, on every fairseq command line (``fairseq-train``, ``user/train.py``,
-    ``user/generate.py``), and the value lands in the new flag's ``dest`` only.
+    recognised too, wherever fairseq adds the model's flags (``fairseq-train``,
+    ``user/train.py``; generation takes them from the checkpoint), and the value lands in
+    the new flag's ``dest`` only.
     """
 
     def __init__(self, option_strings, dest, old=(), **kwargs):
