@@ -20,12 +20,17 @@
 #
 # Environment (defaults in brackets; "tiny" is the ARCH=transformer_ds_moe_tiny
 # recipe, "WMT" every other ARCH, both in mt_run/recipes.py; see README.md, section run.sh):
+#   RECIPE         tiny, wmt or reference [tiny for ARCH=transformer_ds_moe_tiny or,
+#                  without ARCH, on CPU; else wmt]; reference: the reference plugin's
+#                  example command flag for flag (de->en, transformer_ds_moe_tiny, BLEU
+#                  during training every 20 updates, a checkpoint every 100) but for
+#                  the corrections it prints at start
 #   WORKSPACE      data root [<repo>/workspace]
 #   DATABIN        fairseq-preprocess output [$WORKSPACE/wmt16_${SRC}_${TGT}/databin
 #                  when prepare-wmt16ende.sh has written it, else the bundled demo
 #                  corpus, prepared by scripts/prepare_demo.py in
 #                  $WORKSPACE/demo_${SRC}_${TGT}/databin]; named at start
-#   SRC, TGT       translation direction [en, de]
+#   SRC, TGT       translation direction [en, de; de, en with RECIPE=reference]
 #   OUT_DIR        artifacts [$WORKSPACE/train_artifacts]: checkpoints in
 #                  $OUT_DIR/checkpoints/$ARCH-$RUN_NAME, tensorboard logs in
 #                  $OUT_DIR/tb/$ARCH-$RUN_NAME
@@ -43,8 +48,11 @@
 #                  e.g. 4 for 8 GPUs and 4 experts; a line says so when it is not
 #                  NUM_GPUS. Expert groups stay within a node, the rest is data
 #                  parallel. It is part of RUN_NAME]
-#   MAX_TOKENS     tokens per batch and process [4096 on GPUs; on CPU 1024 tiny, else 2048]
-#   UPDATE_FREQ    batches per update [1]
+#   MAX_TOKENS     tokens per batch and process, --max-tokens and --max-tokens-valid
+#                  [8192 WMT on GPUs (the reference's), 4096 tiny; on CPU 1024 tiny,
+#                  else 2048]
+#   UPDATE_FREQ    batches per update [16 WMT (the reference's: about 1M tokens an
+#                  update on 8 GPUs), 1 tiny]
 #   MAX_UPDATE     updates [300000 WMT, 2000 tiny]
 #   SEED           [43821]
 #   FP16           1 = --fp16 (plus --memory-efficient-fp16 for MoE when EP_WORLD_SIZE > 1)
@@ -130,9 +138,27 @@ if ((NNODES > 1)) && [[ $MODE != generate ]]; then  # (generate is one process)
     [[ -n "${MASTER_ADDR:-}" ]] || die "NNODES=$NNODES needs MASTER_ADDR (the address of one node, the same on every node: it hosts torchrun's rendezvous)"
 fi
 
+# ---------------------------------------------------------------- recipe
+# mt_run/recipes.py: the tiny recipe (make demo's model) for transformer_ds_moe_tiny, the
+# CPU default; the WMT recipe (Vaswani et al. base, the reference's batch) for every other
+# ARCH; RECIPE=reference: the reference plugin's example command, corrected (said below).
+# Its settings (recipe_<name>) are the defaults below; its flags come from train_cmd.
+if [[ -n ${RECIPE:-} ]]; then
+    [[ $RECIPE == tiny || $RECIPE == wmt || $RECIPE == reference ]] ||
+        die "RECIPE must be tiny, wmt or reference (got '$RECIPE'); unset, ARCH and DEVICE choose"
+    recipe=$RECIPE
+elif [[ ${ARCH:-} == transformer_ds_moe_tiny || (-z ${ARCH:-} && $DEVICE == cpu) ]]; then
+    recipe=tiny
+else
+    recipe=wmt
+fi
+read_values recipe mt_run.recipes "$recipe"
+read_lines corrections mt_run.recipes "$recipe" --corrections
+for c in ${corrections[@]+"${corrections[@]}"}; do note "RECIPE=$recipe: $c"; done
+
 # ---------------------------------------------------------------- data
-SRC="${SRC:-en}"
-TGT="${TGT:-de}"
+SRC="${SRC:-$recipe_src}"
+TGT="${TGT:-$recipe_tgt}"
 WORKSPACE="${WORKSPACE:-$WORKSPACE_DEFAULT}"
 prepare=()
 corpus="DATABIN"
@@ -149,15 +175,7 @@ fi
 note "data: $DATABIN ($corpus)"
 OUT_DIR="${OUT_DIR:-$WORKSPACE/train_artifacts}"
 
-# ---------------------------------------------------------------- model and recipe
-# mt_run/recipes.py: the tiny recipe (make demo's model) for transformer_ds_moe_tiny, the
-# CPU default; the WMT recipe (the reference's, Vaswani et al. base) for every other ARCH.
-# Its settings (recipe_<name>) are the defaults below; its flags come from train_cmd.
-recipe=wmt
-if [[ ${ARCH:-} == transformer_ds_moe_tiny || (-z ${ARCH:-} && $DEVICE == cpu) ]]; then
-    recipe=tiny
-fi
-read_values recipe mt_run.recipes "$recipe"
+# ---------------------------------------------------------------- model
 ARCH="${ARCH:-$recipe_arch}"
 DENSE="${DENSE:-0}"
 [[ $DENSE == 0 || $DENSE == 1 ]] || die "DENSE must be 0 or 1 (got '$DENSE')"
@@ -188,7 +206,7 @@ if [[ $DEVICE == cpu ]]; then
 else
     MAX_TOKENS="${MAX_TOKENS:-$recipe_max_tokens_gpu}"; FP16="${FP16:-1}"
 fi
-UPDATE_FREQ="${UPDATE_FREQ:-1}"
+UPDATE_FREQ="${UPDATE_FREQ:-$recipe_update_freq}"
 SEED="${SEED:-43821}"
 
 moe_name="moe_g${WORLD}_ep${EP_WORLD_SIZE}_ex${NUM_EXPERTS}_k${TOP_K}_${MOE_MODE//,/}"
@@ -213,11 +231,20 @@ train_cmd() {
         top_k="$TOP_K" moe_freq="$MOE_FREQ" ep_world_size="$EP_WORLD_SIZE"
     cmd=("${launch[@]}" "$repo/user/train.py" "$DATABIN" "${recipe_flags[@]}"
          --source-lang "$SRC" --target-lang "$TGT"
-         --max-tokens "$MAX_TOKENS" --update-freq "$UPDATE_FREQ" --max-update "$MAX_UPDATE"
+         --max-tokens "$MAX_TOKENS" --max-tokens-valid "$MAX_TOKENS"
+         --update-freq "$UPDATE_FREQ" --max-update "$MAX_UPDATE"
          --seed "$SEED" --ddp-backend legacy_ddp ${device_args[@]+"${device_args[@]}"}
          --log-format simple --log-interval "$recipe_log_interval"
          --save-dir "$save_dir" --save-interval-updates "$recipe_save_interval"
-         --keep-interval-updates 1 --no-epoch-checkpoints)
+         --keep-interval-updates 1)
+    if [[ -n $recipe_keep_last_epochs ]]; then
+        cmd+=(--keep-last-epochs "$recipe_keep_last_epochs")
+    else
+        cmd+=(--no-epoch-checkpoints)
+    fi
+    if [[ -n $recipe_validate_interval ]]; then
+        cmd+=(--validate-interval-updates "$recipe_validate_interval")
+    fi
     if [[ -n $tb_dir ]]; then cmd+=(--tensorboard-logdir "$tb_dir"); fi
 }
 

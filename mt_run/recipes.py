@@ -39,6 +39,7 @@ An empty ``VALUE`` means "not passed" (the architecture's or fairseq's default).
 """
 
 import argparse
+import json
 import sys
 
 # what both recipes share
@@ -55,8 +56,17 @@ _COMMON = {
     # the dense baseline's criterion: label_smoothed_cross_entropy (the reference's
     # baseline), or model_and_base without gate loss (the same criterion code as MoE)
     "dense_criterion": "label_smoothed_cross_entropy",
-    # batch tokens per process on GPUs (max_tokens_cpu: on CPU)
+    # batch tokens per process on GPUs (max_tokens_cpu: on CPU), batches per update
     "max_tokens_gpu": 4096,
+    "update_freq": 1,
+    "warmup_init_lr": "1e-07",
+    # run.sh: direction, validation and checkpoints
+    "src": "en",
+    "tgt": "de",
+    "validate_interval": None,  # --validate-interval-updates (None: every epoch)
+    "keep_last_epochs": None,  # epoch checkpoints kept (None: --no-epoch-checkpoints)
+    # BLEU during training with this beam (None: none), the best checkpoint by BLEU
+    "eval_bleu_beam": None,
     # decoding (generate, BLEU during training)
     "beam": 4,
     "max_len_a": 1.2,
@@ -112,9 +122,40 @@ WMT = {
     "save_interval": 1000,
     "bench_updates": 200,
     **_COMMON,
+    # the reference's batch: 8192 tokens a process, 16 batches an update (about 1M tokens
+    # per update on 8 GPUs, its table's "train ntokens/batch")
+    "max_tokens_gpu": 8192,
+    "update_freq": 16,
 }
 
-RECIPES = {"tiny": TINY, "wmt": WMT}
+# The reference plugin's example command (its README), flag for flag but for
+# CORRECTIONS: the WMT recipe on its example architecture, German to English, BLEU
+# during training every 20 updates, a checkpoint every 100.
+REFERENCE = {
+    **WMT,
+    "arch": "transformer_ds_moe_tiny",
+    "src": "de",
+    "tgt": "en",
+    "warmup_init_lr": None,
+    "validate_interval": 20,
+    "save_interval": 100,
+    "keep_last_epochs": 1,
+    "eval_bleu_beam": 5,
+    "moe_freq": None,  # not passed: the architecture's
+}
+
+RECIPES = {"tiny": TINY, "wmt": WMT, "reference": REFERENCE}
+
+#: What a recipe changes from the command it follows, and why (run.sh prints them).
+CORRECTIONS = {
+    "reference": [
+        "--loss-weights experts_gate_loss 0.01, not 10: the gate loss is a per-token mean here, "
+        "the reference added it unscaled to a token sum (its 10 acted like about 1e-5 here)",
+        "no --reset-optimizer: it would throw Adam's state away at every resume",
+        "--eval-bleu-remove-bpe sentencepiece, not the bare flag (subword-nmt's '@@ '): BLEU "
+        "over words, not sentencepiece pieces",
+    ],
+}
 
 # the smallest MoE model (1 layer a side, 16 wide, 4 experts in every layer), json logs
 # at every update; callers add --seed, checkpoint intervals and what else they test
@@ -223,10 +264,15 @@ def train_flags(s, moe=True):
     flags += [
         "--lr-scheduler",
         "inverse_sqrt",
-        *given(("--warmup-updates", s["warmup"])),
-        "--warmup-init-lr",
-        "1e-07",
+        *given(("--warmup-updates", s["warmup"]), ("--warmup-init-lr", s["warmup_init_lr"])),
     ]
+    if s["eval_bleu_beam"] is not None:
+        beam = {"beam": int(s["eval_bleu_beam"])}
+        beam.update(max_len_a=float(s["max_len_a"]), max_len_b=int(s["max_len_b"]))
+        flags += ["--eval-bleu", "--scoring", "sacrebleu", "--eval-bleu-args", json.dumps(beam)]
+        flags += ["--eval-bleu-detok", "moses", "--eval-bleu-remove-bpe", "sentencepiece"]
+        flags += ["--eval-bleu-print-samples", "--best-checkpoint-metric", "bleu"]
+        flags += ["--maximize-best-checkpoint-metric"]
     return flags
 
 
@@ -240,17 +286,23 @@ def main(argv=None):
     p.add_argument("overrides", nargs="*", metavar="SETTING=VALUE")
     p.add_argument("--flags", action="store_true", help="print the flags, not the settings")
     p.add_argument("--dense", action="store_true", help="with --flags: the dense model")
+    p.add_argument(
+        "--corrections",
+        action="store_true",
+        help="print what the recipe changes from the command it follows, one a line",
+    )
     args = p.parse_intermixed_args(argv)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         p.error(f"overrides are SETTING=VALUE, not {bad}")
     try:
         s = settings(args.recipe, **dict(o.split("=", 1) for o in args.overrides))
-        lines = (
-            train_flags(s, moe=not args.dense)
-            if args.flags
-            else [f"{k}={'' if v is None else v}" for k, v in s.items()]
-        )
+        if args.corrections:
+            lines = CORRECTIONS.get(args.recipe, [])
+        elif args.flags:
+            lines = train_flags(s, moe=not args.dense)
+        else:
+            lines = [f"{k}={'' if v is None else v}" for k, v in s.items()]
     except (KeyError, ValueError) as e:
         p.error(str(e).strip("'\""))
     sys.stdout.write("".join(line + "\n" for line in lines))

@@ -103,7 +103,7 @@ def test_dry_run_picks_the_launcher_and_defaults():
     assert flag(other, "--rdzv_id") == "job42"
     assert (
         flag(cmd, "--arch") == "transformer_ds_moe_wmt_en_de"
-        and flag(cmd, "--max-tokens") == "4096"
+        and flag(cmd, "--max-tokens") == "8192"
     )
     assert flag(cmd, "--ep-world-size") == "8" and flag(cmd, "--num-experts") == "8"
     assert "--fp16" in cmd and "--memory-efficient-fp16" in cmd and "--cpu" not in cmd
@@ -347,3 +347,52 @@ def test_unset_databin_trains_the_prepared_wmt_data_and_says_which(tmp_path):
     )  # fmt: skip
     words = prep.stdout.split()
     assert words[words.index("--workspace") + 1] == str(REPO / "workspace"), prep.stdout
+
+
+def test_wmt_defaults_and_recipe_reference_follow_the_reference_plugin():
+    """The WMT recipe batches as the reference (8192 tokens, 16 batches per update, the same
+    for validation); RECIPE=reference is its example command flag for flag, but for the
+    corrections, each said at start."""
+    (cmd,) = dry(DEVICE="cuda", NUM_GPUS=8)
+    assert flag(cmd, "--max-tokens") == flag(cmd, "--max-tokens-valid") == "8192"
+    assert flag(cmd, "--update-freq") == "16"
+    (cmd,) = dry(DEVICE="cpu")  # the tiny recipe keeps its own
+    assert flag(cmd, "--update-freq") == "1" and flag(cmd, "--max-tokens-valid") == "1024"
+
+    proc = run_sh(DRY_RUN=1, DATABIN="/data/bin", OUT_DIR="/out", DEVICE="cuda", NUM_GPUS=8,
+                  RECIPE="reference", timeout=30)  # fmt: skip
+    (cmd,) = [shlex.split(ln[2:]) for ln in proc.stdout.splitlines() if ln.startswith("+ ")]
+    want = {
+        "--seed": "43821", "--ddp-backend": "legacy_ddp", "--task": "translation_deepspeed",
+        "--deepspeed_moe": "enc,dec", "--ep-world-size": "8", "--num-experts": "8",
+        "--top-k": "1", "--criterion": "model_and_base",
+        "--base-criterion": "label_smoothed_cross_entropy",
+        "--base-criterion-config": '{"label_smoothing": 0.1}',
+        "--arch": "transformer_ds_moe_tiny", "--source-lang": "de", "--target-lang": "en",
+        "--optimizer": "adam", "--adam-betas": "(0.9, 0.98)", "--clip-norm": "0.0",
+        "--lr": "5e-4", "--dropout": "0.3", "--weight-decay": "0.0001",
+        "--lr-scheduler": "inverse_sqrt", "--warmup-updates": "4000", "--max-update": "300000",
+        "--max-tokens-valid": "8192", "--max-tokens": "8192", "--update-freq": "16",
+        "--validate-interval-updates": "20", "--scoring": "sacrebleu",
+        "--eval-bleu-args": '{"beam": 5, "max_len_a": 1.2, "max_len_b": 10}',
+        "--eval-bleu-detok": "moses", "--best-checkpoint-metric": "bleu",
+        "--keep-last-epochs": "1", "--save-interval-updates": "100",
+        "--keep-interval-updates": "1",
+        # corrections: the gate loss scaled per token, BLEU over detokenized words
+        "--loss-weights": '{"base_crit": 1, "experts_gate_loss": 0.01}',
+        "--eval-bleu-remove-bpe": "sentencepiece",
+    }  # fmt: skip
+    assert {k: flag(cmd, k) for k in want} == want
+    for switch in ("--fp16", "--eval-bleu", "--eval-bleu-print-samples",
+                   "--maximize-best-checkpoint-metric"):  # fmt: skip
+        assert switch in cmd, switch
+    for dropped in ("--reset-optimizer", "--no-epoch-checkpoints", "--warmup-init-lr"):
+        assert dropped not in cmd, dropped
+    said = [ln for ln in proc.stderr.splitlines() if "RECIPE=reference" in ln]
+    assert len(said) == 3 and all(ln.startswith("run.sh: RECIPE=reference:") for ln in said)
+    assert any("--reset-optimizer" in ln for ln in said)
+    assert any("experts_gate_loss" in ln and "0.01" in ln for ln in said)
+    assert any("--eval-bleu-remove-bpe sentencepiece" in ln for ln in said)
+
+    bad = run_sh(DRY_RUN=1, DATABIN="/data/bin", RECIPE="big", check=False, timeout=30)
+    assert bad.returncode == 2 and "RECIPE must be tiny, wmt or reference" in bad.stderr
