@@ -577,6 +577,19 @@ def test_an_archive_replaced_on_disk_is_checked_and_extracted_again(tmp_path, mi
     assert archive.read_bytes() == wmt["archives"]["dev.tgz"] and sgm.read_bytes() == before
 
 
+#: sitecustomize for one run: sentencepiece waits TEST_SLOW_ENCODE seconds before each
+#: encode call, so that a step's half-written output lasts long enough to be seen
+SLOW_ENCODE = """import os, time
+if os.environ.get("TEST_SLOW_ENCODE"):
+    import sentencepiece
+    _encode = sentencepiece.SentencePieceProcessor.encode
+    def encode(self, *args, **kwargs):
+        time.sleep(float(os.environ["TEST_SLOW_ENCODE"]))
+        return _encode(self, *args, **kwargs)
+    sentencepiece.SentencePieceProcessor.encode = encode
+"""
+
+
 @pytest.mark.timeout(420)
 def test_sigkill_mid_download_and_mid_steps_then_rerun_gives_identical_output(
     tmp_path, mirror, wmt
@@ -604,13 +617,22 @@ def test_sigkill_mid_download_and_mid_steps_then_rerun_gives_identical_output(
 
     # SIGKILL inside each of these steps; encode and binarize once their
     # temporary outputs are half written (binarize: by fairseq-preprocess, a child).
+    # Encoding this corpus can take less than the poll below: its run gets a
+    # sentencepiece that waits before each batch (sitecustomize, this test's only).
+    slow = tmp_path / "slow_encode"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(SLOW_ENCODE)
+    slow_env = {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")])),
+        "TEST_SLOW_ENCODE": "0.5",
+    }
     out = work / "wmt16_en_de"
     partial = {
         "encode": lambda: list((out / "encoded").glob("*.tmp*")),
         "binarize": lambda: [p for d in out.glob("databin.tmp*") for p in d.glob("*.bin")],
     }
     for step in ("extract", "clean", "spm_train", "encode", "binarize"):
-        proc = popen_prepare(work, mirror)
+        proc = popen_prepare(work, mirror, **(slow_env if step == "encode" else {}))
         seen = []
         for line in proc.stderr:
             seen.append(line)
