@@ -218,7 +218,12 @@ if [[ $DEVICE == cpu ]]; then
 elif [[ $FP16 == 1 ]]; then
     device_args=(--fp16)
     # the plugin saves each rank's experts on their own: needs fp16 without a flat fp32 copy
-    if ((EP_WORLD_SIZE > 1)) && [[ $DENSE == 0 ]]; then device_args+=(--memory-efficient-fp16); fi
+    if ((EP_WORLD_SIZE > 1)) && [[ $DENSE == 0 ]]; then
+        device_args+=(--memory-efficient-fp16)
+        if [[ $recipe == reference ]]; then
+            note "RECIPE=reference: --memory-efficient-fp16 beside --fp16: the reference's --fp16 keeps one flat fp32 copy of all parameters, so each rank's experts could not be saved on their own"
+        fi
+    fi
 fi
 
 # train_cmd DENSE SAVE_DIR TB_DIR: the training command line in the array `cmd`

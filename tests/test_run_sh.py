@@ -389,7 +389,9 @@ def test_wmt_defaults_and_recipe_reference_follow_the_reference_plugin():
     for dropped in ("--reset-optimizer", "--no-epoch-checkpoints", "--warmup-init-lr"):
         assert dropped not in cmd, dropped
     said = [ln for ln in proc.stderr.splitlines() if "RECIPE=reference" in ln]
-    assert len(said) == 3 and all(ln.startswith("run.sh: RECIPE=reference:") for ln in said)
+    assert len(said) == 4 and all(ln.startswith("run.sh: RECIPE=reference:") for ln in said)
+    assert any(ln.startswith("run.sh: RECIPE=reference: --memory-efficient-fp16") for ln in said)
+    assert "--memory-efficient-fp16" in cmd  # (--fp16 alone is refused with EP > 1)
     assert any("--reset-optimizer" in ln for ln in said)
     assert any("experts_gate_loss" in ln and "0.01" in ln for ln in said)
     assert any("--eval-bleu-remove-bpe sentencepiece" in ln for ln in said)
