@@ -37,7 +37,8 @@
 #   RUN_NAME       [moe_g<processes>_ep<EP>_ex<experts>_k<top-k>_<mode>, or
 #                  baseline with DENSE=1]
 #   DEVICE         auto, cpu or cuda [auto: cuda when torch sees a GPU]
-#   ARCH           [transformer_ds_moe_wmt_en_de on GPUs, transformer_ds_moe_tiny on CPU]
+#   ARCH           [transformer_ds_moe_wmt_en_de on GPUs, transformer_ds_moe_tiny on CPU
+#                  and with RECIPE=reference]
 #   DENSE          1 = the same architecture without --deepspeed_moe [0]
 #   NUM_EXPERTS    experts per MoE layer [8 WMT, 4 tiny]
 #   MOE_MODE       --deepspeed_moe: enc, dec or enc,dec [enc,dec]
@@ -153,8 +154,6 @@ else
     recipe=wmt
 fi
 read_values recipe mt_run.recipes "$recipe"
-read_lines corrections mt_run.recipes "$recipe" --corrections
-for c in ${corrections[@]+"${corrections[@]}"}; do note "RECIPE=$recipe: $c"; done
 
 # ---------------------------------------------------------------- data
 SRC="${SRC:-$recipe_src}"
@@ -163,9 +162,11 @@ WORKSPACE="${WORKSPACE:-$WORKSPACE_DEFAULT}"
 prepare=()
 corpus="DATABIN"
 if [[ -z "${DATABIN:-}" ]]; then
-    # what prepare-wmt16ende.sh wrote under the same WORKSPACE, else the demo corpus
+    # what prepare-wmt16ende.sh wrote under the same WORKSPACE (in either direction: its
+    # joined dictionary serves both), else the demo corpus
     DATABIN="$WORKSPACE/wmt16_${SRC}_${TGT}/databin"
-    corpus="WMT16 $SRC-$TGT, prepared by prepare-wmt16ende.sh"
+    if [[ ! -f "$DATABIN/dict.$SRC.txt" ]]; then DATABIN="$WORKSPACE/wmt16_${TGT}_${SRC}/databin"; fi
+    corpus="WMT16, prepared by prepare-wmt16ende.sh, $SRC->$TGT"
     if [[ ! -f "$DATABIN/dict.$SRC.txt" ]]; then
         DATABIN="$WORKSPACE/demo_${SRC}_${TGT}/databin"
         corpus="the bundled demo corpus; for WMT16 run prepare-wmt16ende.sh with this WORKSPACE, or set DATABIN"
@@ -179,6 +180,13 @@ OUT_DIR="${OUT_DIR:-$WORKSPACE/train_artifacts}"
 ARCH="${ARCH:-$recipe_arch}"
 DENSE="${DENSE:-0}"
 [[ $DENSE == 0 || $DENSE == 1 ]] || die "DENSE must be 0 or 1 (got '$DENSE')"
+if [[ $MODE != generate ]]; then  # what training changes from the command the recipe follows
+    read_lines corrections mt_run.recipes "$recipe" --corrections
+    for c in ${corrections[@]+"${corrections[@]}"}; do
+        if [[ $DENSE == 1 && $c == --loss-weights* ]]; then continue; fi  # (no gate loss)
+        note "RECIPE=$recipe: $c"
+    done
+fi
 NUM_EXPERTS="${NUM_EXPERTS:-$recipe_experts}"; MOE_FREQ="${MOE_FREQ:-$recipe_moe_freq}"
 MAX_UPDATE="${MAX_UPDATE:-$recipe_max_update}"
 BENCH_UPDATES="${BENCH_UPDATES:-$recipe_bench_updates}"
@@ -206,6 +214,7 @@ if [[ $DEVICE == cpu ]]; then
 else
     MAX_TOKENS="${MAX_TOKENS:-$recipe_max_tokens_gpu}"; FP16="${FP16:-1}"
 fi
+UPDATE_FREQ_SET="${UPDATE_FREQ:-}"  # (bench: 1 unless set)
 UPDATE_FREQ="${UPDATE_FREQ:-$recipe_update_freq}"
 SEED="${SEED:-43821}"
 
@@ -220,7 +229,7 @@ elif [[ $FP16 == 1 ]]; then
     # the plugin saves each rank's experts on their own: needs fp16 without a flat fp32 copy
     if ((EP_WORLD_SIZE > 1)) && [[ $DENSE == 0 ]]; then
         device_args+=(--memory-efficient-fp16)
-        if [[ $recipe == reference ]]; then
+        if [[ $recipe == reference && $MODE != generate ]]; then
             note "RECIPE=reference: --memory-efficient-fp16 beside --fp16: the reference's --fp16 keeps one flat fp32 copy of all parameters, so each rank's experts could not be saved on their own"
         fi
     fi
@@ -332,7 +341,10 @@ do_bench() {
     for kind in dense moe; do
         if [[ $kind == dense ]]; then dense=1; else dense=0; fi
         train_cmd "$dense" "$OUT_DIR/bench/$ARCH-$kind" ""
-        cmd+=(--max-update "$BENCH_UPDATES" --no-save --disable-validation --log-interval 1 "$@")
+        # one batch an update unless UPDATE_FREQ says otherwise: tokens/s, not the recipe's
+        # 16x larger updates
+        cmd+=(--max-update "$BENCH_UPDATES" --update-freq "${UPDATE_FREQ_SET:-1}"
+              --no-save --disable-validation --log-interval 1 "$@")
         if dry; then show "${cmd[@]}"; continue; fi
         local log="$OUT_DIR/bench/$ARCH-$kind.log"
         note "bench: $kind, $BENCH_UPDATES updates -> $log"

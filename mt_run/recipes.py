@@ -9,8 +9,11 @@
   demo's 7.9k pieces, not the layers, dominates its cost), 2 pre-norm layers a
   side, 4 experts top-1 in every layer; no dropout, a high learning rate with a
   short warmup: BLEU 13 on the demo test set after 2000 updates on 2 CPU cores.
-- ``wmt``: the reference recipe (Vaswani et al. base on WMT16 en-de), every other
-  ``ARCH`` of ``run.sh``; the architecture keeps its own sizes.
+- ``wmt``: the reference recipe (Vaswani et al. base on WMT16 en-de, 8192 tokens x 16
+  batches an update), every other ``ARCH`` of ``run.sh``; the architecture keeps its
+  own sizes.
+- ``reference``: ``run.sh``'s ``RECIPE=reference``, the reference plugin's example
+  command flag for flag but for ``CORRECTIONS`` (``--corrections`` prints them).
 - ``MICRO``: not a training recipe: the smallest MoE model, trained in seconds by
   ``scripts/fault_run.py`` and the expert-parallel tests (``tests/ep_helpers.py``).
 
@@ -34,6 +37,7 @@ line (so values with spaces, quotes or JSON need no quoting; ``read_values`` and
 
     python -m mt_run.recipes tiny [SETTING=VALUE ...]            # name=value lines
     python -m mt_run.recipes tiny [SETTING=VALUE ...] --flags [--dense]
+    python -m mt_run.recipes reference --corrections             # one a line
 
 An empty ``VALUE`` means "not passed" (the architecture's or fairseq's default).
 """
@@ -42,7 +46,7 @@ import argparse
 import json
 import sys
 
-# what both recipes share
+# what the recipes share
 _COMMON = {
     # MoE layers (--deepspeed_moe, --num-experts, --top-k, --moe-freq, --ep-world-size;
     # None: the plugin's default) and the criterion: model_and_base, the gate loss
@@ -180,7 +184,7 @@ def settings(name, **overrides):
     """A copy of recipe ``name`` with ``overrides``.
 
     Args:
-        name: ``tiny`` or ``wmt``.
+        name: ``tiny``, ``wmt`` or ``reference``.
         overrides: settings to replace; ``None`` (or ``""``) means "not passed".
 
     Raises:

@@ -19,7 +19,7 @@
 #
 # Environment overrides (defaults in brackets; the model's and its training's are
 # the tiny recipe's, in mt_run/recipes.py, also run.sh's CPU default):
-#   WORKSPACE      output root [./workspace]; data in $WORKSPACE/demo_en_de
+#   WORKSPACE      output root [<repo>/workspace]; data in $WORKSPACE/demo_en_de
 #   ARCH           transformer_ds_moe_* architecture [transformer_ds_moe_tiny]
 #   DIM            embedding size, shared by encoder and decoder [64]
 #   FFN_DIM        FFN / expert hidden size [256]

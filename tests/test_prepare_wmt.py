@@ -584,6 +584,7 @@ if os.environ.get("TEST_SLOW_ENCODE"):
     import sentencepiece
     _encode = sentencepiece.SentencePieceProcessor.encode
     def encode(self, *args, **kwargs):
+        open(os.environ["TEST_SLOW_ENCODE_MARK"], "a").close()  # (the test sees it ran)
         time.sleep(float(os.environ["TEST_SLOW_ENCODE"]))
         return _encode(self, *args, **kwargs)
     sentencepiece.SentencePieceProcessor.encode = encode
@@ -625,6 +626,7 @@ def test_sigkill_mid_download_and_mid_steps_then_rerun_gives_identical_output(
     slow_env = {
         "PYTHONPATH": os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")])),
         "TEST_SLOW_ENCODE": "0.5",
+        "TEST_SLOW_ENCODE_MARK": str(slow / "ran"),
     }
     out = work / "wmt16_en_de"
     partial = {
@@ -648,6 +650,8 @@ def test_sigkill_mid_download_and_mid_steps_then_rerun_gives_identical_output(
             time.sleep(0.01)
         assert proc.poll() is None, f"the run ended before the kill in step {step}"
         kill_group(proc)
+        if step == "encode":
+            assert (slow / "ran").exists(), "the slowed-down sentencepiece was not used"
     assert list(out.glob("databin.tmp*")), "the kill in binarize left its temporary directory"
 
     log = _ok(run_prepare(work, mirror))

@@ -333,9 +333,13 @@ def test_unset_databin_trains_the_prepared_wmt_data_and_says_which(tmp_path):
 
     wmt = tmp_path / "wmt16_en_de" / "databin"
     wmt.mkdir(parents=True)
-    (wmt / "dict.en.txt").write_text("a 1\n")
+    for lang in ("en", "de"):  # (a joined dictionary, one file a language)
+        (wmt / f"dict.{lang}.txt").write_text("a 1\n")
     (train,), said = commands(WORKSPACE=tmp_path)
-    assert train[2] == str(wmt) and f"data: {wmt} (WMT16 en-de" in said
+    assert train[2] == str(wmt) and f"data: {wmt} (WMT16, prepared by prepare-wmt16ende.sh" in said
+    # the other direction (the reference's de->en) trains on the same data
+    (train,), said = commands(WORKSPACE=tmp_path, RECIPE="reference")
+    assert train[2] == str(wmt) and flag(train, "--source-lang") == "de" and "de->en" in said
 
     # the same default WORKSPACE in both scripts
     (first, *_), _ = commands(WORKSPACE="")  # preparing the demo, or training on WMT16
@@ -358,6 +362,10 @@ def test_wmt_defaults_and_recipe_reference_follow_the_reference_plugin():
     assert flag(cmd, "--update-freq") == "16"
     (cmd,) = dry(DEVICE="cpu")  # the tiny recipe keeps its own
     assert flag(cmd, "--update-freq") == "1" and flag(cmd, "--max-tokens-valid") == "1024"
+    # bench measures tokens/s with one batch an update, unless UPDATE_FREQ is set
+    assert [flag(c, "--update-freq") for c in dry("bench", DEVICE="cuda", NUM_GPUS=8)] == ["1"] * 2
+    bench = dry("bench", DEVICE="cuda", NUM_GPUS=8, UPDATE_FREQ=4)
+    assert [flag(c, "--update-freq") for c in bench] == ["4"] * 2
 
     proc = run_sh(DRY_RUN=1, DATABIN="/data/bin", OUT_DIR="/out", DEVICE="cuda", NUM_GPUS=8,
                   RECIPE="reference", timeout=30)  # fmt: skip
@@ -396,5 +404,9 @@ def test_wmt_defaults_and_recipe_reference_follow_the_reference_plugin():
     assert any("experts_gate_loss" in ln and "0.01" in ln for ln in said)
     assert any("--eval-bleu-remove-bpe sentencepiece" in ln for ln in said)
 
+    # translation takes none of training's corrections
+    gen = run_sh("generate", DRY_RUN=1, DATABIN="/d", OUT_DIR="/o", DEVICE="cuda", NUM_GPUS=8,
+                 RECIPE="reference", timeout=30)  # fmt: skip
+    assert "RECIPE=reference" not in gen.stderr
     bad = run_sh(DRY_RUN=1, DATABIN="/data/bin", RECIPE="big", check=False, timeout=30)
     assert bad.returncode == 2 and "RECIPE must be tiny, wmt or reference" in bad.stderr
