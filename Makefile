@@ -21,7 +21,7 @@ $(STAMP): setup.py
 	$(PIP) install --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
-# the suite but its scale cases (7 to 15 minutes on 2 cores)
+# the suite but its scale cases (8 to 16 minutes on 2 cores)
 test: $(STAMP)
 	$(PY) -m pytest tests -q -rs -m "not scale"
 
