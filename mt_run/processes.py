@@ -7,18 +7,28 @@ torchrun starts each worker in a session of its own (torch's elastic
 workers running: a timed-out test or script left them training, holding CPU
 cores and ports, with nobody to wait for them. :func:`run` is ``subprocess.run``
 for such commands, :func:`kill_tree` what it does on a timeout, :func:`run_together`
-several such commands at once (the agents of a multi-node launch); the tests
+several such commands at once (the agents of a multi-node launch), :func:`free_port`
+a port for their rendezvous; the tests
 (``run_cli``, ``run_sh``), ``scripts/fault_run.py`` and ``scripts/bench_perf.py``
 use them.
 """
 
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 import time
 
 import psutil
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS's pick): for a
+    launch's rendezvous, or as a port that refuses connections."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def kill_tree(pid: int) -> None:

@@ -206,14 +206,6 @@ def cli_env(**extra):
     return env
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ----------------------------------------------------------------------------- layer
 
 
@@ -789,7 +781,7 @@ def run_dist_worker(a, world: int, name: str, valid: bool, generate: bool) -> di
     flags = [*passthrough(a), "--dist-valid" if valid else "--no-dist-valid"]
     flags.append("--dist-generate" if generate else "--no-dist-generate")
     # fmt: off
-    run_logged([torchrun, "--nproc_per_node", world, "--master_port", free_port(), __file__,
+    run_logged([torchrun, "--nproc_per_node", world, "--master_port", processes.free_port(), __file__,
                 "--worker", "dist", "--json", tmp, *flags],
                out / f"{name}.log", env=cli_env(), timeout=a.timeout)
     # fmt: on
@@ -805,7 +797,7 @@ def part_dist(a):
         for name, moe in (("dense", False), ("moe", True)):
             # fmt: off
             text, wall = run_logged(
-                [torchrun, "--nproc_per_node", "2", "--master_port", free_port(),
+                [torchrun, "--nproc_per_node", "2", "--master_port", processes.free_port(),
                  USER_DIR / "train.py", a.databin, *model_args(a, moe, a.dist_max_tokens, ep=2),
                  "--ddp-backend", "legacy_ddp", "--max-update", str(a.warmup + a.cli_updates),
                  "--no-save", "--disable-validation", "--log-interval", "1", "--log-format", "simple"],

@@ -30,7 +30,6 @@ import json
 import multiprocessing
 import os
 import re
-import socket
 import tempfile
 import time
 import traceback
@@ -41,6 +40,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from mt_run import processes
 
 from moe_helpers import KEY_BIAS, TINY, build
 
@@ -96,12 +97,6 @@ def extensions_dir(tmp_path_factory):
     return os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.mktemp("torch_ext"))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _import_plugin():
     from fairseq import utils
 
@@ -141,7 +136,7 @@ def run_ranks(job, world, extensions_dir, timeout=RANKS_TIMEOUT, **kwargs):
     with tempfile.TemporaryDirectory() as out:
         os.environ.update(env)  # spawned children inherit the environment at start
         try:
-            port = _free_port()
+            port = processes.free_port()
             procs = [
                 ctx.Process(target=_rank_main, args=(r, world, port, job, kwargs, out), daemon=True)
                 for r in range(world)

@@ -7,11 +7,9 @@ work: its example train command (CPU instead of --fp16, 3 updates), its generate
 its scoring command, as typed. run.sh's ``test`` mode and ``RECIPE=reference`` are dry runs
 in test_run_sh.py."""
 
-import socket
-
 import pytest
 
-from mt_run import fairseq_log
+from mt_run import fairseq_log, processes
 
 from conftest import REPO, USER_DIR, run_cli
 
@@ -70,9 +68,7 @@ def test_the_reference_train_generate_and_score_commands_run_as_typed(tiny_data,
     gen_out.write_text(gen.stdout)
 
     # scoring: the reference's argument order; offline (as here), one line on what to do
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # a port that refuses
+    dead = f"http://127.0.0.1:{processes.free_port()}"  # a port that refuses
     cache = tmp_path / "sacrebleu"
     cache.mkdir()
     proxies = {k: dead for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}

@@ -9,7 +9,6 @@ saves to one shared directory, resumes, and its checkpoint translates. The group
 are those each rank reports holding (DeepSpeed's process groups), not arithmetic."""
 
 import re
-import socket
 import time
 
 import pytest
@@ -27,13 +26,6 @@ RUN = f"{ARCH}-moe_g4_ep2_ex4_k1_encdec"
 # test_run_sh's small model; no validation, a checkpoint every 2 updates
 FAST = [*SMALL, "--disable-validation", "--save-interval-updates", "2", "--log-interval", "1"]
 LAUNCH_TIMEOUT = 180  # seconds for both agents of one launch together
-
-
-def free_port():
-    """A TCP port nothing listens on now (the OS's pick)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def two_nodes(env, *args):
@@ -58,7 +50,7 @@ def two_nodes(env, *args):
 @pytest.mark.timeout(3 * LAUNCH_TIMEOUT + 60)
 def test_two_nodes_train_resume_generate_with_experts_within_a_node(tiny_data, tmp_path):
     env = {**NODES, "DATABIN": tiny_data["databin"], "OUT_DIR": tmp_path,
-           "MASTER_PORT": free_port()}  # fmt: skip
+           "MASTER_PORT": processes.free_port()}  # fmt: skip
     save = tmp_path / "checkpoints" / RUN
 
     agents = two_nodes(env, *FAST, "--max-update", 4)
