@@ -461,23 +461,19 @@ class MoEFeedForward(nn.Module):
         (a decoding step) sends the counts with the rows instead (:meth:`_send_with_counts`).
         """
         group, G = self.moe.deepspeed_moe.ep_group, self.moe.ep_size
-        E = len(sizes)
-        L = E // G
-
-        def per_rank(counts):  # E counts, [g * L + l] -> rows to or from each rank g
-            return [sum(counts[g * L : (g + 1) * L]) for g in range(G)]
-
-        send_splits = per_rank(sizes)
+        L = len(sizes) // G
+        send_splits = _per_rank(sizes, G)
         row_bytes = x.size(1) * x.element_size()
         if not torch.is_grad_enabled() and G * most * row_bytes <= self.fused_send_max_bytes:
-            got_sizes, pieces = self._send_with_counts(x, sizes, send_splits, most, group)
-            recv_splits = per_rank(got_sizes)
+            got_sizes, recv_splits, pieces = self._send_with_counts(
+                x, sizes, send_splits, most, group
+            )
         else:
             send = torch.tensor(sizes, dtype=torch.int64, device=x.device)  # E
             recv = torch.empty_like(send)  # G x L: rows from rank g for local expert l
             dist.all_to_all_single(recv, send, group=group)
             got_sizes = recv.tolist()
-            recv_splits = per_rank(got_sizes)
+            recv_splits = _per_rank(got_sizes, G)
             got = _AllToAllV.apply(group, x, recv_splits, send_splits)  # by rank, then expert
             pieces = got.split(got_sizes)  # [g * L + l]
         outs = self._experts([torch.cat(pieces[l::L]) for l in range(L)])
@@ -488,14 +484,15 @@ class MoEFeedForward(nn.Module):
 
     def _send_with_counts(
         self, x: Tensor, sizes: List[int], send_splits: List[int], most: int, group
-    ) -> Tuple[List[int], Tuple[Tensor, ...]]:
+    ) -> Tuple[List[int], List[int], Tuple[Tensor, ...]]:
         """The counts all-to-all and the rows' in one: to each rank, as bytes, this rank's
         ``L`` counts for its experts then the rows, in a block sized for ``most`` rows
         (every rank knows that size; the padding is sent, never computed on).
 
         Returns:
             the rows' counts received (``[g * L + l]``: from rank ``g`` for local expert
-            ``l``) and the rows themselves, one tensor per count.
+            ``l``), the rows received from each rank, and the rows themselves, one tensor
+            per count.
         """
         G = len(send_splits)
         L = len(sizes) // G
@@ -513,12 +510,19 @@ class MoEFeedForward(nn.Module):
         got = torch.empty_like(buf)
         dist.all_to_all_single(got, buf, group=group)
         got_sizes = got[:, :head].contiguous().view(torch.int64).reshape(-1).tolist()
+        recv_splits = _per_rank(got_sizes, G)
         pieces = []
-        for g in range(G):
-            n = sum(got_sizes[g * L : (g + 1) * L])
+        for g, n in enumerate(recv_splits):
             block_rows = got[g, head : head + n * row].view(x.dtype).view(n, C)
             pieces.extend(block_rows.split(got_sizes[g * L : (g + 1) * L]))
-        return got_sizes, tuple(pieces)
+        return got_sizes, recv_splits, tuple(pieces)
+
+
+def _per_rank(counts: List[int], G: int) -> List[int]:
+    """Per-expert counts (``[g * L + l]``, ``L`` experts on each of ``G`` ranks) summed
+    per rank: the rows sent to, or received from, each rank of the group."""
+    L = len(counts) // G
+    return [sum(counts[g * L : (g + 1) * L]) for g in range(G)]
 
 
 class _AllToAllV(torch.autograd.Function):
