@@ -93,6 +93,13 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def ratios(times: dict, names) -> dict:
+    """``{<name>_ratio: MoE/dense}`` for each variant in ``names``: the median of the
+    per-batch ratios of dense's time to the variant's (measured in turn on the same
+    batches, ``times[name]`` in batch order)."""
+    return {f"{n}_ratio": median([d / m for d, m in zip(times["dense"], times[n])]) for n in names}
+
+
 def quiet():
     """Keep fairseq's and DeepSpeed's logging and warnings out of the measurements' output."""
     warnings.filterwarnings("ignore")
@@ -285,8 +292,8 @@ def part_layer(a):
             for name in names:
                 row[f"{mode}_{name}_ms"] = 1000 * median(times[(mode, name)])
             for name in ("moe_ds", "moe"):
-                ratios = [d / m for d, m in zip(times[(mode, "dense")], times[(mode, name)])]
-                row[f"{mode}_{name}_ratio"] = median(ratios)
+                per_batch = [d / m for d, m in zip(times[(mode, "dense")], times[(mode, name)])]
+                row[f"{mode}_{name}_ratio"] = median(per_batch)
         for name in names:
             row[f"peak_{name}_bytes"] = mem[name]
         rows.append(row)
@@ -370,8 +377,7 @@ def part_train(a):
         out[f"{name}_wps_median"] = median(wps)
         out[f"{name}_wps_total"] = sum(tokens) / sum(times[name])
         out[f"{name}_step_s"] = times[name]
-    for name in ("moe_ds", "moe"):
-        out[f"{name}_ratio"] = median([d / m for d, m in zip(times["dense"], times[name])])
+    out.update(ratios(times, ("moe_ds", "moe")))
     if a.profile:
         out["profile"] = profile_steps(variants, batches[: min(6, len(batches))])
     # checkpoints for the generation part
@@ -521,8 +527,7 @@ def part_generate(a):
         res[f"{name}_tps_median"] = median([n / t for n, t in zip(ntok[name], times[name])])
         res[f"{name}_tps_total"] = sum(ntok[name]) / sum(times[name])
         res[f"{name}_batch_s"] = times[name]
-    for name in ("moe_ds", "moe"):
-        res[f"{name}_ratio"] = median([d / m for d, m in zip(times["dense"], times[name])])
+    res.update(ratios(times, ("moe_ds", "moe")))
     same = sum(hyps["moe"][s] == hyps["moe_ds"][s] for s in hyps["moe"])
     res["local_vs_deepspeed_identical_hypotheses"] = f"{same}/{len(hyps['moe'])}"
 
@@ -650,7 +655,7 @@ def part_dist_worker(a):
             res[f"{name}_wps_median"] = median([n / t for n, t in zip(tokens, times[name])])
             res[f"{name}_wps_total"] = sum(tokens) / sum(times[name])
             res[f"{name}_step_s"] = times[name]
-        res["moe_ratio"] = median([d / m for d, m in zip(times["dense"], times["moe"])])
+        res.update(ratios(times, ("moe",)))
         res["valid"] = valid
         res["generate"] = gen
         Path(a.json).write_text(json.dumps(res))
@@ -699,8 +704,7 @@ def valid_times(trainers, reps):
         "batches": len(tokens),
         "global_tokens": sum(tokens),
         **{f"{k}_wps_total": sum(tokens) / sum(v) for k, v in times.items()},
-        "moe_ratio": median([d / m for d, m in zip(times["dense"], times["moe"])]),
-        "moe_buffers_ratio": median([d / m for d, m in zip(times["dense"], times["moe_buffers"])]),
+        **ratios(times, ("moe", "moe_buffers")),
     }
 
 
@@ -764,8 +768,7 @@ def gen_times(trainers, a):
         "global_tokens": sum(tokens),
         **{f"{k}_tps_total": sum(tokens) / sum(v) for k, v in times.items()},
         **{f"{k}_tps_median": median([n / t for n, t in zip(tokens, v)]) for k, v in times.items()},
-        "moe_ratio": median([d / m for d, m in zip(times["dense"], times["moe"])]),
-        "moe_buffers_ratio": median([d / m for d, m in zip(times["dense"], times["moe_buffers"])]),
+        **ratios(times, ("moe", "moe_buffers")),
     }
 
 
