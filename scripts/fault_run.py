@@ -16,8 +16,9 @@ expert shard (EP), and from outside, on the whole process tree, 0-20 ms after a 
 update is logged; ``--first`` names modes that strike before the mix) and restarted
 each time from its checkpoint_last.pt. Several processes are expert parallel over
 ``--ep-world-size`` of them (all by default; fewer: expert-data-parallel replicas), and
-only the first ``E`` ranks may write expert shards: the summary lists the ranks that did. Every failed launch must have died of SIGKILL
-(under torchrun: a worker did), and after every kill the checkpoint on disk must load
+only the first ``E`` ranks may write expert shards: the summary lists the ranks that
+did. Every failed launch must have died of SIGKILL (under torchrun: a worker did), and
+after every kill the checkpoint on disk must load
 (shared file and shards matching); at the end the interrupted run must have logged
 every update, with the uninterrupted run's losses, and end with its weights, exactly
 (CPU, fp32, same seed). Prints a JSON summary; exits 1 on any difference.
