@@ -61,6 +61,16 @@ def _record(kind, message):
     return rec
 
 
+def record(line):
+    """One log line -> ``(kind, record)`` as :func:`parse` reads it, or None.
+
+    Args:
+        line: a line of the log.
+    """
+    m = _RECORD.search(line)
+    return (m.group(1), _record(m.group(1), m.group(2))) if m else None
+
+
 def parse(text):
     """A fairseq log (json or simple format) -> ``{kind: [record, ...]}``.
 
@@ -72,9 +82,9 @@ def parse(text):
     """
     out = {kind: [] for kind in KINDS}
     for line in text.splitlines():
-        m = _RECORD.search(line)
-        if m:
-            out[m.group(1)].append(_record(m.group(1), m.group(2)))
+        found = record(line)
+        if found:
+            out[found[0]].append(found[1])
     return out
 
 
