@@ -6,17 +6,25 @@
 # baseline) with fairseq, configured by environment variables.
 #
 # Usage: bash run.sh [train|generate|test|bench|help] [fairseq options...]
+#        bash run.sh translate ["sentence" ...] [fairseq options...]
 #
 #   train     (default) train, resuming from the run's checkpoint_last.pt
 #   generate  translate the test split with the run's checkpoint_best.pt (else
 #             checkpoint_last.pt) and score it with scripts/sacrebleu.sh; one
 #             process, on one node (NUM_GPUS and NNODES select the run's name only)
 #   test      the same as generate (the reference plugin's name for it)
+#   translate translate the sentences given (else stdin, one a line) with the
+#             checkpoint generate uses; prints one translation a line
 #   bench     train dense and MoE for BENCH_UPDATES updates with the same
 #             settings (nothing saved) and print their train tokens/s side by side
 #
 # Options after the mode go to fairseq last, so they override run.sh's choices
 # (e.g. `bash run.sh train --max-update 50 --lr 0.001`).
+#
+# On screen: a line per stage, a progress bar (plain lines when the output is not a
+# terminal) and a summary; fairseq's full output goes to the run folder: train.log
+# (train.node$NODE_RANK.log when NNODES > 1), generate.log, translate.log, with the
+# pictures valid.png and experts.png. VERBOSE=1 shows fairseq's output instead.
 #
 # Environment (defaults in brackets; "tiny" is the ARCH=transformer_ds_moe_tiny
 # recipe, "WMT" every other ARCH, both in mt_run/recipes.py; see README.md, section run.sh):
@@ -77,6 +85,9 @@
 #                  (rank 0, which logs training, may be on any node)
 #   BEAM, LENPEN   generate: beam size and length penalty [4, 0.6; 4, 1.0 tiny]
 #   REF            generate: plain-text reference [dirname($DATABIN)/raw/test.$TGT]
+#   CHECKPOINT     generate, translate: a checkpoint file, or a folder to take
+#                  checkpoint_best.pt (else checkpoint_last.pt) from [the run's folder]
+#   VERBOSE        1 = fairseq's output on screen, no progress bar or log file [0]
 #   BENCH_UPDATES  bench: updates per model [200 WMT, 30 tiny]
 #   DRY_RUN        1 = print the commands instead of running them [0]
 #   PYTHON         interpreter [<repo>/.venv/bin/python if present, else python3]
@@ -87,13 +98,18 @@ source "$repo/scripts/lib.sh"  # PYTHON, WORKSPACE_DEFAULT, die, run_tool, read_
 
 note() { echo "run.sh: $*" >&2; }
 
+# the variables that name a run, as the user gave them (the summary's translate command)
+RUN_VARIABLES="WORKSPACE DATABIN SRC TGT OUT_DIR RUN_NAME ARCH DENSE RECIPE DEVICE NUM_EXPERTS TOP_K MOE_MODE EP_WORLD_SIZE NUM_GPUS NNODES CHECKPOINT"
+given=""
+for v in $RUN_VARIABLES; do if [[ -n ${!v:-} ]]; then given+=" $v=$(printf '%q' "${!v}")"; fi; done
+
 MODE=train
 if [[ $# -gt 0 && $1 != -* ]]; then
     case "$1" in
-        train | generate | bench) MODE="$1"; shift ;;
+        train | generate | translate | bench) MODE="$1"; shift ;;
         test) MODE=generate; shift ;;  # the reference plugin's name
         help) sed -n '5,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) die "unknown mode '$1': use train, generate (or test), bench or help (fairseq options start with -)" ;;
+        *) die "unknown mode '$1': use train, generate (or test), translate, bench or help (fairseq options start with -)" ;;
     esac
 fi
 
@@ -135,7 +151,8 @@ is_int NUM_GPUS "$NUM_GPUS"; is_int NNODES "$NNODES"; is_int NODE_RANK "$NODE_RA
 ((NODE_RANK < NNODES)) || die "NODE_RANK $NODE_RANK must be below NNODES $NNODES"
 WORLD=$((NNODES * NUM_GPUS))
 
-if ((NNODES > 1)) && [[ $MODE != generate ]]; then  # (generate is one process)
+trains() { [[ $MODE == train || $MODE == bench ]]; }  # (generate and translate: one process)
+if ((NNODES > 1)) && trains; then
     [[ -n "${MASTER_ADDR:-}" ]] || die "NNODES=$NNODES needs MASTER_ADDR (the address of one node, the same on every node: it hosts torchrun's rendezvous)"
 fi
 
@@ -180,7 +197,7 @@ OUT_DIR="${OUT_DIR:-$WORKSPACE/train_artifacts}"
 ARCH="${ARCH:-$recipe_arch}"
 DENSE="${DENSE:-0}"
 [[ $DENSE == 0 || $DENSE == 1 ]] || die "DENSE must be 0 or 1 (got '$DENSE')"
-if [[ $MODE != generate ]]; then  # what training changes from the command the recipe follows
+if trains; then  # what training changes from the command the recipe follows
     read_lines corrections mt_run.recipes "$recipe" --corrections
     for c in ${corrections[@]+"${corrections[@]}"}; do
         if [[ $DENSE == 1 && $c == --loss-weights* ]]; then continue; fi  # (no gate loss)
@@ -229,7 +246,7 @@ elif [[ $FP16 == 1 ]]; then
     # the plugin saves each rank's experts on their own: needs fp16 without a flat fp32 copy
     if ((EP_WORLD_SIZE > 1)) && [[ $DENSE == 0 ]]; then
         device_args+=(--memory-efficient-fp16)
-        if [[ $recipe == reference && $MODE != generate ]]; then
+        if [[ $recipe == reference ]] && trains; then
             note "RECIPE=reference: --memory-efficient-fp16 beside --fp16: the reference's --fp16 keeps one flat fp32 copy of all parameters, so each rank's experts could not be saved on their own"
         fi
     fi
@@ -248,7 +265,7 @@ train_cmd() {
          --max-tokens "$MAX_TOKENS" --max-tokens-valid "$MAX_TOKENS"
          --update-freq "$UPDATE_FREQ" --max-update "$MAX_UPDATE"
          --seed "$SEED" --ddp-backend legacy_ddp ${device_args[@]+"${device_args[@]}"}
-         --log-format simple --log-interval "$recipe_log_interval"
+         --log-format json --log-interval "$recipe_log_interval"
          --save-dir "$save_dir" --save-interval-updates "$recipe_save_interval"
          --keep-interval-updates 1)
     if [[ -n $recipe_keep_last_epochs ]]; then
@@ -264,14 +281,21 @@ train_cmd() {
 
 prepare_data() {
     if ((${#prepare[@]})); then
-        if dry; then show "${prepare[@]}"; else "${prepare[@]}"; fi
+        if dry; then
+            show "${prepare[@]}"
+        elif [[ $MODE == translate ]]; then
+            "${prepare[@]}" > /dev/null 2>&1 || die "preparing the demo corpus failed: run 'bash run.sh' first"
+        else
+            mkdir -p "$(dirname "$DATABIN")"
+            console step --name data --log "$(dirname "$DATABIN")/prepare.log" -- "${prepare[@]}"
+        fi
     fi
     dry || [[ -f "$DATABIN/dict.$SRC.txt" ]] || die "DATABIN=$DATABIN holds no dict.$SRC.txt: is it a fairseq-preprocess output?"
 }
 
 # the launcher of training (train and bench; generate is one process)
 launch=("$PYTHON")
-if [[ $MODE == generate ]]; then
+if ! trains; then
     :
 elif ((NNODES > 1)); then
     # torchrun's c10d rendezvous: the agents meet at MASTER_ADDR:MASTER_PORT in any
@@ -292,6 +316,18 @@ fi
 SAVE_DIR="$OUT_DIR/checkpoints/$ARCH-$RUN_NAME"
 TB_DIR="$OUT_DIR/tb/$ARCH-$RUN_NAME"
 
+# console STAGE ARGS -- CMD: a stage's output to its log, its progress on screen
+# (mt_run/console.py); VERBOSE=1: the command as it is
+console() {
+    if [[ ${VERBOSE:-0} == 1 ]]; then
+        while [[ $1 != -- ]]; do shift; done
+        shift
+        "$@"
+    else
+        run_tool mt_run.console "$@"
+    fi
+}
+
 do_train() {
     prepare_data
     train_cmd "$DENSE" "$SAVE_DIR" "$TB_DIR"
@@ -300,37 +336,112 @@ do_train() {
     if [[ -f "$SAVE_DIR/checkpoint_last.pt" ]]; then
         note "resuming from $SAVE_DIR/checkpoint_last.pt"
     fi
+    local log="$SAVE_DIR/train.log" t0=$SECONDS
+    if ((NNODES > 1)); then log="$SAVE_DIR/train.node$NODE_RANK.log"; fi  # (one writer a file)
+    mkdir -p "$SAVE_DIR"
     note "training $ARCH-$RUN_NAME on $DEVICE, $WORLD process(es) -> $SAVE_DIR"
-    "${cmd[@]}"
+    [[ ${VERBOSE:-0} == 1 ]] || note "fairseq's output: $log"
+    console train --log "$log" -- "${cmd[@]}"  # (the last --max-update is the budget)
+    [[ ${VERBOSE:-0} == 1 ]] && return
+    run_tool mt_run.report --log "$log" --out-dir "$SAVE_DIR" --title "$ARCH-$RUN_NAME" \
+        --stage "train=$((SECONDS - t0))" --checkpoint "$SAVE_DIR/checkpoint_last.pt" \
+        --translate "$(translate_hint)"
 }
 
-do_generate() {
-    prepare_data
-    local ckpt="$SAVE_DIR/checkpoint_best.pt"
-    [[ -f $ckpt ]] || ckpt="$SAVE_DIR/checkpoint_last.pt"
-    dry || [[ -f $ckpt ]] || die "no checkpoint_best.pt or checkpoint_last.pt in $SAVE_DIR: train first (same variables)"
-    local gen="$SAVE_DIR/generate-test.txt" ref="${REF:-$(dirname "$DATABIN")/raw/test.$TGT}"
-    cmd=("$PYTHON" "$repo/user/generate.py" "$DATABIN"
-         --task translation_deepspeed --source-lang "$SRC" --target-lang "$TGT"
-         --path "$ckpt" --gen-subset test
+# a command that translates one's own sentence with this run's checkpoint
+translate_hint() {
+    local script="$repo/run.sh"
+    if [[ $PWD == "$repo" ]]; then script=run.sh; fi
+    echo "${given# }${given:+ }bash $script translate \"Select the file.\""
+}
+
+# the checkpoint generate and translate use: CHECKPOINT (a file, or a folder), else the
+# run's; checkpoint_best.pt, else checkpoint_last.pt
+find_checkpoint() {
+    local dir="${CHECKPOINT:-$SAVE_DIR}"
+    if [[ -n ${CHECKPOINT:-} && ! -d $CHECKPOINT ]]; then
+        dry || [[ -f $CHECKPOINT ]] || die "CHECKPOINT=$CHECKPOINT is neither a file nor a folder"
+        ckpt="$CHECKPOINT"
+        return
+    fi
+    ckpt="$dir/checkpoint_best.pt"
+    [[ -f $ckpt ]] || ckpt="$dir/checkpoint_last.pt"
+    dry || [[ -f $ckpt ]] || die "no checkpoint_best.pt or checkpoint_last.pt in $dir: train first (same variables), or set CHECKPOINT"
+}
+
+# where generate and translate write: the run's folder, or CHECKPOINT's
+run_folder() {
+    if [[ -z ${CHECKPOINT:-} ]]; then echo "$SAVE_DIR"
+    elif [[ -d $CHECKPOINT ]]; then echo "$CHECKPOINT"
+    else dirname "$CHECKPOINT"; fi
+}
+
+# fairseq-generate's and fairseq-interactive's common flags, in `cmd`
+decode_cmd() {
+    cmd=("$PYTHON" "$repo/user/$1.py" "$DATABIN"
+         --task translation_deepspeed --source-lang "$SRC" --target-lang "$TGT" --path "$ckpt"
          --beam "${BEAM:-$recipe_beam}" --lenpen "${LENPEN:-$recipe_lenpen}"
          --max-len-a "$recipe_max_len_a" --max-len-b "$recipe_max_len_b" --batch-size 64)
     if [[ -f "$DATABIN/spm.model" ]] || dry; then
         cmd+=(--bpe sentencepiece --sentencepiece-model "$DATABIN/spm.model")
     fi
     if [[ $DEVICE == cpu ]]; then cmd+=(--cpu --num-workers 0); elif [[ $FP16 == 1 ]]; then cmd+=(--fp16); fi
-    cmd+=("$@")
+}
+
+do_generate() {
+    prepare_data
+    local ckpt
+    find_checkpoint
+    local out
+    out="$(run_folder)"
+    local gen="$out/generate-test.txt" ref="${REF:-$(dirname "$DATABIN")/raw/test.$TGT}"
+    decode_cmd generate
+    cmd+=(--gen-subset test "$@")
     local score=(bash "$repo/scripts/sacrebleu.sh" "$gen" "$ref" "$SRC" "$TGT")
     if dry; then show "${cmd[@]}"; show "${score[@]}"; return; fi
     note "translating the test split with $ckpt"
-    "${cmd[@]}" > "$gen.tmp"
-    mv "$gen.tmp" "$gen"
+    local t0=$SECONDS t_gen t_score
+    if [[ ${VERBOSE:-0} == 1 ]]; then
+        "${cmd[@]}" > "$gen.tmp"
+        mv "$gen.tmp" "$gen"
+    else
+        console generate --log "$out/generate.log" --out "$gen" -- "${cmd[@]}"
+    fi
+    t_gen=$((SECONDS - t0))
     note "translations in $gen"
     if [[ ! -f $ref ]]; then
         note "no reference $ref: set REF to the plain-text test.$TGT to score"
         return
     fi
-    "${score[@]}" | tee "$SAVE_DIR/generate-test.bleu"
+    t0=$SECONDS
+    "${score[@]}" | tee "$out/generate-test.bleu"
+    t_score=$((SECONDS - t0))
+    [[ ${VERBOSE:-0} == 1 ]] && return
+    echo
+    run_tool mt_run.report --log "$out/train.log" --also-log "$out/generate.log" \
+        --out-dir "$out" --title "$ARCH-$RUN_NAME" --stage "translate=$t_gen" --stage "score=$t_score" --bleu "$(cat "$out/generate-test.bleu")" \
+        --source "$(dirname "$ref")/test.$SRC" --reference "$ref" --checkpoint "$ckpt" \
+        --translations "$gen" --device "$DEVICE" \
+        --translate "$(translate_hint)"
+}
+
+do_translate() {
+    local text=()
+    while [[ $# -gt 0 && $1 != -* ]]; do text+=("$1"); shift; done
+    prepare_data
+    local ckpt
+    find_checkpoint
+    decode_cmd interactive
+    cmd+=(--buffer-size 64 --input - "$@")
+    if dry; then show "${cmd[@]}"; return; fi
+    local out
+    out="$(run_folder)"
+    if ((${#text[@]})); then
+        printf '%s\n' "${text[@]}" | run_tool mt_run.console translate --log "$out/translate.log" -- "${cmd[@]}"
+    else
+        [[ ! -t 0 ]] || note "translating what you type, one sentence a line (Ctrl-D ends)"
+        run_tool mt_run.console translate --log "$out/translate.log" -- "${cmd[@]}"
+    fi
 }
 
 do_bench() {
@@ -360,5 +471,6 @@ do_bench() {
 case "$MODE" in
     train) do_train "$@" ;;
     generate) do_generate "$@" ;;
+    translate) do_translate "$@" ;;
     bench) do_bench "$@" ;;
 esac

@@ -44,6 +44,7 @@ setup(
         "console_scripts": [
             "fairseq-moe-train = user.train:main",
             "fairseq-moe-generate = user.generate:main",
+            "fairseq-moe-interactive = user.interactive:main",
         ]
     },
 )

@@ -103,61 +103,54 @@ config="${ARCH}_d${DIM}_f${FFN_DIM}_l${LAYERS}_${MOE_SIDES/,/}_e${NUM_EXPERTS}_k
 SAVE_DIR="${SAVE_DIR:-$data/ckpt_$config}"
 stop_hours="$("$PYTHON" -c "import sys; print(float(sys.argv[1]) / 60)" "$TRAIN_MINUTES")"
 start=$SECONDS
+console() { run_tool mt_run.console "$@"; }  # a stage: its output to a log, its progress here
 
-step() { printf '\n=== [%3ds] %s\n' "$((SECONDS - start))" "$*"; }
+echo "demo: $config, $MAX_UPDATE updates (cap $TRAIN_MINUTES min), $THREADS thread(s) -> $SAVE_DIR"
+mkdir -p "$data" "$SAVE_DIR"
+t0=$SECONDS
+console step --name data --log "$data/prepare.log" -- \
+    "$PYTHON" "$repo/scripts/prepare_demo.py" --workspace "$WORKSPACE"
+t_prepare=$((SECONDS - t0))
 
-step "prepare the demo corpus in $data"
-"$PYTHON" scripts/prepare_demo.py --workspace "$WORKSPACE"
-t_prepare=$((SECONDS - start))
-
-step "train $config: $THREADS thread(s), $MAX_UPDATE updates (cap: $TRAIN_MINUTES min) -> $SAVE_DIR"
-mkdir -p "$SAVE_DIR"
 log="$SAVE_DIR/train.log"
+echo "demo: fairseq's full logs: $log (training), $SAVE_DIR/generate.log (translation)"
 touch "$log"
 log_from=$(($(wc -l < "$log") + 1))
 t0=$SECONDS
-"$PYTHON" user/train.py "$databin" "${model[@]}" --source-lang en --target-lang de \
+console train --log "$log" --updates "$MAX_UPDATE" -- \
+    "$PYTHON" user/train.py "$databin" "${model[@]}" --source-lang en --target-lang de \
     --max-tokens "$MAX_TOKENS" --max-update "$MAX_UPDATE" --stop-time-hours "$stop_hours" \
     --num-workers 0 --seed 1 --cpu \
-    --log-format simple --log-interval 50 \
+    --log-format json --log-interval 10 \
     --save-dir "$SAVE_DIR" --save-interval-updates "$SAVE_INTERVAL" --keep-interval-updates 1 \
-    --no-epoch-checkpoints 2>&1 | tee -a "$log"
+    --no-epoch-checkpoints
 t_train=$((SECONDS - t0))
-# this run's part of the log: updates reached (run_updates), resumed from (run_resumed),
-# done (run_trained), fairseq's training seconds (run_seconds) and updates/s (run_rate)
+# this run's part of the log: updates reached (run_updates)
 read_values run mt_run.fairseq_log summary - <<< "$(tail -n "+$log_from" "$log")"
 updates=$run_updates
-if [[ -n "$run_seconds" && "$run_trained" -gt 0 ]]; then
-    echo "trained to update $updates of $MAX_UPDATE: $run_trained updates in $run_seconds s" \
-        "= $run_rate updates/s"
-elif [[ -n "$run_resumed" ]]; then
-    echo "resumed at update $updates: nothing left to train"
-fi
 if [[ "$updates" -lt "$MAX_UPDATE" ]]; then
-    echo "WARNING: the $TRAIN_MINUTES-minute cap stopped training at update $updates of $MAX_UPDATE" \
-        "(slow or busy machine): expect a lower BLEU; rerun with a larger TRAIN_MINUTES to finish"
+    echo "demo: WARNING: the $TRAIN_MINUTES-minute cap stopped training at update $updates of" \
+        "$MAX_UPDATE (slow or busy machine): expect a lower BLEU; rerun with a larger TRAIN_MINUTES to finish"
 fi
 
-step "translate the test split (beam $BEAM, lenpen $LENPEN, max length $MAX_LEN_A * source + $MAX_LEN_B)"
 t0=$SECONDS
 gen="$SAVE_DIR/generate-test.txt"
-"$PYTHON" user/generate.py "$databin" \
+console generate --log "$SAVE_DIR/generate.log" --out "$gen" -- \
+    "$PYTHON" user/generate.py "$databin" \
     --task translation_deepspeed --source-lang en --target-lang de \
     --path "$SAVE_DIR/checkpoint_last.pt" --gen-subset test \
     --beam "$BEAM" --lenpen "$LENPEN" --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" \
     --max-tokens 8000 --bpe sentencepiece --sentencepiece-model "$databin/spm.model" \
-    --num-workers 0 --cpu > "$gen.tmp"
-mv "$gen.tmp" "$gen"
+    --num-workers 0 --cpu
 t_gen=$((SECONDS - t0))
-grep -m 3 '^D-' "$gen" | sed 's/^/  /' || true
 
-step "score"
 t0=$SECONDS
 bleu="$(bash scripts/sacrebleu.sh "$gen" "$data/raw/test.de" en de --write-hyp "$SAVE_DIR/test.hyp.de")"
-copy="$("$PYTHON" scripts/prepare_demo.py --copy-baseline)"
 t_score=$((SECONDS - t0))
-echo "model ($config, update $updates, $SAVE_DIR):"
-echo "  $bleu"
-echo "baseline (copy the source):"
-echo "  $copy"
-echo "done in $((SECONDS - start)) s: prepare $t_prepare s, train $t_train s, translate $t_gen s, score $t_score s"
+printf '%-10s %s\n' score "${bleu%% (*}"
+echo
+run_tool mt_run.report --log "$log" --also-log "$SAVE_DIR/generate.log" --out-dir "$SAVE_DIR" --title "make demo: $config" \
+    --stage "prepare=$t_prepare" --stage "train=$t_train" --stage "translate=$t_gen" \
+    --stage "score=$t_score" --bleu "$bleu" --source "$data/raw/test.en" --reference "$data/raw/test.de" \
+    --checkpoint "$SAVE_DIR/checkpoint_last.pt" --translations "$SAVE_DIR/test.hyp.de" \
+    --translate "CHECKPOINT=$SAVE_DIR/checkpoint_last.pt DATABIN=$databin bash run.sh translate \"Select the file.\""

@@ -3,8 +3,9 @@
 # This source code is licensed under the MIT license found in the
 # LICENSE file in the root directory of this source tree.
 """``bash run.sh``: the launcher it picks (dry runs), then real CPU runs on the
-tiny dataset: train and its artifacts, automatic resume, translate and score,
-the dense baseline, 2 expert-parallel processes under torchrun, the bench."""
+tiny dataset: train and its artifacts (its screen off a terminal, its log, summary and
+pictures), automatic resume, translate and score, translate one's own sentences, the
+dense baseline, 2 expert-parallel processes under torchrun, the bench."""
 
 import re
 import shlex
@@ -13,6 +14,7 @@ import time
 import pytest
 import torch
 
+import mt_prep
 from mt_run import fairseq_log, processes
 
 from conftest import REPO, cli_env
@@ -223,8 +225,21 @@ def first(env):
 
 
 def num_updates(output):
-    """Update numbers of fairseq's per-interval log lines (simple format)."""
+    """Update numbers of fairseq's per-interval log lines."""
     return [int(r["num_updates"]) for r in fairseq_log.parse(output)["train_inner"]]
+
+
+def log_since(path, text_before=""):
+    """What a run appended to the log ``path`` after ``text_before``."""
+    text = path.read_text()
+    assert text.startswith(text_before)
+    return text[len(text_before) :]
+
+
+def is_png(path, min_bytes=5000):
+    with open(path, "rb") as f:
+        data = f.read()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= min_bytes
 
 
 @pytest.mark.timeout(120)
@@ -233,19 +248,41 @@ def test_train_writes_checkpoints_and_tensorboard_by_run_name(env, first):
     assert (save / "checkpoint_last.pt").is_file() and (save / "checkpoint_best.pt").is_file()
     tb = env["OUT_DIR"] / "tb" / MOE_RUN
     assert list(tb.rglob("events.out.tfevents.*")), "no tensorboard event file"
-    assert num_updates(first.output) == [1, 2, 3]
-    assert "moe_ffn" in first.output and "loss_experts_gate_loss" in first.output
+    log = (save / "train.log").read_text()
+    assert num_updates(log) == [1, 2, 3]
+    assert "moe_ffn" in log and "loss_experts_gate_loss" in log
     print(f"train 3 updates: {first.seconds:.1f}s")
 
 
 @pytest.mark.timeout(120)
+def test_train_off_a_terminal_shows_stages_progress_and_a_summary(env, first):
+    save = env["OUT_DIR"] / "checkpoints" / MOE_RUN
+    out = first.stdout.splitlines()
+    # fairseq's own lines (configuration, module tree, records) went to the log only
+    assert not [ln for ln in out if " | INFO | " in ln or "TransformerDSMoEModel(" in ln], out
+    assert f"run.sh: fairseq's output: {save / 'train.log'}" in first.stderr
+    progress = [ln.split()[1] for ln in out if re.match(r"train +\d+/3 updates", ln)]
+    assert progress == ["1/3", "2/3", "3/3"], first.stdout
+    assert re.search(r"^valid +update 3: loss [\d.]+$", first.stdout, re.M)
+    assert re.search(r"^train +update 3 of 3 in \d+:\d\d", first.stdout, re.M)
+    summary = dict(re.findall(r"^  ([a-z ]+): +(.*)$", first.stdout, re.M))
+    assert summary["run folder"] == str(save) and summary["checkpoint"] == "checkpoint_last.pt"
+    assert summary["pictures"] == "valid.png, experts.png"
+    assert is_png(save / "valid.png") and is_png(save / "experts.png")
+    assert summary["translate"].endswith('bash run.sh translate "Select the file."')
+    assert f"OUT_DIR={env['OUT_DIR']}" in summary["translate"]
+
+
+@pytest.mark.timeout(120)
 def test_rerun_resumes_from_checkpoint_last(env, first):
+    save = env["OUT_DIR"] / "checkpoints" / MOE_RUN
+    before = (save / "train.log").read_text()
     proc = run_sh(*SMALL, "--max-update", 5, "--log-interval", 1, **env)
     assert "resuming from" in proc.stderr
-    assert re.search(
-        r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 3 updates\)", proc.output
-    )
-    assert num_updates(proc.output) == [4, 5], "the rerun must continue at update 4"
+    assert re.search(r"^train +resumed at update 3$", proc.stdout, re.M)
+    log = log_since(save / "train.log", before)
+    assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 3 updates\)", log)
+    assert num_updates(log) == [4, 5], "the rerun must continue at update 4"
     ckpt = torch.load(
         env["OUT_DIR"] / "checkpoints" / MOE_RUN / "checkpoint_last.pt",
         map_location="cpu",
@@ -265,21 +302,61 @@ def test_generate_translates_the_test_split_and_scores_it(env, first, tiny_data)
         if line.startswith("D-")
     ]
     assert len(hyps) == len((tiny_data["raw"] / "test.de").read_text().splitlines()) == 24
-    assert re.search(r"^BLEU\S* = \d", proc.stdout, re.M), proc.output
-    assert (save / "generate-test.bleu").read_text() == proc.stdout
+    bleu = (save / "generate-test.bleu").read_text()
+    assert re.match(r"BLEU\S* = \d", bleu) and bleu in proc.stdout, proc.output
+    assert re.search(r"^translate +24/24 sentences +100%", proc.stdout, re.M)
+    assert "Translated 24 sentences" in (save / "generate.log").read_text()
+    summary = dict(re.findall(r"^  ([A-Za-z ]+): +(.*)$", proc.stdout, re.M))
+    assert summary["BLEU"].split()[0] == re.search(r" = ([\d.]+)", bleu).group(1)
+    copy = re.match(r"[\d.]+", summary["copy source"]).group(0)
+    src, ref = (tiny_data["raw"] / f"test.{lang}" for lang in ("en", "de"))
+    assert float(copy) == pytest.approx(
+        mt_prep.copy_source_bleu(src.read_text().splitlines(), ref.read_text().splitlines()).score,
+        abs=0.005,
+    )
+    # what the score depends on: the machine and the versions
+    assert f"torch {torch.__version__}" in summary["machine"] and "cores" in summary["machine"]
     print(f"generate + score: {proc.seconds:.1f}s")
+
+
+@pytest.mark.timeout(120)
+def test_translate_prints_a_translation_a_line(env, first):
+    said = run_sh("translate", "the file is open .", "close the window .", **env)
+    lines = said.stdout.splitlines()
+    assert len(lines) == 2 and all(ln.strip() for ln in lines), said.output
+    # stdin, one sentence a line, with the same checkpoint logic: the same translations
+    proc = processes.run(
+        ["bash", str(RUN_SH), "translate"],
+        input="the file is open .\nclose the window .\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=cli_env(**{k: str(v) for k, v in env.items()}),
+        cwd=REPO,
+    )
+    assert proc.returncode == 0 and proc.stdout.splitlines() == lines, proc.stderr
+    # CHECKPOINT names another run's folder or file; a wrong one is one line
+    save = env["OUT_DIR"] / "checkpoints" / MOE_RUN
+    other = run_sh("translate", "the file is open .", CHECKPOINT=save / "checkpoint_last.pt",
+                   OUT_DIR=env["OUT_DIR"] / "elsewhere", DATABIN=env["DATABIN"])  # fmt: skip
+    assert len(other.stdout.splitlines()) == 1
+    bad = run_sh("translate", "x", check=False, CHECKPOINT=save / "nope.pt", **env)
+    assert bad.returncode == 2 and "CHECKPOINT=" in bad.stderr and not bad.stdout
 
 
 @pytest.mark.timeout(120)
 def test_dense_builds_no_moe_layer(env):
     proc = run_sh(*SMALL, "--max-update", 2, DENSE=1, **env)
+    log = (env["OUT_DIR"] / "checkpoints" / f"{ARCH}-baseline" / "train.log").read_text()
     ckpt = torch.load(
         env["OUT_DIR"] / "checkpoints" / f"{ARCH}-baseline" / "checkpoint_last.pt",
         map_location="cpu",
         weights_only=False,
     )
     assert ckpt["model"] and not [k for k in ckpt["model"] if "moe" in k]
-    assert "moe_ffn" not in proc.output and "experts_gate_loss" not in proc.output
+    assert fairseq_log.parse(log)["train"], "the epoch record is in the log"
+    assert "moe_ffn" not in log and "experts_gate_loss" not in log
+    assert "experts.png" not in proc.stdout, "a dense run has no expert picture"
     print(f"dense 2 updates: {proc.seconds:.1f}s")
 
 
@@ -287,7 +364,7 @@ def test_dense_builds_no_moe_layer(env):
 def test_two_cpu_processes_under_torchrun_shard_the_experts(env):
     proc = run_sh(*SMALL, "--max-update", 2, NUM_GPUS=2, **env)
     save = env["OUT_DIR"] / "checkpoints" / f"{ARCH}-moe_g2_ep2_ex4_k1_encdec"
-    assert "distributed init (rank 1)" in proc.output
+    assert "distributed init (rank 1)" in (save / "train.log").read_text()
     shards = sorted(p.name for p in save.glob("experts.*.pt"))
     assert shards and {re.sub(r"^experts\.[^.]+\.", "", s) for s in shards} == {
         "0-of-2.pt",
