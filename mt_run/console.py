@@ -31,6 +31,7 @@ The exit status is the command's; Ctrl-C or SIGTERM is passed on to it.
 """
 
 import argparse
+import collections
 import os
 import re
 import shutil
@@ -140,7 +141,7 @@ class Stage:
         self.label = name or self.label
         self.started = time.monotonic()
         self.said = set()
-        self.lines = []  # the last lines (for a failure)
+        self.lines = collections.deque(maxlen=15)  # the last lines (shown on a failure)
 
     def elapsed(self):
         return time.monotonic() - self.started
@@ -167,7 +168,7 @@ class Stage:
     def _log_line(self, log, line):
         log.write(line + "\n")
         log.flush()
-        self.lines = (self.lines + [line])[-20:]
+        self.lines.append(line)
         self._actionable(line)
         self.on_line(line)
 
@@ -233,7 +234,7 @@ class Stage:
         how = "interrupted" if status in (-2, 130, -15, 143) else f"failed (exit status {status})"
         self.display.done(self.label, f"{how} after {clock(self.elapsed())}; log: {self.log_path}")
         if status not in (-2, 130, -15, 143):
-            for line in self.lines[-15:]:
+            for line in self.lines:
                 self.display.stream.write(f"  | {line}\n")
             self.display.stream.flush()
 

@@ -138,7 +138,7 @@ def draw_validation(series, out, title=None):
     xs, ys = zip(*loss)
     ax.plot(xs, ys, "o-", color="tab:blue", markersize=3, label="valid loss")
     ax.set_xlabel("updates")
-    ax.set_ylabel("loss (base 2, label-smoothed)")
+    ax.set_ylabel("loss (base 2)")
     best = min(ys)
     text = f"best valid loss {best:.3f} at update {xs[ys.index(best)]}"
     handles, labels = ax.get_legend_handles_labels()

@@ -2,20 +2,25 @@
 # MIT License
 # Copyright (c) the fairseq-moe plugin authors
 #
-# End-to-end CPU demo (`make demo`, about 10 minutes on 2 cores): prepare the
+# End-to-end CPU demo (`make demo`, 4 to 10 minutes on 2 cores): prepare the
 # bundled LibreOffice en->de corpus, train a small DeepSpeed MoE Transformer
 # (MoE in encoder and decoder), translate the test split with beam search and
 # print detokenized sacreBLEU (with its signature) next to the copy-the-source
-# baseline on the same test split, then where the time went.
+# baseline on the same test split. On screen, a line per stage and a progress
+# bar (mt_run/console.py; plain lines off a terminal), then a summary with the
+# time per stage, the files, the pictures (valid.png, experts.png), the machine
+# and a command that translates one's own sentence (mt_run/report.py); fairseq's
+# full output goes to train.log and generate.log in the run folder.
 #
 # The defaults are tuned for a CPU and a few minutes: a 64-wide model (the
 # softmax over the 7.9k-piece vocabulary, not the layers, dominates the cost
 # per token), small batches (more updates per CPU second: what a model this
 # short of training needs most), a high learning rate with a short warmup, no
 # dropout (training sees each sentence about twice). MAX_UPDATE is the
-# stopping criterion, so the BLEU is reproducible (13.1 on the test split);
-# TRAIN_MINUTES only caps a run on a slow or busy machine (the log then says
-# so, and the BLEU is lower: 10.8 after 1438 updates on a busy 2-core machine).
+# stopping criterion, so the BLEU is reproducible on one machine (12.36 on the
+# test split here; another CPU's kernels gave 13.14: README, "What the score
+# depends on"); TRAIN_MINUTES only caps a run on a slow or busy machine (it then
+# says so, and the BLEU is lower: 10.8 after 1438 updates on a busy machine).
 #
 # Environment overrides (defaults in brackets; the model's and its training's are
 # the tiny recipe's, in mt_run/recipes.py, also run.sh's CPU default):
@@ -56,7 +61,8 @@
 # TRAIN_MINUTES stays a total: raise it to finish a run the cap stopped), and a
 # run whose budget is spent goes straight to translation. Other settings get a
 # fresh folder. Data preparation is idempotent (scripts/prepare_demo.py skips
-# finished steps). The training log is appended to $SAVE_DIR/train.log.
+# finished steps; its log: $WORKSPACE/demo_en_de/prepare.log). The training log
+# is appended to $SAVE_DIR/train.log.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
