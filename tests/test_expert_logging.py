@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from user.expert_stats import expert_load_stats, layer_tag
+from user.expert_stats import expert_load_stats, layer_tag, log_routing_metrics
 
 from conftest import REPO, USER_DIR, run_cli
 from test_gating import E, make_layer, tokens_for
@@ -61,6 +61,45 @@ def test_layer_tags_and_summable_logging_outputs():
     out = expert_load_stats(Fake())
     assert out["_moe_enc1_n0"] == 3 and out["_moe_enc1_n1"] == 1 and out["_moe_enc1_drop"] == 1
     assert out["_moe_load_max"] == 6 and out["_moe_load_tot"] == 4
+
+
+def fake_rank(**layers):
+    """One rank's logging output: ``tag=(routed, dropped, tokens, entropy)`` per layer."""
+
+    class Fake:
+        def routing_stats(self):
+            return {
+                f"{'encoder' if tag[:3] == 'enc' else 'decoder'}.layers.{tag[3:]}.moe_ffn": {
+                    "counts": torch.tensor([routed, 0.0]),
+                    "dropped": dropped,
+                    "routed": routed,
+                    "tokens": tokens,
+                    "entropy": entropy,
+                    "aux": 1.0,
+                }
+                for tag, (routed, dropped, tokens, entropy) in layers.items()
+            }
+
+    return expert_load_stats(Fake())
+
+
+def test_drop_and_entropy_over_all_layers_sum_over_ranks_before_dividing():
+    from fairseq import metrics
+
+    ranks = [
+        fake_rank(enc1=(10, 5, 10, 10.0), dec0=(10, 0, 10, 2.0)),
+        fake_rank(enc1=(60, 6, 60, 30.0), dec0=(120, 9, 120, 48.0)),
+    ]
+    with metrics.aggregate(new_root=True) as agg:
+        log_routing_metrics(ranks)
+    got = agg.get_smoothed_values()
+    # 20 of 200 assignments dropped (a mean of the ranks' shares would be 0.167, of the
+    # layers' 0.113); 90 nats over 200 tokens (means of ranks, of layers: 0.517, 0.478)
+    assert got["moe_drop"] == pytest.approx(0.1)
+    assert got["moe_ent"] == pytest.approx(0.45)
+    assert got["moe_enc1_drop"] == pytest.approx(11 / 70, abs=1e-4)
+    keys = list(got)
+    assert keys.index("moe_drop") < keys.index("moe_enc1_e0"), "the summary comes first"
 
 
 @pytest.mark.timeout(300)

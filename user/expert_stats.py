@@ -13,6 +13,8 @@ and micro-batches:
 * ``moe_imbalance`` = (tokens of the busiest expert) / (tokens per expert if perfectly
   balanced), averaged over MoE layers: 1.0 is balanced, ``--num-experts`` means every
   token went to one expert;
+* ``moe_drop``, ``moe_ent``: the dropped share and the mean router entropy over all MoE
+  layers (with ``moe_imbalance`` and the criterion's gate loss, the summary);
 * per layer (``enc1``, ``dec0``, ...): each expert's share, the dropped share, the mean
   router entropy and the mean gate loss.
 """
@@ -65,10 +67,11 @@ def expert_load_stats(model) -> dict:
 
 
 def log_routing_metrics(logging_outputs) -> None:
-    """``moe_imbalance`` and, per MoE layer, ``moe_L_e<i>`` (fraction of tokens routed
-    to expert i), ``moe_L_drop`` (fraction of token-expert assignments dropped),
-    ``moe_L_ent`` (mean gate entropy, nats; ln E = uniform), ``moe_L_aux`` (mean gate
-    loss); all summed over ranks and micro-batches before dividing."""
+    """``moe_imbalance``; ``moe_drop`` (fraction of token-expert assignments dropped) and
+    ``moe_ent`` (mean gate entropy per token, nats), over all MoE layers; and per MoE
+    layer ``moe_L_e<i>`` (fraction of tokens routed to expert i), ``moe_L_drop``,
+    ``moe_L_ent`` (ln E = uniform), ``moe_L_aux`` (mean gate loss); all summed over
+    ranks, micro-batches and (for the first three) layers before dividing."""
     load_tot = sum(log.get("_moe_load_tot", 0) for log in logging_outputs)
     if load_tot > 0:
         load_max = sum(log.get("_moe_load_max", 0) for log in logging_outputs)
@@ -83,6 +86,13 @@ def log_routing_metrics(logging_outputs) -> None:
     )
     tot = {k: sum(log.get(k, 0) for log in logging_outputs) for k in keys}
     tags = sorted({k[len("_moe_") :].rsplit("_", 1)[0] for k in keys})
+    routed, tokens = (sum(tot.get(f"_moe_{t}_{s}", 0) for t in tags) for s in ("routed", "tok"))
+    if routed > 0:
+        dropped = sum(tot.get(f"_moe_{t}_drop", 0) for t in tags)
+        metrics.log_scalar("moe_drop", dropped / routed, routed, round=4)
+    if tokens > 0:
+        entropy = sum(tot.get(f"_moe_{t}_ent", 0) for t in tags)
+        metrics.log_scalar("moe_ent", entropy / tokens, tokens, round=3)
     for tag in tags:
         routed = tot.get(f"_moe_{tag}_routed", 0)
         if routed <= 0:
