@@ -17,11 +17,25 @@ and micro-batches:
   layers (with ``moe_imbalance`` and the criterion's gate loss, the summary);
 * per layer (``enc1``, ``dec0``, ...): each expert's share, the dropped share, the mean
   router entropy and the mean gate loss.
+
+fairseq's console progress bars (``--log-format simple``, ``tqdm``) print the summary
+only, unless ``--moe-console-metrics all``: see :func:`console_stats`.
 """
 
+import contextvars
 import re
+from collections import OrderedDict
 
 from fairseq import metrics
+
+#: ``--moe-console-metrics`` of the run (``"summary"`` or ``"all"``). fairseq_cli makes
+#: its progress bars without the task, so the task sets this when it builds its MoE model
+#: (on the main thread, where fairseq logs) and nothing else writes it; until then the
+#: console prints everything, as fairseq does.
+CONSOLE_METRICS: contextvars.ContextVar = contextvars.ContextVar(
+    "moe_console_metrics", default="all"
+)
+_PER_LAYER_KEY = re.compile(r"moe_(enc|dec)\d+_")  # moe_<layer_tag(...)>_*
 
 
 def unwrap_model(model):
@@ -35,6 +49,15 @@ def layer_tag(name: str) -> str:
     """Short name of an MoE block: ``encoder.layers.1.moe_ffn`` -> ``enc1``."""
     m = re.search(r"(encoder|decoder)\.layers\.(\d+)\.", name)
     return f"{m.group(1)[:3]}{m.group(2)}" if m else name
+
+
+def console_stats(stats: dict) -> dict:
+    """What a console progress bar prints of ``stats``: all of it with
+    ``--moe-console-metrics all``, else all but the per-layer ``moe_<layer>_*`` scalars
+    (``--log-format json`` and the TensorBoard, wandb and aim loggers get ``stats``)."""
+    if CONSOLE_METRICS.get() == "all":
+        return stats
+    return OrderedDict((k, v) for k, v in stats.items() if not _PER_LAYER_KEY.match(k))
 
 
 def expert_load_stats(model) -> dict:
