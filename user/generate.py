@@ -13,8 +13,10 @@ import sys
 
 
 def main():
-    import fairseq_cli.generate  # noqa: F401  first: it sets up logging as fairseq-generate does
-
+    # the plugin first, before fairseq and DeepSpeed: its first patches pick DeepSpeed's
+    # accelerator and silence the upstream noise of user/noise.py, which their imports print
+    # (logging is then set up by fairseq's import, as in fairseq-generate)
+    import user  # noqa: F401
     from user.entry import run
 
     run("generate")

@@ -185,6 +185,21 @@ def _wrap(hook: Callable) -> Callable[[object], Callable]:
 # --------------------------------------------------------------------------- always
 
 
+@patch(ALWAYS, "warnings.filters", PYTHON)
+def upstream_noise_silenced() -> None:
+    """Silence the upstream warnings and log lines a user cannot act on (hydra's
+    deprecations of fairseq's calls, torch's of fairseq's, an unused speech task's
+    advice): the list, with a reason for each entry, is :data:`user.noise.NOISE`.
+
+    First: the plugin's import is the earliest point it controls, and it imports fairseq
+    and DeepSpeed (``user/train.py`` and ``user/generate.py`` import the plugin first).
+    Python's warning filters and the named loggers' filters are added to, nothing replaced.
+    """
+    from . import noise
+
+    noise.silence()
+
+
 @patch(ALWAYS, "os.environ", PYTHON)
 def deepspeed_cpu_accelerator() -> None:
     """Pick DeepSpeed's CPU accelerator when torch sees no GPU, before DeepSpeed is imported.
@@ -470,6 +485,7 @@ def no_shared_memory_op_build_on_cpu() -> None:
 
 #: The list, in installation order.
 PATCHES: Tuple[Patch, ...] = (
+    upstream_noise_silenced,
     deepspeed_cpu_accelerator,
     one_line_errors,
     fairseq_checkpoints_load_under_torch_2_6,
