@@ -13,10 +13,9 @@ import sys
 
 
 def main():
-    # the plugin first, before fairseq and DeepSpeed: its first patches pick DeepSpeed's
-    # accelerator and silence the upstream noise of user/noise.py, which their imports print
-    # (logging is then set up by fairseq's import, as in fairseq-generate)
-    import user  # noqa: F401
+    # the plugin (user/__init__.py) first, before fairseq and DeepSpeed: its first patches
+    # pick DeepSpeed's accelerator and silence the noise of user/noise.py their imports
+    # print (fairseq's import then sets up logging, as in fairseq-generate)
     from user.entry import run
 
     run("generate")

@@ -22,9 +22,8 @@ def main():
         level=os.environ.get("LOGLEVEL", "INFO").upper(),
         stream=sys.stdout,
     )
-    # then the plugin, before fairseq and DeepSpeed: its first patches pick DeepSpeed's
-    # accelerator and silence the upstream noise of user/noise.py, which their imports print
-    import user  # noqa: F401
+    # then the plugin (user/__init__.py), before fairseq and DeepSpeed: its first patches
+    # pick DeepSpeed's accelerator and silence the noise of user/noise.py their imports print
     from user.entry import run
 
     run("train")
