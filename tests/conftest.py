@@ -36,13 +36,15 @@ _import_plugin()
 
 
 def cli_env(**extra):
-    """Environment for CLI subprocesses (no variable a user would have to set)."""
+    """Environment for CLI subprocesses (no variable a user would have to set); ``extra``
+    variables set to None are unset (``PYTHONWARNINGS=None``: Python's warnings as a user
+    sees them)."""
     env = dict(os.environ)
     env.pop("DS_ACCELERATOR", None)  # the plugin must pick the CPU itself
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONWARNINGS"] = "ignore"
     env.update(extra)
-    return env
+    return {k: v for k, v in env.items() if v is not None}
 
 
 def run_cli(args, timeout=300, check=True, **env):

@@ -105,8 +105,8 @@ def test_each_patch_is_installed_only_when_its_scope_is_in_use(tiny_data):
         p.name
         for p in patches.PATCHES
         if p.scope == patches.ALWAYS
-        if p.name not in ("deepspeed_cpu_accelerator",)
-    )  # sets a variable only
+        if p.name not in ("upstream_noise_silenced", "deepspeed_cpu_accelerator")
+    )  # add filters, set a variable: nothing to mark
     task = sorted(p.name for p in patches.PATCHES if p.scope == patches.TASK)
     # a plain fairseq run with the user dir loaded: fairseq's checkpoint functions untouched
     assert got["import"] == got["translation"] == always

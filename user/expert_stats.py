@@ -13,13 +13,29 @@ and micro-batches:
 * ``moe_imbalance`` = (tokens of the busiest expert) / (tokens per expert if perfectly
   balanced), averaged over MoE layers: 1.0 is balanced, ``--num-experts`` means every
   token went to one expert;
+* ``moe_drop``, ``moe_ent``: the dropped share and the mean router entropy over all MoE
+  layers (with ``moe_imbalance`` and the criterion's gate loss, the summary);
 * per layer (``enc1``, ``dec0``, ...): each expert's share, the dropped share, the mean
   router entropy and the mean gate loss.
+
+fairseq's console progress bars (``--log-format simple``, ``tqdm``) print the summary
+only, unless ``--moe-console-metrics all``: see :func:`console_stats`.
 """
 
+import contextvars
 import re
+from collections import OrderedDict
 
 from fairseq import metrics
+
+#: ``--moe-console-metrics`` of the run (``"summary"`` or ``"all"``). fairseq_cli makes
+#: its progress bars without the task, so the task sets this when it builds its MoE model
+#: (on the main thread, where fairseq logs) and nothing else writes it; until then the
+#: console prints everything, as fairseq does.
+CONSOLE_METRICS: contextvars.ContextVar = contextvars.ContextVar(
+    "moe_console_metrics", default="all"
+)
+_PER_LAYER_KEY = re.compile(r"moe_(enc|dec)\d+_")  # moe_<layer_tag(...)>_*
 
 
 def unwrap_model(model):
@@ -33,6 +49,15 @@ def layer_tag(name: str) -> str:
     """Short name of an MoE block: ``encoder.layers.1.moe_ffn`` -> ``enc1``."""
     m = re.search(r"(encoder|decoder)\.layers\.(\d+)\.", name)
     return f"{m.group(1)[:3]}{m.group(2)}" if m else name
+
+
+def console_stats(stats: dict) -> dict:
+    """What a console progress bar prints of ``stats``: all of it with
+    ``--moe-console-metrics all``, else all but the per-layer ``moe_<layer>_*`` scalars
+    (``--log-format json`` and the TensorBoard, wandb and aim loggers get ``stats``)."""
+    if CONSOLE_METRICS.get() == "all":
+        return stats
+    return OrderedDict((k, v) for k, v in stats.items() if not _PER_LAYER_KEY.match(k))
 
 
 def expert_load_stats(model) -> dict:
@@ -65,10 +90,11 @@ def expert_load_stats(model) -> dict:
 
 
 def log_routing_metrics(logging_outputs) -> None:
-    """``moe_imbalance`` and, per MoE layer, ``moe_L_e<i>`` (fraction of tokens routed
-    to expert i), ``moe_L_drop`` (fraction of token-expert assignments dropped),
-    ``moe_L_ent`` (mean gate entropy, nats; ln E = uniform), ``moe_L_aux`` (mean gate
-    loss); all summed over ranks and micro-batches before dividing."""
+    """``moe_imbalance``; ``moe_drop`` (fraction of token-expert assignments dropped) and
+    ``moe_ent`` (mean gate entropy per token, nats), over all MoE layers; and per MoE
+    layer ``moe_L_e<i>`` (fraction of tokens routed to expert i), ``moe_L_drop``,
+    ``moe_L_ent`` (ln E = uniform), ``moe_L_aux`` (mean gate loss); all summed over
+    ranks, micro-batches and (for the first three) layers before dividing."""
     load_tot = sum(log.get("_moe_load_tot", 0) for log in logging_outputs)
     if load_tot > 0:
         load_max = sum(log.get("_moe_load_max", 0) for log in logging_outputs)
@@ -83,6 +109,13 @@ def log_routing_metrics(logging_outputs) -> None:
     )
     tot = {k: sum(log.get(k, 0) for log in logging_outputs) for k in keys}
     tags = sorted({k[len("_moe_") :].rsplit("_", 1)[0] for k in keys})
+    routed, tokens = (sum(tot.get(f"_moe_{t}_{s}", 0) for t in tags) for s in ("routed", "tok"))
+    if routed > 0:
+        dropped = sum(tot.get(f"_moe_{t}_drop", 0) for t in tags)
+        metrics.log_scalar("moe_drop", dropped / routed, routed, round=4)
+    if tokens > 0:
+        entropy = sum(tot.get(f"_moe_{t}_ent", 0) for t in tags)
+        metrics.log_scalar("moe_ent", entropy / tokens, tokens, round=3)
     for tag in tags:
         routed = tot.get(f"_moe_{tag}_routed", 0)
         if routed <= 0:

@@ -13,8 +13,9 @@ import sys
 
 
 def main():
-    import fairseq_cli.generate  # noqa: F401  first: it sets up logging as fairseq-generate does
-
+    # the plugin (user/__init__.py) first, before fairseq and DeepSpeed: its first patches
+    # pick DeepSpeed's accelerator and silence the noise of user/noise.py their imports
+    # print (fairseq's import then sets up logging, as in fairseq-generate)
     from user.entry import run
 
     run("generate")

@@ -36,6 +36,7 @@ from .errors import PluginError
 logger = logging.getLogger(__name__)
 SIDES = ("enc", "dec")
 NOISY_GATE_POLICIES = ("None", "Jitter", "RSample")
+CONSOLE_METRICS = ("summary", "all")
 
 
 class MoEArgumentError(PluginError, ValueError):
@@ -61,6 +62,8 @@ class MoEOptions:
         use_rts (bool): random token selection when over capacity.
         use_residual (bool): residual MoE (PR-MoE): a dense MLP beside the experts.
         top2_2nd_expert_sampling (bool): top-2 picks the 2nd expert with Gumbel noise.
+        console_metrics (str): the routing metrics fairseq's console progress bars print,
+            ``"summary"`` or ``"all"`` (logging only: see :mod:`user.expert_stats`).
     """
 
     sides: FrozenSet[str] = frozenset()
@@ -77,6 +80,7 @@ class MoEOptions:
     use_rts: bool = True
     use_residual: bool = False
     top2_2nd_expert_sampling: bool = True
+    console_metrics: str = "summary"
 
     def is_moe_layer(self, side: str, index: int) -> bool:
         """Whether layer ``index`` (0-based) of ``side`` is an MoE layer (GShard: every freq-th)."""
@@ -205,6 +209,11 @@ FLAGS: Tuple[Flag, ...] = (
          help="DeepSpeed top2_2nd_expert_sampling: top-2 samples the second expert with "
               "Gumbel noise in training (default)",
          off_help="top-2 takes the second-best expert"),
+    Flag("console_metrics", ("--moe-console-metrics",), choices=CONSOLE_METRICS,
+         help="routing metrics in the console's log lines (--log-format simple or tqdm): "
+              "summary = moe_imbalance, moe_drop, moe_ent; all = also each MoE layer's "
+              "moe_<layer>_* scalars, which json, TensorBoard, wandb and aim always get "
+              "(default summary)"),
 )
 # fmt: on
 

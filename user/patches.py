@@ -185,6 +185,21 @@ def _wrap(hook: Callable) -> Callable[[object], Callable]:
 # --------------------------------------------------------------------------- always
 
 
+@patch(ALWAYS, "warnings.filters", PYTHON)
+def upstream_noise_silenced() -> None:
+    """Silence the upstream warnings and log lines a user cannot act on (hydra's
+    deprecations of fairseq's calls, torch's of fairseq's, an unused speech task's
+    advice): the list, with a reason for each entry, is :data:`user.noise.NOISE`.
+
+    First: the plugin's import is the earliest point it controls, and it imports fairseq
+    and DeepSpeed (``user/train.py`` and ``user/generate.py`` import the plugin first).
+    Python's warning filters and the named loggers' filters are added to, nothing replaced.
+    """
+    from . import noise
+
+    noise.silence()
+
+
 @patch(ALWAYS, "os.environ", PYTHON)
 def deepspeed_cpu_accelerator() -> None:
     """Pick DeepSpeed's CPU accelerator when torch sees no GPU, before DeepSpeed is imported.
@@ -385,6 +400,30 @@ def resume_restores_experts() -> None:
     _replace("fairseq.checkpoint_utils.load_checkpoint", _wrap(fairseq_hooks.load_checkpoint))
 
 
+@patch(
+    TASK,
+    "fairseq.logging.progress_bar.BaseProgressBar._format_stats",
+    FAIRSEQ,
+    signature="(self, stats)",
+)
+def console_prints_routing_summary() -> None:
+    """The console's log lines carry the routing summary, not every layer's scalars
+    (``--moe-console-metrics``, see :func:`user.expert_stats.console_stats`).
+
+    With 6 MoE layers of 8 experts, each ``train_inner``, ``train`` and ``valid`` line
+    carried about 66 numbers. fairseq has no hook between its metrics and what a bar
+    prints; this method formats the stats of the console bars only (``simple``,
+    ``tqdm``): ``json`` has its own, and the TensorBoard, wandb and aim wrappers log the
+    stats before they hand them to the console bar.
+    """
+    from . import expert_stats
+
+    def console(original, bar, stats):
+        return original(bar, expert_stats.console_stats(stats))
+
+    _replace("fairseq.logging.progress_bar.BaseProgressBar._format_stats", _wrap(console))
+
+
 # --------------------------------------------------------------------------- expert parallelism
 
 
@@ -446,6 +485,7 @@ def no_shared_memory_op_build_on_cpu() -> None:
 
 #: The list, in installation order.
 PATCHES: Tuple[Patch, ...] = (
+    upstream_noise_silenced,
     deepspeed_cpu_accelerator,
     one_line_errors,
     fairseq_checkpoints_load_under_torch_2_6,
@@ -454,6 +494,7 @@ PATCHES: Tuple[Patch, ...] = (
     atomic_checkpoint_copies,
     checkpoints_load_in_any_layout,
     resume_restores_experts,
+    console_prints_routing_summary,
     expert_shards_on_save,
     gradient_norm_counts_every_expert,
     no_shared_memory_op_build_on_cpu,

@@ -8,13 +8,22 @@
 Usage: ``python user/train.py DATABIN --arch transformer_ds_moe_... [fairseq-train options]``
 """
 
+import logging
 import os
 import sys
 
 
 def main():
-    import fairseq_cli.train  # noqa: F401  first: it sets up logging as fairseq-train does
-
+    # as fairseq_cli/train.py does before it imports fairseq: the first logging setup wins
+    # (fairseq's own import sets the root logger to DEBUG, in Python's format, on stderr)
+    logging.basicConfig(
+        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        level=os.environ.get("LOGLEVEL", "INFO").upper(),
+        stream=sys.stdout,
+    )
+    # then the plugin (user/__init__.py), before fairseq and DeepSpeed: its first patches
+    # pick DeepSpeed's accelerator and silence the noise of user/noise.py their imports print
     from user.entry import run
 
     run("train")

@@ -21,7 +21,8 @@
   and ``--eval-bleu``) runs in lockstep across the expert-parallel ranks (see
   :mod:`user.lockstep`); a rank whose share of the data is exhausted gets
   dummy batches so it keeps serving its experts;
-* expert load is logged (see :mod:`user.expert_stats`).
+* expert load is logged (see :mod:`user.expert_stats`); the console prints the routing
+  summary unless ``--moe-console-metrics all``.
 """
 
 import logging
@@ -139,6 +140,7 @@ class TranslationDeepSpeedTask(TranslationTask):
                 f"{local:,} expert parameters here ({local * opts.ep_size:,} in the model)"
             )
             self.expert_layout = ExpertLayout.of(model)
+            expert_stats.CONSOLE_METRICS.set(opts.console_metrics)
             # fairseq builds a model from a checkpoint for generation, interactive and hub
             self.lockstep_dummies = from_checkpoint and world > 1 and opts.ep_size > 1
         self.model_loss_names = list(getattr(model, "loss_names", list)())
