@@ -71,6 +71,9 @@ def test_a_listed_message_is_silenced_from_its_source_only_and_a_users_filter_wi
     assert shown("hydra.core.utils", logging.WARNING, "Setting JobRuntime:name=utils")
     assert shown("hydra.core.utils", logging.DEBUG, "Loaded config")
     assert shown("hydra.core", logging.DEBUG, "Setting JobRuntime:name=utils")
+    bpe = "If you are using BPE on the target side, the BLEU score is computed on BPE tokens, ..."
+    assert not shown("fairseq_cli.generate", logging.WARNING, bpe)  # fairseq's own BLEU line's
+    assert shown("fairseq_cli.generate", logging.WARNING, "another warning")
 
 
 def loud(args, **env):

@@ -14,8 +14,7 @@ import sys
 
 
 def main():
-    import fairseq_cli.interactive  # noqa: F401  first: it sets up logging as fairseq-interactive does
-
+    # the plugin (user/__init__.py) first, before fairseq and DeepSpeed, as user/generate.py
     from user.entry import run
 
     run("interactive")

@@ -81,6 +81,11 @@ NOISE: Tuple[Noise, ...] = (
           reason="fairseq's wav2vec2_classification sets the root logger to DEBUG when fairseq "
                  "is imported, before fairseq-generate configures logging; hydra's DEBUG lines "
                  "then reach generate's log"),
+    Noise(r"If you are using BPE on the target side, the BLEU score is computed on BPE tokens",
+          logger="fairseq_cli.generate", level=logging.WARNING,
+          reason="fairseq-generate says this of its own BLEU line, printed with any --bpe; "
+                 "the score to report is scripts/sacrebleu.sh's (detokenized, with its "
+                 "signature), which run.sh and make demo print"),
     Noise(r"'pin_memory' argument is set as true but no accelerator is found",
           category=UserWarning, module="torch.utils.data.dataloader",
           reason="fairseq's batch iterator always asks for pinned memory, which only a GPU "
