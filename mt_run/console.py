@@ -44,7 +44,7 @@ import time
 from mt_run import fairseq_log
 from mt_run.processes import kill_tree
 
-_LOADED = re.compile(r"Loaded checkpoint .* @ (\d+) updates")
+_NOTHING_LEFT = re.compile(r"is reached: nothing to train")  # user/checkpoint/fairseq_hooks.py
 _EXAMPLES = re.compile(r"(\w+) \w+-\w+ (\d+) examples\s*$")  # "... test en-de 1000 examples"
 # a warning or error in fairseq's log format or Python logging's default one
 _LEVEL = re.compile(r"(?:\| (WARNING|ERROR) \| [^|]*\| |^(WARNING|ERROR):[^:]*:)(.*)$")
@@ -78,16 +78,18 @@ class Display:
         self.blocks = ("\u2588", "\u2591") if "utf" in encoding else ("#", "-")
         self.shown = ""  # the progress line on screen (terminal)
         self.plain_at = (-1.0, 0.0)  # the last plain progress line's fraction and time
+        self.lock = threading.RLock()  # the clock's thread and the readers' write here
 
     def _write(self, text):
-        self.stream.write(text)
-        self.stream.flush()
+        with self.lock:
+            self.stream.write(text)
+            self.stream.flush()
 
     def _clear(self):
         if self.tty and self.shown:
             self._write("\r\033[K")
 
-    def bar(self, fraction, width=20):
+    def bar(self, fraction, width=12):
         """``[█████░░░░░]``: ``fraction`` of ``width`` cells."""
         full = int(round(min(max(fraction, 0.0), 1.0) * width))
         return "[" + self.blocks[0] * full + self.blocks[1] * (width - full) + "]"
@@ -102,8 +104,9 @@ class Display:
             bar = f"{self.bar(fraction)} " if fraction is not None else ""
             line = f"{label:<10} {bar}{text}"
             columns = shutil.get_terminal_size((100, 24)).columns
-            self.shown = line[: max(columns - 1, 20)]
-            self._write("\r\033[K" + self.shown)
+            with self.lock:
+                self.shown = line[: max(columns - 1, 20)]
+                self._write("\r\033[K" + self.shown)
             return
         last_fraction, last_time = self.plain_at
         now = time.monotonic()
@@ -114,16 +117,18 @@ class Display:
 
     def line(self, label, text):
         """A line that stays (a validation, a warning), above the progress line."""
-        self._clear()
-        self._write(f"{label:<10} {text}\n")
-        if self.tty and self.shown:
-            self._write(self.shown)
+        with self.lock:
+            self._clear()
+            self._write(f"{label:<10} {text}\n")
+            if self.tty and self.shown:
+                self._write(self.shown)
 
     def done(self, label, text):
         """The stage's closing line, in place of its progress line."""
-        self._clear()
-        self.shown = ""
-        self._write(f"{label:<10} {text}\n")
+        with self.lock:
+            self._clear()
+            self.shown = ""
+            self._write(f"{label:<10} {text}\n")
 
 
 class Stage:
@@ -251,15 +256,16 @@ class Train(Stage):
 
     label = "train"
 
-    def __init__(self, log, display, updates, name=None):
+    def __init__(self, log, display, updates=None, name=None):
         super().__init__(log, display, name)
-        self.total = updates
+        self.total = updates  # None: no update budget (--max-update 0, an epoch budget)
         self.start = None  # (updates, time) the rate is measured from
         self.updates = None  # the last record's
         self.loss = None
         self.ups = None  # fairseq's updates/s of the last interval
         self.at = None  # when the last record came
         self.valid = None
+        self.nothing_left = False
 
     def rate(self):
         """Updates per second since this run's first record, else fairseq's own."""
@@ -270,16 +276,23 @@ class Train(Stage):
         return self.ups
 
     def on_line(self, line):
-        m = _LOADED.search(line)
-        if m:
-            self.display.line(self.label, f"resumed at update {m.group(1)}")
+        resumed = fairseq_log.resumed_updates(line)
+        if resumed is not None:
+            self.display.line(self.label, f"resumed at update {resumed}")
             return
-        found = fairseq_log.record(line)
+        if _NOTHING_LEFT.search(line):
+            self.nothing_left = True
+            return
+        try:
+            found = fairseq_log.record(line)
+        except ValueError:  # a damaged record (two processes' lines run together): skip it
+            return
         if not found:
             return
         kind, rec = found
-        if kind == "train_inner" and "num_updates" in rec:
+        if "num_updates" in rec:  # (valid and train records count too: a short run has no other)
             self.updates, self.at = int(rec["num_updates"]), time.monotonic()
+        if kind == "train_inner" and "num_updates" in rec:
             self.loss, self.ups = rec.get("loss"), rec.get("ups")
             if self.start is None:
                 self.start = (self.updates, self.at)
@@ -291,25 +304,31 @@ class Train(Stage):
             self.display.line("valid", f"update {at}: " + ", ".join(parts))
 
     def show(self):
-        fraction = self.updates / max(self.total, 1)
-        parts = [f"{self.updates}/{self.total} updates", f"{100 * fraction:3.0f}%"]
-        rate = self.rate()
+        rate, fraction = self.rate(), None
+        if self.total:
+            fraction = min(self.updates / self.total, 1.0)
+            parts = [f"{self.updates}/{self.total} updates", f"{100 * fraction:3.0f}%"]
+            if rate:
+                parts.append(f"ETA {clock(max(self.total - self.updates, 0) / rate)}")
+        else:
+            parts = [f"{self.updates} updates"]
         if rate:
             parts.append(f"{rate:.2f} updates/s")
         if isinstance(self.loss, float):
             parts.append(f"loss {self.loss:.3f}")
-        if rate:
-            parts.append(f"ETA {clock(max(self.total - self.updates, 0) / rate)}")
         self.display.progress(self.label, "  ".join(parts), fraction)
 
     def tick(self):
-        if self.updates is None:
-            self.display.progress(self.label, f"starting  {clock(self.elapsed())}")
+        if self.updates is None:  # (rank 0, which logs, may be on another node)
+            self.display.progress(self.label, f"running, no record yet  {clock(self.elapsed())}")
 
     def closing(self):
+        if self.nothing_left:
+            return f"nothing to train: the checkpoint has reached the budget of {self.total}"
         if self.updates is None:
-            return f"no update left of {self.total} ({clock(self.elapsed())})"
-        text = f"update {self.updates} of {self.total} in {clock(self.elapsed())}"
+            return f"done in {clock(self.elapsed())} (no record logged)"
+        of = f" of {self.total}" if self.total else ""
+        text = f"update {self.updates}{of} in {clock(self.elapsed())}"
         rate = self.rate()
         if rate:
             text += f" ({rate:.2f} updates/s)"
@@ -343,13 +362,15 @@ class Generate(Stage):
         # stderr in a thread of its own: neither pipe may fill while the other is read
         reader = threading.Thread(target=self._read_log, args=(proc.stderr, log), daemon=True)
         reader.start()
-        with open(self.out + ".tmp", "w", encoding="utf-8") as out:
-            for line in proc.stdout:
-                out.write(line)
-                if line.startswith("S-"):
-                    self.count += 1
-                    self.show()
-        reader.join()
+        try:
+            with open(self.out + ".tmp", "w", encoding="utf-8") as out:
+                for line in proc.stdout:
+                    out.write(line)
+                    if line.startswith("S-"):
+                        self.count += 1
+                        self.show()
+        finally:  # (the log file closes after this: the last stderr lines first)
+            reader.join(timeout=30)
 
     def _read_log(self, stderr, log):
         for raw in stderr:
@@ -388,33 +409,46 @@ class Generate(Stage):
 
 
 class Translate(Stage):
-    """fairseq-interactive: the translations on stdout, one a line, in input order; the
-    rest (its ``S-``/``H-``/``P-`` lines, stderr) in the log."""
+    """fairseq-interactive: the translations on stdout, one a line, as they come (in input
+    order: fairseq-interactive prints each buffer in order); the rest (its ``S-``/``H-``/
+    ``P-`` lines, stderr) in the log. The ``D-`` line (detokenized) is the translation,
+    else the ``H-`` line; with ``--nbest`` the first, the best."""
 
     label = "translate"
 
     def __init__(self, log, display, out=None, name=None):
         super().__init__(log, display, name)
         self.out = out or sys.stdout
-        self.detok = {}  # id -> D- text
-        self.hyp = {}  # id -> H- text (when no D- line comes)
 
     def read(self, proc, log):
+        pending = None  # (id, H- text) until its D- line, or the next id, comes
+        printed = set()
         for raw in proc.stdout:
             line = raw.rstrip("\n")
             self._log_line(log, line)
             m = _HYP.match(line)
-            if m:
-                (self.detok if m.group(1) == "D" else self.hyp)[int(m.group(2))] = m.group(3)
+            if not m:
+                continue
+            kind, i, text = m.group(1), int(m.group(2)), m.group(3)
+            if pending and pending[0] != i and pending[0] not in printed:
+                self._print(pending[1], printed, pending[0])  # no D- line for it
+            if i in printed:
+                continue
+            if kind == "D":
+                self._print(text, printed, i)
+            elif pending is None or pending[0] != i:
+                pending = (i, text)
+        if pending and pending[0] not in printed:
+            self._print(pending[1], printed, pending[0])
+
+    def _print(self, text, printed, i):
+        printed.add(i)
+        self.out.write(text + "\n")
+        self.out.flush()
 
     def finish(self, status):
-        if status == 0:
-            found = self.detok or self.hyp
-            for i in sorted(found):
-                self.out.write(found[i] + "\n")
-            self.out.flush()
-            return
-        super().finish(status)
+        if status != 0:
+            super().finish(status)
 
 
 def max_update(cmd):
@@ -425,7 +459,7 @@ def max_update(cmd):
             found = cmd[i + 1]
         elif arg.startswith("--max-update="):
             found = arg.split("=", 1)[1]
-    return int(found) if found is not None and found.isdigit() and int(found) > 0 else None
+    return int(found) if found is not None and found.isdigit() else None
 
 
 def main(argv=None):
@@ -449,10 +483,9 @@ def main(argv=None):
     args, cmd = p.parse_args(argv[:cut]), argv[cut + 1 :]
     display = Display()
     if args.stage == "train":
-        updates = args.updates or max_update(cmd)
-        if updates is None:
-            p.error("train needs --updates, or --max-update in the command")
-        stage = Train(args.log, display, updates, args.name)
+        # (0 or none: no update budget, e.g. --max-epoch; no percentage or ETA then)
+        updates = args.updates if args.updates is not None else max_update(cmd)
+        stage = Train(args.log, display, updates or None, args.name)
     elif args.stage == "generate":
         if not args.out:
             p.error("generate needs --out")

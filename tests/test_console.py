@@ -122,15 +122,46 @@ def test_generate_writes_its_output_whole_and_counts_sentences(tmp_path):
     assert out.read_text() == before and not (tmp_path / "gen.txt.tmp").exists()
 
 
-def test_translate_prints_the_translations_in_input_order(tmp_path):
+def test_translate_prints_each_translation_as_it_comes(tmp_path):
+    # D- (detokenized) over H-; with --nbest 2 the first, the best; H- when there is no D-
     script = """
-        print("S-1\\tzwei"); print("H-1\\t-0.1\\t▁two"); print("D-1\\t-0.1\\ttwo")
-        print("S-0\\teins"); print("H-0\\t-0.1\\t▁one"); print("D-0\\t-0.1\\tone")
+        import sys
+        print("S-0\\teins"); print("H-0\\t-0.1\\t_one"); print("D-0\\t-0.1\\tone")
+        print("H-0\\t-0.9\\t_won"); print("D-0\\t-0.9\\twon")
+        print("S-1\\tzwei"); print("H-1\\t-0.1\\t_two"); print("P-1\\t-0.1")
+        print("S-2\\tdrei"); print("H-2\\t-0.1\\t_three"); print("D-2\\t-0.1\\tthree")
+        sys.stdout.flush()
+        raise SystemExit(1)  # a later line failed: what was translated stays printed
     """
     out = io.StringIO()
-    stage = console.Translate(str(tmp_path / "t.log"), console.Display(Screen(False)), out=out)
-    assert stage.run(fake(script)) == 0
-    assert out.getvalue() == "one\ntwo\n"
+    screen = Screen(False)
+    stage = console.Translate(str(tmp_path / "t.log"), console.Display(screen), out=out)
+    assert stage.run(fake(script)) == 1
+    assert out.getvalue() == "one\n_two\nthree\n"
+    assert "failed (exit status 1)" in screen.getvalue()
+
+
+def test_a_run_shorter_than_the_log_interval_a_finished_one_and_no_budget(tmp_path):
+    # no train_inner record: the epoch's record still says where training got to
+    epoch = '| train | {"epoch": 1, "train_loss": "9.1", "train_num_updates": "5"}'
+    status, shown, _ = train(tmp_path, [epoch], updates=5)
+    assert status == 0 and shown.splitlines()[-1].startswith("train      update 5 of 5 in ")
+    # the plugin's line for a checkpoint already at the budget
+    done = (
+        "| INFO | user.checkpoint.fairseq_hooks | the checkpoint is at 5 updates, "
+        "--max-update 5 is reached: nothing to train"
+    )
+    status, shown, _ = train(tmp_path, [done], updates=5)
+    assert shown.splitlines()[-1] == (
+        "train      nothing to train: the checkpoint has reached the budget of 5"
+    )
+    # --max-update 0 (an epoch budget): updates and rate, no percentage or ETA; a damaged
+    # record (two processes' lines run together) is skipped
+    broken = inner(1, 9.0)[:-5] + inner(2, 8.0)
+    status, shown, _ = train(tmp_path, [broken, inner(3, 7.0)], updates=None)
+    lines = shown.splitlines()
+    assert status == 0 and lines[-2].startswith("train      3 updates") and "%" not in lines[-2]
+    assert lines[-1].startswith("train      update 3 in ")
 
 
 def test_the_command_line_takes_the_budget_from_max_update(tmp_path):
@@ -171,7 +202,8 @@ def test_pictures_from_a_json_log(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "cmd,want", [(["--max-update", "7"], 7), (["--max-update=9"], 9), ([], None)]
+    "cmd,want",
+    [(["--max-update", "7"], 7), (["--max-update=9"], 9), (["--max-update", "0"], 0), ([], None)],
 )
 def test_max_update(cmd, want):
     assert console.max_update(["train.py", *cmd]) == want
