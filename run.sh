@@ -23,8 +23,9 @@
 #
 # On screen: a line per stage, a progress bar (plain lines when the output is not a
 # terminal) and a summary; fairseq's full output goes to the run folder: train.log
-# (train.node$NODE_RANK.log when NNODES > 1), generate.log, translate.log, with the
-# pictures valid.png and experts.png. VERBOSE=1 shows fairseq's output instead.
+# (NNODES > 1: train.node$NODE_RANK.log if NODE_RANK is set, else train.<host>.log),
+# generate.log, translate.log, with the pictures valid.png and experts.png. VERBOSE=1
+# shows fairseq's output instead.
 #
 # Environment (defaults in brackets; "tiny" is the ARCH=transformer_ds_moe_tiny
 # recipe, "WMT" every other ARCH, both in mt_run/recipes.py; see README.md, section run.sh):
@@ -94,7 +95,7 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-source "$repo/scripts/lib.sh"  # PYTHON, WORKSPACE_DEFAULT, die, run_tool, read_values, read_lines
+source "$repo/scripts/lib.sh"  # PYTHON, WORKSPACE_DEFAULT, die, run_tool, run_here, read_values, read_lines
 
 note() { echo "run.sh: $*" >&2; }
 
@@ -144,6 +145,8 @@ if [[ -z "${NUM_GPUS:-}" ]]; then
     fi
 fi
 NNODES="${NNODES:-1}"
+node_log="train.$(hostname).log"  # NNODES > 1: each node's agent writes its own log
+if [[ -n ${NODE_RANK:-} ]]; then node_log="train.node$NODE_RANK.log"; fi
 NODE_RANK="${NODE_RANK:-0}"
 is_int NUM_GPUS "$NUM_GPUS"; is_int NNODES "$NNODES"; is_int NODE_RANK "$NODE_RANK"
 [[ -z "${MASTER_PORT:-}" ]] || is_int MASTER_PORT "$MASTER_PORT"
@@ -252,6 +255,10 @@ elif [[ $FP16 == 1 ]]; then
     fi
 fi
 
+# json: every scalar in the log, which the console reads; VERBOSE=1: fairseq's console format
+log_format=json
+if [[ ${VERBOSE:-0} == 1 ]]; then log_format=simple; fi
+
 # train_cmd DENSE SAVE_DIR TB_DIR: the training command line in the array `cmd`
 # (no tensorboard logs when TB_DIR is empty)
 train_cmd() {
@@ -265,7 +272,7 @@ train_cmd() {
          --max-tokens "$MAX_TOKENS" --max-tokens-valid "$MAX_TOKENS"
          --update-freq "$UPDATE_FREQ" --max-update "$MAX_UPDATE"
          --seed "$SEED" --ddp-backend legacy_ddp ${device_args[@]+"${device_args[@]}"}
-         --log-format json --log-interval "$recipe_log_interval"
+         --log-format "$log_format" --log-interval "$recipe_log_interval"
          --save-dir "$save_dir" --save-interval-updates "$recipe_save_interval"
          --keep-interval-updates 1)
     if [[ -n $recipe_keep_last_epochs ]]; then
@@ -319,12 +326,12 @@ TB_DIR="$OUT_DIR/tb/$ARCH-$RUN_NAME"
 # console STAGE ARGS -- CMD: a stage's output to its log, its progress on screen
 # (mt_run/console.py); VERBOSE=1: the command as it is
 console() {
-    if [[ ${VERBOSE:-0} == 1 ]]; then
+    if [[ ${VERBOSE:-0} == 1 ]]; then  # (train runs its command itself)
         while [[ $1 != -- ]]; do shift; done
         shift
         "$@"
     else
-        run_tool mt_run.console "$@"
+        run_here mt_run.console "$@"
     fi
 }
 
@@ -337,22 +344,28 @@ do_train() {
         note "resuming from $SAVE_DIR/checkpoint_last.pt"
     fi
     local log="$SAVE_DIR/train.log" t0=$SECONDS
-    if ((NNODES > 1)); then log="$SAVE_DIR/train.node$NODE_RANK.log"; fi  # (one writer a file)
+    if ((NNODES > 1)); then log="$SAVE_DIR/$node_log"; fi  # (one writer a file)
     mkdir -p "$SAVE_DIR"
     note "training $ARCH-$RUN_NAME on $DEVICE, $WORLD process(es) -> $SAVE_DIR"
-    [[ ${VERBOSE:-0} == 1 ]] || note "fairseq's output: $log"
+    if [[ ${VERBOSE:-0} == 1 ]]; then "${cmd[@]}"; return; fi
+    note "fairseq's output: $log"
     console train --log "$log" -- "${cmd[@]}"  # (the last --max-update is the budget)
-    [[ ${VERBOSE:-0} == 1 ]] && return
-    run_tool mt_run.report --log "$log" --out-dir "$SAVE_DIR" --title "$ARCH-$RUN_NAME" \
-        --stage "train=$((SECONDS - t0))" --checkpoint "$SAVE_DIR/checkpoint_last.pt" \
-        --translate "$(translate_hint)"
+    summary --log "$log" --out-dir "$SAVE_DIR" --stage "train=$((SECONDS - t0))" \
+        --checkpoint "$SAVE_DIR/checkpoint_last.pt" --processes "$WORLD" --record-machine
+}
+
+# summary ARGS: mt_run.report's summary of this run (the pictures too); a failure to draw
+# it leaves the run's result as it is
+summary() {
+    run_here mt_run.report --title "$ARCH-$RUN_NAME" --device "$DEVICE" \
+        --translate "$(translate_hint)" "$@" || note "the summary failed (the run itself is done)"
 }
 
 # a command that translates one's own sentence with this run's checkpoint
 translate_hint() {
     local script="$repo/run.sh"
     if [[ $PWD == "$repo" ]]; then script=run.sh; fi
-    echo "${given# }${given:+ }bash $script translate \"Select the file.\""
+    echo "${given# }${given:+ }bash $(printf '%q' "$script") translate \"Select the file.\""
 }
 
 # the checkpoint generate and translate use: CHECKPOINT (a file, or a folder), else the
@@ -409,20 +422,21 @@ do_generate() {
     fi
     t_gen=$((SECONDS - t0))
     note "translations in $gen"
-    if [[ ! -f $ref ]]; then
+    local scored=() t_score
+    if [[ -f $ref ]]; then
+        t0=$SECONDS
+        "${score[@]}" | tee "$out/generate-test.bleu"
+        t_score=$((SECONDS - t0))
+        scored=(--stage "score=$t_score" --bleu "$(cat "$out/generate-test.bleu")"
+                --source "$(dirname "$ref")/test.$SRC" --reference "$ref")
+    else
         note "no reference $ref: set REF to the plain-text test.$TGT to score"
-        return
     fi
-    t0=$SECONDS
-    "${score[@]}" | tee "$out/generate-test.bleu"
-    t_score=$((SECONDS - t0))
     [[ ${VERBOSE:-0} == 1 ]] && return
     echo
-    run_tool mt_run.report --log "$out/train.log" --also-log "$out/generate.log" \
-        --out-dir "$out" --title "$ARCH-$RUN_NAME" --stage "translate=$t_gen" --stage "score=$t_score" --bleu "$(cat "$out/generate-test.bleu")" \
-        --source "$(dirname "$ref")/test.$SRC" --reference "$ref" --checkpoint "$ckpt" \
-        --translations "$gen" --device "$DEVICE" \
-        --translate "$(translate_hint)"
+    summary --log "$out/train.log" --also-log "$out/generate.log" --out-dir "$out" \
+        --stage "translate=$t_gen" ${scored[@]+"${scored[@]}"} --checkpoint "$ckpt" \
+        --translations "$gen"
 }
 
 do_translate() {
@@ -432,15 +446,17 @@ do_translate() {
     local ckpt
     find_checkpoint
     decode_cmd interactive
-    cmd+=(--buffer-size 64 --input - "$@")
+    local buffer=64
+    if ((${#text[@]} == 0)) && [[ -t 0 ]]; then buffer=1; fi  # typed: each line at once
+    cmd+=(--buffer-size "$buffer" --batch-size "$buffer" --input - "$@")
     if dry; then show "${cmd[@]}"; return; fi
     local out
     out="$(run_folder)"
     if ((${#text[@]})); then
-        printf '%s\n' "${text[@]}" | run_tool mt_run.console translate --log "$out/translate.log" -- "${cmd[@]}"
+        printf '%s\n' "${text[@]}" | run_here mt_run.console translate --log "$out/translate.log" -- "${cmd[@]}"
     else
         [[ ! -t 0 ]] || note "translating what you type, one sentence a line (Ctrl-D ends)"
-        run_tool mt_run.console translate --log "$out/translate.log" -- "${cmd[@]}"
+        run_here mt_run.console translate --log "$out/translate.log" -- "${cmd[@]}"
     fi
 }
 

@@ -86,16 +86,21 @@ def draw_experts(series, out, title=None):
             rows = rows + [[drop.get(s, float("nan")) for s in steps]]
             labels.append("drop")
         data = np.array(rows)
-        half = (steps[1] - steps[0]) / 2 if len(steps) > 1 else 0.5
-        im = ax.imshow(
-            data,
-            aspect="auto",
-            interpolation="nearest",
+        # cell edges halfway between logged updates (validations come unevenly spaced)
+        x = np.array(steps, dtype=float)
+        mid = (x[1:] + x[:-1]) / 2
+        first = x[0] - (mid[0] - x[0] if len(x) > 1 else 0.5)
+        last = x[-1] + (x[-1] - mid[-1] if len(x) > 1 else 0.5)
+        edges = np.concatenate([[first], mid, [last]])
+        im = ax.pcolormesh(
+            edges,
+            np.arange(len(rows) + 1) - 0.5,
+            np.ma.masked_invalid(data),
             cmap="viridis",
             vmin=0,
             vmax=max(2.0 / n, float(np.nanmax(data))),
-            extent=(steps[0] - half, steps[-1] + half, len(rows) - 0.5, -0.5),
         )
+        ax.invert_yaxis()
         if drop:
             ax.axhline(n - 0.5, color="white", linewidth=1.5)
         ax.set_yticks(range(len(rows)), labels, fontsize=7)

@@ -25,6 +25,9 @@ from importlib import metadata
 from mt_run import fairseq_log, plots
 from mt_run.console import clock
 
+#: in the run folder: the machine that trained it last (``--record-machine``)
+MACHINE_FILE = "machine.txt"
+
 #: the distributions a score depends on, as the summary names them
 VERSIONS = (
     ("torch", "torch"),
@@ -46,16 +49,19 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-def machine(device="cpu"):
-    """``AMD EPYC 7B13, 2 cores, 1 thread; Python 3.11.9, torch 2.13.0, ...``."""
+def machine(device="cpu", processes=1):
+    """``AMD EPYC 7B13, 2 cores, 1 process x 1 thread; Python 3.11.9, torch 2.13.0, ...``:
+    this machine, and the threads ``processes`` of a run on it got."""
     import torch
 
     if device == "cuda" and torch.cuda.is_available():
         n = torch.cuda.device_count()
         where = f"{n} x {torch.cuda.get_device_name(0)}"
-    else:  # (the thread count fairseq's processes got: OMP_NUM_THREADS, else one a core)
-        threads = torch.get_num_threads()
-        where = f"{cpu_name()}, {os.cpu_count()} cores, {threads} thread(s) per process"
+    else:
+        # OMP_NUM_THREADS, else torchrun's 1 per process, else torch's one per core
+        threads = os.environ.get("OMP_NUM_THREADS") or (1 if processes > 1 else None)
+        threads = threads or torch.get_num_threads()
+        where = f"{cpu_name()}, {os.cpu_count()} cores, {processes} process(es) x {threads} thread(s)"
     versions = [f"Python {platform.python_version()}"]
     for name, dist in VERSIONS:
         try:
@@ -72,11 +78,14 @@ def score_of(line):
 
 
 def copy_baseline(source, reference):
-    """sacreBLEU of the source sentences used as the translation (``mt_prep``)."""
+    """sacreBLEU's score of the source sentences used as the translation (``mt_prep``), or
+    None when the files are not parallel."""
     import mt_prep
 
-    result = mt_prep.copy_source_bleu(mt_prep.read_lines(source), mt_prep.read_lines(reference))
-    return str(result)
+    src, ref = mt_prep.read_lines(source), mt_prep.read_lines(reference)
+    if len(src) != len(ref):
+        return None
+    return mt_prep.copy_source_bleu(src, ref).score
 
 
 def pictures(log_text, out_dir, title=None):
@@ -105,9 +114,11 @@ def summary(args):
     rows = []
     if args.bleu:
         rows.append(("BLEU", f"{score_of(args.bleu)}  ({args.bleu.strip()})"))
+        copy = None
         if args.source and args.reference and os.path.isfile(args.source):
             copy = copy_baseline(args.source, args.reference)
-            rows.append(("copy source", f"{score_of(copy)}  (the source sentences as output)"))
+        if copy is not None:
+            rows.append(("copy source", f"{copy:.2f}  (the source sentences as output)"))
     if args.stage:
         parts = [f"{name} {clock(float(seconds))}" for name, seconds in args.stage]
         total = sum(float(s) for _, s in args.stage)
@@ -139,8 +150,21 @@ def summary(args):
         rows.append(("logs" if len(logs) > 1 else "log", ", ".join(where(p) for p in logs)))
     if drawn:
         rows.append(("pictures", ", ".join(where(p) for p in drawn)))
-    if args.bleu:
-        rows.append(("machine", machine(args.device)))
+    # what a score depends on: the machine (and threads) that trained, and this one
+    recorded = os.path.join(folder, MACHINE_FILE)
+    if args.record_machine:
+        here = machine(args.device, args.processes)
+        with open(recorded, "w", encoding="utf-8") as f:
+            f.write(here + "\n")
+        rows.append(("machine", here))
+    elif args.bleu:
+        here = machine(args.device, args.processes)
+        if os.path.isfile(recorded):
+            with open(recorded, encoding="utf-8") as f:
+                rows.append(("trained on", f.read().strip()))
+            rows.append(("translated on", here))
+        else:
+            rows.append(("machine", here))
     if args.translate:
         rows.append(("translate", args.translate))
     return rows
@@ -170,6 +194,12 @@ def main(argv=None):
     p.add_argument("--translations")
     p.add_argument("--translate", help="a command that translates one's own sentence")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--processes", type=int, default=1, help="the run's processes [1]")
+    p.add_argument(
+        "--record-machine",
+        action="store_true",
+        help=f"training: name this machine in the summary and in OUT_DIR/{MACHINE_FILE}",
+    )
     args = p.parse_args(argv)
     rows = summary(args)
     width = max((len(name) for name, _ in rows), default=0) + 1

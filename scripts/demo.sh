@@ -159,4 +159,5 @@ run_tool mt_run.report --log "$log" --also-log "$SAVE_DIR/generate.log" --out-di
     --stage "prepare=$t_prepare" --stage "train=$t_train" --stage "translate=$t_gen" \
     --stage "score=$t_score" --bleu "$bleu" --source "$data/raw/test.en" --reference "$data/raw/test.de" \
     --checkpoint "$SAVE_DIR/checkpoint_last.pt" --translations "$SAVE_DIR/test.hyp.de" \
-    --translate "CHECKPOINT=$SAVE_DIR/checkpoint_last.pt DATABIN=$databin bash run.sh translate \"Select the file.\""
+    --translate "$(printf 'CHECKPOINT=%q DATABIN=%q bash %q translate "Select the file."' \
+        "$(cd "$SAVE_DIR" && pwd)/checkpoint_last.pt" "$(cd "$databin" && pwd)" "$repo/run.sh")"

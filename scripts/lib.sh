@@ -13,6 +13,10 @@
 #                               a script uses its own checkout's mt_run (its recipes),
 #                               whichever checkout PYTHON has installed, if any; file
 #                               arguments must be absolute (or given on stdin)
+#   run_here MODULE ARGS        python -m MODULE ARGS in the caller's folder, with the
+#                               repository's root first on PYTHONPATH (its own mt_run
+#                               too): for the stages of a run (mt_run.console, whose
+#                               command resolves relative paths as the user gave them)
 #   read_values PREFIX MODULE ARGS
 #                               run_tool a tool that prints name=value lines (mt_run.recipes,
 #                               mt_run.fairseq_log summary); set PREFIX_name to each value
@@ -34,6 +38,8 @@ WORKSPACE_DEFAULT="$_repo/workspace"
 die() { echo "${0##*/}: error: $*" >&2; exit 2; }
 
 run_tool() { (cd "$_repo" && "$PYTHON" -m "$@"); }
+
+run_here() { PYTHONPATH="$_repo${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m "$@"; }
 
 _tool_output() { run_tool "$@" || die "'$PYTHON -m $*' failed"; }
 
