@@ -14,7 +14,9 @@
 #             process, on one node (NUM_GPUS and NNODES select the run's name only)
 #   test      the same as generate (the reference plugin's name for it)
 #   translate translate the sentences given (else stdin, one a line) with the
-#             checkpoint generate uses; prints one translation a line
+#             checkpoint generate uses; prints one translation a line (the
+#             sentences come first: the first word starting with - starts the
+#             fairseq options, so give such a sentence on stdin)
 #   bench     train dense and MoE for BENCH_UPDATES updates with the same
 #             settings (nothing saved) and print their train tokens/s side by side
 #
@@ -80,10 +82,11 @@
 #                  set, replaces torchrun --standalone
 #   RDZV_ID        NNODES > 1: the rendezvous id, the same on every node
 #                  [$ARCH-$RUN_NAME]
-#   NODE_RANK      [0, below NNODES] not used by the launch: torchrun numbers the
-#                  nodes itself once all have joined (whatever NODE_RANK says), and
-#                  node n runs global ranks n*NUM_GPUS .. n*NUM_GPUS+NUM_GPUS-1
-#                  (rank 0, which logs training, may be on any node)
+#   NODE_RANK      [0, below NNODES] not used by the launch, only in the name of
+#                  the node's log: torchrun numbers the nodes itself once all have
+#                  joined (whatever NODE_RANK says), and node n runs global ranks
+#                  n*NUM_GPUS .. n*NUM_GPUS+NUM_GPUS-1 (rank 0, which logs
+#                  training, may be on any node)
 #   BEAM, LENPEN   generate: beam size and length penalty [4, 0.6; 4, 1.0 tiny]
 #   REF            generate: plain-text reference [dirname($DATABIN)/raw/test.$TGT]
 #   CHECKPOINT     generate, translate: a checkpoint file, or a folder to take
