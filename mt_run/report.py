@@ -61,7 +61,9 @@ def machine(device="cpu", processes=1):
         # OMP_NUM_THREADS, else torchrun's 1 per process, else torch's one per core
         threads = os.environ.get("OMP_NUM_THREADS") or (1 if processes > 1 else None)
         threads = threads or torch.get_num_threads()
-        where = f"{cpu_name()}, {os.cpu_count()} cores, {processes} process(es) x {threads} thread(s)"
+        where = (
+            f"{cpu_name()}, {os.cpu_count()} cores, {processes} process(es) x {threads} thread(s)"
+        )
     versions = [f"Python {platform.python_version()}"]
     for name, dist in VERSIONS:
         try:
