@@ -64,6 +64,8 @@ class MoEOptions:
         top2_2nd_expert_sampling (bool): top-2 picks the 2nd expert with Gumbel noise.
         console_metrics (str): the routing metrics fairseq's console progress bars print,
             ``"summary"`` or ``"all"`` (logging only: see :mod:`user.expert_stats`).
+        z_loss (bool): the model also returns the router z-loss (ST-MoE),
+            ``experts_z_loss``, for ``--loss-weights`` to weigh.
     """
 
     sides: FrozenSet[str] = frozenset()
@@ -81,6 +83,7 @@ class MoEOptions:
     use_residual: bool = False
     top2_2nd_expert_sampling: bool = True
     console_metrics: str = "summary"
+    z_loss: bool = False
 
     def is_moe_layer(self, side: str, index: int) -> bool:
         """Whether layer ``index`` (0-based) of ``side`` is an MoE layer (GShard: every freq-th)."""
@@ -214,6 +217,11 @@ FLAGS: Tuple[Flag, ...] = (
               "summary = moe_imbalance, moe_drop, moe_ent; all = also each MoE layer's "
               "moe_<layer>_* scalars, which json, TensorBoard, wandb and aim always get "
               "(default summary)"),
+    Flag("z_loss", ("--moe-z-loss",), parse=bool,
+         help="router z-loss (ST-MoE): the model also returns experts_z_loss, the mean over "
+              "real tokens of logsumexp(router logits)^2 of each MoE layer, summed over "
+              "layers; give its weight in --loss-weights, e.g. \"experts_z_loss\": 0.001 "
+              "(default off)"),
 )
 # fmt: on
 
