@@ -7,6 +7,7 @@ expert dropout (``--moe-expert-dropout``): values checked by hand, on the buffer
 and the local path, in training and in evaluation. The criterion's side is in
 tests/test_criterion.py, expert parallelism in tests/test_expert_parallel.py."""
 
+import copy
 import math
 
 import pytest
@@ -99,3 +100,69 @@ def test_model_z_loss_reaches_the_routers_only(tiny_data):
     assert above and all(grads[n] is None for n in above + ["decoder.output_projection.weight"])
     stats = model.routing_stats()
     assert all(stats[n]["z"] == pytest.approx(float(m.z_loss)) for n, m in layers.items())
+
+
+# --------------------------------------------------------------------------- EOM
+
+
+def _eom_pair(fast_dispatch, k, p):
+    plain = make_layer(fast_dispatch, top_k=k, drop_tokens=False)
+    masked = copy.deepcopy(plain)
+    masked.opts = MoEOptions(**{**plain.opts.__dict__, "eom": p})
+    return plain, masked
+
+
+@PATHS
+@pytest.mark.parametrize("k,p", [(1, 0.3), (2, 0.5)])
+def test_eom_drops_a_share_p_of_routes_in_training_only(fast_dispatch, k, p):
+    plain, masked = _eom_pair(fast_dispatch, k, p)
+    x = torch.rand(500, 4, C) + 0.1  # every expert output is positive
+    want = plain.train()(x)
+    torch.manual_seed(0)
+    got = masked.train()(x)
+    zero = (got == 0).all(-1)
+    # a token loses its whole output when all its k routes are dropped: p ** k
+    share = zero.float().mean().item()
+    assert abs(share - p**k) < 5 * math.sqrt(p**k * (1 - p**k) / zero.numel())
+    if k == 1:  # the kept tokens' outputs are scaled by 1 / (1 - p)
+        torch.testing.assert_close(got[~zero], want[~zero] / (1 - p))
+    # evaluation and generation: the layer without masking, bit for bit
+    torch.testing.assert_close(masked.eval()(x), plain.eval()(x), rtol=0, atol=0)
+
+
+def test_eom_off_draws_no_random_number():
+    layer = make_layer(True, top_k=1)
+    torch.manual_seed(0)
+    layer.train()(torch.rand(7, 2, C))
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    torch.rand(7, 2, C)
+    assert torch.equal(torch.rand(1), after)
+
+
+# --------------------------------------------------------------------------- expert dropout
+
+
+@pytest.mark.parametrize("side", ["enc", "dec"])
+def test_expert_dropout_replaces_activation_dropout_in_experts_only(tiny_data, side):
+    # fmt: off
+    flags = ["--deepspeed_moe", side, "--num-experts", "4", "--dropout", "0",
+             "--attention-dropout", "0", "--activation-dropout", "0.1"]
+    # fmt: on
+    task, plain = build(tiny_data, "transformer_ds_moe_tiny", *flags)
+    _, dropped = build(tiny_data, "transformer_ds_moe_tiny", *flags, "--moe-expert-dropout", "0.5")
+    for a, b in zip(plain.state_dict().values(), dropped.state_dict().values()):
+        assert torch.equal(a, b)  # dropout has no parameters: the same model
+    rates = {n: m.p for n, m in dropped.named_modules() if n.endswith("activation_dropout_module")}
+    experts = {n: r for n, r in rates.items() if ".deepspeed_experts." in n}
+    assert experts and set(experts.values()) == {0.5}
+    assert set(r for n, r in rates.items() if n not in experts) == {0.1}  # dense FFNs
+
+    batch = sample_batch(task)
+
+    def out(model, train):
+        torch.manual_seed(3)
+        return model.train(train)(**batch["net_input"])[0]
+
+    assert not torch.equal(out(plain, True), out(dropped, True))
+    torch.testing.assert_close(out(plain, False), out(dropped, False), rtol=0, atol=0)

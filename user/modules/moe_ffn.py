@@ -340,6 +340,8 @@ class MoEFeedForward(nn.Module):
             self.stats = self._routing_stats(tokens, padding_mask, logits)
             if self.z_loss is not None:
                 self.stats["z"] = float(self.z_loss.detach())
+        if self.training and self.opts.eom > 0:
+            routes = routes._replace(gates=self._mask_expert_outputs(routes.gates))
         if local or exchange:
             out = self._forward_local(tokens, routes, exchange)
         else:
@@ -347,6 +349,15 @@ class MoEFeedForward(nn.Module):
         if self.collect_stats:
             self.stats.update(self._load_stats(routes))
         return out.view(T, B, C)
+
+    def _mask_expert_outputs(self, gates: Tensor) -> Tensor:
+        """Expert output masking (NLLB-200's ``--moe-eom``): each route's expert output
+        is dropped with probability ``p`` (its weight in the combine set to 0, on every
+        dispatch path alike), the kept ones scaled by ``1 / (1 - p)`` so that evaluation
+        runs the layer unchanged. ``gates``: ``k x S`` fp32."""
+        p = self.opts.eom
+        keep = torch.rand_like(gates) >= p  # k x S
+        return gates * keep / (1 - p)
 
     def _forward_buffers(self, routed: Tensor, tokens: Tensor, routes: Routes) -> Tensor:
         """DeepSpeed's dispatch (``MOELayer.forward`` after its gate) of ``routed`` and
