@@ -71,6 +71,42 @@ def test_total_is_weighted_base_plus_scaled_gate_loss(tiny_data):
     torch.testing.assert_close(log["nll_loss"], nll)
 
 
+Z_WEIGHTS = '{"base_crit": 1, "experts_gate_loss": 0.01, "experts_z_loss": 0.001}'
+
+
+def test_z_loss_is_weighted_and_logged_like_the_gate_loss(tiny_data):
+    task, model, crit = setup(tiny_data, "--moe-z-loss", "--loss-weights", Z_WEIGHTS)
+    batch = sample_batch(task)
+    loss, sample_size, log = crit(model, batch)
+    base, _, gate = reference(model, batch, 0.0)
+    z = model(**batch["net_input"])[1]["experts_z_loss"]
+    assert z > 0
+    torch.testing.assert_close(loss, base + 0.01 * sample_size * gate + 0.001 * sample_size * z)
+    torch.testing.assert_close(log["loss_experts_z_loss"], 0.001 * sample_size * z)
+
+    from fairseq.logging import metrics
+
+    _, _, log = task.valid_step(batch, model, crit)
+    with metrics.aggregate() as agg:
+        task.reduce_metrics([log], crit)
+    values = agg.get_smoothed_values()
+    parts = ("base_crit", "experts_gate_loss", "experts_z_loss")
+    assert values["loss"] == pytest.approx(sum(values[f"loss_{p}"] for p in parts), abs=3e-3)
+    # per MoE layer, as moe_<layer>_aux: the mean router z-loss
+    layers = {n: m.z_loss for n, m in model.moe_ffn_layers().items()}
+    assert {"moe_enc1_z", "moe_dec1_z"} <= set(values)
+    assert values["moe_enc1_z"] == pytest.approx(
+        float(layers["encoder.layers.1.moe_ffn"]), abs=1e-3
+    )
+
+
+def test_without_the_flag_no_z_loss_is_computed_or_logged(tiny_data):
+    task, model, crit = setup(tiny_data, "--loss-weights", '{"experts_gate_loss": 0.01}')
+    _, _, log = crit(model, sample_batch(task))
+    assert "loss_experts_z_loss" not in log
+    assert all(m.z_loss is None for m in model.moe_ffn_layers().values())
+
+
 def test_null_and_unnamed_weights(tiny_data):
     task, model, crit = setup(tiny_data, "--loss-weights", '{"experts_gate_loss": null}')
     batch = sample_batch(task)
@@ -135,6 +171,16 @@ def test_reduced_metrics_add_up(tiny_data):
         (
             ["--loss-weights", '{"gate": 1}'],
             "--loss-weights names 'gate', which no component produces",
+        ),
+        (
+            ["--loss-weights", Z_WEIGHTS],
+            "--loss-weights names 'experts_z_loss', which no component produces; known "
+            r"losses: base_crit, experts_gate_loss \(experts_z_loss exists only with --moe-z-loss",
+        ),
+        (["--moe-z-loss"], "--moe-z-loss: give experts_z_loss its weight in --loss-weights"),
+        (
+            ["--moe-z-loss", "--loss-weights", '{"experts_z_loss": -0.001}'],
+            "the weight of 'experts_z_loss' must be >= 0",
         ),
     ],
 )

@@ -501,6 +501,12 @@ CONFIGS = {
                                    "--checkpoint-activations"],
     "ep2_no_drop_checkpoint_activations": ["--num-experts", "4", "--ep-world-size", "2",
                                            "--no-moe-drop-tokens", "--checkpoint-activations"],
+    # W=2, E=2, the router z-loss on (weighted 0.01 so that its gradient shows). Expert
+    # output masking and expert dropout stay off: their random numbers are drawn per
+    # process (masking) or per expert batch (dropout), so a split batch cannot match
+    "ep2_z_loss": ["--num-experts", "4", "--ep-world-size", "2", "--moe-z-loss",
+                   "--loss-weights", json.dumps({"base_crit": 1, "experts_gate_loss": GATE_WEIGHT,
+                                                 "experts_z_loss": 0.01})],
 }
 # More ranks than 2: (processes W, flags).
 SCALE_CONFIGS = {
@@ -582,6 +588,8 @@ def _check_trainer_matches_one_process(tiny_data, extensions_dir, config_flags, 
         for k, v in want["losses"][i].items():
             assert loss[k] == pytest.approx(v, rel=1e-5), f"update {i}: {k}"
         assert want["losses"][i]["loss_experts_gate_loss"] > 0
+        assert want["losses"][i].get("loss_experts_z_loss", 1) > 0
+        assert ("loss_experts_z_loss" in loss) == ("--moe-z-loss" in flags)
         _assert_same_params(
             _merge_ranks([g["grads"][i] for g in got]),
             want["grads"][i],

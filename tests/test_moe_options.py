@@ -247,6 +247,22 @@ def test_capacity_factor_must_be_finite_and_positive(dest, value):
     assert refusal(a).startswith(f"{flag} {value}: must be a finite positive number")
 
 
+@pytest.mark.parametrize("value", [1.0, 1.5, -0.1, float("nan")])
+@pytest.mark.parametrize("dest", ["moe_eom", "moe_expert_dropout"])
+def test_masking_and_dropout_rates_must_be_probabilities(dest, value):
+    a = args(deepspeed_moe="enc", num_experts=4, **{dest: value})
+    flag = "--" + dest.replace("_", "-")
+    assert refusal(a) == f"{flag} {value}: must be a probability, 0 <= P < 1"
+
+
+def test_router_options_are_off_by_default_and_take_their_values():
+    opts = options_from_args(args(deepspeed_moe="enc"))
+    assert (opts.z_loss, opts.eom, opts.expert_dropout) == (False, 0.0, None)
+    given = args(deepspeed_moe="enc", moe_z_loss=True, moe_eom=0.2, moe_expert_dropout=0.0)
+    opts = options_from_args(given)
+    assert (opts.z_loss, opts.eom, opts.expert_dropout) == (True, 0.2, 0.0)
+
+
 def criterion_args(weights, moe=True):
     return Namespace(
         criterion="model_and_base",

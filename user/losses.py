@@ -29,11 +29,17 @@ from .moe_options import MoEArgumentError, parse_json_flag, parse_sides
 BASE = "base_crit"
 #: The loss an MoE model returns: the sum over its MoE layers of DeepSpeed's ``l_aux``.
 GATE_LOSS = "experts_gate_loss"
+#: With ``--moe-z-loss``: the sum over MoE layers of the router z-loss (ST-MoE).
+Z_LOSS = "experts_z_loss"
+#: The flag that makes the model return each optional loss.
+LOSS_FLAGS = {GATE_LOSS: "--deepspeed_moe", Z_LOSS: "--moe-z-loss"}
 
 
 def produced_by(args) -> List[str]:
     """Names of the losses the model configured by ``args`` returns (besides ``base_crit``)."""
-    return [GATE_LOSS] if parse_sides(getattr(args, "deepspeed_moe", None)) else []
+    if not parse_sides(getattr(args, "deepspeed_moe", None)):
+        return []
+    return [GATE_LOSS, Z_LOSS] if getattr(args, "moe_z_loss", False) else [GATE_LOSS]
 
 
 def parse_loss_weights(text: Optional[str]) -> Dict[str, Optional[float]]:
@@ -73,14 +79,18 @@ def check_loss_names(weights: Dict[str, Optional[float]], produced: Iterable[str
     known = {BASE, *produced}
     unknown = sorted(set(weights) - known)
     if unknown:
+        needs = [f"{n} exists only with {LOSS_FLAGS[n]}" for n in unknown if n in LOSS_FLAGS]
         raise MoEArgumentError(
             f"--loss-weights names {', '.join(map(repr, unknown))}, which no component "
             f"produces; known losses: {', '.join(sorted(known))}"
-            + (
-                " (experts_gate_loss exists only with --deepspeed_moe)"
-                if "experts_gate_loss" in unknown
-                else ""
-            )
+            + (f" ({'; '.join(needs)})" if needs else "")
+        )
+    if Z_LOSS in known and Z_LOSS not in weights:
+        # an unnamed loss weighs 1: about 1000 times the z-loss weight ST-MoE recommends
+        raise MoEArgumentError(
+            f"--moe-z-loss: give {Z_LOSS} its weight in --loss-weights, e.g. "
+            f'\'{{"base_crit": 1, "{GATE_LOSS}": 0.01, "{Z_LOSS}": 0.001}}\' (ST-MoE\'s '
+            "1e-3); unnamed, it would weigh 1"
         )
     if not any(weights.get(name, 1.0) for name in known):  # a missing name weighs 1.0
         raise MoEArgumentError(

@@ -64,6 +64,12 @@ class MoEOptions:
         top2_2nd_expert_sampling (bool): top-2 picks the 2nd expert with Gumbel noise.
         console_metrics (str): the routing metrics fairseq's console progress bars print,
             ``"summary"`` or ``"all"`` (logging only: see :mod:`user.expert_stats`).
+        z_loss (bool): the model also returns the router z-loss (ST-MoE),
+            ``experts_z_loss``, for ``--loss-weights`` to weigh.
+        eom (float): expert output masking (NLLB-200): in training, each route's expert
+            output is dropped with this probability.
+        expert_dropout (float or None): dropout after the experts' activation in
+            training, in place of ``--activation-dropout``; None = that flag's value.
     """
 
     sides: FrozenSet[str] = frozenset()
@@ -81,6 +87,9 @@ class MoEOptions:
     use_residual: bool = False
     top2_2nd_expert_sampling: bool = True
     console_metrics: str = "summary"
+    z_loss: bool = False
+    eom: float = 0.0
+    expert_dropout: Optional[float] = None
 
     def is_moe_layer(self, side: str, index: int) -> bool:
         """Whether layer ``index`` (0-based) of ``side`` is an MoE layer (GShard: every freq-th)."""
@@ -164,6 +173,11 @@ def _positive(v):
     return None if v > 0 and math.isfinite(v) else "must be a finite positive number"
 
 
+def _probability(v):
+    # a probability of 1 would drop everything (and divide by zero when rescaling)
+    return None if v is None or 0 <= v < 1 else "must be a probability, 0 <= P < 1"
+
+
 # fmt: off
 FLAGS: Tuple[Flag, ...] = (
     Flag("sides", ("--deepspeed_moe", "--deepspeed-moe"), type=str, metavar="enc|dec|enc,dec",
@@ -214,6 +228,19 @@ FLAGS: Tuple[Flag, ...] = (
               "summary = moe_imbalance, moe_drop, moe_ent; all = also each MoE layer's "
               "moe_<layer>_* scalars, which json, TensorBoard, wandb and aim always get "
               "(default summary)"),
+    Flag("z_loss", ("--moe-z-loss",), parse=bool,
+         help="router z-loss (ST-MoE): the model also returns experts_z_loss, the mean over "
+              "real tokens of logsumexp(router logits)^2 of each MoE layer, summed over "
+              "layers; give its weight in --loss-weights, e.g. \"experts_z_loss\": 0.001 "
+              "(default off)"),
+    Flag("eom", ("--moe-eom",), type=float, metavar="P", check=_probability, parse=float,
+         help="expert output masking (NLLB-200): in training, drop each route's expert "
+              "output with probability P, scaling the kept ones by 1 / (1 - P) "
+              "(default 0: off)"),
+    Flag("expert_dropout", ("--moe-expert-dropout",), type=float, metavar="P",
+         check=_probability, parse=float,
+         help="dropout after the experts' activation in training, in place of "
+              "--activation-dropout (default: --activation-dropout's value)"),
 )
 # fmt: on
 

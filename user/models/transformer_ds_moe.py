@@ -11,7 +11,8 @@ Transformer (same parameters, same names). Every fairseq ``transformer_<name>``
 architecture has a twin ``transformer_ds_moe_<name>``.
 
 The model returns the sum of its MoE layers' gate losses as
-``experts_gate_loss`` (see :meth:`TransformerDSMoEModel.get_losses`), which
+``experts_gate_loss`` and, with ``--moe-z-loss``, of their router z-losses as
+``experts_z_loss`` (see :meth:`TransformerDSMoEModel.get_losses`), which
 the ``model_and_base`` criterion weighs with ``--loss-weights``.
 """
 
@@ -33,7 +34,7 @@ from torch import Tensor
 from .. import ds_moe, lockstep
 from ..checkpoint import fairseq_hooks
 from ..checkpoint.format import MODEL_KEY
-from ..losses import GATE_LOSS
+from ..losses import GATE_LOSS, Z_LOSS
 from ..modules.moe_ffn import MoEFeedForward
 from ..modules.moe_transformer_layer import (
     MoETransformerDecoderLayer,
@@ -209,7 +210,9 @@ class TransformerDSMoEModel(TransformerModel):
 
     def loss_names(self) -> List[str]:
         """Names of the losses :meth:`get_losses` returns."""
-        return [GATE_LOSS] if self.moe_opts.sides else []
+        if not self.moe_opts.sides:
+            return []
+        return [GATE_LOSS, Z_LOSS] if self.moe_opts.z_loss else [GATE_LOSS]
 
     def forward(
         self,
@@ -233,8 +236,9 @@ class TransformerDSMoEModel(TransformerModel):
                 alignment_heads=alignment_heads,
             )
         if moe:
-            losses = [m.l_aux for m in moe if m.l_aux is not None]
-            extra[GATE_LOSS] = torch.stack(losses).sum() if losses else x.new_zeros(())
+            extra[GATE_LOSS] = _layer_sum([m.l_aux for m in moe], x)
+            if self.moe_opts.z_loss:
+                extra[Z_LOSS] = _layer_sum([m.z_loss for m in moe], x)
         return x, extra
 
     @contextlib.contextmanager
@@ -244,7 +248,7 @@ class TransformerDSMoEModel(TransformerModel):
         reach the next one)."""
         enc, dec = self.encoder.moe_layers, self.decoder.moe_layers
         for m in enc + dec:
-            m.l_aux = None  # a layer skipped by LayerDrop must not report a stale loss
+            m.l_aux = m.z_loss = None  # a layer skipped by LayerDrop: no stale loss
             m.stats = {}
             m.collect_stats = True  # routing statistics for logging (not in decoding)
         try:
@@ -276,16 +280,16 @@ class TransformerDSMoEModel(TransformerModel):
 
         Returns:
             ``{"experts_gate_loss": sum over MoE layers of DeepSpeed's l_aux}``
-            for an MoE model, ``{}`` for a dense one.
+            for an MoE model, with ``"experts_z_loss"`` (sum over MoE layers of the
+            router z-loss) under ``--moe-z-loss``; ``{}`` for a dense one.
         """
-        if GATE_LOSS in net_output[1]:
-            return {GATE_LOSS: net_output[1][GATE_LOSS]}
-        return {}
+        return {k: net_output[1][k] for k in (GATE_LOSS, Z_LOSS) if k in net_output[1]}
 
     def routing_stats(self) -> Dict[str, dict]:
         """Per MoE layer, the last forward's routing statistics: ``counts`` (tokens
         sent to each expert), ``dropped``, ``routed``, ``tokens`` (real tokens),
-        ``entropy`` (summed gate entropy), ``aux`` (the layer's gate loss)."""
+        ``entropy`` (summed gate entropy), ``aux`` (the layer's gate loss), ``z`` (its
+        router z-loss, with ``--moe-z-loss``)."""
         return {n: m.stats for n, m in self.moe_ffn_layers().items() if "counts" in m.stats}
 
     def expert_counts(self) -> Dict[str, Tensor]:
@@ -293,6 +297,12 @@ class TransformerDSMoEModel(TransformerModel):
         return {
             n: m.exp_counts for n, m in self.moe_ffn_layers().items() if m.exp_counts is not None
         }
+
+
+def _layer_sum(losses, x) -> Tensor:
+    """Sum of the MoE layers' losses that ran (LayerDrop skips some); 0 if none did."""
+    losses = [v for v in losses if v is not None]
+    return torch.stack(losses).sum() if losses else x.new_zeros(())
 
 
 # Architectures: one twin per fairseq ``transformer_<name>`` architecture.

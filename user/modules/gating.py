@@ -86,6 +86,25 @@ def expert_capacity(
     return max(int(cap.to(torch.int64)), min_capacity)
 
 
+def router_z_loss(logits: Tensor, used: Optional[Tensor] = None) -> Tensor:
+    """The router z-loss of ST-MoE (Zoph et al. 2022, eq. 5; Megatron-Core's
+    ``--moe-z-loss-coeff``): the mean over tokens of ``logsumexp(logits)^2``. It keeps
+    the router logits small, where the softmax is stable in low precision.
+
+    Args:
+        logits (Tensor): ``S x E`` fp32 router logits.
+        used (Tensor, optional): ``S``, 0 for padding, which is left out of the mean.
+
+    Returns:
+        fp32 scalar (0 without tokens).
+    """
+    z = torch.logsumexp(logits, dim=-1).square()  # S
+    if used is None:
+        return z.sum() / max(z.numel(), 1)
+    used = used.to(z.dtype)
+    return (z * used).sum() / used.sum().clamp_min(1)
+
+
 def _keep(mask: Tensor, used: Optional[Tensor]) -> Tensor:
     # S x E, routes of unused tokens (padding) removed; integer arithmetic whatever
     # the dtype of ``used`` (DeepSpeed multiplies in used's dtype: counts and slots

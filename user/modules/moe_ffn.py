@@ -153,7 +153,8 @@ EXACT_FIT = env_flag("FAIRSEQ_MOE_EXACT_FIT", True)
 class MoEFeedForward(nn.Module):
     """A DeepSpeed MoE layer in place of a Transformer FFN block.
 
-    After each forward, ``l_aux`` holds the layer's gate (load-balancing) loss
+    After each forward, ``l_aux`` holds the layer's gate (load-balancing) loss,
+    ``z_loss`` its router z-loss (with ``--moe-z-loss``, else None)
     and ``exp_counts`` the number of tokens routed to each expert (``E``).
     Across expert-parallel ranks, set ``agreed_tokens`` to the largest token
     count of the group (the model does, once per forward): every rank then takes
@@ -188,6 +189,7 @@ class MoEFeedForward(nn.Module):
         self.opts = opts
         self.moe = ds_moe.build_moe(embed_dim, expert, opts, layer_key, seed)
         self.l_aux: Optional[Tensor] = None
+        self.z_loss: Optional[Tensor] = None
         self.exp_counts: Optional[Tensor] = None
         self.agreed_tokens: Optional[int] = None
         # routing statistics of the last forward (the model turns this on in
@@ -328,8 +330,18 @@ class MoEFeedForward(nn.Module):
         # as after DeepSpeed's MOELayer.forward
         layer = self.moe.deepspeed_moe
         layer.l_aux, layer.exp_counts = routes.l_aux, routes.counts
+        self.z_loss = None
+        if self.opts.z_loss:
+            if logits is None:  # the router's un-noised logits, with their gradient
+                logits = ds_moe.moe_gate(self.moe).router_logits(tokens)
+            used = None if padding_mask is None else (~padding_mask).t().reshape(-1)  # T*B
+            self.z_loss = gating.router_z_loss(logits, used)
         if self.collect_stats:
             self.stats = self._routing_stats(tokens, padding_mask, logits)
+            if self.z_loss is not None:
+                self.stats["z"] = float(self.z_loss.detach())
+        if self.training and self.opts.eom > 0:
+            routes = routes._replace(gates=self._mask_expert_outputs(routes.gates))
         if local or exchange:
             out = self._forward_local(tokens, routes, exchange)
         else:
@@ -337,6 +349,15 @@ class MoEFeedForward(nn.Module):
         if self.collect_stats:
             self.stats.update(self._load_stats(routes))
         return out.view(T, B, C)
+
+    def _mask_expert_outputs(self, gates: Tensor) -> Tensor:
+        """Expert output masking (NLLB-200's ``--moe-eom``): each route's expert output
+        is dropped with probability ``p`` (its weight in the combine set to 0, on every
+        dispatch path alike), the kept ones scaled by ``1 / (1 - p)`` so that evaluation
+        runs the layer unchanged. ``gates``: ``k x S`` fp32."""
+        p = self.opts.eom
+        keep = torch.rand_like(gates) >= p  # k x S
+        return gates * keep / (1 - p)
 
     def _forward_buffers(self, routed: Tensor, tokens: Tensor, routes: Routes) -> Tensor:
         """DeepSpeed's dispatch (``MOELayer.forward`` after its gate) of ``routed`` and

@@ -26,6 +26,8 @@ from .moe_ffn import ExpertFFN, MoEFeedForward
 
 def _build_moe_ffn(cfg, side_cfg, opts: MoEOptions, layer_key: str, seed: int) -> MoEFeedForward:
     activation_dropout = cfg.activation_dropout or cfg.relu_dropout or 0.0
+    if opts.expert_dropout is not None:
+        activation_dropout = opts.expert_dropout  # --moe-expert-dropout, experts only
     expert = ExpertFFN(
         side_cfg.embed_dim,
         side_cfg.ffn_embed_dim,
