@@ -175,7 +175,7 @@ def test_reduced_metrics_add_up(tiny_data):
         (
             ["--loss-weights", Z_WEIGHTS],
             "--loss-weights names 'experts_z_loss', which no component produces; known "
-            r"losses: base_crit, experts_gate_loss \(experts_z_loss exists only with --moe-z-loss",
+            r"losses: base_crit, experts_gate_loss \(experts_z_loss exists only with --deepspeed_moe and --moe-z-loss",
         ),
         (["--moe-z-loss"], "--moe-z-loss: give experts_z_loss its weight in --loss-weights"),
         (

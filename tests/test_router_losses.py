@@ -54,6 +54,9 @@ def test_router_z_loss_by_hand():
         (lse[0] ** 2 + lse[2] ** 2) / 2
     )
     assert gating.router_z_loss(logits[:0]).item() == 0.0  # no token, no NaN
+    # a non-finite padding row stays out of the mean
+    inf = torch.tensor([[0.0, 0.0], [float("inf"), 0.0]])
+    assert gating.router_z_loss(inf, torch.tensor([1, 0])).item() == pytest.approx(math.log(2) ** 2)
 
 
 @PATHS
@@ -61,6 +64,7 @@ def test_router_z_loss_by_hand():
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_layer_z_loss_is_the_mean_squared_logsumexp_of_its_router_logits(fast_dispatch, k, train):
     layer = make_layer(fast_dispatch, top_k=k, z_loss=True).train(train)
+    layer.collect_stats = not train  # eval: a validation forward, as the model marks it
     x = torch.rand(6, 2, C) + 0.1  # T x B x C
     pad = torch.zeros(2, 6, dtype=torch.bool)
     pad[1, 4:] = True  # the second sentence is 4 tokens long
@@ -73,8 +77,12 @@ def test_layer_z_loss_is_the_mean_squared_logsumexp_of_its_router_logits(fast_di
 
 
 @PATHS
-def test_without_the_flag_there_is_no_z_loss(fast_dispatch):
+def test_without_the_flag_or_in_decoding_there_is_no_z_loss(fast_dispatch):
     layer = make_layer(fast_dispatch, top_k=1)
+    layer(torch.rand(5, 1, C))
+    assert layer.z_loss is None
+    # decoding (eval, no statistics collected) spends nothing on it
+    layer = make_layer(fast_dispatch, top_k=1, z_loss=True).eval()
     layer(torch.rand(5, 1, C))
     assert layer.z_loss is None
 
@@ -143,11 +151,11 @@ def test_eom_off_draws_no_random_number():
 # --------------------------------------------------------------------------- expert dropout
 
 
-@pytest.mark.parametrize("side", ["enc", "dec"])
-def test_expert_dropout_replaces_activation_dropout_in_experts_only(tiny_data, side):
+@pytest.mark.parametrize("side,residual", [("enc", []), ("dec", ["--moe-use-residual"])])
+def test_expert_dropout_replaces_activation_dropout_in_experts_only(tiny_data, side, residual):
     # fmt: off
     flags = ["--deepspeed_moe", side, "--num-experts", "4", "--dropout", "0",
-             "--attention-dropout", "0", "--activation-dropout", "0.1"]
+             "--attention-dropout", "0", "--activation-dropout", "0.1", *residual]
     # fmt: on
     task, plain = build(tiny_data, "transformer_ds_moe_tiny", *flags)
     _, dropped = build(tiny_data, "transformer_ds_moe_tiny", *flags, "--moe-expert-dropout", "0.5")
@@ -157,6 +165,8 @@ def test_expert_dropout_replaces_activation_dropout_in_experts_only(tiny_data, s
     experts = {n: r for n, r in rates.items() if ".deepspeed_experts." in n}
     assert experts and set(experts.values()) == {0.5}
     assert set(r for n, r in rates.items() if n not in experts) == {0.1}  # dense FFNs
+    if residual:  # PR-MoE's dense MLP beside the experts is a dense FFN too
+        assert any(n.endswith(".moe.mlp.activation_dropout_module") for n in rates)
 
     batch = sample_batch(task)
 

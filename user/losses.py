@@ -32,7 +32,7 @@ GATE_LOSS = "experts_gate_loss"
 #: With ``--moe-z-loss``: the sum over MoE layers of the router z-loss (ST-MoE).
 Z_LOSS = "experts_z_loss"
 #: The flag that makes the model return each optional loss.
-LOSS_FLAGS = {GATE_LOSS: "--deepspeed_moe", Z_LOSS: "--moe-z-loss"}
+LOSS_FLAGS = {GATE_LOSS: "--deepspeed_moe", Z_LOSS: "--deepspeed_moe and --moe-z-loss"}
 
 
 def produced_by(args) -> List[str]:

@@ -101,8 +101,9 @@ def router_z_loss(logits: Tensor, used: Optional[Tensor] = None) -> Tensor:
     z = torch.logsumexp(logits, dim=-1).square()  # S
     if used is None:
         return z.sum() / max(z.numel(), 1)
-    used = used.to(z.dtype)
-    return (z * used).sum() / used.sum().clamp_min(1)
+    used = used.bool()
+    # (where, not a product: a non-finite padding row must not make the mean NaN)
+    return torch.where(used, z, z.new_zeros(())).sum() / used.sum().clamp_min(1)
 
 
 def _keep(mask: Tensor, used: Optional[Tensor]) -> Tensor:

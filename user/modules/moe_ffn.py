@@ -331,7 +331,7 @@ class MoEFeedForward(nn.Module):
         layer = self.moe.deepspeed_moe
         layer.l_aux, layer.exp_counts = routes.l_aux, routes.counts
         self.z_loss = None
-        if self.opts.z_loss:
+        if self.opts.z_loss and (self.training or self.collect_stats):  # (not decoding)
             if logits is None:  # the router's un-noised logits, with their gradient
                 logits = ds_moe.moe_gate(self.moe).router_logits(tokens)
             used = None if padding_mask is None else (~padding_mask).t().reshape(-1)  # T*B

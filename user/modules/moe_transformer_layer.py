@@ -25,7 +25,8 @@ from .moe_ffn import ExpertFFN, MoEFeedForward
 
 
 def _build_moe_ffn(cfg, side_cfg, opts: MoEOptions, layer_key: str, seed: int) -> MoEFeedForward:
-    activation_dropout = cfg.activation_dropout or cfg.relu_dropout or 0.0
+    dense_dropout = cfg.activation_dropout or cfg.relu_dropout or 0.0
+    activation_dropout = dense_dropout
     if opts.expert_dropout is not None:
         activation_dropout = opts.expert_dropout  # --moe-expert-dropout, experts only
     expert = ExpertFFN(
@@ -36,7 +37,12 @@ def _build_moe_ffn(cfg, side_cfg, opts: MoEOptions, layer_key: str, seed: int) -
         q_noise=cfg.quant_noise.pq,
         qn_block_size=cfg.quant_noise.pq_block_size,
     )
-    return MoEFeedForward(side_cfg.embed_dim, expert, opts, layer_key, seed)
+    layer = MoEFeedForward(side_cfg.embed_dim, expert, opts, layer_key, seed)
+    if opts.use_residual:
+        # DeepSpeed keeps `expert` itself as PR-MoE's dense MLP (the experts are its
+        # copies): that dense branch keeps --activation-dropout
+        expert.activation_dropout_module.p = dense_dropout
+    return layer
 
 
 class MoETransformerEncoderLayer(TransformerEncoderLayerBase):
