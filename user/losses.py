@@ -20,6 +20,7 @@ without a weight weighs 1.0.
 """
 
 import math
+from types import MappingProxyType
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from torch import Tensor
@@ -32,7 +33,9 @@ GATE_LOSS = "experts_gate_loss"
 #: With ``--moe-z-loss``: the sum over MoE layers of the router z-loss (ST-MoE).
 Z_LOSS = "experts_z_loss"
 #: The flag that makes the model return each optional loss.
-LOSS_FLAGS = {GATE_LOSS: "--deepspeed_moe", Z_LOSS: "--deepspeed_moe and --moe-z-loss"}
+LOSS_FLAGS = MappingProxyType(
+    {GATE_LOSS: "--deepspeed_moe", Z_LOSS: "--deepspeed_moe and --moe-z-loss"}
+)
 
 
 def produced_by(args) -> List[str]:
