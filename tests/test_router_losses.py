@@ -13,32 +13,17 @@ import math
 import pytest
 import torch
 
-from user import ds_moe
 from user.modules import gating
-from user.modules.moe_ffn import ExpertFFN, MoEFeedForward
 from user.moe_options import MoEOptions
 
-from moe_helpers import build, sample_batch
+from moe_helpers import C, build, hand_checkable_layer, sample_batch
 
-C, E = 4, 4
 PATHS = pytest.mark.parametrize("fast_dispatch", [False, True], ids=["buffers", "local"])
 
 
 def make_layer(fast_dispatch, **kw):
-    """An MoE layer whose expert e computes ``(e + 1) * x`` on positive inputs and
-    whose router's logits are ``3 * x`` (tests/test_gating.py's hand-checkable layer)."""
-    kw = {"min_capacity": 0, "use_rts": False, "top2_2nd_expert_sampling": False, **kw}
-    opts = MoEOptions(sides=frozenset({"enc"}), num_experts=E, **kw)
-    layer = MoEFeedForward(C, ExpertFFN(C, C), opts, "encoder.0", seed=1)
-    with torch.no_grad():
-        for e, expert in enumerate(ds_moe.local_experts(layer.moe)):
-            expert.fc1.weight.copy_(torch.eye(C))
-            expert.fc1.bias.zero_()
-            expert.fc2.weight.copy_(torch.eye(C) * (e + 1))
-            expert.fc2.bias.zero_()
-        ds_moe.moe_gate(layer.moe).wg.weight.copy_(torch.eye(E) * 3)
-    layer.fast_dispatch = fast_dispatch
-    return layer
+    """tests/moe_helpers.py's hand-checkable layer on one dispatch path."""
+    return hand_checkable_layer(fast_dispatch, **kw)
 
 
 # --------------------------------------------------------------------------- z-loss
