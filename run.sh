@@ -385,13 +385,6 @@ find_checkpoint() {
     dry || [[ -f $ckpt ]] || die "no checkpoint_best.pt or checkpoint_last.pt in $dir: train first (same variables), or set CHECKPOINT"
 }
 
-# where generate and translate write: the run's folder, or CHECKPOINT's
-run_folder() {
-    if [[ -z ${CHECKPOINT:-} ]]; then echo "$SAVE_DIR"
-    elif [[ -d $CHECKPOINT ]]; then echo "$CHECKPOINT"
-    else dirname "$CHECKPOINT"; fi
-}
-
 # fairseq-generate's and fairseq-interactive's common flags, in `cmd`
 decode_cmd() {
     cmd=("$PYTHON" "$repo/user/$1.py" "$DATABIN"
@@ -409,7 +402,7 @@ do_generate() {
     local ckpt
     find_checkpoint
     local out
-    out="$(run_folder)"
+    out="$(dirname "$ckpt")"  # generate writes beside its checkpoint: the run's folder
     local gen="$out/generate-test.txt" ref="${REF:-$(dirname "$DATABIN")/raw/test.$TGT}"
     decode_cmd generate
     cmd+=(--gen-subset test "$@")
@@ -454,7 +447,7 @@ do_translate() {
     cmd+=(--buffer-size "$buffer" --batch-size "$buffer" --input - "$@")
     if dry; then show "${cmd[@]}"; return; fi
     local out
-    out="$(run_folder)"
+    out="$(dirname "$ckpt")"
     if ((${#text[@]})); then
         printf '%s\n' "${text[@]}" | run_here mt_run.console translate --log "$out/translate.log" -- "${cmd[@]}"
     else
