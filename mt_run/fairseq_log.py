@@ -158,8 +158,12 @@ def expert_groups(text):
     return found
 
 
-def summary(text):
+def summary(text, records=None):
     """A training run's progress from its log.
+
+    Args:
+        text: the log.
+        records: ``parse(text)``, when the caller has it already.
 
     Returns:
         dict: ``updates`` (the last update logged, else the resumed checkpoint's,
@@ -168,7 +172,8 @@ def summary(text):
         time, as printed, or None) and ``rate`` (updates per second, two decimals,
         or None).
     """
-    logged = [r["num_updates"] for rs in parse(text).values() for r in rs if "num_updates" in r]
+    records = parse(text) if records is None else records
+    logged = [r["num_updates"] for rs in records.values() for r in rs if "num_updates" in r]
     resumed = resumed_updates(text)
     updates = int(max(logged)) if logged else resumed or 0
     trained = updates - (resumed or 0)

@@ -90,23 +90,25 @@ def copy_baseline(source, reference):
     return mt_prep.copy_source_bleu(src, ref).score
 
 
-def pictures(log_text, out_dir, title=None):
+def pictures(log_text, out_dir, title=None, records=None):
     """Draw ``valid.png`` and ``experts.png`` from a training log into ``out_dir``.
+
+    Args:
+        records: ``fairseq_log.parse(log_text)``, when the caller has it already.
 
     Returns:
         the paths written (a picture without data is not drawn).
     """
-    records = fairseq_log.parse(log_text)
+    records = fairseq_log.parse(log_text) if records is None else records
+    train = plots.log_series(records["train_inner"])  # (both pictures draw from it)
     written = []
     valid = os.path.join(out_dir, "valid.png")
-    series = {
-        "valid": plots.log_series(records["valid"]),
-        "train": plots.log_series(records["train_inner"]),
-    }
-    if plots.draw_validation(series, valid, title):
+    if plots.draw_validation(
+        {"valid": plots.log_series(records["valid"]), "train": train}, valid, title
+    ):
         written.append(valid)
     experts = os.path.join(out_dir, "experts.png")
-    if plots.draw_experts(plots.log_series(records["train_inner"]), experts, title):
+    if plots.draw_experts(train, experts, title):
         written.append(experts)
     return written
 
@@ -130,10 +132,11 @@ def summary(args):
     if args.log and os.path.isfile(args.log):
         with open(args.log, encoding="utf-8", errors="replace") as f:
             text = f.read()
-        run = fairseq_log.summary(text)
+        records = fairseq_log.parse(text)  # (once: the row and the pictures read it)
+        run = fairseq_log.summary(text, records)
         if run["updates"]:
             rows.append(("updates", str(run["updates"])))
-        drawn = pictures(text, args.out_dir, args.title)
+        drawn = pictures(text, args.out_dir, args.title, records)
     else:
         drawn = []
     folder = os.path.abspath(args.out_dir)
