@@ -38,11 +38,18 @@ LOSS_FLAGS = MappingProxyType(
 )
 
 
+def model_losses(moe: bool, z_loss: bool) -> List[str]:
+    """Names of the losses a model returns (besides ``base_crit``): the gate loss with MoE
+    layers, and the router z-loss with ``--moe-z-loss`` too."""
+    if not moe:
+        return []
+    return [GATE_LOSS, Z_LOSS] if z_loss else [GATE_LOSS]
+
+
 def produced_by(args) -> List[str]:
     """Names of the losses the model configured by ``args`` returns (besides ``base_crit``)."""
-    if not parse_sides(getattr(args, "deepspeed_moe", None)):
-        return []
-    return [GATE_LOSS, Z_LOSS] if getattr(args, "moe_z_loss", False) else [GATE_LOSS]
+    moe = bool(parse_sides(getattr(args, "deepspeed_moe", None)))
+    return model_losses(moe, getattr(args, "moe_z_loss", False))
 
 
 def parse_loss_weights(text: Optional[str]) -> Dict[str, Optional[float]]:

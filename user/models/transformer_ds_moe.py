@@ -34,7 +34,7 @@ from torch import Tensor
 from .. import ds_moe, lockstep
 from ..checkpoint import fairseq_hooks
 from ..checkpoint.format import MODEL_KEY
-from ..losses import GATE_LOSS, Z_LOSS
+from ..losses import GATE_LOSS, Z_LOSS, model_losses
 from ..modules.moe_ffn import MoEFeedForward
 from ..modules.moe_transformer_layer import (
     MoETransformerDecoderLayer,
@@ -210,9 +210,7 @@ class TransformerDSMoEModel(TransformerModel):
 
     def loss_names(self) -> List[str]:
         """Names of the losses :meth:`get_losses` returns."""
-        if not self.moe_opts.sides:
-            return []
-        return [GATE_LOSS, Z_LOSS] if self.moe_opts.z_loss else [GATE_LOSS]
+        return model_losses(bool(self.moe_opts.sides), self.moe_opts.z_loss)
 
     def forward(
         self,
