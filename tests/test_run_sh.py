@@ -236,6 +236,11 @@ def log_since(path, text_before=""):
     return text[len(text_before) :]
 
 
+def summary_rows(stdout):
+    """``{name: value}`` of the summary's ``  name: value`` lines (mt_run.report)."""
+    return dict(re.findall(r"^  ([A-Za-z ]+): +(.*)$", stdout, re.M))
+
+
 def is_png(path, min_bytes=5000):
     with open(path, "rb") as f:
         data = f.read()
@@ -265,7 +270,7 @@ def test_train_off_a_terminal_shows_stages_progress_and_a_summary(env, first):
     assert progress == ["1/3", "2/3", "3/3"], first.stdout
     assert re.search(r"^valid +update 3: loss [\d.]+$", first.stdout, re.M)
     assert re.search(r"^train +update 3 of 3 in \d+:\d\d", first.stdout, re.M)
-    summary = dict(re.findall(r"^  ([a-z ]+): +(.*)$", first.stdout, re.M))
+    summary = summary_rows(first.stdout)
     assert summary["run folder"] == str(save) and summary["checkpoint"] == "checkpoint_last.pt"
     assert summary["pictures"] == "valid.png, experts.png"
     assert is_png(save / "valid.png") and is_png(save / "experts.png")
@@ -307,7 +312,7 @@ def test_generate_translates_the_test_split_and_scores_it(env, first, tiny_data)
     assert re.match(r"BLEU\S* = \d", bleu) and bleu in proc.stdout, proc.output
     assert re.search(r"^translate +24/24 sentences +100%", proc.stdout, re.M)
     assert "Translated 24 sentences" in (save / "generate.log").read_text()
-    summary = dict(re.findall(r"^  ([A-Za-z ]+): +(.*)$", proc.stdout, re.M))
+    summary = summary_rows(proc.stdout)
     assert summary["BLEU"].split()[0] == re.search(r" = ([\d.]+)", bleu).group(1)
     copy = re.match(r"[\d.]+", summary["copy source"]).group(0)
     src, ref = (tiny_data["raw"] / f"test.{lang}" for lang in ("en", "de"))
