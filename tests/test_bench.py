@@ -4,8 +4,9 @@
 # LICENSE file in the root directory of this source tree.
 """The benchmark table is computed from fairseq's own log lines."""
 
+from mt_run.compare import comparable_rows, summarize
 from mt_run.fairseq_log import parse
-from scripts.bench import comparable_rows, markdown, summarize
+from scripts.bench import markdown
 
 
 def log_text(bleus, wps):
