@@ -56,6 +56,13 @@ _COMMON = {
     "top_k": 1,
     "ep_world_size": None,
     "gate_weight": 0.01,
+    # capacity and router regularisation (docs/moe-options.md; None: the plugin's default):
+    # --moe-capacity-factor, --no-moe-drop-tokens when drop_tokens is 0 (dropless
+    # training), --moe-z-loss with z_loss_weight as experts_z_loss's weight, --moe-eom
+    "capacity_factor": None,
+    "drop_tokens": 1,
+    "z_loss_weight": None,
+    "eom": None,
     "label_smoothing": 0.1,
     # the dense baseline's criterion: label_smoothed_cross_entropy (the reference's
     # baseline), or model_and_base without gate loss (the same criterion code as MoE)
@@ -240,13 +247,14 @@ def train_flags(s, moe=True):
             ("--moe-freq", s["moe_freq"]),
             ("--ep-world-size", s["ep_world_size"]),
         )
-        flags += [
-            "--criterion",
-            "model_and_base",
-            "--loss-weights",
-            f'{{"base_crit": 1, "experts_gate_loss": {s["gate_weight"]}}}',
-            *base,
-        ]
+        flags += given(("--moe-capacity-factor", s["capacity_factor"]), ("--moe-eom", s["eom"]))
+        if str(s["drop_tokens"]) == "0":
+            flags.append("--no-moe-drop-tokens")
+        weights = f'"base_crit": 1, "experts_gate_loss": {s["gate_weight"]}'
+        if s["z_loss_weight"] is not None:
+            flags.append("--moe-z-loss")
+            weights += f', "experts_z_loss": {s["z_loss_weight"]}'
+        flags += ["--criterion", "model_and_base", "--loss-weights", f"{{{weights}}}", *base]
     elif s["dense_criterion"] == "model_and_base":
         flags += ["--criterion", "model_and_base", "--loss-weights", '{"base_crit": 1}', *base]
     elif s["dense_criterion"] == "label_smoothed_cross_entropy":
