@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export DS_BUILD_OPS := 0
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install test test-scale lint format demo bench bench-perf bench-scale clean
+.PHONY: install test test-scale lint format demo bench bench-perf bench-scale study clean
 
 install: $(STAMP)
 
@@ -44,6 +44,14 @@ demo: $(STAMP)
 # dense vs MoE with the same settings: workspace/bench/bench.{md,json,png}
 bench: $(STAMP)
 	$(PY) scripts/bench.py
+
+# what makes the MoE beat its dense twin (issue 16): variants of the MoE screened on the
+# valid split, then the recipe against dense over 3 seeds on the test split, at the demo's
+# budget: workspace/study/study.{md,json} (about 80 minutes on 2 cores). STUDY_ARGS: more
+# flags, e.g. --stage final or --jobs 4.
+study: $(STAMP)
+	$(PY) scripts/prepare_demo.py --workspace workspace
+	$(PY) scripts/study.py $(STUDY_ARGS)
 
 # MoE x8 top-1 vs dense: train and generation tokens/s in one process, EP=2 vs
 # data-parallel training in two, the MoE layer alone (about 13 minutes on 2 cores).
