@@ -100,6 +100,13 @@ def ratios(times: dict, names) -> dict:
     return {f"{n}_ratio": median([d / m for d, m in zip(times["dense"], times[n])]) for n in names}
 
 
+def in_turn(names, i: int) -> list:
+    """The order in which the variants ``names`` run on the ``i``-th batch: rotated by
+    one each batch, so none always runs first (or right after the same one)."""
+    k = i % len(names)
+    return [*names[k:], *names[:k]]
+
+
 def quiet():
     """Keep fairseq's and DeepSpeed's logging and warnings out of the measurements' output."""
     warnings.filterwarnings("ignore")
@@ -281,7 +288,7 @@ def part_layer(a):
         times = {("train", k): [] for k in names}
         times.update({("eval", k): [] for k in names})
         for rep in range(a.layer_reps):
-            order = names[rep % 3 :] + names[: rep % 3]
+            order = in_turn(names, rep)
             for name in order:
                 times[("train", name)].append(fwd_bwd(name, x))
             for name in order:
@@ -353,7 +360,7 @@ def part_train(a):
     times = {k: [] for k in names}
     tokens = []
     for i, batch in enumerate(batches):
-        order = names[i % 3 :] + names[: i % 3]
+        order = in_turn(names, i)
         for name in order:
             sample = copy.deepcopy(batch)
             t = time.perf_counter()
@@ -506,7 +513,7 @@ def part_generate(a):
     for rep in range(a.gen_reps):
         for i, batch in enumerate(batches):
             j = rep * len(batches) + i
-            order = names[j % 3 :] + names[: j % 3]
+            order = in_turn(names, j)
             for name in order:
                 m, tk, gen = models[name]
                 t = time.perf_counter()
@@ -611,7 +618,7 @@ def part_dist_worker(a):
     times = {k: [] for k in names}
     tokens = []
     for i, batch in enumerate(batches):
-        order = names if i % 2 == 0 else names[::-1]
+        order = in_turn(names, i)
         for name in order:
             sample = copy.deepcopy(batch)
             dist.barrier()
@@ -685,7 +692,7 @@ def valid_times(trainers, reps):
     tokens = []
     names = list(variants)
     for i, batch in enumerate(batches):
-        for name in names[i % 3 :] + names[: i % 3]:
+        for name in in_turn(names, i):
             trainer, fast = variants[name]
             if name != "dense":
                 set_fast(trainer.get_model(), fast)
@@ -745,7 +752,7 @@ def gen_times(trainers, a):
     with torch.no_grad():
         for i, batch in enumerate(batches[:1] + batches * a.gen_reps):  # the first: warm-up
             ntok = 0
-            for name in names[i % 3 :] + names[: i % 3]:
+            for name in in_turn(names, i):
                 model, task, gen = models[name]
                 set_fast(model, False if name == "moe_buffers" else None)
                 dist.barrier()
