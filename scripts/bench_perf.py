@@ -56,6 +56,8 @@ PARTS = ("layer", "train", "generate", "dist", "scale")
 DEFAULT_PARTS = PARTS[:4]  # scale: make bench-scale
 TARGETS = {"train": 0.95, "generate": 0.9, "dist": 0.8}
 SCALE_TARGETS = {"train": 0.9, "valid": 0.85}
+# the MoE variants the dist worker trains (the last two: with --dist-dropless)
+DIST_VARIANTS = ("moe", "moe_dropless", "moe_dropless_buffers")
 # the benchmarked model: make demo's (the tiny recipe), twice as wide (d=128, FFN/expert
 # 512: --dim, --ffn), with 8 experts (--experts), dropout 0.1 and lr 0.002; dense: the
 # same criterion (model_and_base) without gate loss
@@ -93,11 +95,18 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def ratios(times: dict, names) -> dict:
+def ratios(times: dict, names, base: str = "dense") -> dict:
     """``{<name>_ratio: MoE/dense}`` for each variant in ``names``: the median of the
-    per-batch ratios of dense's time to the variant's (measured in turn on the same
-    batches, ``times[name]`` in batch order)."""
-    return {f"{n}_ratio": median([d / m for d, m in zip(times["dense"], times[n])]) for n in names}
+    per-batch ratios of dense's (``base``'s) time to the variant's (measured in turn on
+    the same batches, ``times[name]`` in batch order)."""
+    return {f"{n}_ratio": median([d / m for d, m in zip(times[base], times[n])]) for n in names}
+
+
+def in_turn(names, i: int) -> list:
+    """The order in which the variants ``names`` run on the ``i``-th batch: rotated by
+    one each batch, so none always runs first (or right after the same one)."""
+    k = i % len(names)
+    return [*names[k:], *names[:k]]
 
 
 def quiet():
@@ -281,7 +290,7 @@ def part_layer(a):
         times = {("train", k): [] for k in names}
         times.update({("eval", k): [] for k in names})
         for rep in range(a.layer_reps):
-            order = names[rep % 3 :] + names[: rep % 3]
+            order = in_turn(names, rep)
             for name in order:
                 times[("train", name)].append(fwd_bwd(name, x))
             for name in order:
@@ -353,7 +362,7 @@ def part_train(a):
     times = {k: [] for k in names}
     tokens = []
     for i, batch in enumerate(batches):
-        order = names[i % 3 :] + names[: i % 3]
+        order = in_turn(names, i)
         for name in order:
             sample = copy.deepcopy(batch)
             t = time.perf_counter()
@@ -506,7 +515,7 @@ def part_generate(a):
     for rep in range(a.gen_reps):
         for i, batch in enumerate(batches):
             j = rep * len(batches) + i
-            order = names[j % 3 :] + names[: j % 3]
+            order = in_turn(names, j)
             for name in order:
                 m, tk, gen = models[name]
                 t = time.perf_counter()
@@ -580,8 +589,11 @@ def part_generate(a):
 def part_dist_worker(a):
     """One of W torchrun processes (W = ``WORLD_SIZE``): dense data parallel and MoE with
     ``--ep-world-size W`` (MoE at W = 1: one process, every expert local), an update each
-    in turn; then, as ``--dist-valid`` and ``--dist-generate`` say, validation and beam
-    search, the two models in turn. Rank 0 writes the results to ``--json``."""
+    in turn; with ``--dist-dropless`` also MoE trained with ``--no-moe-drop-tokens``, on
+    the exchange (the default) and on DeepSpeed's buffers at the capacity the ranks agree
+    on (``FAIRSEQ_MOE_FAST_DISPATCH=0``); then, as ``--dist-valid`` and
+    ``--dist-generate`` say, validation and beam search, the models in turn. Rank 0
+    writes the results to ``--json``."""
     import torch
     import torch.distributed as dist
     from fairseq.distributed import utils as distributed_utils
@@ -592,9 +604,12 @@ def part_dist_worker(a):
               "--distributed-world-size", str(world), "--distributed-rank", str(rank),
               "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
     # fmt: on
+    builds = [("dense", False, []), ("moe", True, [])]
+    if a.dist_dropless:
+        builds.append(("moe_dropless", True, ["--no-moe-drop-tokens"]))
     trainers = {}
-    for name, moe in (("dense", False), ("moe", True)):
-        cfg_argv = model_args(a, moe, a.dist_max_tokens, ep=world) + dflags
+    for name, moe, extra in builds:
+        cfg_argv = model_args(a, moe, a.dist_max_tokens, ep=world) + extra + dflags
         if not dist.is_initialized():
             from fairseq import options
             from fairseq.dataclass.utils import convert_namespace_to_omegaconf
@@ -607,16 +622,21 @@ def part_dist_worker(a):
         _, trainers[name] = build_trainer(a.databin, cfg_argv)
     logging.disable(logging.WARNING)
     batches = first_batches(trainers["dense"], a.warmup + a.dist_updates)
-    names = list(trainers)
+    # what is timed: a trainer and its layers' fast_dispatch (set_fast)
+    variants = {name: (trainer, None) for name, trainer in trainers.items()}
+    if a.dist_dropless:
+        variants["moe_dropless_buffers"] = (trainers["moe_dropless"], False)
+    names = list(variants)
     times = {k: [] for k in names}
     tokens = []
     for i, batch in enumerate(batches):
-        order = names if i % 2 == 0 else names[::-1]
-        for name in order:
+        for name in in_turn(names, i):
+            trainer, fast = variants[name]
+            set_fast(trainer.model, fast)
             sample = copy.deepcopy(batch)
             dist.barrier()
             t = time.perf_counter()
-            trainers[name].train_step([sample])
+            trainer.train_step([sample])
             dt = time.perf_counter() - t
             if i >= a.warmup:
                 times[name].append(dt)
@@ -628,15 +648,21 @@ def part_dist_worker(a):
         # a rank with no batch left validates this one and discards it (as fairseq's
         # validate with the first batch it saw)
         trainer._dummy_batch = batches[0]
-    valid = valid_times(trainers, reps=a.valid_reps) if a.dist_valid else None
-    gen = gen_times(trainers, a) if a.dist_generate else None
+    for trainer in trainers.values():
+        set_fast(trainer.model, None)
+    dense_and_moe = {k: trainers[k] for k in ("dense", "moe")}
+    valid = valid_times(dense_and_moe, reps=a.valid_reps) if a.dist_valid else None
+    gen = gen_times(dense_and_moe, a) if a.dist_generate else None
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 
         for name in names:
+            trainer, fast = variants[name]
+            set_fast(trainer.model, fast)
             with no_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
                 for batch in batches[: min(4, len(batches))]:
-                    trainers[name].train_step([copy.deepcopy(batch)])
+                    trainer.train_step([copy.deepcopy(batch)])
+            set_fast(trainer.model, None)
             if rank == 0:
                 print(
                     f"== profile rank 0: {name}\n"
@@ -655,7 +681,12 @@ def part_dist_worker(a):
             res[f"{name}_wps_median"] = median([n / t for n, t in zip(tokens, times[name])])
             res[f"{name}_wps_total"] = sum(tokens) / sum(times[name])
             res[f"{name}_step_s"] = times[name]
-        res.update(ratios(times, ("moe",)))
+        res.update(ratios(times, names[1:]))
+        if a.dist_dropless:
+            # > 1: the exchange trains dropless faster than the agreed capacity
+            res["moe_dropless_vs_buffers"] = ratios(
+                times, ("moe_dropless",), base="moe_dropless_buffers"
+            )["moe_dropless_ratio"]
         res["valid"] = valid
         res["generate"] = gen
         Path(a.json).write_text(json.dumps(res))
@@ -685,7 +716,7 @@ def valid_times(trainers, reps):
     tokens = []
     names = list(variants)
     for i, batch in enumerate(batches):
-        for name in names[i % 3 :] + names[: i % 3]:
+        for name in in_turn(names, i):
             trainer, fast = variants[name]
             if name != "dense":
                 set_fast(trainer.get_model(), fast)
@@ -745,7 +776,7 @@ def gen_times(trainers, a):
     with torch.no_grad():
         for i, batch in enumerate(batches[:1] + batches * a.gen_reps):  # the first: warm-up
             ntok = 0
-            for name in names[i % 3 :] + names[: i % 3]:
+            for name in in_turn(names, i):
                 model, task, gen = models[name]
                 set_fast(model, False if name == "moe_buffers" else None)
                 dist.barrier()
@@ -845,6 +876,11 @@ def part_scale(a):
 
 def scale_progress(world: int, r: dict) -> str:
     line = f"W={world}: train MoE/dense {r['moe_ratio']:.2f}x"
+    if "moe_dropless_ratio" in r:
+        line += (
+            f", dropless {r['moe_dropless_ratio']:.2f}x (buffer path "
+            f"{r['moe_dropless_buffers_ratio']:.2f}x)"
+        )
     for part in ("valid", "generate"):
         if r.get(part):
             p = r[part]
@@ -854,14 +890,18 @@ def scale_progress(world: int, r: dict) -> str:
 
 def scale_rows(res: dict) -> list:
     """One row per W: global tokens/s of dense and MoE and the MoE/dense ratio (the
-    median of per-batch ratios) for training, validation and beam search (``None``
-    where not measured; for the latter two also the ratio of MoE on DeepSpeed's buffer
-    path), with the load average at the start and end of the run."""
+    median of per-batch ratios) for training, dropless training (MoE only: dense is
+    training's), validation and beam search (``None`` where not measured; for the last
+    three also the ratio of MoE on DeepSpeed's buffer path), with the load average at the
+    start and end of the run."""
     rows = []
     for w, r in sorted(res["worlds"].items(), key=lambda kv: int(kv[0])):
         row = {"W": int(w), "load": f"{r['load_start']} -> {r['load_end']}"}
         row.update(train_dense=r["dense_wps_median"], train_moe=r["moe_wps_median"])
         row["train_ratio"] = r["moe_ratio"]
+        row["dropless_moe"] = r.get("moe_dropless_wps_median")
+        row["dropless_ratio"] = r.get("moe_dropless_ratio")
+        row["dropless_buffers_ratio"] = r.get("moe_dropless_buffers_ratio")
         for kind, key, part in (("valid", "wps_total", "valid"), ("beam", "tps_total", "generate")):
             p = r.get(part) or {}
             row[f"{kind}_dense"] = p.get(f"dense_{key}")
@@ -890,22 +930,26 @@ def scale_markdown(rows: list, info: dict, a) -> str:
         f"{info['load_start']} at the start, {info['load_end']} at the end; "
         f"{', '.join(f'{k} {v}' for k, v in info['versions'].items())}.",
         "",
-        f"Global tokens/s. Train: --max-tokens {a.dist_max_tokens} per process. Validation: "
-        "no token dropped. Beam: beam "
+        f"Global tokens/s. Train: --max-tokens {a.dist_max_tokens} per process. Dropless: "
+        "MoE trained with --no-moe-drop-tokens (the exchange, at W = 1 the local path; in "
+        "parentheses the buffer path at the capacity the ranks agree on). Validation: no "
+        "token dropped. Beam: beam "
         f"{a.beam}, {a.gen_batches} batches of {a.gen_batch_size} sentences per process, "
         f"{a.gen_len} tokens per hypothesis. MoE/dense: the median of per-batch ratios, models measured in turn "
         "in the same processes; in parentheses MoE on DeepSpeed's buffer path "
         f"(FAIRSEQ_MOE_FAST_DISPATCH=0). Targets: train >= {SCALE_TARGETS['train']}, "
         f"validation >= {SCALE_TARGETS['valid']}.",
         "",
-        "| W | train dense | train MoE | MoE/dense | valid dense | valid MoE | MoE/dense "
-        "| beam dense | beam MoE | MoE/dense | load (1, 5, 15 min) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| W | train dense | train MoE | MoE/dense | dropless MoE | MoE/dense | valid dense "
+        "| valid MoE | MoE/dense | beam dense | beam MoE | MoE/dense | load (1, 5, 15 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['W']} | {n(r['train_dense'])} | {n(r['train_moe'])} | "
-            f"{q(r['train_ratio'])} | {n(r['valid_dense'])} | {n(r['valid_moe'])} | "
+            f"{q(r['train_ratio'])} | {n(r['dropless_moe'])} | "
+            f"{q(r['dropless_ratio'], r['dropless_buffers_ratio'])} | "
+            f"{n(r['valid_dense'])} | {n(r['valid_moe'])} | "
             f"{q(r['valid_ratio'], r['valid_buffers_ratio'])} | {n(r['beam_dense'])} | "
             f"{n(r['beam_moe'])} | {q(r['beam_ratio'], r['beam_buffers_ratio'])} | {r['load']} |"
         )
@@ -920,12 +964,13 @@ def scale_plot(rows: list, info: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, kind in enumerate(("train", "valid", "beam")):
+    for i, kind in enumerate(("train", "valid", "beam", "dropless")):
         pts = [r for r in rows if r[f"{kind}_ratio"] is not None]
         if not pts:
             continue
         ws = [r["W"] for r in pts]
-        axes[0].plot(ws, [r[f"{kind}_dense"] for r in pts], f"C{i}--o", label=f"{kind} dense")
+        if kind != "dropless":  # its dense is training's
+            axes[0].plot(ws, [r[f"{kind}_dense"] for r in pts], f"C{i}--o", label=f"{kind} dense")
         axes[0].plot(ws, [r[f"{kind}_moe"] for r in pts], f"C{i}-s", label=f"{kind} MoE")
         axes[1].plot(ws, [r[f"{kind}_ratio"] for r in pts], f"C{i}-o", label=kind)
     for kind, target in SCALE_TARGETS.items():
@@ -996,6 +1041,7 @@ def passthrough(a):
         flags.append("--profile")
     if not a.cli:
         flags.append("--no-cli")
+    flags.append("--dist-dropless" if a.dist_dropless else "--no-dist-dropless")
     return flags
 
 
@@ -1107,8 +1153,16 @@ def dist_section(a, r):
         f"[train, 2 processes, gloo] MoE EP=2 vs dense data parallel (legacy_ddp), "
         f"--max-tokens {a.dist_max_tokens} per process, {r['updates']} updates (median "
         f"global tokens/s; load at end {r['load_end']})",
-        versus(r, "wps_median", "dist", variants=("moe",)),
+        versus(
+            r, "wps_median", "dist", variants=DIST_VARIANTS[: 3 if "moe_dropless_ratio" in r else 1]
+        ),
     ]
+    if "moe_dropless_vs_buffers" in r:
+        lines.append(
+            "  moe_dropless: --no-moe-drop-tokens, the exchange; moe_dropless_buffers: the same "
+            "on DeepSpeed's buffers at the capacity the ranks agree on; exchange / buffers "
+            f"{r['moe_dropless_vs_buffers']:.2f}x"
+        )
     v = r.get("valid")
     if v:
         lines.append(
@@ -1233,6 +1287,13 @@ def parse_args(argv=None):
     )
     ap.add_argument("--dist-valid", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--dist-generate", action=argparse.BooleanOptionalAction, default=False)
+    ap.add_argument(
+        "--dist-dropless",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="dist, scale: also train MoE with --no-moe-drop-tokens, on the exchange and on "
+        "DeepSpeed's buffers",
+    )
     ap.add_argument("--timeout", type=int, default=900, help="seconds per part")
     ap.add_argument("--quick", action="store_true", help="few updates and sentences (a smoke test)")
     ap.add_argument("--worker", choices=DEFAULT_PARTS, help=argparse.SUPPRESS)
