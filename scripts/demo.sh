@@ -35,6 +35,12 @@
 #   TOP_K          experts per token [1]
 #   MOE_FREQ       every MOE_FREQ-th layer is MoE [1]
 #   GATE_WEIGHT    weight of experts_gate_loss in --loss-weights [0.01]
+#   CAPACITY_FACTOR  --moe-capacity-factor in training [the recipe's]
+#   DROP_TOKENS    0: dropless training (--no-moe-drop-tokens); 1: drop over capacity
+#                  [the recipe's]
+#   Z_LOSS_WEIGHT  router z-loss: --moe-z-loss with this weight of experts_z_loss
+#                  [the recipe's; empty: off]
+#   EOM            expert output masking probability, --moe-eom [the recipe's]
 #   LR, WARMUP     peak learning rate and inverse_sqrt warmup updates [0.007, 100]
 #   DROPOUT        [0.0]
 #   LABEL_SMOOTHING  [0.1]
@@ -81,6 +87,10 @@ NUM_EXPERTS="${NUM_EXPERTS:-$tiny_experts}"
 TOP_K="${TOP_K:-$tiny_top_k}"
 MOE_FREQ="${MOE_FREQ:-$tiny_moe_freq}"
 GATE_WEIGHT="${GATE_WEIGHT:-$tiny_gate_weight}"
+CAPACITY_FACTOR="${CAPACITY_FACTOR-$tiny_capacity_factor}"
+DROP_TOKENS="${DROP_TOKENS:-$tiny_drop_tokens}"
+Z_LOSS_WEIGHT="${Z_LOSS_WEIGHT-$tiny_z_loss_weight}"
+EOM="${EOM-$tiny_eom}"
 LR="${LR:-$tiny_lr}"
 WARMUP="${WARMUP:-$tiny_warmup}"
 DROPOUT="${DROPOUT:-$tiny_dropout}"
@@ -96,7 +106,8 @@ MAX_LEN_B="${MAX_LEN_B:-$tiny_max_len_b}"
 read_lines model mt_run.recipes tiny --flags arch="$ARCH" dim="$DIM" ffn="$FFN_DIM" \
     layers="$LAYERS" heads="$HEADS" moe_sides="$MOE_SIDES" experts="$NUM_EXPERTS" \
     top_k="$TOP_K" moe_freq="$MOE_FREQ" gate_weight="$GATE_WEIGHT" lr="$LR" warmup="$WARMUP" \
-    dropout="$DROPOUT" label_smoothing="$LABEL_SMOOTHING"
+    dropout="$DROPOUT" label_smoothing="$LABEL_SMOOTHING" capacity_factor="$CAPACITY_FACTOR" \
+    drop_tokens="$DROP_TOKENS" z_loss_weight="$Z_LOSS_WEIGHT" eom="$EOM"
 THREADS="${THREADS:-${OMP_NUM_THREADS:-1}}"
 
 export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
@@ -106,6 +117,11 @@ export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}" DS_BUILD_OPS="${DS_BUILD_OPS:-
 data="$WORKSPACE/demo_en_de"
 databin="$data/databin"
 config="${ARCH}_d${DIM}_f${FFN_DIM}_l${LAYERS}_${MOE_SIDES/,/}_e${NUM_EXPERTS}_k${TOP_K}_m${MOE_FREQ}"
+# the router settings that change training, when given (a run with other ones starts afresh)
+[[ -n "$CAPACITY_FACTOR" ]] && config+="_cf$CAPACITY_FACTOR"
+[[ "$DROP_TOKENS" == 0 ]] && config+="_dropless"
+[[ -n "$Z_LOSS_WEIGHT" ]] && config+="_z$Z_LOSS_WEIGHT"
+[[ -n "$EOM" ]] && config+="_eom$EOM"
 SAVE_DIR="${SAVE_DIR:-$data/ckpt_$config}"
 stop_hours="$("$PYTHON" -c "import sys; print(float(sys.argv[1]) / 60)" "$TRAIN_MINUTES")"
 start=$SECONDS

@@ -112,12 +112,12 @@ def test_run_sh_follows_an_edited_recipe(edited_copy):
     assert follows_the_edit(cmd)
 
 
-@pytest.mark.timeout(60)
-def test_demo_sh_follows_an_edited_recipe(edited_copy):
-    # a stand-in interpreter: runs Python's -c and -m, records user/train.py's arguments and
-    # does nothing for the other scripts (data preparation, translation, scoring)
-    record = edited_copy / "train_args"
-    fake = edited_copy / "python"
+def demo_sh_train_args(repo, tmp_path, **env):
+    """The arguments ``bash scripts/demo.sh`` (of ``repo``) gives ``user/train.py``, and
+    its output: a stand-in interpreter runs Python's -c and -m, records user/train.py's
+    arguments and does nothing for the other scripts (data, translation, scoring)."""
+    record = tmp_path / "train_args"
+    fake = tmp_path / "python"
     fake.write_text(f"""#!/usr/bin/env bash
 case "$1" in
     -c | -m) exec {shlex.quote(sys.executable)} "$@" ;;
@@ -125,7 +125,7 @@ case "$1" in
 esac
 """)
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
-    env = cli_env(PYTHON=str(fake), WORKSPACE=str(edited_copy / "ws"), MAX_UPDATE="7")
+    env = cli_env(PYTHON=str(fake), WORKSPACE=str(tmp_path / "ws"), **env)
     env.pop("OMP_NUM_THREADS", None)
     proc = subprocess.run(
         ["bash", "scripts/demo.sh"],
@@ -133,12 +133,29 @@ esac
         text=True,
         timeout=60,
         env=env,
-        cwd=edited_copy,
+        cwd=repo,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    cmd = record.read_text().splitlines()
+    return record.read_text().splitlines(), proc.stdout
+
+
+@pytest.mark.timeout(60)
+def test_demo_sh_follows_an_edited_recipe(edited_copy):
+    cmd, stdout = demo_sh_train_args(edited_copy, edited_copy, MAX_UPDATE="7")
     assert follows_the_edit(cmd)
-    assert "_l3_" in proc.stdout  # the run's name (layers) from the recipe too
+    assert "_l3_" in stdout  # the run's name (layers) from the recipe too
     edited = recipes.train_flags({**recipes.TINY, "attention_dropout": 0.25, "layers": 3})
     assert contains(cmd, edited) and contains(cmd, ["--max-update", "7"])
     assert os.path.basename(cmd[0]) == "databin"
+
+
+@pytest.mark.timeout(60)
+def test_demo_sh_passes_router_settings(tmp_path):
+    """DROP_TOKENS, Z_LOSS_WEIGHT, CAPACITY_FACTOR and EOM reach the training command,
+    and name the run folder (a run with other router settings does not resume it)."""
+    cmd, stdout = demo_sh_train_args(
+        REPO, tmp_path, DROP_TOKENS="0", Z_LOSS_WEIGHT="0.001", CAPACITY_FACTOR="1.5", EOM="0.1"
+    )
+    s = recipes.settings("tiny", drop_tokens=0, z_loss_weight=0.001, capacity_factor=1.5, eom=0.1)
+    assert contains(cmd, recipes.train_flags(s))
+    assert "_cf1.5_dropless_z0.001_eom0.1" in stdout
