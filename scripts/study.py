@@ -3,12 +3,12 @@
 # Copyright (c) the fairseq-moe plugin authors
 """What makes the MoE beat its dense twin on the demo corpus (``make study``).
 
-    python scripts/study.py [--stage screen|final|all] [--jobs 2] [--out DIR]
+    python scripts/study.py [--stage screen|final|all] [--jobs N] [--out DIR]
 
 Every run is ``make demo``'s model and budget (the tiny recipe, ``mt_run.recipes``:
 2000 updates of 1024 tokens), trained by ``user/train.py`` with BLEU (beam 4) on 512
 valid sentences every 200 updates (``mt_run.compare.train_command``), one thread a run,
-``--jobs`` runs at a time.
+``--jobs`` runs at a time (default: one a core).
 
 - ``screen``: the dense twin and the old MoE recipe (4 experts, top-1, capacity factor
   1.0, gate-loss weight 0.01), and variants that change one thing of that MoE:
@@ -21,10 +21,14 @@ valid sentences every 200 updates (``mt_run.compare.train_command``), one thread
   sentences, ``make demo``'s decoding, detokenized sacreBLEU with its signature); the
   targets of issue 16: MoE >= dense + 1.0 test BLEU (mean over seeds), and the MoE
   reaching the dense run's best valid BLEU in <= 0.6x its updates and <= 0.7x its
-  wall-clock time (the two runs of a seed train side by side, so they share the load).
+  wall-clock time. A seed's two runs start together and train side by side, so they
+  share the machine's load; they are trained for the final, not taken from the screen.
 
-A finished run is not run again (its ``result.json``); ``--out`` keeps every run's
-fairseq log. Written there: ``study.md`` (the tables) and ``study.json`` (every number).
+A run whose ``result.json`` holds the same command (but for the interpreter and the
+folder) is not trained again; any other run starts afresh in its folder
+(``runs/<variant>-s<seed>``, ``final/{dense,moe}-s<seed>``). Written to ``--out``:
+``study.md`` (the tables) and ``study.json`` (every number). A failed run is named at
+the end (exit status 1), after the tables of the runs that finished.
 """
 
 import argparse
@@ -38,6 +42,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from mt_prep import bleu
 from mt_run import compare, fairseq_log, recipes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +64,7 @@ BASELINE = {
     "gate_weight": 0.01,
 }
 
-#: name -> (what it changes, recipe overrides; None: the dense twin)
+#: name -> (what it changes, overrides of BASELINE; None: the dense twin of BASELINE)
 SCREEN = {
     "dense": ("the dense twin (one FFN of 256 a layer)", None),
     "moe": ("4 experts top-1, capacity factor 1.0, gate loss 0.01", {}),
@@ -78,42 +83,44 @@ SCREEN = {
 TARGET_BLEU_GAIN, TARGET_UPDATES, TARGET_SECONDS = 1.0, 0.6, 0.7
 
 _PARAMS = re.compile(r"num\. (shared|expert) model params: ([\d,]+)")
-_BLEU = re.compile(r"= ([\d.]+) ")
 
 
-def run_settings(overrides):
-    """The recipe settings of a run: the dense twin (``None``) or the MoE baseline with
-    ``overrides``; ``"recipe"``: the tiny recipe as it stands."""
-    base = {"dense_criterion": "model_and_base"}  # the MoE's criterion, no gate loss
-    if overrides == "recipe" or overrides is None:
+def moe_settings(overrides=None):
+    """The tiny recipe's MoE with the MoE criterion: as it stands (``overrides`` None),
+    or BASELINE with ``overrides``."""
+    base = {"dense_criterion": "model_and_base"}  # dense twins: this criterion, no gate loss
+    if overrides is None:
         return recipes.settings("tiny", **base)
     return recipes.settings("tiny", **{**base, **BASELINE, **overrides})
 
 
-def runs_of(stage, screen_seeds, final_seeds):
-    """``[(name, moe, settings, seed, scored_on_test)]`` of a stage, in the order they
-    start (a seed's dense and MoE runs next to each other). A final run with the
-    settings of a screened variant takes that variant's name (and its run)."""
+def dense_twin(moe):
+    """The dense model of MoE settings ``moe`` at equal active FLOPs: one FFN as wide as
+    the top-k experts a token passes through."""
+    return {**moe, "ffn": moe["ffn"] * moe["top_k"]}
+
+
+def screen_runs(seeds):
+    """``[(name, moe, settings, seed)]`` of the screen, every variant at every seed."""
     out = []
-    if stage in ("screen", "all"):
-        for seed in screen_seeds:
-            for name, (_, over) in SCREEN.items():
-                out.append((name, over is not None, run_settings(over), seed, False))
-    if stage in ("final", "all"):
-        for seed in final_seeds:
-            out.append(("dense", False, run_settings(None), seed, True))
-            out.append((_recipe_name(), True, run_settings("recipe"), seed, True))
-    merged = {}
-    for name, moe, s, seed, test in out:  # a run in both stages: once, scored if final
-        key = (name, seed)
-        merged[key] = (name, moe, s, seed, test or merged.get(key, (0, 0, 0, 0, False))[4])
-    return list(merged.values())
+    for seed in seeds:
+        for name, (_, over) in SCREEN.items():
+            s = dense_twin(moe_settings({})) if over is None else moe_settings(over)
+            out.append((name, over is not None, s, seed))
+    return out
 
 
-def _recipe_name():
+def final_pairs(seeds):
+    """``[(dense run, MoE run)]`` of the final, a pair a seed: the recipe's MoE as it
+    stands and its dense twin."""
+    moe = moe_settings()
+    return [(("dense", False, dense_twin(moe), s), ("moe", True, moe, s)) for s in seeds]
+
+
+def recipe_name():
     """The screened variant whose settings the recipe has now, else ``recipe``."""
-    recipe = run_settings("recipe")
-    same = (n for n, (_, o) in SCREEN.items() if o is not None and run_settings(o) == recipe)
+    recipe = moe_settings()
+    same = (n for n, (_, o) in SCREEN.items() if o is not None and moe_settings(o) == recipe)
     return next(same, "recipe")
 
 
@@ -140,17 +147,19 @@ def summarize_run(text, s, moe):
         "moe_drop": statistics.mean(drops) if drops else None,
         "params": params(text),
         "valid_curve": row["valid_curve"],
-        "wall_curve": [
-            (int(r["num_updates"]), r["wall"]) for r in log["train_inner"] if "wall" in r
-        ],
         "experts": s["experts"] if moe else None,
         "top_k": s["top_k"] if moe else None,
     }
 
 
+def env():
+    return dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
 def score_test(a, run_dir):
     """``make demo``'s translation of the test split with the run's last checkpoint,
-    scored with detokenized sacreBLEU: ``(bleu, signature line)``."""
+    scored with detokenized sacreBLEU (``mt_prep.bleu``): ``(bleu, sacreBLEU's line)``.
+    generate's log: ``generate.log`` in the run's folder."""
     s = recipes.TINY
     gen = run_dir / "generate-test.txt"
     # fmt: off
@@ -163,79 +172,90 @@ def score_test(a, run_dir):
            "--sentencepiece-model", str(Path(a.databin) / "spm.model"),
            "--num-workers", "0", "--cpu"]
     # fmt: on
-    with open(gen, "w") as f:
-        subprocess.run(cmd, stdout=f, stderr=subprocess.DEVNULL, env=env(), check=True)
-    ref = Path(a.databin).parent / "raw" / "test.de"
-    line = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "gen_to_text.py"), str(gen), str(ref), "en", "de"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    return float(_BLEU.search(line).group(1)), line
+    with open(gen, "w") as out, open(run_dir / "generate.log", "w") as log:
+        proc = subprocess.run(cmd, stdout=out, stderr=log, env=env(), cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"translating the test split failed; see {run_dir / 'generate.log'}")
+    with open(gen, encoding="utf-8") as f:
+        hyps = bleu.detokenize(bleu.parse_generate_output(f))
+    refs, _ = bleu.load_references(str(Path(a.databin).parent / "raw" / "test.de"))
+    result, signature = bleu.score(hyps, refs, "de")
+    return result.score, result.format(signature=signature)
 
 
-def env():
-    return dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+def run_key(cmd):
+    """What decides a run's result: its command but for the interpreter and the folder."""
+    key = [str(x) for x in cmd[1:]]
+    i = key.index("--save-dir")
+    return key[:i] + key[i + 2 :]
 
 
-def run_one(a, run):
-    """Train one run (unless its ``result.json`` exists) and, for the final comparison,
-    score it on the test split; its numbers."""
-    name, moe, s, seed, test = run
-    run_dir = Path(a.out) / "runs" / f"{name}-s{seed}"
+def write_json(path, data):
+    """``data`` to ``path``, whole or not at all."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def run_one(a, run, run_dir, test=False):
+    """Train one run in ``run_dir`` (unless its ``result.json`` holds the same command)
+    and, with ``test``, score it once on the test split; its numbers."""
+    name, moe, s, seed = run
+    cmd = compare.train_command(
+        s,
+        moe,
+        databin=a.databin,
+        save_dir=str(run_dir),
+        updates=a.updates,
+        valid_interval=VALID_INTERVAL,
+        valid_steps=VALID_STEPS,
+        max_tokens=s["max_tokens_cpu"],
+        seed=seed,
+        save=True,
+    )
     done = run_dir / "result.json"
-    if done.exists():
-        res = json.loads(done.read_text())
-        if not test or "test_bleu" in res:
-            return res
-    else:
+    res = json.loads(done.read_text()) if done.exists() else None
+    if res is None or run_key(res["command"]) != run_key(cmd):
+        # afresh: fairseq would resume from a checkpoint left here
         run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = compare.train_command(
-            s,
-            moe,
-            databin=a.databin,
-            save_dir=str(run_dir),
-            updates=a.updates,
-            valid_interval=VALID_INTERVAL,
-            valid_steps=VALID_STEPS,
-            max_tokens=s["max_tokens_cpu"],
-            seed=seed,
-            save=True,
-        )
-        print(f"[study] {name} seed {seed}: training", file=sys.stderr, flush=True)
+        for old in run_dir.iterdir():
+            old.unlink()
+        print(f"[study] {run_dir.name}: training", file=sys.stderr, flush=True)
         t0 = time.time()
         with open(run_dir / "train.log", "w") as f:
             proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env(), cwd=REPO)
         if proc.returncode != 0:
-            raise SystemExit(f"{name} seed {seed} failed; see {run_dir / 'train.log'}")
+            raise RuntimeError(f"training failed; see {run_dir / 'train.log'}")
         res = {"name": name, "moe": moe, "seed": seed, "settings": s, "command": cmd}
         res.update(summarize_run((run_dir / "train.log").read_text(), s, moe))
+        write_json(done, res)
         print(
-            f"[study] {name} seed {seed}: best valid BLEU {res['best_valid_bleu']} "
+            f"[study] {run_dir.name}: best valid BLEU {res['best_valid_bleu']} "
             f"({time.time() - t0:.0f} s)",
             file=sys.stderr,
             flush=True,
         )
-    if test:
+    res["log"] = str(run_dir / "train.log")
+    if test and "test_bleu" not in res:
         res["test_bleu"], res["test_signature"] = score_test(a, run_dir)
-    done.write_text(json.dumps(res, indent=1))
+        write_json(done, res)
     return res
 
 
-def reach(moe_row, dense_row):
-    """When the MoE run first reached the dense run's best valid BLEU: its updates and
-    wall clock over the dense run's to that best; ``(None, None)`` if it never did."""
-    mark, at = dense_row["best_valid_bleu"], dense_row["updates_to_best"]
-    hit = next((u for u, b, _ in moe_row["valid_curve"] if b is not None and b >= mark), None)
-    if hit is None or not at:
+def reach(moe_log, dense_log):
+    """When the MoE run first reached the dense run's best valid BLEU (parsed logs,
+    ``mt_run.compare.summarize``): its updates and wall clock over the dense run's to that
+    best; ``(None, None)`` if it never did."""
+    d = compare.summarize(dense_log)
+    m = compare.summarize(moe_log, comparable=d["best_valid_bleu"], within=0.0)
+    if m["updates_to_comparable"] is None or not d["updates_to_best"]:
         return None, None
-
-    def wall(row, u):
-        return max((w for n, w in row["wall_curve"] if n <= u), default=None)
-
-    d, m = wall(dense_row, at), wall(moe_row, hit)
-    return hit / at, (m / d if d and m else None)
+    dense_seconds = compare.wall_clock(dense_log, d["updates_to_best"])[0]
+    seconds = m["seconds_to_comparable"]
+    return (
+        m["updates_to_comparable"] / d["updates_to_best"],
+        seconds / dense_seconds if seconds and dense_seconds else None,
+    )
 
 
 def mean_sd(values):
@@ -254,114 +274,116 @@ def screen_table(results):
     for r in results:
         by.setdefault(r["name"], []).append(r)
     lines = [
-        "| variant | what | seeds | params | best valid BLEU | last valid "
-        "nll | dropped | s/update |",
+        "| variant | what | seeds | params | best valid BLEU | last valid nll | dropped | "
+        "s/update |",
         "|---|---|---|---|---|---|---|---|",
     ]
     ranked = sorted(by, key=lambda n: -(mean_sd(r["best_valid_bleu"] for r in by[n])[0] or 0))
     for name in ranked:
         rows = by[name]
-        bleu, sd = mean_sd(r["best_valid_bleu"] for r in rows)
+        best, sd = mean_sd(r["best_valid_bleu"] for r in rows)
         nll, _ = mean_sd(r["last_valid_nll"] for r in rows)
         drop, _ = mean_sd(r["moe_drop"] for r in rows)
         spu, _ = mean_sd(r["seconds_per_update"] for r in rows)
-        p = rows[0]
-        size = fmt(p["params"], "{:,}")
-        what = SCREEN[name][0] if name in SCREEN else "the recipe"
         lines.append(
-            f"| {name} | {what} | {','.join(str(r['seed']) for r in rows)} | {size} | "
-            f"{fmt(bleu)} ± {fmt(sd)} | {fmt(nll, '{:.3f}')} | {fmt(drop, '{:.1%}')} | "
-            f"{fmt(spu, '{:.3f}')} |"
+            f"| {name} | {SCREEN[name][0]} | {','.join(str(r['seed']) for r in rows)} | "
+            f"{fmt(rows[0]['params'], '{:,}')} | {fmt(best)} ± {fmt(sd)} | "
+            f"{fmt(nll, '{:.3f}')} | {fmt(drop, '{:.1%}')} | {fmt(spu, '{:.3f}')} |"
         )
     return "\n".join(lines)
 
 
-def final_table(results):
-    """Per seed and mean ± sd: test BLEU of dense and MoE, and the MoE's reach."""
-    dense = {r["seed"]: r for r in results if r["name"] == "dense" and "test_bleu" in r}
-    moe = {r["seed"]: r for r in results if r["name"] != "dense" and "test_bleu" in r}
-    seeds = sorted(set(dense) & set(moe))
+def final_table(pairs, load):
+    """The final's table and verdict from ``[(dense result, MoE result)]`` (scored on
+    test); ``load(result)``: its parsed log. Per seed and mean ± sd: test BLEU of dense
+    and MoE, and when the MoE reached the dense run's best valid BLEU."""
     lines = [
         "| seed | dense test BLEU | MoE test BLEU | gain | dense best valid BLEU (update) | "
         "MoE best valid BLEU (update) | MoE updates to dense's best | MoE time to dense's best |",
         "|---|---|---|---|---|---|---|---|",
     ]
     cols = {k: [] for k in ("d", "m", "gain", "u", "t")}
-    for s in seeds:
-        d, m = dense[s], moe[s]
-        u, t = reach(m, d)
+    for d, m in pairs:
+        u, t = reach(load(m), load(d))
         gain = m["test_bleu"] - d["test_bleu"]
         for k, v in zip(cols, (d["test_bleu"], m["test_bleu"], gain, u, t)):
             cols[k].append(v)
         lines.append(
-            f"| {s} | {d['test_bleu']:.2f} | {m['test_bleu']:.2f} | {gain:+.2f} | "
+            f"| {d['seed']} | {d['test_bleu']:.2f} | {m['test_bleu']:.2f} | {gain:+.2f} | "
             f"{fmt(d['best_valid_bleu'])} ({d['updates_to_best']}) | "
             f"{fmt(m['best_valid_bleu'])} ({m['updates_to_best']}) | {fmt(u, '{:.2f}×')} | "
             f"{fmt(t, '{:.2f}×')} |"
         )
     stats = {k: mean_sd(v) for k, v in cols.items()}
+    unreached = sum(v is None for v in cols["u"])
+
+    def ratio(k):
+        if unreached:
+            return f"{len(pairs) - unreached} of {len(pairs)} reached"
+        return f"{fmt(stats[k][0], '{:.2f}×')} ± {fmt(stats[k][1])}"
+
     lines.append(
         "| mean ± sd | "
         + " | ".join(
             f"{fmt(stats[k][0], '{:+.2f}' if k == 'gain' else '{:.2f}')} ± {fmt(stats[k][1])}"
             for k in ("d", "m", "gain")
         )
-        + " | | | "
-        + " | ".join(f"{fmt(stats[k][0], '{:.2f}×')}" for k in ("u", "t"))
-        + " |"
+        + f" | | | {ratio('u')} | {ratio('t')} |"
     )
-    unreached = sum(v is None for v in cols["u"])
     verdict = {
-        "seeds": seeds,
-        "moe_name": next(iter(moe.values()))["name"] if moe else None,
+        "seeds": [d["seed"] for d, _ in pairs],
         "gain_mean": stats["gain"][0],
         "gain_sd": stats["gain"][1],
         "updates_ratio_mean": None if unreached else stats["u"][0],
         "seconds_ratio_mean": None if unreached else stats["t"][0],
         "unreached_seeds": unreached,
-        "signature": next(iter(dense.values()))["test_signature"] if dense else None,
+        "signature": pairs[0][0]["test_signature"] if pairs else None,
     }
     return "\n".join(lines), verdict
 
 
-def write(a, results, stage):
-    out = Path(a.out)
+def load_log(result):
+    return fairseq_log.parse(Path(result["log"]).read_text())
+
+
+def write(a, screen, pairs):
+    """``study.md`` and ``study.json`` from the finished runs; the markdown."""
     parts = [f"# MoE vs dense on the demo corpus ({time.strftime('%Y-%m-%d')})", ""]
-    screen = [r for r in results if r["seed"] in a.screen_seeds and r["name"] in SCREEN]
-    if stage in ("screen", "all") and screen:
+    if screen:
         parts += ["## Screen (valid split)", "", screen_table(screen), ""]
     verdict = None
-    if stage in ("final", "all"):
-        table, verdict = final_table(results)
+    if pairs:
+        table, verdict = final_table(pairs, load_log)
+        verdict["recipe"] = recipe_name()
         g, sd = verdict["gain_mean"], verdict["gain_sd"]
         u, t = verdict["updates_ratio_mean"], verdict["seconds_ratio_mean"]
+        unreached = verdict["unreached_seeds"]
         parts += [
-            f"## Final: the recipe ({verdict['moe_name']}) against the dense twin, "
-            f"{len(verdict['seeds'])} seeds",
+            f"## Final: the recipe's MoE ({verdict['recipe']}) against its dense twin, "
+            f"{len(pairs)} seeds (test split)",
             "",
             table,
             "",
             f"Test BLEU gain {fmt(g, '{:+.2f}')} ± {fmt(sd)} (target ≥ +{TARGET_BLEU_GAIN}); "
             f"updates to dense's best {fmt(u, '{:.2f}×')} (target ≤ {TARGET_UPDATES}×), "
             f"wall clock {fmt(t, '{:.2f}×')} (target ≤ {TARGET_SECONDS}×)"
-            + (
-                f"; {verdict['unreached_seeds']} MoE run(s) never reached dense's best"
-                if verdict["unreached_seeds"]
-                else ""
-            )
+            + (f"; {unreached} MoE run(s) never reached dense's best" if unreached else "")
             + ".",
             "",
             f"sacreBLEU: {verdict['signature']}",
             "",
         ]
     parts.append(
-        f"{UPDATES if a.updates is None else a.updates} updates a run, BLEU every "
-        f"{VALID_INTERVAL} updates on {VALID_STEPS * 64} valid sentences (beam 4); one thread "
-        f"a run, {a.jobs} at a time; {os.cpu_count()} cores."
+        f"{a.updates} updates a run, BLEU every {VALID_INTERVAL} updates on "
+        f"{VALID_STEPS * 64} valid sentences (beam 4); one thread a run, {a.jobs} at a time; "
+        f"{os.cpu_count()} cores."
     )
-    (out / "study.md").write_text("\n".join(parts) + "\n")
-    (out / "study.json").write_text(json.dumps({"runs": results, "verdict": verdict}, indent=1))
-    print((out / "study.md").read_text())
+    text = "\n".join(parts) + "\n"
+    out = Path(a.out)
+    (out / "study.md").write_text(text)
+    runs = screen + [r for pair in pairs for r in pair]
+    write_json(out / "study.json", {"runs": runs, "verdict": verdict})
+    return text
 
 
 def seeds(text):
@@ -377,7 +399,9 @@ def parse_args(argv=None):
     p.add_argument("--screen-seeds", type=seeds, default=[1])
     p.add_argument("--final-seeds", type=seeds, default=[1, 2, 3])
     p.add_argument("--updates", type=int, default=UPDATES, help="updates a run")
-    p.add_argument("--only", default=None, help="comma-separated screen variants (default: all)")
+    p.add_argument(
+        "--only", default=None, help="comma-separated screen variants (default: all of SCREEN)"
+    )
     return p.parse_args(argv)
 
 
@@ -388,14 +412,38 @@ def main(argv=None):
             f"study: no demo corpus in {a.databin} (--databin): prepare it with "
             "`python scripts/prepare_demo.py`, or run `make study`"
         )
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    runs = runs_of(a.stage, a.screen_seeds, a.final_seeds)
-    if a.only:
-        keep = set(a.only.split(","))
-        runs = [r for r in runs if r[0] in keep]
-    with ThreadPoolExecutor(a.jobs) as pool:
-        results = list(pool.map(lambda r: run_one(a, r), runs))
-    write(a, results, a.stage)
+    out = Path(a.out)
+    failed = []
+
+    def guarded(job):
+        run, run_dir, test = job
+        try:
+            return run_one(a, run, run_dir, test)
+        except Exception as e:  # the other runs go on; named at the end
+            failed.append(f"{run_dir.name}: {e}")
+            return None
+
+    screen = []
+    if a.stage in ("screen", "all"):
+        runs = screen_runs(a.screen_seeds)
+        if a.only:
+            runs = [r for r in runs if r[0] in set(a.only.split(","))]
+        jobs = [(r, out / "runs" / f"{r[0]}-s{r[3]}", False) for r in runs]
+        with ThreadPoolExecutor(a.jobs) as pool:
+            screen = [r for r in pool.map(guarded, jobs) if r]
+
+    def side_by_side(pair):
+        jobs = [(r, out / "final" / f"{r[0]}-s{r[3]}", True) for r in pair]
+        with ThreadPoolExecutor(min(2, a.jobs)) as both:
+            return list(both.map(guarded, jobs))
+
+    pairs = []
+    if a.stage in ("final", "all"):
+        with ThreadPoolExecutor(max(1, a.jobs // 2)) as pool:
+            pairs = [p for p in pool.map(side_by_side, final_pairs(a.final_seeds)) if all(p)]
+    print(write(a, screen, pairs))
+    if failed:
+        sys.exit("study: failed: " + "; ".join(failed))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ baseline MoE at the dense model's active FLOPs, and the verdict is computed from
 runs' logs. The study itself trains for an hour: not run here."""
 
 import json
+import subprocess
 
 import pytest
 
@@ -39,67 +40,89 @@ def test_router_settings_become_the_plugins_flags():
 
 
 def test_each_variant_changes_one_thing_at_equal_active_flops():
-    runs = study.runs_of("screen", [1, 2], [])
+    runs = study.screen_runs([1, 2])
     assert len(runs) == 2 * len(study.SCREEN) and {r[3] for r in runs} == {1, 2}
-    base = study.run_settings({})
-    dense = study.run_settings(None)
-    for name, moe, s, _seed, test in runs:
-        assert not test
+    base = study.moe_settings({})
+    for name, moe, s, _seed in runs:
         if not moe:
             assert name == "dense" and s["ffn"] == base["ffn"]
             continue
         changed = {k for k in s if s[k] != base[k]}
         assert changed == set(study.SCREEN[name][1]), name
-        assert s["ffn"] * s["top_k"] == dense["ffn"], name  # the dense FFN's FLOPs per token
+        assert s["ffn"] * s["top_k"] == base["ffn"], name  # the dense FFN's FLOPs per token
 
 
-def test_the_final_reuses_a_screened_run_with_the_recipes_settings(monkeypatch):
-    runs = study.runs_of("all", [1], [1, 2, 3])
-    final = [r for r in runs if r[4]]
-    assert [(r[0], r[3]) for r in final if r[1]] == [(study._recipe_name(), s) for s in (1, 2, 3)]
-    assert len([r for r in final if r[0] == "dense"]) == 3
-    # seed 1's dense run is the screen's, once, scored on the test split
-    assert len([r for r in runs if (r[0], r[3]) == ("dense", 1)]) == 1
-    # a recipe no variant has: its own name
+def test_the_final_pairs_the_recipe_with_its_dense_twin(monkeypatch):
+    pairs = study.final_pairs([1, 2, 3])
+    assert [(d[3], m[3]) for d, m in pairs] == [(1, 1), (2, 2), (3, 3)]
+    for (_, dense_moe, dense, _), (_, moe_moe, moe, _) in pairs:
+        assert not dense_moe and moe_moe and moe == study.moe_settings()
+        assert dense["ffn"] == moe["ffn"] * moe["top_k"]
+    monkeypatch.setitem(recipes.TINY, "top_k", 2)  # a top-2 recipe: a dense FFN twice as wide
+    (_, _, dense, _), (_, _, moe, _) = study.final_pairs([1])[0]
+    assert dense["ffn"] == 2 * moe["ffn"]
+    # the recipe named after the screened variant it equals, if any
+    for key, value in study.BASELINE.items():
+        monkeypatch.setitem(recipes.TINY, key, value)
+    assert study.recipe_name() == "moe"
+    monkeypatch.setitem(recipes.TINY, "experts", 8)
+    assert study.recipe_name() == "e8"
     monkeypatch.setitem(recipes.TINY, "experts", 6)
-    assert study._recipe_name() == "recipe"
+    assert study.recipe_name() == "recipe"
 
 
-def row(curve, walls, bleu=None):
-    """A run's numbers as ``summarize_run`` gives them: valid BLEU at updates, wall clock."""
-    best = max(curve, key=lambda c: c[1])
+def log(bleus, walls):
+    """A parsed fairseq log: validations at updates 200, 400, ... with these BLEU, a
+    ``train_inner`` record with the cumulative wall clock just before each."""
+    updates = [200 * (i + 1) for i in range(len(bleus))]
     return {
-        "valid_curve": [(u, b, 1.0) for u, b in curve],
-        "wall_curve": walls,
-        "best_valid_bleu": best[1],
-        "updates_to_best": best[0],
-        "test_bleu": bleu,
+        "train_inner": [
+            {"num_updates": u, "wall": w, "wps": 1.0, "wpb": 1.0} for u, w in zip(updates, walls)
+        ],
+        "train": [],
+        "valid": [
+            {"num_updates": u, "bleu": b, "epoch": 1, "wps": 1.0} for u, b in zip(updates, bleus)
+        ],
     }
 
 
 def test_reach_is_the_first_validation_at_the_dense_best():
-    dense = row([(200, 5.0), (400, 8.0), (600, 7.5)], [(200, 10.0), (400, 20.0), (600, 30.0)])
-    moe = row([(200, 6.0), (400, 8.0), (600, 9.0)], [(200, 12.0), (400, 26.0), (600, 36.0)])
-    assert study.reach(moe, dense) == (1.0, 1.3)
-    faster = row([(200, 8.1), (400, 9.0)], [(200, 11.0), (400, 22.0)])
-    assert study.reach(faster, dense) == (0.5, 0.55)
-    never = row([(200, 1.0), (400, 7.9)], [(200, 11.0), (400, 22.0)])
-    assert study.reach(never, dense) == (None, None)
+    dense = log([5.0, 8.0, 7.5], [10.0, 20.0, 30.0])
+    assert study.reach(log([6.0, 8.0, 9.0], [12.0, 26.0, 36.0]), dense) == (1.0, 1.3)
+    assert study.reach(log([8.0, 9.0], [11.0, 22.0]), dense) == (0.5, 0.55)
+    assert study.reach(log([1.0, 7.99], [11.0, 22.0]), dense) == (None, None)
+
+
+def result(name, seed, test_bleu):
+    return {
+        "name": name,
+        "seed": seed,
+        "test_bleu": test_bleu,
+        "test_signature": "BLEU|sig",
+        "best_valid_bleu": 8.0,
+        "updates_to_best": 400,
+        "log": f"{name}-{seed}",
+    }
 
 
 def test_final_verdict_from_the_runs():
-    curve = [(200, 5.0), (400, 8.0)]
-    walls = [(200, 10.0), (400, 20.0)]
-    runs = []
-    for seed, (d, m) in enumerate([(10.0, 11.5), (10.5, 11.0), (9.5, 11.0)], 1):
-        runs.append({**row(curve, walls, d), "name": "dense", "seed": seed, "test_signature": "s"})
-        runs.append({**row(curve, walls, m), "name": "e8", "seed": seed, "test_signature": "s"})
-    table, verdict = study.final_table(runs)
-    assert verdict["seeds"] == [1, 2, 3] and verdict["moe_name"] == "e8"
-    assert verdict["gain_mean"] == pytest.approx(1.1667, abs=1e-4)
+    logs = {"dense": log([5.0, 8.0], [10.0, 20.0]), "moe": log([8.0, 9.0], [12.0, 24.0])}
+    pairs = [
+        (result("dense", seed, d), result("moe", seed, m))
+        for seed, (d, m) in enumerate([(10.0, 11.5), (10.5, 11.0), (9.5, 11.0)], 1)
+    ]
+    table, verdict = study.final_table(pairs, lambda r: logs[r["name"]])
+    assert verdict["seeds"] == [1, 2, 3] and verdict["signature"] == "BLEU|sig"
+    assert verdict["gain_mean"] == pytest.approx(7 / 6)
     assert verdict["gain_sd"] == pytest.approx(0.5774, abs=1e-4)
-    assert verdict["updates_ratio_mean"] == 1.0 and verdict["unreached_seeds"] == 0
+    assert verdict["updates_ratio_mean"] == 0.5 and verdict["seconds_ratio_mean"] == 0.6
     assert "| 3 | 9.50 | 11.00 | +1.50 |" in table
+    # one MoE run that never reaches the dense best: no mean ratio, the count instead
+    logs["late"] = log([5.0, 7.0], [12.0, 24.0])
+    pairs[1][1]["name"] = "late"
+    table, verdict = study.final_table(pairs, lambda r: logs[r["name"]])
+    assert verdict["unreached_seeds"] == 1 and verdict["updates_ratio_mean"] is None
+    assert "| 2 of 3 reached | 2 of 3 reached |" in table
 
 
 def test_a_runs_numbers_come_from_its_log():
@@ -111,7 +134,32 @@ def test_a_runs_numbers_come_from_its_log():
         "| fairseq_cli.train | num. shared model params: 1,000 (num. trained: 1,000)",
         "| fairseq_cli.train | num. expert model params: 24 (num. trained: 24)",
     ]
-    res = study.summarize_run("\n".join(records), study.run_settings({}), moe=True)
+    res = study.summarize_run("\n".join(records), study.moe_settings({}), moe=True)
     assert res["moe_drop"] == pytest.approx(0.15) and res["params"] == 1024
     assert res["best_valid_bleu"] == 3.25 and res["last_valid_nll"] == 4.5
-    assert res["wall_curve"] == [(10, 3.0), (20, 6.0)]
+
+
+def test_a_run_is_trained_again_only_for_another_command(tmp_path, monkeypatch):
+    """A finished run with the same command is kept; another command (here: another
+    budget) trains afresh, without the old run's checkpoint (fairseq would resume it)."""
+    trained = []
+
+    def fake_train(cmd, stdout, **kw):
+        trained.append(cmd)
+        stdout.write(
+            '| valid | {"valid_bleu": "7", "valid_num_updates": "20", "valid_epoch": "1", "valid_wps": "5"}\n'
+        )
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(study.subprocess, "run", fake_train)
+    a = study.parse_args(["--out", str(tmp_path), "--updates", "20", "--databin", "/d"])
+    run = study.screen_runs([1])[1]
+    run_dir = tmp_path / "runs" / "moe-s1"
+    first = study.run_one(a, run, run_dir)
+    (run_dir / "checkpoint_last.pt").write_bytes(b"old")
+    assert study.run_one(a, run, run_dir)["best_valid_bleu"] == first["best_valid_bleu"] == 7
+    assert len(trained) == 1
+    a.updates = 30
+    study.run_one(a, run, run_dir)
+    assert len(trained) == 2 and not (run_dir / "checkpoint_last.pt").exists()
+    assert trained[1][trained[1].index("--max-update") + 1] == "30"
