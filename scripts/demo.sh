@@ -116,8 +116,8 @@ export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}" DS_BUILD_OPS="${DS_BUILD_OPS:-
 
 data="$WORKSPACE/demo_en_de"
 databin="$data/databin"
-config="${ARCH}_d${DIM}_f${FFN_DIM}_l${LAYERS}_${MOE_SIDES/,/}_e${NUM_EXPERTS}_k${TOP_K}_m${MOE_FREQ}"
-# the router settings that change training, when given (a run with other ones starts afresh)
+config="${ARCH}_d${DIM}_f${FFN_DIM}_l${LAYERS}_${MOE_SIDES/,/}_e${NUM_EXPERTS}_k${TOP_K}_m${MOE_FREQ}_gw${GATE_WEIGHT}"
+# and the router settings, when given: a run with other ones starts afresh
 [[ -n "$CAPACITY_FACTOR" ]] && config+="_cf$CAPACITY_FACTOR"
 [[ "$DROP_TOKENS" == 0 ]] && config+="_dropless"
 [[ -n "$Z_LOSS_WEIGHT" ]] && config+="_z$Z_LOSS_WEIGHT"

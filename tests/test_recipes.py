@@ -151,11 +151,13 @@ def test_demo_sh_follows_an_edited_recipe(edited_copy):
 
 @pytest.mark.timeout(60)
 def test_demo_sh_passes_router_settings(tmp_path):
-    """DROP_TOKENS, Z_LOSS_WEIGHT, CAPACITY_FACTOR and EOM reach the training command,
-    and name the run folder (a run with other router settings does not resume it)."""
+    """DROP_TOKENS, Z_LOSS_WEIGHT, CAPACITY_FACTOR and EOM reach the training command;
+    they and GATE_WEIGHT name the run folder (a run with other ones does not resume it)."""
     cmd, stdout = demo_sh_train_args(
         REPO, tmp_path, DROP_TOKENS="0", Z_LOSS_WEIGHT="0.001", CAPACITY_FACTOR="1.5", EOM="0.1"
     )
     s = recipes.settings("tiny", drop_tokens=0, z_loss_weight=0.001, capacity_factor=1.5, eom=0.1)
     assert contains(cmd, recipes.train_flags(s))
-    assert "_cf1.5_dropless_z0.001_eom0.1" in stdout
+    assert f"_gw{recipes.TINY['gate_weight']}_cf1.5_dropless_z0.001_eom0.1" in stdout
+    _, stdout = demo_sh_train_args(REPO, tmp_path, GATE_WEIGHT="0.1")
+    assert "_gw0.1" in stdout
