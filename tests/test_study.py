@@ -39,7 +39,7 @@ def test_router_settings_become_the_plugins_flags():
     assert "experts_z_loss" not in json.loads(args.loss_weights)
 
 
-def test_each_variant_changes_one_thing_at_equal_active_flops():
+def test_each_variant_changes_what_it_says_at_equal_active_flops():
     runs = study.screen_runs([1, 2])
     assert len(runs) == 2 * len(study.SCREEN) and {r[3] for r in runs} == {1, 2}
     base = study.moe_settings({})
