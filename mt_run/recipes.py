@@ -212,13 +212,18 @@ def train_flags(s, moe=True):
 
     Args:
         s: the settings.
-        moe: MoE layers and the gate loss; False: the same architecture, dense,
-            with ``s["dense_criterion"]``.
+        moe: MoE layers and the gate loss; False: the dense twin, with
+            ``s["dense_criterion"]``: the same architecture with one FFN a layer as wide
+            as the ``top_k`` experts a token passes through (``top_k x ffn``: the MoE's
+            compute per token when every layer is MoE).
     """
 
     def given(*pairs):
         return [str(x) for flag, value in pairs if value is not None for x in (flag, value)]
 
+    sizes = {k: s[k] for k in ("dim", "ffn", "layers", "heads")}
+    if not moe and s["ffn"] is not None:
+        sizes["ffn"] = int(s["ffn"]) * int(s["top_k"] or 1)
     flags = ["--task", "translation_deepspeed", "--arch", str(s["arch"])]
     if str(s["share_all_embeddings"]) == "1":
         flags.append("--share-all-embeddings")
@@ -228,8 +233,8 @@ def train_flags(s, moe=True):
         ("layers", "layers"),
         ("attention-heads", "heads"),
     ):
-        if s[key] is not None:
-            flags += [f"--encoder-{part}", str(s[key]), f"--decoder-{part}", str(s[key])]
+        if sizes[key] is not None:
+            flags += [f"--encoder-{part}", str(sizes[key]), f"--decoder-{part}", str(sizes[key])]
     if str(s["pre_norm"]) == "1":
         flags += ["--encoder-normalize-before", "--decoder-normalize-before"]
     flags += given(("--dropout", s["dropout"]), ("--attention-dropout", s["attention_dropout"]))

@@ -65,7 +65,8 @@ BASELINE = {
     "gate_weight": 0.01,
 }
 
-#: name -> (what it changes, overrides of BASELINE; None: the dense twin of BASELINE)
+#: name -> (what it changes, overrides of BASELINE; None: BASELINE's dense twin, whose
+#: FFN is as wide as the experts a token passes through: ``recipes.train_flags``)
 SCREEN = {
     "dense": ("the dense twin (one FFN of 256 a layer)", None),
     "moe": ("4 experts top-1, capacity factor 1.0, gate loss 0.01", {}),
@@ -108,19 +109,12 @@ def moe_settings(overrides=None):
     return recipes.settings("tiny", **{**base, **BASELINE, **overrides})
 
 
-def dense_twin(moe):
-    """The dense model of MoE settings ``moe`` at equal active FLOPs: one FFN as wide as
-    the top-k experts a token passes through."""
-    return {**moe, "ffn": moe["ffn"] * moe["top_k"]}
-
-
 def screen_runs(seeds):
     """``[(name, moe, settings, seed)]`` of the screen, every variant at every seed."""
     out = []
     for seed in seeds:
         for name, (_, over) in SCREEN.items():
-            s = dense_twin(moe_settings({})) if over is None else moe_settings(over)
-            out.append((name, over is not None, s, seed))
+            out.append((name, over is not None, moe_settings(over or {}), seed))
     return out
 
 
@@ -128,7 +122,7 @@ def final_pairs(seeds):
     """``[(dense run, MoE run)]`` of the final, a pair a seed: the recipe's MoE as it
     stands and its dense twin."""
     moe = moe_settings()
-    return [(("dense", False, dense_twin(moe), s), ("moe", True, moe, s)) for s in seeds]
+    return [(("dense", False, moe, s), ("moe", True, moe, s)) for s in seeds]
 
 
 def recipe_name():

@@ -161,3 +161,19 @@ def test_demo_sh_passes_router_settings(tmp_path):
     assert f"_gw{recipes.TINY['gate_weight']}_cf1.5_dropless_z0.001_eom0.1" in stdout
     _, stdout = demo_sh_train_args(REPO, tmp_path, GATE_WEIGHT="0.1")
     assert "_gw0.1" in stdout
+
+
+def test_the_dense_twin_is_as_wide_as_the_experts_a_token_passes_through():
+    def ffn(flags):
+        return {
+            flags[flags.index(f"--{side}-ffn-embed-dim") + 1] for side in ("encoder", "decoder")
+        }
+
+    top2 = recipes.settings("tiny", top_k=2, ffn=128)
+    assert ffn(recipes.train_flags(top2)) == {"128"}
+    assert ffn(recipes.train_flags(top2, moe=False)) == {"256"}
+    top1 = recipes.settings("tiny", top_k=1, ffn=256)
+    assert ffn(recipes.train_flags(top1, moe=False)) == {"256"}
+    # a size the architecture keeps (the wmt recipe's): not passed, whatever top_k
+    wmt = recipes.train_flags(recipes.settings("wmt", top_k=2), moe=False)
+    assert not any("ffn-embed-dim" in f for f in wmt)
