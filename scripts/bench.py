@@ -36,10 +36,11 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = recipes.TINY  # the defaults: make demo's model
 
 
-def train_command(name: str, args, moe: bool) -> list:
-    """The ``user/train.py`` command of one run: the tiny recipe (``mt_run.recipes``)
-    with this benchmark's sizes, dense (the same criterion, without gate loss) or MoE."""
-    s = recipes.settings(
+def bench_settings(args) -> dict:
+    """The tiny recipe (``mt_run.recipes``) with this benchmark's sizes; the dense run:
+    the same criterion without gate loss, its FFN as wide as the experts a token
+    passes through."""
+    return recipes.settings(
         "tiny",
         arch=args.arch,
         dim=args.dim,
@@ -50,8 +51,12 @@ def train_command(name: str, args, moe: bool) -> list:
         warmup=args.warmup,
         dense_criterion="model_and_base",
     )
+
+
+def train_command(name: str, args, moe: bool) -> list:
+    """The ``user/train.py`` command of one run, dense or MoE (``bench_settings``)."""
     return compare.train_command(
-        s,
+        bench_settings(args),
         moe,
         databin=args.databin,
         save_dir=str(Path(args.out) / name),
@@ -212,6 +217,7 @@ def main(argv=None):
     dense, moe = compare.comparable_rows(logs["dense"], logs["moe"])
     rows = {"dense": dense, "moe": moe}
     rows["dense"]["experts"], rows["moe"]["experts"] = "–", args.experts
+    s = bench_settings(args)
     import deepspeed
     import fairseq
     import torch
@@ -219,8 +225,10 @@ def main(argv=None):
     meta = {
         "hardware": hardware(args.gpu),
         "settings": (
-            f"{args.arch} d{args.dim}/ffn{args.ffn}/{args.layers}+{args.layers} layers, "
-            f"MoE every layer enc+dec, {args.experts} experts top-1, max-tokens "
+            f"{args.arch} d{args.dim}, {args.layers}+{args.layers} layers; MoE in every layer "
+            f"enc+dec, {args.experts} experts of {args.ffn} top-{s['top_k']}, "
+            f"{'dropless' if str(s['drop_tokens']) == '0' else 'tokens over capacity dropped'}"
+            f"; dense FFN {int(args.ffn) * int(s['top_k'])}; max-tokens "
             f"{args.max_tokens}, {args.updates} updates, valid every {args.valid_interval} "
             f"({args.valid_steps}x64 sentences, beam 4), data {args.databin}"
         ),
