@@ -50,11 +50,12 @@
 #   DEVICE         auto, cpu or cuda [auto: cuda when torch sees a GPU]
 #   ARCH           [transformer_ds_moe_wmt_en_de on GPUs, transformer_ds_moe_tiny on CPU
 #                  and with RECIPE=reference]
-#   DENSE          1 = the same architecture without --deepspeed_moe [0]
+#   DENSE          1 = the same architecture without --deepspeed_moe, its FFN TOP_K
+#                  times as wide (the MoE's compute per token) [0]
 #   NUM_EXPERTS    experts per MoE layer [8 WMT, 4 tiny]
 #   MOE_MODE       --deepspeed_moe: enc, dec or enc,dec [enc,dec]
 #   MOE_FREQ       every MOE_FREQ-th layer is MoE [2 WMT, 1 tiny]
-#   TOP_K          experts per token [1]
+#   TOP_K          experts per token [1 WMT, 2 tiny (experts 128 wide, dropless)]
 #   EP_WORLD_SIZE  --ep-world-size [the largest size that divides NUM_GPUS and
 #                  NUM_EXPERTS (their gcd): NUM_GPUS when it divides NUM_EXPERTS,
 #                  e.g. 4 for 8 GPUs and 4 experts; a line says so when it is not

@@ -7,8 +7,10 @@
   overrides ``make bench-perf``'s (wider, 8 experts). A 64-wide model whose
   embeddings are shared by encoder, decoder and output (the softmax over the
   demo's 7.9k pieces, not the layers, dominates its cost), 2 pre-norm layers a
-  side, 4 experts top-1 in every layer; no dropout, a high learning rate with a
-  short warmup: BLEU 13 on the demo test set after 2000 updates on 2 CPU cores.
+  side, 4 experts 128 wide in every layer, top-2 (the compute per token of the
+  256-wide dense FFN), no token dropped in training (``make study``'s pick,
+  docs/quality.md); no dropout, a high learning rate with a short warmup: BLEU
+  BLEUXX on the demo test set after 2000 updates on 2 CPU cores.
 - ``wmt``: the reference recipe (Vaswani et al. base on WMT16 en-de, 8192 tokens x 16
   batches an update), every other ``ARCH`` of ``run.sh``; the architecture keeps its
   own sizes.
@@ -87,7 +89,7 @@ _COMMON = {
 TINY = {
     "arch": "transformer_ds_moe_tiny",
     "dim": 64,
-    "ffn": 256,
+    "ffn": 128,  # 2 experts a token (top_k): the 256-wide dense FFN's compute
     "layers": 2,
     "heads": 4,
     "share_all_embeddings": 1,
@@ -108,6 +110,9 @@ TINY = {
     "save_interval": 200,
     "bench_updates": 30,
     **_COMMON,
+    # make study's pick (docs/quality.md): top-2 of experts half as wide, dropless training
+    "top_k": 2,
+    "drop_tokens": 0,
 }
 
 WMT = {

@@ -27,17 +27,17 @@
 #   WORKSPACE      output root [<repo>/workspace]; data in $WORKSPACE/demo_en_de
 #   ARCH           transformer_ds_moe_* architecture [transformer_ds_moe_tiny]
 #   DIM            embedding size, shared by encoder and decoder [64]
-#   FFN_DIM        FFN / expert hidden size [256]
+#   FFN_DIM        expert hidden size [128]
 #   LAYERS         encoder and decoder layers (each) [2]
 #   HEADS          attention heads [4]
 #   MOE_SIDES      --deepspeed_moe value [enc,dec]
 #   NUM_EXPERTS    experts per MoE layer [4]
-#   TOP_K          experts per token [1]
+#   TOP_K          experts per token [2]
 #   MOE_FREQ       every MOE_FREQ-th layer is MoE [1]
 #   GATE_WEIGHT    weight of experts_gate_loss in --loss-weights [0.01]
 #   CAPACITY_FACTOR  --moe-capacity-factor in training [the recipe's]
 #   DROP_TOKENS    0: dropless training (--no-moe-drop-tokens); 1: drop over capacity
-#                  [the recipe's]
+#                  [0]
 #   Z_LOSS_WEIGHT  router z-loss: --moe-z-loss with this weight of experts_z_loss
 #                  [the recipe's; empty: off]
 #   EOM            expert output masking probability, --moe-eom [the recipe's]

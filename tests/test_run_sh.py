@@ -21,7 +21,7 @@ from conftest import REPO, cli_env
 
 RUN_SH = REPO / "run.sh"
 ARCH = "transformer_ds_moe_tiny"
-MOE_RUN = f"{ARCH}-moe_g1_ep1_ex4_k1_encdec"
+MOE_RUN = f"{ARCH}-moe_g1_ep1_ex4_k2_encdec"
 # a smaller model than run.sh's tiny recipe (pass-through flags win)
 # fmt: off
 SMALL = ["--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
@@ -86,7 +86,7 @@ def test_dry_run_picks_the_launcher_and_defaults():
     (cmd,) = dry(DEVICE="cpu", NUM_GPUS=2)
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
     assert cmd[5] == "2" and flag(cmd, "--ep-world-size") == "2"
-    assert flag(cmd, "--save-dir").endswith(f"{ARCH}-moe_g2_ep2_ex4_k1_encdec")
+    assert flag(cmd, "--save-dir").endswith(f"{ARCH}-moe_g2_ep2_ex4_k2_encdec")
 
     # two GPU nodes: torchrun's c10d rendezvous at MASTER_ADDR (NODE_RANK is not passed:
     # torchrun numbers the nodes), the WMT recipe, fp16 that keeps experts apart
@@ -170,7 +170,7 @@ def test_dry_run_dense_generate_bench_and_bad_input():
     assert gen[1].endswith("user/generate.py") and flag(gen, "--gen-subset") == "test"
     assert (
         flag(gen, "--path")
-        == f"/out/checkpoints/{ARCH}-moe_g1_ep1_ex4_k1_encdec/checkpoint_last.pt"
+        == f"/out/checkpoints/{ARCH}-moe_g1_ep1_ex4_k2_encdec/checkpoint_last.pt"
     )
     assert flag(gen, "--sentencepiece-model") == "/data/bin/spm.model"
     assert score[1].endswith("scripts/sacrebleu.sh")
@@ -380,7 +380,7 @@ def test_dense_builds_no_moe_layer(env):
 @pytest.mark.timeout(180)
 def test_two_cpu_processes_under_torchrun_shard_the_experts(env):
     proc = run_sh(*SMALL, "--max-update", 2, NUM_GPUS=2, **env)
-    save = env["OUT_DIR"] / "checkpoints" / f"{ARCH}-moe_g2_ep2_ex4_k1_encdec"
+    save = env["OUT_DIR"] / "checkpoints" / f"{ARCH}-moe_g2_ep2_ex4_k2_encdec"
     assert "distributed init (rank 1)" in (save / "train.log").read_text()
     shards = sorted(p.name for p in save.glob("experts.*.pt"))
     assert shards and {re.sub(r"^experts\.[^.]+\.", "", s) for s in shards} == {
