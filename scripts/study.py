@@ -15,8 +15,9 @@ valid sentences every 200 updates (``mt_run.compare.train_command``), one thread
   capacity factor 1.25, dropless training, router z-loss, expert output masking, top-2
   (experts half as wide), 8 and 16 experts, gate-loss weight 0.001 and 0.1; and three
   combinations of the changes that did best on seed 1. Every variant has the dense
-  model's active FLOPs per token. Selected on the valid split:
-  best valid BLEU and the last valid loss, ``--screen-seeds`` seeds (1, 2).
+  model's active FLOPs per token. Selected on the valid split: a variant's best valid
+  BLEU minus the dense run's of the same seed, averaged over ``--screen-seeds`` (1, 2),
+  with the last valid loss beside it.
 - ``final``: the recipe as it now stands (the chosen settings) against the dense twin,
   ``--final-seeds`` seeds (3), each run scored once on the test split (all 1000
   sentences, ``make demo``'s decoding, detokenized sacreBLEU with its signature); the
@@ -278,25 +279,38 @@ def fmt(v, f="{:.2f}"):
 
 
 def screen_table(results):
+    """The screen's table, best first: each variant's best valid BLEU over its seeds and,
+    the ranking, its gain over the dense run of the same seed (seeds differ by more than
+    the variants do, so variants are compared seed by seed)."""
     by = {}
     for r in results:
         by.setdefault(r["name"], []).append(r)
+    dense = {r["seed"]: r["best_valid_bleu"] for r in by.get("dense", [])}
+
+    def gain(name):
+        return mean_sd(
+            r["best_valid_bleu"] - dense[r["seed"]]
+            for r in by[name]
+            if r["seed"] in dense and r["best_valid_bleu"] is not None
+        )
+
     lines = [
-        "| variant | what | seeds | params | best valid BLEU | last valid nll | dropped | "
-        "s/update |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | what | seeds | params | best valid BLEU | vs dense, same seed | "
+        "last valid nll | dropped | s/update |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    ranked = sorted(by, key=lambda n: -(mean_sd(r["best_valid_bleu"] for r in by[n])[0] or 0))
-    for name in ranked:
+    for name in sorted(by, key=lambda n: -(gain(n)[0] or 0)):
         rows = by[name]
         best, sd = mean_sd(r["best_valid_bleu"] for r in rows)
+        g, gsd = gain(name)
         nll, _ = mean_sd(r["last_valid_nll"] for r in rows)
         drop, _ = mean_sd(r["moe_drop"] for r in rows)
         spu, _ = mean_sd(r["seconds_per_update"] for r in rows)
         lines.append(
             f"| {name} | {SCREEN[name][0]} | {','.join(str(r['seed']) for r in rows)} | "
             f"{fmt(rows[0]['params'], '{:,}')} | {fmt(best)} ± {fmt(sd)} | "
-            f"{fmt(nll, '{:.3f}')} | {fmt(drop, '{:.1%}')} | {fmt(spu, '{:.3f}')} |"
+            f"{fmt(g, '{:+.2f}')} ± {fmt(gsd)} | {fmt(nll, '{:.3f}')} | "
+            f"{fmt(drop, '{:.1%}')} | {fmt(spu, '{:.3f}')} |"
         )
     return "\n".join(lines)
 

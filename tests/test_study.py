@@ -159,3 +159,24 @@ def test_a_run_is_trained_again_only_for_another_command(tmp_path, monkeypatch):
     study.run_one(a, run, run_dir)
     assert len(trained) == 2 and not (run_dir / "checkpoint_last.pt").exists()
     assert trained[1][trained[1].index("--max-update") + 1] == "30"
+
+
+def test_the_screen_ranks_by_the_gain_over_dense_of_the_same_seed():
+    def run(name, seed, bleu):
+        return {
+            "name": name,
+            "seed": seed,
+            "best_valid_bleu": bleu,
+            "last_valid_nll": 4.0,
+            "params": 1,
+            "moe_drop": None,
+            "seconds_per_update": 0.1,
+        }
+
+    results = [run("dense", 1, 22.0), run("dense", 2, 19.0), run("top2", 1, 21.0)]
+    results += [run("top2", 2, 22.0), run("e8", 1, 22.8)]
+    rows = study.screen_table(results).splitlines()[2:]
+    # e8 ran on the easier seed only: the highest mean BLEU (22.8), but +0.8 over dense;
+    # top2 gains -1 and +3, +1.0 on average
+    assert [r.split(" | ")[0].strip("| ") for r in rows] == ["top2", "e8", "dense"]
+    assert "| +1.00 ± 2.83 |" in rows[0] and "| +0.80 ± 0.00 |" in rows[1]
