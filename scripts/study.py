@@ -392,7 +392,7 @@ def write(a, screen, pairs):
             + (f"; {unreached} MoE run(s) never reached dense's best" if unreached else "")
             + ".",
             "",
-            f"sacreBLEU: {verdict['signature']}",
+            f"sacreBLEU signature: {(verdict['signature'] or '').split(' = ')[0]}",
             "",
         ]
     parts.append(
