@@ -218,17 +218,19 @@ def train_flags(s, moe=True):
     Args:
         s: the settings.
         moe: MoE layers and the gate loss; False: the dense twin, with
-            ``s["dense_criterion"]``: the same architecture with one FFN a layer as wide
-            as the ``top_k`` experts a token passes through (``top_k x ffn``: the MoE's
-            compute per token when every layer is MoE).
+            ``s["dense_criterion"]``.
+
+    ``ffn`` is an expert's width. A dense FFN (every layer of the dense twin, and of a
+    side without MoE layers) is ``top_k`` times as wide: the compute per token of the
+    ``top_k`` experts a token passes through. (With ``moe_freq`` > 1 the dense layers
+    between MoE layers keep ``ffn``: fairseq has one FFN width a side.)
     """
 
     def given(*pairs):
         return [str(x) for flag, value in pairs if value is not None for x in (flag, value)]
 
-    sizes = {k: s[k] for k in ("dim", "ffn", "layers", "heads")}
-    if not moe and s["ffn"] is not None:
-        sizes["ffn"] = int(s["ffn"]) * int(s["top_k"] or 1)
+    moe_sides = {"enc": "encoder", "dec": "decoder"}
+    moe_sides = {moe_sides[x] for x in str(s["moe_sides"]).split(",") if moe and x in moe_sides}
     flags = ["--task", "translation_deepspeed", "--arch", str(s["arch"])]
     if str(s["share_all_embeddings"]) == "1":
         flags.append("--share-all-embeddings")
@@ -238,8 +240,12 @@ def train_flags(s, moe=True):
         ("layers", "layers"),
         ("attention-heads", "heads"),
     ):
-        if sizes[key] is not None:
-            flags += [f"--encoder-{part}", str(sizes[key]), f"--decoder-{part}", str(sizes[key])]
+        for side in ("encoder", "decoder"):
+            value = s[key]
+            if key == "ffn" and value is not None and side not in moe_sides:
+                value = int(value) * int(s["top_k"] or 1)
+            if value is not None:
+                flags += [f"--{side}-{part}", str(value)]
     if str(s["pre_norm"]) == "1":
         flags += ["--encoder-normalize-before", "--decoder-normalize-before"]
     flags += given(("--dropout", s["dropout"]), ("--attention-dropout", s["attention_dropout"]))

@@ -162,6 +162,10 @@ def test_dry_run_dense_generate_bench_and_bad_input():
     assert "--deepspeed_moe" not in cmd and "--num-experts" not in cmd
     assert flag(cmd, "--criterion") == "label_smoothed_cross_entropy"
     assert flag(cmd, "--save-dir") == f"/out/checkpoints/{ARCH}-baseline"
+    # the dense twin does the MoE's compute per token: one FFN as wide as its TOP_K experts
+    assert flag(cmd, "--encoder-ffn-embed-dim") == flag(cmd, "--decoder-ffn-embed-dim") == "256"
+    (cmd,) = dry(DEVICE="cpu", DENSE=1, TOP_K=1)
+    assert flag(cmd, "--encoder-ffn-embed-dim") == "128"
 
     # generate is one process: the run of two nodes needs no rendezvous address
     (gen, _) = dry("generate", DEVICE="cpu", NNODES=2, NUM_GPUS=2, EP_WORLD_SIZE=2)

@@ -57,6 +57,12 @@ def test_the_final_pairs_the_recipe_with_its_dense_twin(monkeypatch):
     assert [(d[3], m[3]) for d, m in pairs] == [(1, 1), (2, 2), (3, 3)]
     for (_, dense_moe, dense, _), (_, moe_moe, moe, _) in pairs:
         assert not dense_moe and moe_moe and dense == moe == study.moe_settings()
+    # the dense twin of the recipe is the screen's dense model (the same flags)
+    screen_dense = study.screen_runs([1])[0]
+    assert screen_dense[0] == "dense"
+    assert recipes.train_flags(pairs[0][0][2], moe=False) == recipes.train_flags(
+        screen_dense[2], moe=False
+    )
     # the recipe named after the screened variant it equals, if any
     for key, value in study.BASELINE.items():
         monkeypatch.setitem(recipes.TINY, key, value)

@@ -23,7 +23,7 @@ from test_run_sh import ARCH, RUN_SH, SMALL, num_updates, run_sh
 # 4 experts, 2 per expert-parallel group (within a node): 2 replicas, one per node
 NODES = {"NNODES": 2, "NUM_GPUS": 2, "MASTER_ADDR": "127.0.0.1", "DEVICE": "cpu",
          "NUM_EXPERTS": 4, "EP_WORLD_SIZE": 2, "MAX_TOKENS": 600}  # fmt: skip
-RUN = f"{ARCH}-moe_g4_ep2_ex4_k1_encdec"
+RUN = f"{ARCH}-moe_g4_ep2_ex4_k2_encdec"
 # test_run_sh's small model; no validation, a checkpoint every 2 updates
 FAST = [*SMALL, "--disable-validation", "--save-interval-updates", "2", "--log-interval", "1"]
 LAUNCH_TIMEOUT = 180  # seconds for both agents of one launch together
