@@ -165,15 +165,20 @@ def test_demo_sh_passes_router_settings(tmp_path):
 
 def test_the_dense_twin_is_as_wide_as_the_experts_a_token_passes_through():
     def ffn(flags):
-        return {
+        return [
             flags[flags.index(f"--{side}-ffn-embed-dim") + 1] for side in ("encoder", "decoder")
-        }
+        ]
 
     top2 = recipes.settings("tiny", top_k=2, ffn=128)
-    assert ffn(recipes.train_flags(top2)) == {"128"}
-    assert ffn(recipes.train_flags(top2, moe=False)) == {"256"}
+    assert ffn(recipes.train_flags(top2)) == ["128", "128"]
+    assert ffn(recipes.train_flags(top2, moe=False)) == ["256", "256"]
+    # a side without MoE layers keeps the dense width
+    assert ffn(recipes.train_flags({**top2, "moe_sides": "enc"})) == ["128", "256"]
+    # the command line's strings (run.sh, make demo)
+    as_typed = recipes.settings("tiny", top_k="2", ffn="128")
+    assert ffn(recipes.train_flags(as_typed, moe=False)) == ["256", "256"]
     top1 = recipes.settings("tiny", top_k=1, ffn=256)
-    assert ffn(recipes.train_flags(top1, moe=False)) == {"256"}
+    assert ffn(recipes.train_flags(top1, moe=False)) == ["256", "256"]
     # a size the architecture keeps (the wmt recipe's): not passed, whatever top_k
     wmt = recipes.train_flags(recipes.settings("wmt", top_k=2), moe=False)
     assert not any("ffn-embed-dim" in f for f in wmt)
