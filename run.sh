@@ -50,8 +50,8 @@
 #   DEVICE         auto, cpu or cuda [auto: cuda when torch sees a GPU]
 #   ARCH           [transformer_ds_moe_wmt_en_de on GPUs, transformer_ds_moe_tiny on CPU
 #                  and with RECIPE=reference]
-#   DENSE          1 = the same architecture without --deepspeed_moe, its FFN TOP_K
-#                  times as wide (the MoE's compute per token) [0]
+#   DENSE          1 = the same architecture without --deepspeed_moe [0]; with the
+#                  tiny recipe its FFN is TOP_K experts wide (the MoE's compute per token)
 #   NUM_EXPERTS    experts per MoE layer [8 WMT, 4 tiny]
 #   MOE_MODE       --deepspeed_moe: enc, dec or enc,dec [enc,dec]
 #   MOE_FREQ       every MOE_FREQ-th layer is MoE [2 WMT, 1 tiny]

@@ -131,8 +131,8 @@ def import_plugin():
 
 
 def model_args(a, moe: bool, max_tokens: int, ep: int = 1):
-    """fairseq-train flags of the benchmarked model (``MODEL``; dense: the same without
-    --deepspeed_moe)."""
+    """fairseq-train flags of the benchmarked model (``MODEL``; dense: its dense twin,
+    ``recipes.train_flags``, top-1: the same FFN width)."""
     s = recipes.settings(
         "tiny",
         **{
