@@ -64,13 +64,19 @@ def machine(device="cpu", processes=1):
         where = (
             f"{cpu_name()}, {os.cpu_count()} cores, {processes} process(es) x {threads} thread(s)"
         )
-    versions = [f"Python {platform.python_version()}"]
+    return f"{where}; Python {platform.python_version()}, {versions()}"
+
+
+def versions():
+    """``torch 2.13.0+cpu, fairseq 0.12.3.1, ...``: the installed versions (package
+    metadata: nothing is imported, so no package's logging set-up runs)."""
+    found = []
     for name, dist in VERSIONS:
         try:
-            versions.append(f"{name} {metadata.version(dist)}")
+            found.append(f"{name} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:
             pass
-    return f"{where}; {', '.join(versions)}"
+    return ", ".join(found)
 
 
 def score_of(line):

@@ -24,13 +24,12 @@ corpus; on GPUs pass the WMT databin and a larger model through ``--extra``.
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from mt_run import compare, fairseq_log, recipes
+from mt_run import compare, fairseq_log, recipes, report
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = recipes.TINY  # the defaults: make demo's model
@@ -93,15 +92,8 @@ def hardware(gpu: bool) -> str:
         import torch
 
         return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU: {os.cpu_count()} cores, {cpu}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}"
+    threads = os.environ.get("OMP_NUM_THREADS", "1")
+    return f"CPU: {os.cpu_count()} cores, {report.cpu_name()}; OMP_NUM_THREADS={threads}"
 
 
 def markdown(rows: dict, meta: dict) -> str:
@@ -218,10 +210,6 @@ def main(argv=None):
     rows = {"dense": dense, "moe": moe}
     rows["dense"]["experts"], rows["moe"]["experts"] = "–", args.experts
     s = bench_settings(args)
-    import deepspeed
-    import fairseq
-    import torch
-
     meta = {
         "hardware": hardware(args.gpu),
         "settings": (
@@ -232,7 +220,9 @@ def main(argv=None):
             f"{args.max_tokens}, {args.updates} updates, valid every {args.valid_interval} "
             f"({args.valid_steps}x64 sentences, beam 4), data {args.databin}"
         ),
-        "versions": f"torch {torch.__version__}, fairseq {fairseq.__version__}, deepspeed {deepspeed.__version__}",
+        # from package metadata: importing fairseq would set the root logger to DEBUG,
+        # and matplotlib's font search would then print hundreds of lines
+        "versions": report.versions(),
         "date": time.strftime("%Y-%m-%d"),
     }
     out = Path(args.out)

@@ -99,3 +99,23 @@ def test_comparable_is_the_moes_best_bleu_as_in_the_reference():
     )
     assert "| updates to comparable | – | 20 |" in table
     assert "| seconds to comparable | – | 22 |" in table
+
+
+def test_the_versions_come_from_package_metadata_without_importing_them():
+    """``make bench`` labels its table with the versions; importing fairseq for them set the
+    root logger to DEBUG, and the plot that follows printed matplotlib's font search."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, sys\n"
+        "from mt_run import report\n"
+        "line = report.versions()\n"
+        "assert 'fairseq' not in sys.modules and 'deepspeed' not in sys.modules, line\n"
+        "assert logging.getLogger().level == logging.WARNING\n"
+        "print(line)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert out.startswith("torch ") and ", fairseq " in out and ", deepspeed " in out
