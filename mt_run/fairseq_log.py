@@ -33,6 +33,7 @@ _EPOCH = re.compile(r"^epoch (\d+)")
 _LOADED = re.compile(r"Loaded checkpoint .* @ (\d+) updates")
 _DONE = re.compile(r"done training in ([0-9.]+) seconds")
 _TRANSLATED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s")
+_PARAMS = re.compile(r"num\. (?:shared|expert) model params: ([\d,]+)")
 _GROUPS = re.compile(r"\| expert groups (\{.*\})\s*$")
 
 
@@ -122,6 +123,13 @@ def training_seconds(text):
     """fairseq's "done training in S seconds", as the string it printed, or None."""
     found = _DONE.findall(text)
     return found[-1] if found else None
+
+
+def model_params(text):
+    """The model's parameters from fairseq-train's "num. shared model params" and
+    "num. expert model params" lines, summed; None if absent."""
+    found = [int(v.replace(",", "")) for v in _PARAMS.findall(text)]
+    return sum(found) if found else None
 
 
 def translated(text):

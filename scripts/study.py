@@ -36,7 +36,6 @@ the end (exit status 1), after the tables of the runs that finished.
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -98,8 +97,6 @@ SCREEN = {
 #: target of issue 16 on the test split (mean over seeds), and the reach targets
 TARGET_BLEU_GAIN, TARGET_UPDATES, TARGET_SECONDS = 1.0, 0.6, 0.7
 
-_PARAMS = re.compile(r"num\. (shared|expert) model params: ([\d,]+)")
-
 
 def moe_settings(overrides=None):
     """The tiny recipe's MoE with the MoE criterion: as it stands (``overrides`` None),
@@ -133,13 +130,6 @@ def recipe_name():
     return next(same, "recipe")
 
 
-def params(text):
-    """The model's parameter count from a fairseq-train log (its shared and expert
-    parameters); None if absent."""
-    found = [int(v.replace(",", "")) for _, v in _PARAMS.findall(text)]
-    return sum(found) if found else None
-
-
 def summarize_run(text, s, moe):
     """The numbers of one run from its log."""
     log = fairseq_log.parse(text)
@@ -154,7 +144,7 @@ def summarize_run(text, s, moe):
         "train_tokens_per_sec": row["train_tokens_per_sec"],
         "updates": row["updates"],
         "moe_drop": statistics.mean(drops) if drops else None,
-        "params": params(text),
+        "params": fairseq_log.model_params(text),
         "valid_curve": row["valid_curve"],
         "experts": s["experts"] if moe else None,
         "top_k": s["top_k"] if moe else None,
