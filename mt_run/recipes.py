@@ -229,8 +229,8 @@ def train_flags(s, moe=True):
     def given(*pairs):
         return [str(x) for flag, value in pairs if value is not None for x in (flag, value)]
 
-    moe_sides = {"enc": "encoder", "dec": "decoder"}
-    moe_sides = {moe_sides[x] for x in str(s["moe_sides"]).split(",") if moe and x in moe_sides}
+    side_name = {"enc": "encoder", "dec": "decoder"}
+    moe_sides = {side_name[x] for x in str(s["moe_sides"]).split(",") if moe and x in side_name}
     flags = ["--task", "translation_deepspeed", "--arch", str(s["arch"])]
     if str(s["share_all_embeddings"]) == "1":
         flags.append("--share-all-embeddings")
