@@ -31,9 +31,11 @@ The exit status is the command's; Ctrl-C or SIGTERM is passed on to it.
 """
 
 import argparse
+import codecs
 import collections
 import os
 import re
+import selectors
 import shutil
 import signal
 import subprocess
@@ -61,6 +63,36 @@ def clock(seconds):
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def lines_in_order(*pipes):
+    """``(pipe, line)`` from several pipes as their lines arrive, without newlines
+    (``\n``, ``\r\n`` or ``\r``, as a text pipe reads them).
+
+    One thread reads them all; when several have data, the one listed first is read
+    first, so a line written to it before another pipe's line is yielded before that one.
+    """
+    selector = selectors.DefaultSelector()
+    decoders, rests = {}, {}
+    for pipe in pipes:
+        selector.register(pipe.fileno(), selectors.EVENT_READ, pipe)
+        decoders[pipe] = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        rests[pipe] = ""
+    while selector.get_map():
+        ready = {key.data for key, _ in selector.select()}
+        for pipe in (p for p in pipes if p in ready):
+            chunk = os.read(pipe.fileno(), 1 << 16)
+            text = rests[pipe] + decoders[pipe].decode(chunk, final=not chunk)
+            held = "\r" if chunk and text.endswith("\r") else ""  # maybe half of a "\r\n"
+            text = text[: len(text) - len(held)].replace("\r\n", "\n").replace("\r", "\n")
+            *lines, rests[pipe] = text.split("\n")
+            rests[pipe] += held
+            if not chunk:  # the end: a last line without a newline is a line too
+                selector.unregister(pipe.fileno())
+                lines += [rests[pipe]] if rests[pipe] else []
+            for line in lines:
+                yield pipe, line
+    selector.close()
 
 
 class Display:
@@ -359,26 +391,20 @@ class Generate(Stage):
         return {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
 
     def read(self, proc, log):
-        # stderr in a thread of its own: neither pipe may fill while the other is read
-        reader = threading.Thread(target=self._read_log, args=(proc.stderr, log), daemon=True)
-        reader.start()
-        try:
-            with open(self.out + ".tmp", "w", encoding="utf-8") as out:
-                for line in proc.stdout:
-                    out.write(line)
-                    if line.startswith("S-"):
-                        self.count += 1
-                        self.show()
-        finally:  # (the log file closes after this: the last stderr lines first)
-            reader.join(timeout=30)
-
-    def _read_log(self, stderr, log):
-        for raw in stderr:
-            line = raw.rstrip("\n")
-            m = _EXAMPLES.search(line)
-            if self.total is None and m and m.group(1) == self.subset:
-                self.total = int(m.group(2))
-            self._log_line(log, line)
+        # one loop over both pipes, stderr first: fairseq logs how many sentences it loaded
+        # before it prints the first, and the count must be known when that one is shown
+        with open(self.out + ".tmp", "w", encoding="utf-8") as out:
+            for pipe, line in lines_in_order(proc.stderr, proc.stdout):
+                if pipe is proc.stderr:
+                    m = _EXAMPLES.search(line)
+                    if self.total is None and m and m.group(1) == self.subset:
+                        self.total = int(m.group(2))
+                    self._log_line(log, line)
+                    continue
+                out.write(line + "\n")
+                if line.startswith("S-"):
+                    self.count += 1
+                    self.show()
 
     def finish(self, status):
         if status == 0:

@@ -7,6 +7,7 @@ test_run_sh.py."""
 
 import io
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -95,6 +96,19 @@ def test_a_failed_command_shows_its_last_lines_and_the_log(tmp_path):
     assert status == 3
     assert "failed (exit status 3)" in shown and str(tmp_path / "run" / "train.log") in shown
     assert "  | ValueError: no data" in shown
+
+
+def test_lines_in_order_reads_the_first_pipe_first_and_keeps_cut_lines_whole():
+    (r_err, w_err), (r_out, w_out) = os.pipe(), os.pipe()
+    with open(r_err, "rb", buffering=0) as err, open(r_out, "rb", buffering=0) as out:
+        os.write(w_out, b"out 1\nout 2\n")  # written first, but both pipes have data
+        os.write(w_err, b"err 1\r\nerr \xc3")  # a line cut inside a character
+        lines = console.lines_in_order(err, out)
+        assert [next(lines) for _ in range(3)] == [(err, "err 1"), (out, "out 1"), (out, "out 2")]
+        os.write(w_err, b"\xa4 2")  # the rest, with no newline at the end
+        os.close(w_err)
+        os.close(w_out)
+        assert list(lines) == [(err, "err \u00e4 2")]
 
 
 def test_generate_writes_its_output_whole_and_counts_sentences(tmp_path):
