@@ -233,6 +233,10 @@ if [[ -z "${EP_WORLD_SIZE:-}" ]]; then
     fi
 fi
 is_int EP_WORLD_SIZE "$EP_WORLD_SIZE"
+# what run.sh changes in the recipe; checked here, so a bad value stops before any work
+recipe_overrides=(arch="$ARCH" moe_sides="$MOE_MODE" experts="$NUM_EXPERTS" top_k="$TOP_K"
+                  moe_freq="$MOE_FREQ" ep_world_size="$EP_WORLD_SIZE")
+read_values checked mt_run.recipes "$recipe" "${recipe_overrides[@]}"
 if [[ $DEVICE == cpu ]]; then
     MAX_TOKENS="${MAX_TOKENS:-$recipe_max_tokens_cpu}"; FP16="${FP16:-0}"
 else
@@ -269,8 +273,7 @@ train_cmd() {
     local dense="$1" save_dir="$2" tb_dir="$3" variant=() recipe_flags
     if [[ $dense == 1 ]]; then variant=(--dense); fi
     read_lines recipe_flags mt_run.recipes "$recipe" --flags \
-        ${variant[@]+"${variant[@]}"} arch="$ARCH" moe_sides="$MOE_MODE" experts="$NUM_EXPERTS" \
-        top_k="$TOP_K" moe_freq="$MOE_FREQ" ep_world_size="$EP_WORLD_SIZE"
+        ${variant[@]+"${variant[@]}"} "${recipe_overrides[@]}"
     cmd=("${launch[@]}" "$repo/user/train.py" "$DATABIN" "${recipe_flags[@]}"
          --source-lang "$SRC" --target-lang "$TGT"
          --max-tokens "$MAX_TOKENS" --max-tokens-valid "$MAX_TOKENS"

@@ -41,11 +41,15 @@ line (so values with spaces, quotes or JSON need no quoting; ``read_values`` and
     python -m mt_run.recipes tiny [SETTING=VALUE ...] --flags [--dense]
     python -m mt_run.recipes reference --corrections             # one a line
 
-An empty ``VALUE`` means "not passed" (the architecture's or fairseq's default).
+An empty ``VALUE`` means "not passed" (the architecture's or fairseq's default). A
+value its setting cannot take (``ffn=abc``, ``top_k=0``) stops the command with one line
+naming the setting and what it takes, exit status 2: ``run.sh`` and ``make demo`` check
+their overrides so before any work.
 """
 
 import argparse
 import json
+import math
 import sys
 
 # what the recipes share
@@ -162,6 +166,51 @@ REFERENCE = {
 
 RECIPES = {"tiny": TINY, "wmt": WMT, "reference": REFERENCE}
 
+
+def _number(value):
+    try:
+        x = float(value)
+    except ValueError:
+        return None
+    return x if math.isfinite(x) else None
+
+
+# what a setting's value may be (None, "not passed", always may), and how to say so
+_KINDS = {
+    "count": ("a whole number of at least 1", lambda v: v.isdigit() and int(v) >= 1),
+    "whole": ("a whole number", str.isdigit),
+    "switch": ("0 or 1", lambda v: v in ("0", "1")),
+    "fraction": (
+        "a number from 0 up to, not including, 1",
+        lambda v: _number(v) is not None and 0 <= _number(v) < 1,
+    ),
+    "positive": ("a number above 0", lambda v: (_number(v) or 0) > 0),
+    "nonnegative": ("a number of at least 0", lambda v: _number(v) is not None and _number(v) >= 0),
+    "number": ("a number", lambda v: _number(v) is not None),
+    "sides": ("enc, dec or enc,dec", lambda v: v in ("enc", "dec", "enc,dec", "dec,enc")),
+    "criterion": (
+        "label_smoothed_cross_entropy or model_and_base",
+        lambda v: v in ("label_smoothed_cross_entropy", "model_and_base"),
+    ),
+    "text": ("a name", bool),
+}
+_KIND = {
+    **dict.fromkeys(("arch", "src", "tgt"), "text"),
+    **dict.fromkeys(("dim", "ffn", "layers", "heads", "experts", "top_k", "moe_freq"), "count"),
+    **dict.fromkeys(("ep_world_size", "max_tokens_gpu", "max_tokens_cpu", "update_freq"), "count"),
+    **dict.fromkeys(("max_update", "log_interval", "save_interval", "bench_updates"), "count"),
+    **dict.fromkeys(("validate_interval", "eval_bleu_beam", "beam"), "count"),
+    **dict.fromkeys(("warmup", "keep_last_epochs", "max_len_b"), "whole"),
+    **dict.fromkeys(("share_all_embeddings", "pre_norm", "drop_tokens"), "switch"),
+    **dict.fromkeys(("dropout", "attention_dropout", "eom", "label_smoothing"), "fraction"),
+    **dict.fromkeys(("lr", "capacity_factor"), "positive"),
+    **dict.fromkeys(("gate_weight", "z_loss_weight", "clip_norm", "weight_decay"), "nonnegative"),
+    **dict.fromkeys(("warmup_init_lr", "max_len_a"), "nonnegative"),
+    "lenpen": "number",
+    "moe_sides": "sides",
+    "dense_criterion": "criterion",
+}
+
 #: What a recipe changes from the command it follows, and why (run.sh prints them).
 CORRECTIONS = {
     "reference": [
@@ -201,6 +250,8 @@ def settings(name, **overrides):
 
     Raises:
         KeyError: an unknown recipe or setting (its message names the known ones).
+        ValueError: a value its setting cannot take (``ffn=abc: give a whole number of
+            at least 1``).
     """
     if name not in RECIPES:
         raise KeyError(f"unknown recipe {name!r}: choose from {sorted(RECIPES)}")
@@ -209,6 +260,10 @@ def settings(name, **overrides):
     if unknown:
         raise KeyError(f"recipe {name!r} has no setting {unknown}: known are {sorted(out)}")
     out.update({k: None if v == "" else v for k, v in overrides.items()})
+    for key, value in overrides.items():
+        what, fits = _KINDS[_KIND[key]]
+        if value is not None and value != "" and not fits(str(value)):
+            raise ValueError(f"{key}={value}: give {what}")
     return out
 
 
@@ -331,8 +386,9 @@ def main(argv=None):
             lines = train_flags(s, moe=not args.dense)
         else:
             lines = [f"{k}={'' if v is None else v}" for k, v in s.items()]
-    except (KeyError, ValueError) as e:
-        p.error(str(e).strip("'\""))
+    except (KeyError, ValueError) as e:  # one line, no usage: the setting is the news
+        sys.stderr.write(f"{p.prog}: error: {e.args[0]}\n")
+        sys.exit(2)
     sys.stdout.write("".join(line + "\n" for line in lines))
 
 

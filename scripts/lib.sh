@@ -24,7 +24,8 @@
 #                               run_tool a tool and set the array ARRAY to its lines (the
 #                               flags of mt_run.recipes ... --flags)
 #
-# The readers die, naming the tool, when it fails.
+# The readers die, naming the tool, when it fails (but for exit status 2, the tool's
+# own error line: a bad argument).
 
 _repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
@@ -41,7 +42,8 @@ run_tool() { (cd "$_repo" && "$PYTHON" -m "$@"); }
 
 run_here() { PYTHONPATH="$_repo${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m "$@"; }
 
-_tool_output() { run_tool "$@" || die "'$PYTHON -m $*' failed"; }
+# (exit status 2: the tool said why, in a line naming what to change)
+_tool_output() { run_tool "$@" || { local s=$?; ((s == 2)) && exit 2; die "'$PYTHON -m $*' failed"; }; }
 
 read_values() {
     local prefix="$1" out line

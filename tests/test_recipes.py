@@ -182,3 +182,52 @@ def test_the_dense_twin_is_as_wide_as_the_experts_a_token_passes_through():
     # a size the architecture keeps (the wmt recipe's): not passed, whatever top_k
     wmt = recipes.train_flags(recipes.settings("wmt", top_k=2), moe=False)
     assert not any("ffn-embed-dim" in f for f in wmt)
+
+
+@pytest.mark.parametrize(
+    "setting, value, want",
+    [
+        ("ffn", "abc", "a whole number of at least 1"),
+        ("top_k", 0, "a whole number of at least 1"),
+        ("drop_tokens", "2", "0 or 1"),
+        ("dropout", "1.5", "a number from 0 up to, not including, 1"),
+        ("lr", "-1", "a number above 0"),
+        ("moe_sides", "encoder", "enc, dec or enc,dec"),
+    ],
+)
+def test_a_bad_setting_is_refused_by_name(setting, value, want):
+    with pytest.raises(ValueError) as e:
+        recipes.settings("tiny", **{setting: value})
+    assert str(e.value) == f"{setting}={value}: give {want}"
+    # while every recipe, and good values as typed, pass
+    for name in recipes.RECIPES:
+        assert recipes.settings(name) == recipes.RECIPES[name]
+    typed = {"ffn": "96", "lr": "1e-3", "dropout": "0.1", "drop_tokens": "0", "eom": ""}
+    assert recipes.settings("tiny", **typed)["eom"] is None  # "": not passed
+
+
+@pytest.mark.timeout(60)
+def test_bad_overrides_stop_the_scripts_before_any_work(tmp_path):
+    """One line naming the setting, exit status 2, and no data prepared."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "mt_run.recipes", "tiny", "--flags", "ffn=abc"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "python -m mt_run.recipes: error: ffn=abc: give a whole number of at least 1"
+    ]
+    for script, env in (
+        ("scripts/demo.sh", {"FFN_DIM": "abc"}),
+        ("run.sh", {"DENSE": "1", "TOP_K": "0"}),
+    ):
+        workspace = tmp_path / script.replace("/", "_")
+        env = cli_env(PYTHON=sys.executable, WORKSPACE=str(workspace), DEVICE="cpu", **env)
+        proc = subprocess.run(
+            ["bash", script], capture_output=True, text=True, timeout=60, env=env, cwd=REPO
+        )
+        assert proc.returncode == 2, proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if "error" in line]
+        assert len(errors) == 1 and ("ffn=abc" in errors[0] or "top_k=0" in errors[0]), errors
+        assert not (workspace / "demo_en_de").exists(), f"{script} prepared data first"
