@@ -173,12 +173,27 @@ def first_batches(trainer, n: int):
     return [next(itr) for _ in range(n)]
 
 
+def moe_layers(model):
+    """The model's MoE layers (``user.modules.moe_ffn.MoEFeedForward``)."""
+    return [m for m in model.modules() if hasattr(m, "uses_local_dispatch")]
+
+
 def set_fast(model, on: Optional[bool]):
     """``fast_dispatch`` of every MoE layer: local dispatch and the exchange (None: the
     default, ``FAIRSEQ_MOE_FAST_DISPATCH``), or DeepSpeed's buffers (False)."""
-    for m in model.modules():
-        if hasattr(m, "uses_local_dispatch"):
-            m.fast_dispatch = on
+    for m in moe_layers(model):
+        m.fast_dispatch = on
+
+
+def exact_fit_from(model, tokens: Optional[int]):
+    """``exact_fit_min_tokens`` of every MoE layer (None: the layer's default)."""
+    for m in moe_layers(model):
+        m.exact_fit_min_tokens = type(m).exact_fit_min_tokens if tokens is None else tokens
+
+
+def paths(model):
+    """The paths the MoE layers took in their last forward (``MoEFeedForward.path``)."""
+    return {m.path for m in moe_layers(model)}
 
 
 @contextlib.contextmanager
@@ -631,17 +646,27 @@ def part_dist_worker(a):
     if a.dist_dropless:
         variants["moe_dropless_buffers"] = (trainers["moe_dropless"], False)
     names = list(variants)
+
+    def use(name):
+        """Variant ``name``'s trainer, its layers set for it."""
+        trainer, fast = variants[name]
+        set_fast(trainer.model, fast)
+        # the buffers at the capacity the ranks agree on, whatever the batch's size
+        exact_fit_from(trainer.model, 0 if name == "moe_dropless_buffers" else None)
+        return trainer
+
     times = {k: [] for k in names}
+    taken = {k: set() for k in names}  # the layers' paths (a test checks them)
     tokens = []
     for i, batch in enumerate(batches):
         for name in in_turn(names, i):
-            trainer, fast = variants[name]
-            set_fast(trainer.model, fast)
+            trainer = use(name)
             sample = copy.deepcopy(batch)
             dist.barrier()
             t = time.perf_counter()
             trainer.train_step([sample])
             dt = time.perf_counter() - t
+            taken[name] |= paths(trainer.model)
             if i >= a.warmup:
                 times[name].append(dt)
         n = torch.tensor([float(batch["ntokens"])])
@@ -654,6 +679,7 @@ def part_dist_worker(a):
         trainer._dummy_batch = batches[0]
     for trainer in trainers.values():
         set_fast(trainer.model, None)
+        exact_fit_from(trainer.model, None)
     dense_and_moe = {k: trainers[k] for k in ("dense", "moe")}
     valid = valid_times(dense_and_moe, reps=a.valid_reps) if a.dist_valid else None
     gen = gen_times(dense_and_moe, a) if a.dist_generate else None
@@ -661,12 +687,10 @@ def part_dist_worker(a):
         from torch.profiler import ProfilerActivity, profile
 
         for name in names:
-            trainer, fast = variants[name]
-            set_fast(trainer.model, fast)
+            trainer = use(name)
             with no_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
                 for batch in batches[: min(4, len(batches))]:
                     trainer.train_step([copy.deepcopy(batch)])
-            set_fast(trainer.model, None)
             if rank == 0:
                 print(
                     f"== profile rank 0: {name}\n"
@@ -685,6 +709,8 @@ def part_dist_worker(a):
             res[f"{name}_wps_median"] = median([n / t for n, t in zip(tokens, times[name])])
             res[f"{name}_wps_total"] = sum(tokens) / sum(times[name])
             res[f"{name}_step_s"] = times[name]
+            if name != "dense":
+                res[f"{name}_paths"] = sorted(taken[name])
         res.update(ratios(times, names[1:]))
         if a.dist_dropless:
             # > 1: the exchange trains dropless faster than the agreed capacity

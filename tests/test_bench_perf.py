@@ -108,3 +108,8 @@ def test_dist_worker_times_dropless_training_on_the_exchange_and_the_buffers(tin
         assert len(r[f"{name}_step_s"]) == 1, name
     assert {"moe_ratio", "moe_dropless_ratio", "moe_dropless_buffers_ratio"} <= set(r)
     assert r["moe_dropless_vs_buffers"] > 0
+    # each variant took its path in every layer: capacity (dropping); the exchange; the
+    # buffers at the capacity the ranks agree on, even for batches below exact_fit_min_tokens
+    assert r["moe_paths"] == ["capacity"]
+    assert r["moe_dropless_paths"] == ["exchange"]
+    assert r["moe_dropless_buffers_paths"] == ["agreed"]

@@ -192,6 +192,11 @@ class MoEFeedForward(nn.Module):
         self.z_loss: Optional[Tensor] = None
         self.exp_counts: Optional[Tensor] = None
         self.agreed_tokens: Optional[int] = None
+        # the path of the last forward (benchmarks and tests): "local", "exchange", or
+        # DeepSpeed's buffers with room per expert for "capacity" (tokens over it
+        # dropped), "busiest" (this rank's busiest expert), "agreed" (the group's
+        # busiest, exact fit) or "room" (all of the group's largest token count)
+        self.path: Optional[str] = None
         # routing statistics of the last forward (the model turns this on in
         # training and validation, not in incremental decoding)
         self.collect_stats = False
@@ -246,21 +251,23 @@ class MoEFeedForward(nn.Module):
             # group's largest count, so that every rank's buffers have one size
             n = tokens.size(0) if self.agreed_tokens is None else self.agreed_tokens
             used = None if padding_mask is None else (~padding_mask).t().reshape(-1)  # T*B
+            self.path = "capacity"
             return gate(tokens, used, capacity=gate.capacity(n)), None
         if local and not self.training and gate.policy in gating.NO_DROP_POLICIES:
             logits = gate.router_logits(tokens)
             return gating.no_drop_routes(logits, gate.k), logits
         routes = gate(tokens)  # capacity: the busiest expert's count, nothing dropped
         if self.agreed_tokens is None or local:
+            self.path = "busiest"
             return routes, None
         # Expert parallelism: one buffer size on every rank of the group (never the
         # rank's own busiest count: ranks with uneven batches would disagree), at least
         # min_capacity as DeepSpeed's: the group's busiest expert (exact fit, one small
         # all-reduce) or room for all of the largest rank's tokens in every expert.
         if self.uses_exact_fit():
-            cap = self._busiest_in_group(routes.capacity)
+            cap, self.path = self._busiest_in_group(routes.capacity), "agreed"
         else:
-            cap = self.agreed_tokens
+            cap, self.path = self.agreed_tokens, "room"
         return routes._replace(capacity=max(cap, gate.min_capacity)), None
 
     def _busiest_in_group(self, busiest: int) -> int:
@@ -326,6 +333,8 @@ class MoEFeedForward(nn.Module):
         # gradient sums its parts in DeepSpeed's order, bit for bit
         routed = tokens if local or exchange else tokens.reshape(-1, C)
         routes, logits = self._route(routed, padding_mask, local or exchange)
+        if local or exchange:  # (the buffers': set by _route)
+            self.path = "local" if local else "exchange"
         self.l_aux, self.exp_counts = routes.l_aux, routes.counts
         # as after DeepSpeed's MOELayer.forward
         layer = self.moe.deepspeed_moe
