@@ -33,6 +33,7 @@ The exit status is the command's; Ctrl-C or SIGTERM is passed on to it.
 import argparse
 import codecs
 import collections
+import math
 import os
 import re
 import selectors
@@ -109,7 +110,9 @@ class Display:
         encoding = (getattr(self.stream, "encoding", None) or "").lower()
         self.blocks = ("\u2588", "\u2591") if "utf" in encoding else ("#", "-")
         self.shown = ""  # the progress line on screen (terminal)
-        self.plain_at = (-1.0, 0.0)  # the last plain progress line's fraction and time
+        # the last plain progress line's fraction and time; the last plain clock's time
+        self.plain_at = (-1.0, -math.inf)
+        self.waiting_at = -math.inf
         self.lock = threading.RLock()  # the clock's thread and the readers' write here
 
     def _write(self, text):
@@ -126,26 +129,33 @@ class Display:
         full = int(round(min(max(fraction, 0.0), 1.0) * width))
         return "[" + self.blocks[0] * full + self.blocks[1] * (width - full) + "]"
 
-    def progress(self, label, text, fraction=None):
+    def progress(self, label, text, fraction=None, waiting=False):
         """Show the stage's progress: ``label`` then ``text``, with a bar on a terminal.
 
         Plain output prints it when ``fraction`` (0 to 1, None when unknown) has moved
         by :data:`PLAIN_STEP` or :data:`PLAIN_SECONDS` have passed since the last one.
+        ``waiting``: a clock while no progress has come; plain output prints it once a
+        :data:`PLAIN_SECONDS`, at its own pace (the first progress line comes at once).
         """
-        if self.tty:
-            bar = f"{self.bar(fraction)} " if fraction is not None else ""
-            line = f"{label:<10} {bar}{text}"
-            columns = shutil.get_terminal_size((100, 24)).columns
-            with self.lock:
+        with self.lock:
+            if self.tty:
+                bar = f"{self.bar(fraction)} " if fraction is not None else ""
+                line = f"{label:<10} {bar}{text}"
+                columns = shutil.get_terminal_size((100, 24)).columns
                 self.shown = line[: max(columns - 1, 20)]
                 self._write("\r\033[K" + self.shown)
-            return
-        last_fraction, last_time = self.plain_at
-        now = time.monotonic()
-        step = fraction is not None and fraction >= last_fraction + PLAIN_STEP
-        if step or now - last_time >= PLAIN_SECONDS or fraction == 1.0 != last_fraction:
-            self.plain_at = (fraction if fraction is not None else last_fraction, now)
-            self._write(f"{label:<10} {text}\n")
+                return
+            now = time.monotonic()
+            if waiting:
+                if now - self.waiting_at >= PLAIN_SECONDS:
+                    self.waiting_at = now
+                    self._write(f"{label:<10} {text}\n")
+                return
+            last_fraction, last_time = self.plain_at
+            step = fraction is not None and fraction >= last_fraction + PLAIN_STEP
+            if step or now - last_time >= PLAIN_SECONDS or fraction == 1.0 != last_fraction:
+                self.plain_at = (fraction if fraction is not None else last_fraction, now)
+                self._write(f"{label:<10} {text}\n")
 
     def line(self, label, text):
         """A line that stays (a validation, a warning), above the progress line."""
@@ -248,6 +258,7 @@ class Stage:
                 status = self._wait_after_interrupt(proc)
             finally:
                 stop.set()
+                ticker.join()  # no clock after the closing line
                 signal.signal(signal.SIGTERM, previous)
             self.finish(status)
         return status
@@ -280,7 +291,7 @@ class Step(Stage):
     """Any command: a clock while it runs."""
 
     def tick(self):
-        self.display.progress(self.label, f"running  {clock(self.elapsed())}")
+        self.display.progress(self.label, f"running  {clock(self.elapsed())}", waiting=True)
 
 
 class Train(Stage):
@@ -352,7 +363,8 @@ class Train(Stage):
 
     def tick(self):
         if self.updates is None:  # (rank 0, which logs, may be on another node)
-            self.display.progress(self.label, f"running, no record yet  {clock(self.elapsed())}")
+            waited = f"running, no record yet  {clock(self.elapsed())}"
+            self.display.progress(self.label, waited, waiting=True)
 
     def closing(self):
         if self.nothing_left:
@@ -428,7 +440,8 @@ class Generate(Stage):
 
     def tick(self):
         if not self.count:
-            self.display.progress(self.label, f"loading the model  {clock(self.elapsed())}")
+            waited = f"loading the model  {clock(self.elapsed())}"
+            self.display.progress(self.label, waited, waiting=True)
 
     def closing(self):
         return f"{self.count} sentences in {clock(self.elapsed())} -> {self.out}"

@@ -178,6 +178,18 @@ def test_a_run_shorter_than_the_log_interval_a_finished_one_and_no_budget(tmp_pa
     assert lines[-1].startswith("train      update 3 in ")
 
 
+def test_progress_after_a_wait_is_shown_at_once_off_a_terminal(tmp_path):
+    """The clock shown while no record has come (a tick, once a second) does not hold
+    back the first progress line, even with no budget (no fraction to step by)."""
+    screen = Screen(False)
+    stage = console.Train(str(tmp_path / "train.log"), console.Display(screen), None)
+    stage.tick()  # as the clock's thread does while the command starts
+    stage.on_line(inner(3, 7.0))
+    lines = screen.getvalue().splitlines()
+    assert lines[0].startswith("train      running, no record yet"), lines
+    assert len(lines) == 2 and lines[1].startswith("train      3 updates"), lines
+
+
 def test_the_command_line_takes_the_budget_from_max_update(tmp_path):
     script = "print(" + repr(inner(2, 5.0)) + ")"
     cmd = [sys.executable, "-m", "mt_run.console", "train", "--log", str(tmp_path / "l")]
