@@ -48,14 +48,14 @@ MODEL = [*MICRO, "--seed", "7", "--save-interval-updates", "2", "--keep-interval
 # fmt: on
 
 
-def command(databin, save, max_update, nproc, ep, port):
+def command(databin, save, max_update, nproc, ep):
     args = [str(databin), *MODEL, "--save-dir", str(save), "--max-update", str(max_update)]
     script = str(REPO / "scripts" / "fault_inject.py")
     if nproc == 1:
         return [sys.executable, script, *args]
     # fmt: off
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(port), script, *args, "--ep-world-size", str(ep)]
+            "--master_port", str(processes.free_port()), script, *args, "--ep-world-size", str(ep)]
     # fmt: on
 
 
@@ -192,11 +192,10 @@ def main(argv=None):
     rng = random.Random(args.seed)
     work = Path(args.workdir)
     ref, faulty = work / "uninterrupted", work / "interrupted"
-    port = 29600 + os.getpid() % 1000
     start = time.time()
     run.logdir = work / "logs"
 
-    rc, out = run(command(args.databin, ref, args.max_update, args.nproc, ep, port), args.timeout)
+    rc, out = run(command(args.databin, ref, args.max_update, args.nproc, ep), args.timeout)
     if rc != 0:
         raise SystemExit(f"uninterrupted run failed ({rc}):\n{out[-3000:]}")
     want = fairseq_log.losses_by_update(out)
@@ -218,7 +217,7 @@ def main(argv=None):
         if kills >= args.kills or left < 2:
             run.extra = {"FAULT_MODE": "none"}
             rc, out = run(
-                command(args.databin, faulty, args.max_update, args.nproc, ep, port + 1 + kills),
+                command(args.databin, faulty, args.max_update, args.nproc, ep),
                 args.timeout,
             )
             if rc != 0:
@@ -250,7 +249,7 @@ def main(argv=None):
             "FAULT_RANK": rank,
         }
         rc, out = run(
-            command(args.databin, faulty, args.max_update, args.nproc, ep, port + 1 + kills),
+            command(args.databin, faulty, args.max_update, args.nproc, ep),
             args.timeout,
             kill_at_update=target if mode == "time" else None,
             delay=rng.uniform(0.0, 0.02),

@@ -4,8 +4,7 @@
 # LICENSE file in the root directory of this source tree.
 """Real 2-process expert-parallel runs of ``user/train.py`` under torchrun (CPU, gloo)."""
 
-import os
-
+from mt_run import processes
 from mt_run.fairseq_log import losses_by_update
 from mt_run.recipes import MICRO
 
@@ -17,16 +16,13 @@ MODEL = [*MICRO, "--moe-capacity-factor", "2", "--seed", "5", "--save-interval-u
          "--keep-interval-updates", "1"]
 # fmt: on
 
-_port = [20000 + os.getpid() % 20000]
-
 
 def torchrun(*args, nproc=2, timeout=300):
     """``torchrun --nproc_per_node nproc ARGS`` from this venv, bounded by ``timeout``."""
-    _port[0] = 20000 + (_port[0] - 19999) % 20000  # a fresh port for each launch
-    # fmt: off
-    return run_cli(["torchrun", "--nproc_per_node", nproc, "--master_port", _port[0], *args],
-                   timeout=timeout)
-    # fmt: on
+    port = processes.free_port()  # a fresh one for each launch
+    return run_cli(
+        ["torchrun", "--nproc_per_node", nproc, "--master_port", port, *args], timeout=timeout
+    )
 
 
 def train2_output(databin, save_dir, max_update, *extra):
