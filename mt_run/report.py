@@ -143,8 +143,9 @@ def summary(args):
         if run["updates"]:
             rows.append(("updates", str(run["updates"])))
         drawn = pictures(text, args.out_dir, args.title, records)
+        logged = bool(run["updates"])
     else:
-        drawn = []
+        drawn, logged = [], True
     folder = os.path.abspath(args.out_dir)
 
     def where(path):  # a name inside the run folder, else the path as given
@@ -165,8 +166,12 @@ def summary(args):
     recorded = os.path.join(folder, MACHINE_FILE)
     if args.record_machine:
         here = machine(args.device, args.processes)
-        with open(recorded, "w", encoding="utf-8") as f:
-            f.write(here + "\n")
+        # by the node whose log has the training (every node of a multi-node run sums up
+        # into the shared run folder; rank 0 logs), whole or not at all
+        if logged:
+            with open(recorded + ".tmp", "w", encoding="utf-8") as f:
+                f.write(here + "\n")
+            os.replace(recorded + ".tmp", recorded)
         rows.append(("machine", here))
     elif args.bleu:
         here = machine(args.device, args.processes)
@@ -209,7 +214,8 @@ def main(argv=None):
     p.add_argument(
         "--record-machine",
         action="store_true",
-        help=f"training: name this machine in the summary and in OUT_DIR/{MACHINE_FILE}",
+        help=f"training: name this machine in the summary and in OUT_DIR/{MACHINE_FILE} "
+        "(there only when --log has the training's records: rank 0's node)",
     )
     args = p.parse_args(argv)
     rows = summary(args)

@@ -233,3 +233,18 @@ def test_pictures_from_a_json_log(tmp_path):
 )
 def test_max_update(cmd, want):
     assert console.max_update(["train.py", *cmd]) == want
+
+
+def test_only_the_node_that_logged_training_records_the_machine(tmp_path):
+    """With NNODES > 1 every node's run.sh writes a summary into the shared run folder;
+    the node whose log has no training record (rank 0 logs) leaves machine.txt alone."""
+    trained, other = tmp_path / "train.node0.log", tmp_path / "train.node1.log"
+    trained.write_text("\n".join(TRAINING) + "\n")
+    other.write_text("2026-11-30 12:00:00 | INFO | fairseq.distributed.utils | rank 1\n")
+    recorded = tmp_path / report.MACHINE_FILE
+    report.main(["--log", str(trained), "--out-dir", str(tmp_path), "--record-machine"])
+    first = recorded.read_text()
+    recorded.write_text("the machine that trained\n")
+    report.main(["--log", str(other), "--out-dir", str(tmp_path), "--record-machine"])
+    assert recorded.read_text() == "the machine that trained\n"
+    assert "process(es)" in first
