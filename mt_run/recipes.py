@@ -64,11 +64,13 @@ _COMMON = {
     "gate_weight": 0.01,
     # capacity and router regularisation (docs/moe-options.md; None: the plugin's default):
     # --moe-capacity-factor, --no-moe-drop-tokens when drop_tokens is 0 (dropless
-    # training), --moe-z-loss with z_loss_weight as experts_z_loss's weight, --moe-eom
+    # training), --moe-z-loss with z_loss_weight as experts_z_loss's weight, --moe-eom,
+    # --moe-expert-dropout
     "capacity_factor": None,
     "drop_tokens": 1,
     "z_loss_weight": None,
     "eom": None,
+    "expert_dropout": None,
     "label_smoothing": 0.1,
     # the dense baseline's criterion: label_smoothed_cross_entropy (the reference's
     # baseline), or model_and_base without gate loss (the same criterion code as MoE)
@@ -203,6 +205,7 @@ _KIND = {
     **dict.fromkeys(("warmup", "keep_last_epochs", "max_len_b"), "whole"),
     **dict.fromkeys(("share_all_embeddings", "pre_norm", "drop_tokens"), "switch"),
     **dict.fromkeys(("dropout", "attention_dropout", "eom", "label_smoothing"), "fraction"),
+    "expert_dropout": "fraction",
     **dict.fromkeys(("lr", "capacity_factor"), "positive"),
     **dict.fromkeys(("gate_weight", "z_loss_weight", "clip_norm", "weight_decay"), "nonnegative"),
     **dict.fromkeys(("warmup_init_lr", "max_len_a"), "nonnegative"),
@@ -318,7 +321,11 @@ def train_flags(s, moe=True):
             ("--moe-freq", s["moe_freq"]),
             ("--ep-world-size", s["ep_world_size"]),
         )
-        flags += given(("--moe-capacity-factor", s["capacity_factor"]), ("--moe-eom", s["eom"]))
+        flags += given(
+            ("--moe-capacity-factor", s["capacity_factor"]),
+            ("--moe-eom", s["eom"]),
+            ("--moe-expert-dropout", s["expert_dropout"]),
+        )
         if str(s["drop_tokens"]) == "0":
             flags.append("--no-moe-drop-tokens")
         weights = f'"base_crit": 1, "experts_gate_loss": {s["gate_weight"]}'

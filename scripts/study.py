@@ -12,9 +12,10 @@ valid sentences every 200 updates (``mt_run.compare.train_command``), one thread
 
 - ``screen``: the dense twin and the old MoE recipe (4 experts, top-1, capacity factor
   1.0, gate-loss weight 0.01), variants that change one thing of that MoE:
-  capacity factor 1.25, dropless training, router z-loss, expert output masking, top-2
-  (experts half as wide), 8 and 16 experts, gate-loss weight 0.001 and 0.1; and three
-  combinations of the changes that did best on seed 1. Every variant has the dense
+  capacity factor 1.25, dropless training, router z-loss, expert output masking, expert
+  dropout, top-2 (experts half as wide), 8 and 16 experts, gate-loss weight 0.001 and
+  0.1; three combinations of the changes that did best on seed 1, and the chosen one
+  with expert dropout. Every variant has the dense
   model's active FLOPs per token. Selected on the valid split: a variant's best valid
   BLEU minus the dense run's of the same seed, averaged over ``--screen-seeds`` (1, 2),
   with the last valid loss beside it.
@@ -62,6 +63,7 @@ BASELINE = {
     "drop_tokens": 1,
     "z_loss_weight": None,
     "eom": None,
+    "expert_dropout": None,
     "gate_weight": 0.01,
 }
 
@@ -74,6 +76,7 @@ SCREEN = {
     "dropless": ("no token dropped in training", {"drop_tokens": 0}),
     "zloss": ("router z-loss, weight 1e-3", {"z_loss_weight": 0.001}),
     "eom0.2": ("expert output masking 0.2", {"eom": 0.2}),
+    "expdrop0.1": ("expert dropout 0.1", {"expert_dropout": 0.1}),
     "top2": ("top-2 of experts half as wide (128)", {"top_k": 2, "ffn": 128}),
     "e8": ("8 experts", {"experts": 8}),
     "e16": ("16 experts", {"experts": 16}),
@@ -91,6 +94,11 @@ SCREEN = {
     "top2-dropless-gate0.001": (
         "top-2 (128 wide), dropless, gate-loss weight 0.001",
         {"top_k": 2, "ffn": 128, "drop_tokens": 0, "gate_weight": 0.001},
+    ),
+    # the chosen recipe with expert dropout (added after the choice)
+    "top2-dropless-expdrop0.1": (
+        "top-2 (128 wide), dropless, expert dropout 0.1",
+        {"top_k": 2, "ffn": 128, "drop_tokens": 0, "expert_dropout": 0.1},
     ),
 }
 

@@ -231,3 +231,10 @@ def test_bad_overrides_stop_the_scripts_before_any_work(tmp_path):
         errors = [line for line in proc.stderr.splitlines() if "error" in line]
         assert len(errors) == 1 and ("ffn=abc" in errors[0] or "top_k=0" in errors[0]), errors
         assert not (workspace / "demo_en_de").exists(), f"{script} prepared data first"
+
+
+def test_expert_dropout_is_a_setting_passed_only_when_given():
+    assert "--moe-expert-dropout" not in recipes.train_flags(recipes.settings("tiny"))
+    flags = recipes.train_flags(recipes.settings("tiny", expert_dropout="0.1"))
+    assert contains(flags, ["--moe-expert-dropout", "0.1"])
+    assert "--moe-expert-dropout" not in recipes.train_flags(recipes.settings("tiny"), moe=False)
