@@ -50,6 +50,7 @@ their overrides so before any work.
 import argparse
 import json
 import math
+import re
 import sys
 
 # what the recipes share
@@ -177,10 +178,24 @@ def _number(value):
     return x if math.isfinite(x) else None
 
 
+def _whole(value):
+    return re.fullmatch("[0-9]+", value) is not None
+
+
+def _json_number(value):
+    """``value`` (a number, or its text as typed: ``.1``, ``1e-3``) as JSON writes it."""
+    return json.dumps(float(value))
+
+
+def _sides(value):
+    """``moe_sides``' parts, as the plugin's ``--deepspeed_moe`` reads them."""
+    return {part.strip() for part in value.split(",")}
+
+
 # what a setting's value may be (None, "not passed", always may), and how to say so
 _KINDS = {
-    "count": ("a whole number of at least 1", lambda v: v.isdigit() and int(v) >= 1),
-    "whole": ("a whole number", str.isdigit),
+    "count": ("a whole number of at least 1", lambda v: _whole(v) and int(v) >= 1),
+    "whole": ("a whole number", _whole),
     "switch": ("0 or 1", lambda v: v in ("0", "1")),
     "fraction": (
         "a number from 0 up to, not including, 1",
@@ -189,7 +204,7 @@ _KINDS = {
     "positive": ("a number above 0", lambda v: (_number(v) or 0) > 0),
     "nonnegative": ("a number of at least 0", lambda v: _number(v) is not None and _number(v) >= 0),
     "number": ("a number", lambda v: _number(v) is not None),
-    "sides": ("enc, dec or enc,dec", lambda v: v in ("enc", "dec", "enc,dec", "dec,enc")),
+    "sides": ("enc, dec or both (enc,dec)", lambda v: _sides(v) <= {"enc", "dec"}),
     "criterion": (
         "label_smoothed_cross_entropy or model_and_base",
         lambda v: v in ("label_smoothed_cross_entropy", "model_and_base"),
@@ -288,7 +303,7 @@ def train_flags(s, moe=True):
         return [str(x) for flag, value in pairs if value is not None for x in (flag, value)]
 
     side_name = {"enc": "encoder", "dec": "decoder"}
-    moe_sides = {side_name[x] for x in str(s["moe_sides"]).split(",") if moe and x in side_name}
+    moe_sides = {side_name[x] for x in _sides(str(s["moe_sides"])) if moe and x in side_name}
     flags = ["--task", "translation_deepspeed", "--arch", str(s["arch"])]
     if str(s["share_all_embeddings"]) == "1":
         flags.append("--share-all-embeddings")
@@ -311,7 +326,7 @@ def train_flags(s, moe=True):
         "--base-criterion",
         "label_smoothed_cross_entropy",
         "--base-criterion-config",
-        f'{{"label_smoothing": {s["label_smoothing"]}}}',
+        f'{{"label_smoothing": {_json_number(s["label_smoothing"])}}}',
     ]
     if moe:
         flags += given(
@@ -328,10 +343,10 @@ def train_flags(s, moe=True):
         )
         if str(s["drop_tokens"]) == "0":
             flags.append("--no-moe-drop-tokens")
-        weights = f'"base_crit": 1, "experts_gate_loss": {s["gate_weight"]}'
+        weights = f'"base_crit": 1, "experts_gate_loss": {_json_number(s["gate_weight"])}'
         if s["z_loss_weight"] is not None:
             flags.append("--moe-z-loss")
-            weights += f', "experts_z_loss": {s["z_loss_weight"]}'
+            weights += f', "experts_z_loss": {_json_number(s["z_loss_weight"])}'
         flags += ["--criterion", "model_and_base", "--loss-weights", f"{{{weights}}}", *base]
     elif s["dense_criterion"] == "model_and_base":
         flags += ["--criterion", "model_and_base", "--loss-weights", '{"base_crit": 1}', *base]

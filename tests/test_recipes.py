@@ -4,6 +4,7 @@
 ``scripts/bench_perf.py`` train with ``mt_run.recipes``' flags, and follow it when it
 changes (a copy of the repository's scripts with an edited recipe)."""
 
+import json
 import os
 import shlex
 import shutil
@@ -192,7 +193,8 @@ def test_the_dense_twin_is_as_wide_as_the_experts_a_token_passes_through():
         ("drop_tokens", "2", "0 or 1"),
         ("dropout", "1.5", "a number from 0 up to, not including, 1"),
         ("lr", "-1", "a number above 0"),
-        ("moe_sides", "encoder", "enc, dec or enc,dec"),
+        ("top_k", "\u00b2", "a whole number of at least 1"),  # (isdigit, but not int's)
+        ("moe_sides", "encoder", "enc, dec or both (enc,dec)"),
     ],
 )
 def test_a_bad_setting_is_refused_by_name(setting, value, want):
@@ -204,6 +206,13 @@ def test_a_bad_setting_is_refused_by_name(setting, value, want):
         assert recipes.settings(name) == recipes.RECIPES[name]
     typed = {"ffn": "96", "lr": "1e-3", "dropout": "0.1", "drop_tokens": "0", "eom": ""}
     assert recipes.settings("tiny", **typed)["eom"] is None  # "": not passed
+    # numbers as typed go into the JSON flags as JSON; sides as the plugin reads them
+    typed = {"label_smoothing": ".1", "gate_weight": ".01", "z_loss_weight": "1e-3"}
+    flags = recipes.train_flags(recipes.settings("tiny", moe_sides="enc, dec", **typed))
+    config = json.loads(flags[flags.index("--base-criterion-config") + 1])
+    weights = json.loads(flags[flags.index("--loss-weights") + 1])
+    assert config == {"label_smoothing": 0.1} and weights["experts_gate_loss"] == 0.01
+    assert flags[flags.index("--encoder-ffn-embed-dim") + 1] == str(recipes.TINY["ffn"])
 
 
 @pytest.mark.timeout(60)
