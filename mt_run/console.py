@@ -71,7 +71,8 @@ def lines_in_order(*pipes):
     (``\n``, ``\r\n`` or ``\r``, as a text pipe reads them).
 
     One thread reads them all; when several have data, the one listed first is read
-    first, so a line written to it before another pipe's line is yielded before that one.
+    first, so a whole line written to it before another pipe's line is yielded before
+    that one.
     """
     selector = selectors.DefaultSelector()
     decoders, rests = {}, {}
@@ -79,21 +80,23 @@ def lines_in_order(*pipes):
         selector.register(pipe.fileno(), selectors.EVENT_READ, pipe)
         decoders[pipe] = codecs.getincrementaldecoder("utf-8")(errors="replace")
         rests[pipe] = ""
-    while selector.get_map():
-        ready = {key.data for key, _ in selector.select()}
-        for pipe in (p for p in pipes if p in ready):
-            chunk = os.read(pipe.fileno(), 1 << 16)
-            text = rests[pipe] + decoders[pipe].decode(chunk, final=not chunk)
-            held = "\r" if chunk and text.endswith("\r") else ""  # maybe half of a "\r\n"
-            text = text[: len(text) - len(held)].replace("\r\n", "\n").replace("\r", "\n")
-            *lines, rests[pipe] = text.split("\n")
-            rests[pipe] += held
-            if not chunk:  # the end: a last line without a newline is a line too
-                selector.unregister(pipe.fileno())
-                lines += [rests[pipe]] if rests[pipe] else []
-            for line in lines:
-                yield pipe, line
-    selector.close()
+    try:
+        while selector.get_map():
+            ready = {key.data for key, _ in selector.select()}
+            for pipe in (p for p in pipes if p in ready):
+                chunk = os.read(pipe.fileno(), 1 << 16)
+                text = rests[pipe] + decoders[pipe].decode(chunk, final=not chunk)
+                held = "\r" if chunk and text.endswith("\r") else ""  # half of a "\r\n"?
+                text = text[: len(text) - len(held)].replace("\r\n", "\n").replace("\r", "\n")
+                *lines, rests[pipe] = text.split("\n")
+                rests[pipe] += held
+                if not chunk:  # the end: a last line without a newline is a line too
+                    selector.unregister(pipe.fileno())
+                    lines += [rests[pipe]] if rests[pipe] else []
+                for line in lines:
+                    yield pipe, line
+    finally:  # (also when the reader stops early: Ctrl-C)
+        selector.close()
 
 
 class Display:
