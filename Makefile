@@ -47,7 +47,7 @@ bench: $(STAMP)
 
 # what makes the MoE beat its dense twin (issue 16): variants of the MoE screened on the
 # valid split, then the recipe against dense over 3 seeds on the test split, at the demo's
-# budget: workspace/study/study.{md,json} (about 80 minutes on 2 cores). STUDY_ARGS: more
+# budget: workspace/study/study.{md,json} (about 90 minutes on 2 cores). STUDY_ARGS: more
 # flags, e.g. --stage final or --jobs 4.
 study: $(STAMP)
 	$(PY) scripts/prepare_demo.py --workspace workspace
