@@ -218,6 +218,7 @@ MOE_MODE="${MOE_MODE:-$recipe_moe_sides}"
 TOP_K="${TOP_K:-$recipe_top_k}"
 is_int NUM_EXPERTS "$NUM_EXPERTS"; is_int TOP_K "$TOP_K"
 ((NUM_EXPERTS >= 1)) || die "NUM_EXPERTS must be at least 1"
+((TOP_K >= 1)) || die "TOP_K must be at least 1 (experts per token)"
 if [[ -z "${EP_WORLD_SIZE:-}" ]]; then
     # the largest expert-parallel size that divides both: the experts split evenly, each
     # group within a node, and data parallelism over the rest

@@ -238,7 +238,7 @@ def test_bad_overrides_stop_the_scripts_before_any_work(tmp_path):
         )
         assert proc.returncode == 2, proc.stderr
         errors = [line for line in proc.stderr.splitlines() if "error" in line]
-        assert len(errors) == 1 and ("ffn=abc" in errors[0] or "top_k=0" in errors[0]), errors
+        assert len(errors) == 1 and ("ffn=abc" in errors[0] or "TOP_K" in errors[0]), errors
         assert not (workspace / "demo_en_de").exists(), f"{script} prepared data first"
 
 
