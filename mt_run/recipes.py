@@ -66,12 +66,13 @@ _COMMON = {
     # capacity and router regularisation (docs/moe-options.md; None: the plugin's default):
     # --moe-capacity-factor, --no-moe-drop-tokens when drop_tokens is 0 (dropless
     # training), --moe-z-loss with z_loss_weight as experts_z_loss's weight, --moe-eom,
-    # --moe-expert-dropout
+    # --moe-expert-dropout, --moe-bias-balance
     "capacity_factor": None,
     "drop_tokens": 1,
     "z_loss_weight": None,
     "eom": None,
     "expert_dropout": None,
+    "bias_balance": None,
     "label_smoothing": 0.1,
     # the dense baseline's criterion: label_smoothed_cross_entropy (the reference's
     # baseline), or model_and_base without gate loss (the same criterion code as MoE)
@@ -223,7 +224,7 @@ _KIND = {
     "expert_dropout": "fraction",
     **dict.fromkeys(("lr", "capacity_factor"), "positive"),
     **dict.fromkeys(("gate_weight", "z_loss_weight", "clip_norm", "weight_decay"), "nonnegative"),
-    **dict.fromkeys(("warmup_init_lr", "max_len_a"), "nonnegative"),
+    **dict.fromkeys(("warmup_init_lr", "max_len_a", "bias_balance"), "nonnegative"),
     "lenpen": "number",
     "moe_sides": "sides",
     "dense_criterion": "criterion",
@@ -340,6 +341,7 @@ def train_flags(s, moe=True):
             ("--moe-capacity-factor", s["capacity_factor"]),
             ("--moe-eom", s["eom"]),
             ("--moe-expert-dropout", s["expert_dropout"]),
+            ("--moe-bias-balance", s["bias_balance"]),
         )
         if str(s["drop_tokens"]) == "0":
             flags.append("--no-moe-drop-tokens")

@@ -15,7 +15,7 @@ valid sentences every 200 updates (``mt_run.compare.train_command``), one thread
   capacity factor 1.25, dropless training, router z-loss, expert output masking, expert
   dropout, top-2 (experts half as wide), 8 and 16 experts, gate-loss weight 0.001 and
   0.1; three combinations of the changes that did best on seed 1, and the chosen one
-  with expert dropout. Every variant has the dense
+  with expert dropout or the balancing bias (with and without the gate loss). Every variant has the dense
   model's active FLOPs per token. Selected on the valid split: a variant's best valid
   BLEU minus the dense run's of the same seed, averaged over ``--screen-seeds`` (1, 2),
   with the last valid loss beside it.
@@ -64,6 +64,7 @@ BASELINE = {
     "z_loss_weight": None,
     "eom": None,
     "expert_dropout": None,
+    "bias_balance": None,
     "gate_weight": 0.01,
 }
 
@@ -99,6 +100,15 @@ SCREEN = {
     "top2-dropless-expdrop0.1": (
         "top-2 (128 wide), dropless, expert dropout 0.1",
         {"top_k": 2, "ffn": 128, "drop_tokens": 0, "expert_dropout": 0.1},
+    ),
+    # ... with the balancing bias (DeepSeek-V3), instead of the gate loss or beside it
+    "top2-dropless-bias": (
+        "top-2 (128 wide), dropless, balancing bias 0.001, no gate loss",
+        {"top_k": 2, "ffn": 128, "drop_tokens": 0, "bias_balance": 0.001, "gate_weight": 0},
+    ),
+    "top2-dropless-bias-gate": (
+        "top-2 (128 wide), dropless, balancing bias 0.001, gate loss 0.01",
+        {"top_k": 2, "ffn": 128, "drop_tokens": 0, "bias_balance": 0.001},
     ),
 }
 

@@ -204,7 +204,12 @@ def _named_global(model):
 
 
 def _weights(model):
-    return {n: p.detach().clone() for n, p in _named_global(model)}
+    """Parameters by global name, and the gates' balancing biases (buffers, replicated)."""
+    weights = {n: p.detach().clone() for n, p in _named_global(model)}
+    weights.update(
+        (n, b.detach().clone()) for n, b in model.named_buffers() if n.endswith(".expert_bias")
+    )
+    return weights
 
 
 def _grads(model):
@@ -507,6 +512,10 @@ CONFIGS = {
     "ep2_z_loss": ["--num-experts", "4", "--ep-world-size", "2", "--moe-z-loss",
                    "--loss-weights", json.dumps({"base_crit": 1, "experts_gate_loss": GATE_WEIGHT,
                                                  "experts_z_loss": 0.01})],
+    # W=2, E=2, balancing bias: every rank's bias moves by the load of all ranks' tokens,
+    # as one process's does by its micro-batches' (a rate large enough to change routes)
+    "ep2_bias_balance": ["--num-experts", "4", "--ep-world-size", "2",
+                         "--moe-bias-balance", "0.05"],
 }
 # More ranks than 2: (processes W, flags).
 SCALE_CONFIGS = {
@@ -616,6 +625,9 @@ def _check_trainer_matches_one_process(tiny_data, extensions_dir, config_flags, 
     # and training moved them
     moved = [k for k in want["final"] if not torch.equal(want["final"][k], want["initial"][k])]
     assert any(".deepspeed_experts." in k for k in moved) and any(".gate.wg." in k for k in moved)
+    biases = [k for k in want["final"] if k.endswith(".expert_bias")]
+    assert bool(biases) == ("--moe-bias-balance" in flags)
+    assert all(k in moved for k in biases), "the balancing biases moved"
 
 
 @pytest.mark.timeout(RANKS_TIMEOUT + 120)

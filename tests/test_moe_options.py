@@ -105,6 +105,17 @@ def test_noisy_gate_needs_top1():
         options_from_args(args(deepspeed_moe="enc", top_k=2, moe_noisy_gate_policy="Jitter"))
 
 
+def test_bias_balance_is_refused_where_it_has_no_say_or_below_zero():
+    with pytest.raises(MoEArgumentError, match="--moe-bias-balance 0.01 with --moe-noisy-gate"):
+        options_from_args(
+            args(deepspeed_moe="enc", moe_bias_balance=0.01, moe_noisy_gate_policy="RSample")
+        )
+    with pytest.raises(MoEArgumentError, match="--moe-bias-balance.*must be 0 or more"):
+        options_from_args(args(deepspeed_moe="enc", moe_bias_balance=-0.1))
+    on = options_from_args(args(deepspeed_moe="enc", moe_bias_balance=0.01))
+    assert on.bias_balance == 0.01
+
+
 @pytest.mark.parametrize(
     "freq,layers,expected", [(1, 3, [0, 1, 2]), (2, 4, [1, 3]), (3, 6, [2, 5])]
 )

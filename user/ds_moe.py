@@ -125,6 +125,7 @@ def build_moe(
         eval_drop_tokens=opts.eval_drop_tokens,
         use_rts=opts.use_rts,
         top2_2nd_expert_sampling=opts.top2_2nd_expert_sampling,
+        balance_rate=opts.bias_balance,
     )
     # DeepSpeed deep-copies one expert: without this every expert starts equal.
     local = moe.deepspeed_moe.experts.deepspeed_experts
@@ -188,6 +189,21 @@ def agree_on_token_counts(counts: Sequence[int], ep_size: int) -> List[int]:
             t = t.cuda()
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return [int(v) for v in t.tolist()]
+
+
+def balance_gates(model: torch.nn.Module) -> None:
+    """After an update, move the balancing bias of every gate that has one
+    (``--moe-bias-balance``) from its load: the routes per expert of the update's
+    training forwards, summed over every process in one all-reduce (every process holds
+    every gate, and their biases stay equal)."""
+    gates = [m for m in model.modules() if isinstance(m, Gate) and m.load is not None]
+    if not gates:
+        return
+    load = torch.stack([g.load.to(g.expert_bias.device) for g in gates])  # layers x E
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(load)
+    for gate, row in zip(gates, load):
+        gate.balance(row)
 
 
 def reduce_expert_grads(params: Iterable[torch.nn.Parameter], ep_size: int) -> None:

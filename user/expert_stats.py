@@ -16,7 +16,8 @@ and micro-batches:
 * ``moe_drop``, ``moe_ent``: the dropped share and the mean router entropy over all MoE
   layers (with ``moe_imbalance`` and the criterion's gate loss, the summary);
 * per layer (``enc1``, ``dec0``, ...): each expert's share, the dropped share, the mean
-  router entropy, the mean gate loss and, with ``--moe-z-loss``, the mean router z-loss.
+  router entropy, the mean gate loss and, with ``--moe-z-loss``, the mean router z-loss
+  (with ``--moe-bias-balance``, the spread of the balancing bias).
 
 fairseq's console progress bars (``--log-format simple``, ``tqdm``) print the summary
 only, unless ``--moe-console-metrics all``: see :func:`console_stats`.
@@ -68,7 +69,8 @@ def expert_load_stats(model) -> dict:
         capacity; ``_moe_L_routed``: token-expert assignments; ``_moe_L_tok``: real
         tokens; ``_moe_L_ent``: summed gate entropy; ``_moe_L_aux``, ``_moe_L_calls``:
         gate loss and forwards (for its mean); ``_moe_L_z``: router z-loss (with
-        ``--moe-z-loss``); ``_moe_load_max``/``_moe_load_tot``:
+        ``--moe-z-loss``); ``_moe_L_bias``: the spread (max - min) of the balancing
+        bias (with ``--moe-bias-balance``); ``_moe_load_max``/``_moe_load_tot``:
         sums over layers of (busiest expert's tokens x E) and of routed tokens.
     """
     stats = getattr(unwrap_model(model), "routing_stats", lambda: {})()
@@ -86,8 +88,9 @@ def expert_load_stats(model) -> dict:
         out[f"_moe_{tag}_tok"] = st["tokens"]
         out[f"_moe_{tag}_ent"] = st["entropy"]
         out[f"_moe_{tag}_aux"] = st["aux"]
-        if "z" in st:
-            out[f"_moe_{tag}_z"] = st["z"]
+        for key in ("z", "bias"):  # (with --moe-z-loss, --moe-bias-balance)
+            if key in st:
+                out[f"_moe_{tag}_{key}"] = st[key]
         out[f"_moe_{tag}_calls"] = 1.0
     return out
 
@@ -97,7 +100,8 @@ def log_routing_metrics(logging_outputs) -> None:
     ``moe_ent`` (mean gate entropy per token, nats), over all MoE layers; and per MoE
     layer ``moe_L_e<i>`` (fraction of tokens routed to expert i), ``moe_L_drop``,
     ``moe_L_ent`` (ln E = uniform), ``moe_L_aux`` (mean gate loss), ``moe_L_z`` (mean
-    router z-loss, with ``--moe-z-loss``); all summed over
+    router z-loss, with ``--moe-z-loss``), ``moe_L_bias`` (the balancing bias's spread,
+    with ``--moe-bias-balance``); all summed over
     ranks, micro-batches and (for the first three) layers before dividing."""
     load_tot = sum(log.get("_moe_load_tot", 0) for log in logging_outputs)
     if load_tot > 0:
@@ -139,5 +143,7 @@ def log_routing_metrics(logging_outputs) -> None:
         calls = tot.get(f"_moe_{tag}_calls", 0)
         if calls > 0:
             metrics.log_scalar(f"moe_{tag}_aux", tot[f"_moe_{tag}_aux"] / calls, calls, round=3)
-            if f"_moe_{tag}_z" in tot:
-                metrics.log_scalar(f"moe_{tag}_z", tot[f"_moe_{tag}_z"] / calls, calls, round=3)
+            for key in ("z", "bias"):
+                if f"_moe_{tag}_{key}" in tot:
+                    mean = tot[f"_moe_{tag}_{key}"] / calls
+                    metrics.log_scalar(f"moe_{tag}_{key}", mean, calls, round=3)

@@ -70,6 +70,8 @@ class MoEOptions:
             output is dropped with this probability.
         expert_dropout (float or None): dropout after the experts' activation in
             training, in place of ``--activation-dropout``; None = that flag's value.
+        bias_balance (float): auxiliary-loss-free balancing (DeepSeek-V3): the rate a
+            per-expert routing bias moves by after each update; 0 = off.
     """
 
     sides: FrozenSet[str] = frozenset()
@@ -90,6 +92,7 @@ class MoEOptions:
     z_loss: bool = False
     eom: float = 0.0
     expert_dropout: Optional[float] = None
+    bias_balance: float = 0.0
 
     def is_moe_layer(self, side: str, index: int) -> bool:
         """Whether layer ``index`` (0-based) of ``side`` is an MoE layer (GShard: every freq-th)."""
@@ -241,6 +244,14 @@ FLAGS: Tuple[Flag, ...] = (
          check=_probability, parse=float,
          help="dropout after the experts' activation in training, in place of "
               "--activation-dropout (default: --activation-dropout's value)"),
+    Flag("bias_balance", ("--moe-bias-balance",), type=float, metavar="RATE",
+         check=lambda v: None if v >= 0 and math.isfinite(v) else "must be 0 or more",
+         parse=float,
+         help="balancing without an auxiliary loss (DeepSeek-V3): a per-expert bias, "
+              "added to the router's probabilities when choosing experts (not to their "
+              "weights), moves by RATE after each update, up for experts below the mean "
+              "load, down above it (over every process); saved with the model; e.g. "
+              "0.001, with \"experts_gate_loss\": 0 or a small weight (default 0: off)"),
 )
 # fmt: on
 
@@ -354,6 +365,15 @@ def _noisy_gate_top1(opts, args):
         )
 
 
+def _bias_without_sampled_choice(opts, args):
+    if opts.bias_balance > 0 and opts.noisy_gate_policy == "RSample":
+        return (
+            f"--moe-bias-balance {opts.bias_balance} with --moe-noisy-gate-policy RSample: "
+            "RSample chooses the expert from noised logits, where the bias has no say; "
+            "drop one of them"
+        )
+
+
 def _placement(opts, args):
     for side, flag in (("enc", "--encoder-layers"), ("dec", "--decoder-layers")):
         layers = getattr(args, "encoder_layers" if side == "enc" else "decoder_layers", 0)
@@ -370,7 +390,13 @@ def _placement(opts, args):
 
 
 #: Rules on the MoE options alone (checked whenever a model is built).
-RULES_ON_OPTIONS = (_divisible, _top_k_range, _noisy_gate_top1, _placement)
+RULES_ON_OPTIONS = (
+    _divisible,
+    _top_k_range,
+    _noisy_gate_top1,
+    _bias_without_sampled_choice,
+    _placement,
+)
 
 
 @dataclass(frozen=True)

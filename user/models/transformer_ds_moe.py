@@ -18,6 +18,7 @@ the ``model_and_base`` criterion weighs with ``--loss-weights``.
 
 import contextlib
 import functools
+import logging
 from typing import Dict, List, Optional
 
 import torch
@@ -41,6 +42,8 @@ from ..modules.moe_transformer_layer import (
     MoETransformerEncoderLayer,
 )
 from ..moe_options import MoEOptions, add_moe_args, moe_defaults, options_from_args, validate
+
+logger = logging.getLogger(__name__)
 
 
 def _wrap(layer, cfg):
@@ -158,6 +161,29 @@ class MoETransformerDecoder(TransformerDecoder):
             lockstep.release(self)
 
 
+_BIAS = ".gate.expert_bias"
+
+
+def _fit_balance_biases(model, state_dict) -> None:
+    """Make a checkpoint's balancing biases (``--moe-bias-balance``) fit ``model``'s:
+    a model with them starts them at 0 from a checkpoint without (turning balancing on
+    when resuming or fine-tuning), and a model without them leaves a checkpoint's out
+    (turning it off: its routing then changes, which a warning says)."""
+    own = {k for k, _ in model.named_buffers() if k.endswith(_BIAS)}
+    given = {k for k in state_dict if k.endswith(_BIAS)}
+    for key in own - given:
+        state_dict[key] = torch.zeros_like(model.get_buffer(key))
+    if own - given:
+        logger.info(f"--moe-bias-balance: {len(own - given)} balancing biases start at 0")
+    for key in given - own:
+        del state_dict[key]
+    if given - own:
+        logger.warning(
+            f"the checkpoint's {len(given - own)} balancing biases are not used "
+            "(--moe-bias-balance is off here): its experts are chosen without them"
+        )
+
+
 @register_model("transformer_ds_moe")
 class TransformerDSMoEModel(TransformerModel):
     """Transformer with DeepSpeed MoE FFN blocks.
@@ -268,6 +294,8 @@ class TransformerDSMoEModel(TransformerModel):
         """fairseq's ``load_state_dict``; an expert-parallel rank then loads its own
         experts from the checkpoint's shards (see :mod:`user.checkpoint`)."""
         reader = state_dict.pop(MODEL_KEY, None) if state_dict else None
+        if state_dict:
+            _fit_balance_biases(self, state_dict)
         result = super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
         if reader is not None:
             fairseq_hooks.restore_model_experts(self, reader)
@@ -287,7 +315,8 @@ class TransformerDSMoEModel(TransformerModel):
         """Per MoE layer, the last forward's routing statistics: ``counts`` (tokens
         sent to each expert), ``dropped``, ``routed``, ``tokens`` (real tokens),
         ``entropy`` (summed gate entropy), ``aux`` (the layer's gate loss), ``z`` (its
-        router z-loss, with ``--moe-z-loss``)."""
+        router z-loss, with ``--moe-z-loss``), ``bias`` (its balancing bias's spread,
+        with ``--moe-bias-balance``)."""
         return {n: m.stats for n, m in self.moe_ffn_layers().items() if "counts" in m.stats}
 
     def expert_counts(self) -> Dict[str, Tensor]:

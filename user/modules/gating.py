@@ -113,6 +113,14 @@ def _keep(mask: Tensor, used: Optional[Tensor]) -> Tensor:
     return mask if used is None else mask * used.to(mask.dtype).unsqueeze(1)
 
 
+def choice_scores(gates: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """What a token's experts are chosen by: the gate probabilities (``S x E``), plus
+    the per-expert balancing bias (``E``) when there is one (DeepSeek-V3's
+    auxiliary-loss-free balancing: the bias steers the choice toward experts with less
+    load; the routes' weights stay the unbiased probabilities)."""
+    return gates if bias is None else gates + bias
+
+
 def top1gating(
     logits: Tensor,
     capacity: Optional[int] = None,
@@ -122,6 +130,7 @@ def top1gating(
     noisy_gate_policy: Optional[str] = None,
     use_rts: bool = False,
     top2_2nd_expert_sampling: bool = False,
+    bias: Optional[Tensor] = None,
 ) -> Routes:
     """DeepSpeed's ``top1gating`` (sparse routes) with the capacity given.
 
@@ -140,6 +149,8 @@ def top1gating(
             when nothing is dropped, as DeepSpeed does, so that the random stream
             (and dropout after it) stays DeepSpeed's.
         top2_2nd_expert_sampling (bool): ignored (top-2 only).
+        bias (Tensor, optional): ``E``, added to the probabilities to choose the expert
+            (:func:`choice_scores`), not to its weight.
 
     Returns:
         :class:`Routes` with ``k = 1``.
@@ -148,7 +159,8 @@ def top1gating(
         noisy = logits + sharded_moe.gumbel_rsample(logits.shape, device=logits.device)
     gates = F.softmax(logits, dim=1)  # S x E
     S, E = gates.shape
-    idx = torch.argmax(noisy if noisy_gate_policy == "RSample" else gates, dim=1)  # S
+    scores = noisy if noisy_gate_policy == "RSample" else choice_scores(gates, bias)
+    idx = torch.argmax(scores, dim=1)  # S
     mask = _keep(F.one_hot(idx, num_classes=E), used)  # S x E
     counts = torch.sum(mask, dim=0).detach()  # E
     l_aux = torch.sum(torch.mean(gates, dim=0) * torch.mean(mask.float(), dim=0)) * E
@@ -182,6 +194,7 @@ def top2gating(
     noisy_gate_policy: Optional[str] = None,
     use_rts: bool = False,
     top2_2nd_expert_sampling: bool = False,
+    bias: Optional[Tensor] = None,
 ) -> Routes:
     """DeepSpeed's ``top2gating`` (sparse routes) with the capacity given and a padding mask.
 
@@ -198,17 +211,21 @@ def top2gating(
         k (int): 2.
         top2_2nd_expert_sampling (bool): pick the second expert from Gumbel-noised logits.
         noisy_gate_policy, use_rts: ignored (DeepSpeed's top-2 gate has neither).
+        bias (Tensor, optional): ``E``, added to the probabilities to choose both experts
+            (:func:`choice_scores`; the second from the noised ones when sampled), not
+            to their weights.
 
     Returns:
         :class:`Routes` with ``k = 2``; weights normalised over the token's kept routes.
     """
     gates = F.softmax(logits, dim=1)  # S x E
     S, E = gates.shape
-    idx1 = torch.argmax(gates, dim=1)  # S
+    idx1 = torch.argmax(choice_scores(gates, bias), dim=1)  # S
     first = F.one_hot(idx1, num_classes=E)  # S x E
     if top2_2nd_expert_sampling:
         logits = logits + sharded_moe.gumbel_rsample(logits.shape, device=logits.device)
-    idx2 = torch.argmax(logits.masked_fill(first.bool(), float("-inf")), dim=1)  # S
+    second = logits if bias is None else choice_scores(F.softmax(logits, dim=1), bias)
+    idx2 = torch.argmax(second.masked_fill(first.bool(), float("-inf")), dim=1)  # S
     mask1 = _keep(first, used)
     mask2 = _keep(F.one_hot(idx2, num_classes=E), used)
     # slots: first choices in token order, then second choices after all first ones
@@ -246,6 +263,7 @@ def topkgating(
     noisy_gate_policy: Optional[str] = None,
     use_rts: bool = False,
     top2_2nd_expert_sampling: bool = False,
+    bias: Optional[Tensor] = None,
 ) -> Routes:
     """DeepSpeed's ``topkgating`` (sparse routes, ``drop_policy="probs"``) with the
     capacity given and a padding mask.
@@ -262,13 +280,19 @@ def topkgating(
         k (int): routes per token.
         noisy_gate_policy, use_rts, top2_2nd_expert_sampling: ignored (DeepSpeed's
             top-k gate has none of them).
+        bias (Tensor, optional): ``E``, added to the probabilities to choose the experts
+            (:func:`choice_scores`), not to their weights.
 
     Returns:
         :class:`Routes`; weights normalised over the token's kept routes.
     """
     gates = F.softmax(logits, dim=1)  # S x E
     S, E = gates.shape
-    top_gate, top_idx = torch.topk(gates, k=k, dim=1)  # S x k
+    if bias is None:
+        top_gate, top_idx = torch.topk(gates, k=k, dim=1)  # S x k
+    else:
+        top_idx = torch.topk(choice_scores(gates, bias), k=k, dim=1)[1]
+        top_gate = gates.gather(1, top_idx)
     mask = torch.zeros_like(gates, dtype=torch.bool).scatter_(1, top_idx, 1)  # S x E
     if used is not None:
         mask &= used.bool().unsqueeze(1)
@@ -300,7 +324,7 @@ def topkgating(
     )
 
 
-def no_drop_routes(logits: Tensor, k: int) -> Routes:
+def no_drop_routes(logits: Tensor, k: int, bias: Optional[Tensor] = None) -> Routes:
     """Top-1/top-2 routes without dropping, for inference: DeepSpeed's formulas
     without the capacity machinery.
 
@@ -314,6 +338,8 @@ def no_drop_routes(logits: Tensor, k: int) -> Routes:
     Args:
         logits (Tensor): ``S x E`` fp32 router logits.
         k (int): 1 or 2.
+        bias (Tensor, optional): ``E``, added to the probabilities to choose the experts
+            (:func:`choice_scores`), not to their weights.
 
     Returns:
         :class:`Routes` with ``locations=None`` (every route kept; an expert's slots
@@ -321,7 +347,11 @@ def no_drop_routes(logits: Tensor, k: int) -> Routes:
     """
     S, num_experts = logits.shape
     gates = torch.softmax(logits, dim=1)  # S x E
-    g1, idx1 = torch.max(gates, dim=1)  # the first maximum, as argmax
+    if bias is None:
+        g1, idx1 = torch.max(gates, dim=1)  # the first maximum, as argmax
+    else:
+        idx1 = torch.argmax(choice_scores(gates, bias), dim=1)
+        g1 = gates.gather(1, idx1.unsqueeze(1)).squeeze(1)
     me = torch.mean(gates, dim=0)
     if k == 1:
         counts = torch.bincount(idx1, minlength=num_experts)
@@ -332,7 +362,8 @@ def no_drop_routes(logits: Tensor, k: int) -> Routes:
     if k != 2:
         raise ValueError(f"no_drop_routes handles top-1 and top-2, not top-{k}")
     mask1 = F.one_hot(idx1, num_classes=num_experts)  # S x E
-    idx2 = torch.argmax(logits.masked_fill(mask1.bool(), float("-inf")), dim=1)
+    second = logits if bias is None else choice_scores(gates, bias)
+    idx2 = torch.argmax(second.masked_fill(mask1.bool(), float("-inf")), dim=1)
     mask2 = F.one_hot(idx2, num_classes=num_experts)
     l_aux = torch.mean(me * torch.mean(mask1.float(), dim=0)) * num_experts * num_experts
     g2 = gates.gather(1, idx2.unsqueeze(1)).squeeze(1)
@@ -349,7 +380,7 @@ def no_drop_routes(logits: Tensor, k: int) -> Routes:
 
 
 #: A gating function: ``(logits S x E, capacity, used, *, k, noisy_gate_policy, use_rts,
-#: top2_2nd_expert_sampling) -> Routes``. Options a policy has no use for are ignored
+#: top2_2nd_expert_sampling, bias) -> Routes``. Options a policy has no use for are ignored
 #: (``user/moe_options.py`` refuses combinations that would need them).
 GatingFn = Callable[..., Routes]
 
@@ -397,6 +428,10 @@ class Gate(sharded_moe.TopKGate):
         top2_2nd_expert_sampling (bool): Gumbel-sampled second expert (top-2, training only).
         policy (str, optional): a key of :data:`GATING`; default by ``k``
             (:func:`policy_for`).
+        balance_rate (float): auxiliary-loss-free balancing (DeepSeek-V3) when above 0:
+            a per-expert bias (the buffer ``expert_bias``, saved with the model) is
+            added to the probabilities that choose the experts, and after each update
+            :meth:`balance` moves it by this much toward an even load. 0: no bias.
     """
 
     def __init__(
@@ -412,6 +447,7 @@ class Gate(sharded_moe.TopKGate):
         use_rts: bool = True,
         top2_2nd_expert_sampling: bool = True,
         policy: Optional[str] = None,
+        balance_rate: float = 0.0,
     ) -> None:
         # TopKGate builds a router of its own: on the meta device it costs no memory
         # and draws no random number
@@ -435,6 +471,23 @@ class Gate(sharded_moe.TopKGate):
         self.policy = policy if policy is not None else policy_for(k)
         if self.policy not in GATING:
             raise ValueError(f"unknown gating policy {self.policy!r}; known: {sorted(GATING)}")
+        self.balance_rate = balance_rate
+        on = balance_rate > 0  # (a None buffer is not saved)
+        self.register_buffer("expert_bias", torch.zeros(self.num_experts) if on else None)
+        self.load = torch.zeros(self.num_experts) if on else None  # routes since the update
+
+    def count_load(self, counts: Tensor) -> None:
+        """Add a training forward's routes per expert (``E``) to the update's load."""
+        if self.load is not None and self.training:
+            self.load = self.load.to(counts.device) + counts.detach().float()
+
+    @torch.no_grad()
+    def balance(self, load: Tensor) -> None:
+        """After an update: raise the bias of each expert below the mean of ``load``
+        (``E``, routes per expert over every process), lower it above, by
+        ``balance_rate`` (DeepSeek-V3's sign update), and start the next update's count."""
+        self.expert_bias += self.balance_rate * torch.sign(load.mean() - load).to(self.expert_bias)
+        self.load = torch.zeros_like(self.load)
 
     def drops(self) -> bool:
         """Whether this gate drops routes over capacity now (training or inference)."""
@@ -481,4 +534,5 @@ class Gate(sharded_moe.TopKGate):
             noisy_gate_policy=self.noisy_gate_policy if self.training else None,
             use_rts=self.use_rts,
             top2_2nd_expert_sampling=self.top2_2nd_expert_sampling and self.training,
+            bias=self.expert_bias,
         )

@@ -255,7 +255,7 @@ class MoEFeedForward(nn.Module):
             return gate(tokens, used, capacity=gate.capacity(n)), None
         if local and not self.training and gate.policy in gating.NO_DROP_POLICIES:
             logits = gate.router_logits(tokens)
-            return gating.no_drop_routes(logits, gate.k), logits
+            return gating.no_drop_routes(logits, gate.k, gate.expert_bias), logits
         routes = gate(tokens)  # capacity: the busiest expert's count, nothing dropped
         if self.agreed_tokens is None or local:
             self.path = "busiest"
@@ -336,6 +336,8 @@ class MoEFeedForward(nn.Module):
         if local or exchange:  # (the buffers': set by _route)
             self.path = "local" if local else "exchange"
         self.l_aux, self.exp_counts = routes.l_aux, routes.counts
+        gate = ds_moe.moe_gate(self.moe)
+        gate.count_load(routes.counts)  # (with --moe-bias-balance, in training)
         # as after DeepSpeed's MOELayer.forward
         layer = self.moe.deepspeed_moe
         layer.l_aux, layer.exp_counts = routes.l_aux, routes.counts
@@ -349,6 +351,8 @@ class MoEFeedForward(nn.Module):
             self.stats = self._routing_stats(tokens, padding_mask, logits)
             if self.z_loss is not None:
                 self.stats["z"] = float(self.z_loss.detach())
+            if gate.expert_bias is not None:  # its spread: how far balancing has moved
+                self.stats["bias"] = float(gate.expert_bias.max() - gate.expert_bias.min())
         if self.training and self.opts.eom > 0:
             routes = routes._replace(gates=self._mask_expert_outputs(routes.gates))
         if local or exchange:

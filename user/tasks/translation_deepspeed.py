@@ -185,6 +185,11 @@ class TranslationDeepSpeedTask(TranslationTask):
         logging_output.update(expert_stats.expert_load_stats(model))
         return loss, sample_size, logging_output
 
+    def optimizer_step(self, optimizer, model, update_num):
+        """fairseq's optimizer step, then the gates' balancing bias (``--moe-bias-balance``)."""
+        super().optimizer_step(optimizer, model, update_num)
+        ds_moe.balance_gates(model)
+
     def get_batch_iterator(self, dataset, *args, **kwargs):
         """fairseq's batch iterator; when generating with an expert-parallel model
         on several processes, a rank whose shard has run out gets a dummy batch
