@@ -20,7 +20,13 @@ from user import ds_moe
 from user.checkpoint import io
 
 from conftest import USER_DIR, run_cli
-from moe_helpers import C, E, hand_checkable_layer
+from moe_helpers import C, E, build, hand_checkable_layer, sample_batch
+
+# fmt: off
+MOE_LAYERS = ["--deepspeed_moe", "enc,dec", "--num-experts", "4", "--moe-freq", "1",
+              "--criterion", "model_and_base", "--loss-weights", '{"base_crit": 1}',
+              "--base-criterion", "label_smoothed_cross_entropy"]
+# fmt: on
 
 PATHS = pytest.mark.parametrize("fast_dispatch", [False, True], ids=["buffers", "local"])
 
@@ -71,6 +77,41 @@ def test_balance_moves_the_bias_toward_the_mean_load_and_counts_training_only():
     plain = ds_moe.moe_gate(hand_checkable_layer(None).moe)
     assert plain.expert_bias is None and plain.load is None
     assert not any(k.endswith("expert_bias") for k in plain.state_dict())
+
+
+def test_the_load_is_real_tokens_and_the_bias_stays_fp32():
+    # without dropping, padding takes routes too, but no load
+    layer = hand_checkable_layer(None, bias_balance=0.1, top_k=2, drop_tokens=False)
+    gate = ds_moe.moe_gate(layer.moe)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True  # B x T: the second sentence is 3 tokens long
+    layer(torch.rand(5, 2, C) + 0.1, pad)
+    assert gate.load.sum().item() == 2 * 8, "two routes for each of the 8 real tokens"
+    # a half-precision model keeps the bias in fp32 (bf16 cannot add 0.001 to 0.5)
+    for dtype in (torch.float16, torch.bfloat16):
+        gate = ds_moe.moe_gate(hand_checkable_layer(None, bias_balance=0.001).to(dtype).moe)
+        assert gate.expert_bias.dtype == torch.float32 and gate.wg.weight.dtype == dtype
+        gate.expert_bias.fill_(0.5)
+        gate.balance(torch.tensor([0.0, 4.0, 4.0, 4.0]))
+        assert gate.expert_bias[0].item() == pytest.approx(0.501)
+
+
+def test_a_dummy_batch_adds_no_load(tiny_data):
+    """fairseq's dummy batch (a rank without data replays a batch, ignore_grad) trains
+    nothing, so its routes are not the experts' load either."""
+    task, model = build(tiny_data, "transformer_ds_moe", *MOE_LAYERS, "--moe-bias-balance", "0.01")
+    criterion = task.build_criterion(model.args)
+    gates = [ds_moe.moe_gate(m.moe) for m in model.moe_ffn_layers().values()]
+
+    class Optimizer:
+        def backward(self, loss):
+            loss.backward()
+
+    model.train()
+    task.train_step(sample_batch(task), model, criterion, Optimizer(), 0, ignore_grad=True)
+    assert all(g.load.sum() == 0 for g in gates)
+    task.train_step(sample_batch(task), model, criterion, Optimizer(), 0)
+    assert all(g.load.sum() > 0 for g in gates)
 
 
 def train(tiny_data, save, updates, *extra, gate_weight=0.0):

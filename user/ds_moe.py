@@ -20,6 +20,7 @@ is imported, is a patch in ``user/patches.py``. Provides:
   once in ``--clip-norm``'s global norm.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -204,6 +205,19 @@ def balance_gates(model: torch.nn.Module) -> None:
         dist.all_reduce(load)
     for gate, row in zip(gates, load):
         gate.balance(row)
+
+
+@contextlib.contextmanager
+def uncounted_load(model: torch.nn.Module):
+    """Routes of the forwards inside do not count toward the gates' load (fairseq's
+    dummy batches: a rank without data replays an earlier batch, ignoring its gradient)."""
+    gates = [m for m in model.modules() if isinstance(m, Gate) and m.load is not None]
+    saved = [g.load for g in gates]
+    try:
+        yield
+    finally:
+        for gate, load in zip(gates, saved):
+            gate.load = load
 
 
 def reduce_expert_grads(params: Iterable[torch.nn.Parameter], ep_size: int) -> None:

@@ -476,6 +476,14 @@ class Gate(sharded_moe.TopKGate):
         self.register_buffer("expert_bias", torch.zeros(self.num_experts) if on else None)
         self.load = torch.zeros(self.num_experts) if on else None  # routes since the update
 
+    def _apply(self, fn, *args, **kwargs):
+        # the bias stays fp32 when the model goes fp16/bf16 (fairseq's --fp16 calls
+        # model.half()): bf16 cannot add 0.001 to 0.5, fp16 not to 4
+        super()._apply(fn, *args, **kwargs)
+        if self.expert_bias is not None and self.expert_bias.dtype != torch.float32:
+            self._buffers["expert_bias"] = self.expert_bias.float()
+        return self
+
     def count_load(self, counts: Tensor) -> None:
         """Add a training forward's routes per expert (``E``) to the update's load."""
         if self.load is not None and self.training:

@@ -275,6 +275,16 @@ class MoEFeedForward(nn.Module):
         least 1), from this rank's busiest count. One all-reduce."""
         return max(ds_moe.agree_on_token_counts([busiest], self.opts.ep_size)[0], 1)
 
+    @staticmethod
+    def _real_load(routes: Routes, padding_mask: Optional[Tensor], gate) -> Tensor:
+        """Routes per expert (``E``) of the real tokens, over capacity or not. Dropping
+        gates leave padding out of ``routes.counts``; the others route it too."""
+        if gate.drops() or padding_mask is None:
+            return routes.counts
+        real = (~padding_mask).t().reshape(-1)  # T*B, as the tokens
+        chosen = routes.indices.long()[:, real].reshape(-1)
+        return torch.bincount(chosen[chosen >= 0], minlength=gate.num_experts)
+
     # -- routing statistics ---------------------------------------------------------
 
     @torch.no_grad()
@@ -337,7 +347,8 @@ class MoEFeedForward(nn.Module):
             self.path = "local" if local else "exchange"
         self.l_aux, self.exp_counts = routes.l_aux, routes.counts
         gate = ds_moe.moe_gate(self.moe)
-        gate.count_load(routes.counts)  # (with --moe-bias-balance, in training)
+        if gate.load is not None and self.training:  # --moe-bias-balance
+            gate.count_load(self._real_load(routes, padding_mask, gate))
         # as after DeepSpeed's MOELayer.forward
         layer = self.moe.deepspeed_moe
         layer.l_aux, layer.exp_counts = routes.l_aux, routes.counts

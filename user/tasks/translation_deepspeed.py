@@ -25,6 +25,7 @@
   summary unless ``--moe-console-metrics all``.
 """
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Optional
@@ -175,9 +176,12 @@ class TranslationDeepSpeedTask(TranslationTask):
         return False
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        loss, sample_size, logging_output = super().train_step(
-            sample, model, criterion, optimizer, update_num, ignore_grad
-        )
+        # a dummy batch (ignore_grad) adds no load to the balancing bias
+        counted = ds_moe.uncounted_load(model) if ignore_grad else contextlib.nullcontext()
+        with counted:
+            loss, sample_size, logging_output = super().train_step(
+                sample, model, criterion, optimizer, update_num, ignore_grad
+            )
         ep = self.expert_layout.ep_size if self.expert_layout is not None else 1
         # fairseq's legacy_ddp reduces on the micro-batch that is not under no_sync()
         if ep > 1 and not getattr(model, "accumulate_grads", False):
