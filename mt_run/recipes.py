@@ -8,8 +8,8 @@
   embeddings are shared by encoder, decoder and output (the softmax over the
   demo's 7.9k pieces, not the layers, dominates its cost), 2 pre-norm layers a
   side, 4 experts 128 wide in every layer, top-2 (the compute per token of the
-  256-wide dense FFN), no token dropped in training (``make study``'s pick,
-  docs/quality.md); no dropout, a high learning rate with a short warmup: BLEU
+  256-wide dense FFN), no token dropped in training, a balancing bias of rate 0.001
+  beside the gate loss (``make study``'s pick, docs/quality.md); no dropout, a high learning rate with a short warmup: BLEU
   13.19 on the demo test set after 2000 updates on 2 CPU cores.
 - ``wmt``: the reference recipe (Vaswani et al. base on WMT16 en-de, 8192 tokens x 16
   batches an update), every other ``ARCH`` of ``run.sh``; the architecture keeps its
@@ -118,9 +118,11 @@ TINY = {
     "save_interval": 200,
     "bench_updates": 30,
     **_COMMON,
-    # make study's pick (docs/quality.md): top-2 of experts half as wide, dropless training
+    # make study's pick (docs/quality.md): top-2 of experts half as wide, dropless
+    # training, the balancing bias (DeepSeek-V3) beside the gate loss
     "top_k": 2,
     "drop_tokens": 0,
+    "bias_balance": 0.001,
 }
 
 WMT = {

@@ -69,6 +69,7 @@ MODEL = {
     # routing is: the speed measured here is that layer's (docs/performance.md)
     "top_k": 1,
     "drop_tokens": 1,
+    "bias_balance": None,
     "dropout": 0.1,
     "lr": 0.002,
     "dense_criterion": "model_and_base",

@@ -21,7 +21,8 @@
 # test split here; other CPUs' kernels give other numbers: README, "What the score
 # depends on"); TRAIN_MINUTES only caps a run on a slow or busy machine (it then
 # says so, and the BLEU is lower). The MoE settings are make study's pick
-# (docs/quality.md): top-2 of 4 experts 128 wide, no token dropped in training.
+# (docs/quality.md): top-2 of 4 experts 128 wide, no token dropped in training, a
+# balancing bias beside the gate loss.
 #
 # Environment overrides (defaults in brackets; the model's and its training's are
 # the tiny recipe's, in mt_run/recipes.py, also run.sh's CPU default):
@@ -42,6 +43,7 @@
 #   Z_LOSS_WEIGHT  router z-loss: --moe-z-loss with this weight of experts_z_loss
 #                  [the recipe's; empty: off]
 #   EOM            expert output masking probability, --moe-eom [the recipe's]
+#   BIAS_BALANCE   balancing bias rate, --moe-bias-balance [the recipe's; empty: off]
 #   LR, WARMUP     peak learning rate and inverse_sqrt warmup updates [0.007, 100]
 #   DROPOUT        [0.0]
 #   LABEL_SMOOTHING  [0.1]
@@ -92,6 +94,7 @@ CAPACITY_FACTOR="${CAPACITY_FACTOR-$tiny_capacity_factor}"
 DROP_TOKENS="${DROP_TOKENS:-$tiny_drop_tokens}"
 Z_LOSS_WEIGHT="${Z_LOSS_WEIGHT-$tiny_z_loss_weight}"
 EOM="${EOM-$tiny_eom}"
+BIAS_BALANCE="${BIAS_BALANCE-$tiny_bias_balance}"
 LR="${LR:-$tiny_lr}"
 WARMUP="${WARMUP:-$tiny_warmup}"
 DROPOUT="${DROPOUT:-$tiny_dropout}"
@@ -108,7 +111,8 @@ read_lines model mt_run.recipes tiny --flags arch="$ARCH" dim="$DIM" ffn="$FFN_D
     layers="$LAYERS" heads="$HEADS" moe_sides="$MOE_SIDES" experts="$NUM_EXPERTS" \
     top_k="$TOP_K" moe_freq="$MOE_FREQ" gate_weight="$GATE_WEIGHT" lr="$LR" warmup="$WARMUP" \
     dropout="$DROPOUT" label_smoothing="$LABEL_SMOOTHING" capacity_factor="$CAPACITY_FACTOR" \
-    drop_tokens="$DROP_TOKENS" z_loss_weight="$Z_LOSS_WEIGHT" eom="$EOM"
+    drop_tokens="$DROP_TOKENS" z_loss_weight="$Z_LOSS_WEIGHT" eom="$EOM" \
+    bias_balance="$BIAS_BALANCE"
 THREADS="${THREADS:-${OMP_NUM_THREADS:-1}}"
 
 export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
@@ -123,6 +127,7 @@ config="${ARCH}_d${DIM}_f${FFN_DIM}_l${LAYERS}_${MOE_SIDES/,/}_e${NUM_EXPERTS}_k
 [[ "$DROP_TOKENS" == 0 ]] && config+="_dropless"
 [[ -n "$Z_LOSS_WEIGHT" ]] && config+="_z$Z_LOSS_WEIGHT"
 [[ -n "$EOM" ]] && config+="_eom$EOM"
+[[ -n "$BIAS_BALANCE" ]] && config+="_bb$BIAS_BALANCE"
 SAVE_DIR="${SAVE_DIR:-$data/ckpt_$config}"
 stop_hours="$("$PYTHON" -c "import sys; print(float(sys.argv[1]) / 60)" "$TRAIN_MINUTES")"
 start=$SECONDS
