@@ -216,6 +216,7 @@ def main(argv=None):
             f"{args.arch} d{args.dim}, {args.layers}+{args.layers} layers; MoE in every layer "
             f"enc+dec, {args.experts} experts of {args.ffn} top-{s['top_k']}, "
             f"{'dropless' if str(s['drop_tokens']) == '0' else 'tokens over capacity dropped'}"
+            f"{'' if s['bias_balance'] is None else ', balancing bias ' + str(s['bias_balance'])}"
             f"; dense FFN {int(args.ffn) * int(s['top_k'])}; max-tokens "
             f"{args.max_tokens}, {args.updates} updates, valid every {args.valid_interval} "
             f"({args.valid_steps}x64 sentences, beam 4), data {args.databin}"
