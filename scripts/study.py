@@ -29,7 +29,8 @@ valid sentences every 200 updates (``mt_run.compare.train_command``), one thread
 
 A run whose ``result.json`` holds the same command (but for the interpreter and the
 folder) is not trained again; any other run starts afresh in its folder
-(``runs/<variant>-s<seed>``, ``final/{dense,moe}-s<seed>``). Written to ``--out``:
+(``runs/<variant>-s<seed>``, ``final/{dense,moe}-s<seed>``); a final pair is trained
+again together when either of its runs is (their wall clocks are compared). Written to ``--out``:
 ``study.md`` (the tables) and ``study.json`` (every number). A failed run is named at
 the end (exit status 1), after the tables of the runs that finished.
 """
@@ -214,11 +215,10 @@ def write_json(path, data):
     os.replace(tmp, path)
 
 
-def run_one(a, run, run_dir, test=False):
-    """Train one run in ``run_dir`` (unless its ``result.json`` holds the same command)
-    and, with ``test``, score it once on the test split; its numbers."""
-    name, moe, s, seed = run
-    cmd = compare.train_command(
+def command(a, run, run_dir):
+    """The training command of ``run`` (name, moe, settings, seed) in ``run_dir``."""
+    _, moe, s, seed = run
+    return compare.train_command(
         s,
         moe,
         databin=a.databin,
@@ -230,9 +230,32 @@ def run_one(a, run, run_dir, test=False):
         seed=seed,
         save=True,
     )
+
+
+def finished(run_dir, cmd):
+    """The result in ``run_dir`` if it holds ``cmd``'s run, else None."""
     done = run_dir / "result.json"
     res = json.loads(done.read_text()) if done.exists() else None
-    if res is None or run_key(res["command"]) != run_key(cmd):
+    return res if res is not None and run_key(res["command"]) == run_key(cmd) else None
+
+
+def final_jobs(a, pair, out):
+    """``(run, run_dir, test, fresh)`` for a final pair: both trained afresh unless both
+    are finished, so that the two always train side by side (their wall clocks are
+    compared)."""
+    dirs = [out / "final" / f"{r[0]}-s{r[3]}" for r in pair]
+    fresh = not all(finished(d, command(a, r, d)) for r, d in zip(pair, dirs))
+    return [(r, d, True, fresh) for r, d in zip(pair, dirs)]
+
+
+def run_one(a, run, run_dir, test=False, fresh=False):
+    """Train one run in ``run_dir`` (unless its ``result.json`` holds the same command
+    and not ``fresh``) and, with ``test``, score it once on the test split; its numbers."""
+    name, moe, s, seed = run
+    cmd = command(a, run, run_dir)
+    done = run_dir / "result.json"
+    res = None if fresh else finished(run_dir, cmd)
+    if res is None:
         # afresh: fairseq would resume from a checkpoint left here
         run_dir.mkdir(parents=True, exist_ok=True)
         for old in run_dir.iterdir():
@@ -446,9 +469,9 @@ def main(argv=None):
     failed = []
 
     def guarded(job):
-        run, run_dir, test = job
+        run, run_dir = job[:2]
         try:
-            return run_one(a, run, run_dir, test)
+            return run_one(a, *job)
         except Exception as e:  # the other runs go on; named at the end
             failed.append(f"{run_dir.name}: {e}")
             return None
@@ -463,9 +486,8 @@ def main(argv=None):
             screen = [r for r in pool.map(guarded, jobs) if r]
 
     def side_by_side(pair):
-        jobs = [(r, out / "final" / f"{r[0]}-s{r[3]}", True) for r in pair]
         with ThreadPoolExecutor(min(2, a.jobs)) as both:
-            return list(both.map(guarded, jobs))
+            return list(both.map(guarded, final_jobs(a, pair, out)))
 
     pairs = []
     if a.stage in ("final", "all"):

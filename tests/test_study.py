@@ -167,6 +167,32 @@ def test_a_run_is_trained_again_only_for_another_command(tmp_path, monkeypatch):
     assert trained[1][trained[1].index("--max-update") + 1] == "30"
 
 
+def test_a_final_pair_trains_again_together(tmp_path, monkeypatch):
+    """A changed recipe retrains the final's MoE run; its dense twin, whose command did not
+    change, is trained again beside it, so that the pair's wall clocks stay comparable."""
+    monkeypatch.setattr(study.subprocess, "run", lambda cmd, stdout, **kw: fake_run(stdout))
+    monkeypatch.setattr(study, "score_test", lambda a, run_dir: (10.0, "sig"))
+    a = study.parse_args(["--out", str(tmp_path), "--updates", "20", "--databin", "/d"])
+    (pair,) = study.final_pairs([1])
+    for job in study.final_jobs(a, pair, tmp_path):
+        assert job[3], "nothing finished yet: both trained"
+        study.run_one(a, *job)
+    assert not any(job[3] for job in study.final_jobs(a, pair, tmp_path)), "both reused"
+    monkeypatch.setitem(recipes.TINY, "experts", 8)
+    (pair,) = study.final_pairs([1])
+    jobs = study.final_jobs(a, pair, tmp_path)
+    dense, moe = [study.command(a, r, d) for r, d, _, _ in jobs]
+    assert study.finished(jobs[0][1], dense) and not study.finished(jobs[1][1], moe)
+    assert all(job[3] for job in jobs), "the dense run too, beside the new MoE run"
+
+
+def fake_run(stdout):
+    stdout.write(
+        '| valid | {"valid_bleu": "7", "valid_num_updates": "20", "valid_epoch": "1", "valid_wps": "5"}\n'
+    )
+    return subprocess.CompletedProcess([], 0)
+
+
 def test_the_screen_ranks_by_the_gain_over_dense_of_the_same_seed():
     def run(name, seed, bleu):
         return {
