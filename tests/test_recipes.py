@@ -242,6 +242,26 @@ def test_bad_overrides_stop_the_scripts_before_any_work(tmp_path):
         assert not (workspace / "demo_en_de").exists(), f"{script} prepared data first"
 
 
+def test_only_the_tiny_recipes_moe_has_the_balancing_bias():
+    assert contains(recipes.train_flags(recipes.settings("tiny")), ["--moe-bias-balance", "0.001"])
+    for flags in (
+        recipes.train_flags(recipes.settings("tiny"), moe=False),  # the dense twin
+        recipes.train_flags(recipes.settings("tiny", bias_balance="")),  # turned off
+        recipes.train_flags(recipes.settings("wmt")),
+        recipes.train_flags(recipes.settings("reference")),
+    ):
+        assert "--moe-bias-balance" not in flags
+
+
+@pytest.mark.timeout(60)
+def test_demo_sh_names_its_run_after_the_balancing_bias(tmp_path):
+    cmd, stdout = demo_sh_train_args(REPO, tmp_path)
+    assert contains(cmd, ["--moe-bias-balance", str(recipes.TINY["bias_balance"])])
+    assert f"_bb{recipes.TINY['bias_balance']}" in stdout
+    cmd, stdout = demo_sh_train_args(REPO, tmp_path, BIAS_BALANCE="")
+    assert "--moe-bias-balance" not in cmd and "_bb" not in stdout
+
+
 def test_expert_dropout_is_a_setting_passed_only_when_given():
     assert "--moe-expert-dropout" not in recipes.train_flags(recipes.settings("tiny"))
     flags = recipes.train_flags(recipes.settings("tiny", expert_dropout="0.1"))
