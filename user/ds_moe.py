@@ -192,12 +192,17 @@ def agree_on_token_counts(counts: Sequence[int], ep_size: int) -> List[int]:
     return [int(v) for v in t.tolist()]
 
 
+def _balancing_gates(model: torch.nn.Module) -> List[Gate]:
+    """The gates with a balancing bias (``--moe-bias-balance``)."""
+    return [m for m in model.modules() if isinstance(m, Gate) and m.load is not None]
+
+
 def balance_gates(model: torch.nn.Module) -> None:
     """After an update, move the balancing bias of every gate that has one
     (``--moe-bias-balance``) from its load: the routes per expert of the update's
     training forwards, summed over every process in one all-reduce (every process holds
     every gate, and their biases stay equal)."""
-    gates = [m for m in model.modules() if isinstance(m, Gate) and m.load is not None]
+    gates = _balancing_gates(model)
     if not gates:
         return
     load = torch.stack([g.load.to(g.expert_bias.device) for g in gates])  # layers x E
@@ -211,7 +216,7 @@ def balance_gates(model: torch.nn.Module) -> None:
 def uncounted_load(model: torch.nn.Module):
     """Routes of the forwards inside do not count toward the gates' load (fairseq's
     dummy batches: a rank without data replays an earlier batch, ignoring its gradient)."""
-    gates = [m for m in model.modules() if isinstance(m, Gate) and m.load is not None]
+    gates = _balancing_gates(model)
     saved = [g.load for g in gates]
     try:
         yield

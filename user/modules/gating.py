@@ -485,9 +485,9 @@ class Gate(sharded_moe.TopKGate):
         return self
 
     def count_load(self, counts: Tensor) -> None:
-        """Add a training forward's routes per expert (``E``) to the update's load."""
-        if self.load is not None and self.training:
-            self.load = self.load.to(counts.device) + counts.detach().float()
+        """Add a training forward's routes per expert (``E``) to the update's load (the
+        layer calls it in training, when the gate balances: ``load`` is not None)."""
+        self.load = self.load.to(counts.device) + counts.detach().float()
 
     @torch.no_grad()
     def balance(self, load: Tensor) -> None:

@@ -150,6 +150,12 @@ FAST_DISPATCH = env_flag("FAIRSEQ_MOE_FAST_DISPATCH", True)
 EXACT_FIT = env_flag("FAIRSEQ_MOE_EXACT_FIT", True)
 
 
+def real_tokens(padding_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """``T*B`` (``T``-major, as the layer's tokens), True at real tokens, from a ``B x T``
+    padding mask; None without one."""
+    return None if padding_mask is None else (~padding_mask).t().reshape(-1)
+
+
 class MoEFeedForward(nn.Module):
     """A DeepSpeed MoE layer in place of a Transformer FFN block.
 
@@ -250,9 +256,8 @@ class MoEFeedForward(nn.Module):
             # DeepSpeed's capacity for the token count; with expert parallelism the
             # group's largest count, so that every rank's buffers have one size
             n = tokens.size(0) if self.agreed_tokens is None else self.agreed_tokens
-            used = None if padding_mask is None else (~padding_mask).t().reshape(-1)  # T*B
             self.path = "capacity"
-            return gate(tokens, used, capacity=gate.capacity(n)), None
+            return gate(tokens, real_tokens(padding_mask), capacity=gate.capacity(n)), None
         if local and not self.training and gate.policy in gating.NO_DROP_POLICIES:
             logits = gate.router_logits(tokens)
             return gating.no_drop_routes(logits, gate.k, gate.expert_bias), logits
@@ -281,8 +286,7 @@ class MoEFeedForward(nn.Module):
         gates leave padding out of ``routes.counts``; the others route it too."""
         if gate.drops() or padding_mask is None:
             return routes.counts
-        real = (~padding_mask).t().reshape(-1)  # T*B, as the tokens
-        chosen = routes.indices.long()[:, real].reshape(-1)
+        chosen = routes.indices.long()[:, real_tokens(padding_mask)].reshape(-1)
         return torch.bincount(chosen[chosen >= 0], minlength=gate.num_experts)
 
     # -- routing statistics ---------------------------------------------------------
@@ -301,7 +305,7 @@ class MoEFeedForward(nn.Module):
         logp = torch.log_softmax(logits, dim=-1)
         ent = -(logp.exp() * logp).sum(-1)  # T*B
         if padding_mask is not None:
-            real = ~padding_mask.t().reshape(-1)
+            real = real_tokens(padding_mask)
             return {"tokens": float(real.sum()), "entropy": float(ent[real].sum())}
         return {"tokens": float(tokens.size(0)), "entropy": float(ent.sum())}
 
@@ -347,7 +351,7 @@ class MoEFeedForward(nn.Module):
             self.path = "local" if local else "exchange"
         self.l_aux, self.exp_counts = routes.l_aux, routes.counts
         gate = ds_moe.moe_gate(self.moe)
-        if gate.load is not None and self.training:  # --moe-bias-balance
+        if gate.load is not None and self.training:  # --moe-bias-balance counts training
             gate.count_load(self._real_load(routes, padding_mask, gate))
         # as after DeepSpeed's MOELayer.forward
         layer = self.moe.deepspeed_moe
@@ -356,8 +360,7 @@ class MoEFeedForward(nn.Module):
         if self.opts.z_loss and (self.training or self.collect_stats):  # (not decoding)
             if logits is None:  # the router's un-noised logits, with their gradient
                 logits = ds_moe.moe_gate(self.moe).router_logits(tokens)
-            used = None if padding_mask is None else (~padding_mask).t().reshape(-1)  # T*B
-            self.z_loss = gating.router_z_loss(logits, used)
+            self.z_loss = gating.router_z_loss(logits, real_tokens(padding_mask))
         if self.collect_stats:
             self.stats = self._routing_stats(tokens, padding_mask, logits)
             if self.z_loss is not None:
