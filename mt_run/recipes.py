@@ -181,6 +181,16 @@ def _number(value):
     return x if math.isfinite(x) else None
 
 
+def _number_where(ok):
+    """A check: the text is a finite number for which ``ok`` holds."""
+
+    def check(value):
+        x = _number(value)
+        return x is not None and ok(x)
+
+    return check
+
+
 def _whole(value):
     return re.fullmatch("[0-9]+", value) is not None
 
@@ -200,13 +210,10 @@ _KINDS = {
     "count": ("a whole number of at least 1", lambda v: _whole(v) and int(v) >= 1),
     "whole": ("a whole number", _whole),
     "switch": ("0 or 1", lambda v: v in ("0", "1")),
-    "fraction": (
-        "a number from 0 up to, not including, 1",
-        lambda v: _number(v) is not None and 0 <= _number(v) < 1,
-    ),
-    "positive": ("a number above 0", lambda v: (_number(v) or 0) > 0),
-    "nonnegative": ("a number of at least 0", lambda v: _number(v) is not None and _number(v) >= 0),
-    "number": ("a number", lambda v: _number(v) is not None),
+    "fraction": ("a number from 0 up to, not including, 1", _number_where(lambda x: 0 <= x < 1)),
+    "positive": ("a number above 0", _number_where(lambda x: x > 0)),
+    "nonnegative": ("a number of at least 0", _number_where(lambda x: x >= 0)),
+    "number": ("a number", _number_where(lambda x: True)),
     "sides": ("enc, dec or both (enc,dec)", lambda v: _sides(v) <= {"enc", "dec"}),
     "criterion": (
         "label_smoothed_cross_entropy or model_and_base",
