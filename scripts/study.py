@@ -15,8 +15,8 @@ valid sentences every 200 updates (``mt_run.compare.train_command``), one thread
   capacity factor 1.25, dropless training, router z-loss, expert output masking, expert
   dropout, top-2 (experts half as wide), 8 and 16 experts, gate-loss weight 0.001 and
   0.1; three combinations of the changes that did best on seed 1, and the chosen one
-  with expert dropout or the balancing bias (with and without the gate loss). Every variant has the dense
-  model's active FLOPs per token. Selected on the valid split: a variant's best valid
+  with expert dropout or the balancing bias (with and without the gate loss). Every
+  variant has the dense model's active FLOPs per token. Selected on the valid split: a variant's best valid
   BLEU minus the dense run's of the same seed, averaged over ``--screen-seeds`` (1, 2),
   with the last valid loss beside it.
 - ``final``: the recipe as it now stands (the chosen settings) against the dense twin,
@@ -30,8 +30,8 @@ valid sentences every 200 updates (``mt_run.compare.train_command``), one thread
 A run whose ``result.json`` holds the same command (but for the interpreter and the
 folder) is not trained again; any other run starts afresh in its folder
 (``runs/<variant>-s<seed>``, ``final/{dense,moe}-s<seed>``); a final pair is trained
-again together when either of its runs is (their wall clocks are compared). Written to ``--out``:
-``study.md`` (the tables) and ``study.json`` (every number). A failed run is named at
+again together when either of its runs is (their wall clocks are compared). Written to
+``--out``: ``study.md`` (the tables) and ``study.json`` (every number). A failed run is named at
 the end (exit status 1), after the tables of the runs that finished.
 """
 
