@@ -148,10 +148,7 @@ def test_a_run_is_trained_again_only_for_another_command(tmp_path, monkeypatch):
 
     def fake_train(cmd, stdout, **kw):
         trained.append(cmd)
-        stdout.write(
-            '| valid | {"valid_bleu": "7", "valid_num_updates": "20", "valid_epoch": "1", "valid_wps": "5"}\n'
-        )
-        return subprocess.CompletedProcess(cmd, 0)
+        return fake_run(stdout)
 
     monkeypatch.setattr(study.subprocess, "run", fake_train)
     a = study.parse_args(["--out", str(tmp_path), "--updates", "20", "--databin", "/d"])
@@ -187,6 +184,7 @@ def test_a_final_pair_trains_again_together(tmp_path, monkeypatch):
 
 
 def fake_run(stdout):
+    """A training that logs one validation, BLEU 7."""
     stdout.write(
         '| valid | {"valid_bleu": "7", "valid_num_updates": "20", "valid_epoch": "1", "valid_wps": "5"}\n'
     )
